@@ -1,0 +1,11 @@
+"""Provision a GPU inference node: the roles in order.
+
+    pyinfra -y inventories/prod.py deploys/gpu_node.py
+
+Each role is a pyinfra @deploy in roles/; later roles (GPU stack, secrets,
+hardening, inference) plug in below, in the order they depend on each other.
+"""
+
+from roles.base import base
+
+base()

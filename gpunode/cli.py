@@ -1,0 +1,79 @@
+"""The ``gpunode`` command: lab, check, verify."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpunode import __version__
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from gpunode import lab
+
+    try:
+        settings = lab.LabSettings.from_env()
+        if args.lab_cmd == "up":
+            lab.up(settings, count=args.hosts)
+            ok, lines = lab.status(settings)
+            print("\n".join(lines))
+            return 0 if ok else 1
+        if args.lab_cmd == "down":
+            lab.down(settings)
+            return 0
+        ok, lines = lab.status(settings)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    except lab.LabError as exc:
+        print(f"gpunode lab {args.lab_cmd}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gpunode.inventory import load_inventory_file
+
+    inv = load_inventory_file(args.inventory)
+    for name, host in inv.hosts.items():
+        print(f"{name}: {host.config.distro} groups={','.join(host.groups) or '-'}")
+    print(f"{args.inventory}: {len(inv.hosts)} host(s), configuration valid")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from gpunode.verify import verify
+
+    return verify(args.inventory, limit=args.limit, junit=args.junit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpunode", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gpunode {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    lab_p = sub.add_parser("lab", help="the lab of real test hosts (needs root)")
+    lab_sub = lab_p.add_subparsers(dest="lab_cmd", required=True)
+    up_p = lab_sub.add_parser("up", help="build/boot the lab; keeps healthy hosts")
+    up_p.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
+    lab_sub.add_parser("status", help="show the lab; exit 1 if anything is down")
+    lab_sub.add_parser("down", help="stop and remove everything the lab made")
+    lab_p.set_defaults(func=_lab)
+
+    check_p = sub.add_parser("check", help="validate an inventory's configuration; touches no host")
+    check_p.add_argument("inventory", help="inventory file (inventories/prod.py or its .yml)")
+    check_p.set_defaults(func=_check)
+
+    verify_p = sub.add_parser("verify", help="run the host checks (tests/host) against an inventory")
+    verify_p.add_argument("inventory")
+    verify_p.add_argument("--limit", action="append", help="only these hosts or groups")
+    verify_p.add_argument("--junit", help="write JUnit XML here")
+    verify_p.set_defaults(func=_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

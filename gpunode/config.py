@@ -1,0 +1,525 @@
+"""gpunode's configuration: one schema, validated as a whole before any host is touched.
+
+Every default lives in this file, next to the field it belongs to. An inventory
+YAML file has three layers of node settings that are deep-merged per host
+(lists replace, mappings merge): ``defaults`` < each of the host's ``groups``
+(in the order listed) < the host's own ``data``.
+
+Example (``inventories/example.yml``)::
+
+    defaults:
+      distro: debian12
+      base:
+        ntp_servers: [time.example.net]
+    groups:
+      gpu_nodes:
+        data:
+          gpu: {required: true}
+    hosts:
+      gpu-01:
+        connection: {address: 192.0.2.11, user: root}
+        groups: [gpu_nodes]
+
+Bad input raises :class:`ConfigError` whose message names the file, the host
+or group, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gpunode.distros import DISTROS
+from gpunode.nvidia import DRIVER_BRANCHES
+
+USERNAME_RE = r"^[a-z_][a-z0-9_-]{0,31}$"
+GROUPNAME_RE = r"^[a-z][a-z0-9_]{0,62}$"
+HOSTNAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+SIZE_RE = r"^[0-9]+[KMGT]?$"
+
+# Patterns that unattended upgrades must never touch: a kernel or NVIDIA update
+# that lands without the matching module is the classic "NVML driver/library
+# version mismatch". Entries are regular expressions (apt's Package-Blacklist
+# syntax) on apt distros and globs (dnf's excludepkgs) on dnf distros; gpunode
+# translates the default list for each family.
+DEFAULT_HOLD = (
+    "linux-image-",
+    "linux-headers-",
+    "linux-modules-",
+    "kernel",
+    "nvidia-",
+    "libnvidia-",
+    "cuda-",
+    "libcudnn",
+    "datacenter-gpu-manager",
+)
+
+DEFAULT_NTP = ("0.pool.ntp.org", "1.pool.ntp.org", "2.pool.ntp.org")
+
+PATTERN_HELP = {
+    USERNAME_RE: "a POSIX user name: a-z, 0-9, '_' and '-', starting with a letter or '_', "
+    "at most 32 characters",
+    GROUPNAME_RE: "a-z, 0-9 and '_', starting with a letter (group names are Python names)",
+    HOSTNAME_RE: "a hostname label: a-z, 0-9 and '-', at most 63 characters",
+    SIZE_RE: "a size such as 512M or 2G",
+}
+
+UserName = Annotated[str, StringConstraints(pattern=USERNAME_RE)]
+GroupName = Annotated[str, StringConstraints(pattern=GROUPNAME_RE)]
+HostName = Annotated[str, StringConstraints(pattern=HOSTNAME_RE)]
+PackageName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9.+_:-]*$")]
+HoldPattern = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9.+_*-]*$")]
+NtpServer = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9.:-]*$")]
+HttpUrl = Annotated[str, StringConstraints(pattern=r"^https?://[^\s\"';]+$")]
+
+
+class ConfigError(Exception):
+    """Bad configuration. ``str()`` is the complete, user-facing message."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdminUser(_Model):
+    name: UserName
+    ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = (
+        Field(default_factory=list)
+    )
+    sudo: bool = True
+    shell: Literal["/bin/bash", "/bin/sh", "/usr/bin/zsh"] = "/bin/bash"
+
+    @field_validator("name")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value == "root":
+            raise ValueError("root is not an admin user gpunode manages (allowed: any other name)")
+        return value
+
+
+class Journald(_Model):
+    system_max_use: Annotated[str, StringConstraints(pattern=SIZE_RE)] = "2G"
+    max_retention_sec: Annotated[str, StringConstraints(pattern=r"^[0-9]+(s|min|h|day|week|month|year)$")] = (
+        "1month"
+    )
+    rate_limit_burst: Annotated[int, Field(ge=0)] = 10000
+
+
+class AutoUpdates(_Model):
+    enabled: bool = True
+    # Packages (patterns) automatic upgrades never touch; see DEFAULT_HOLD.
+    hold: list[HoldPattern] = Field(default_factory=lambda: list(DEFAULT_HOLD))
+    security_only: bool = True
+
+
+class Base(_Model):
+    hostname: HostName | None = None  # default: the inventory name, when it is a valid hostname
+    apt_proxy: HttpUrl | None = None  # Acquire::http::Proxy / dnf.conf proxy=
+    apt_mirror: HttpUrl | None = None  # apt distros only: base URL of a mirror of the distro archive
+    packages: list[PackageName] = Field(default_factory=list)  # extra packages
+    ntp_servers: list[NtpServer] = Field(default_factory=lambda: list(DEFAULT_NTP), min_length=1)
+    admin_users: list[AdminUser] = Field(default_factory=list)
+    admin_group: GroupName = "gpunode_admins"
+    sudo_nopasswd: bool = True  # admin users log in with keys and have no password
+    journald: Journald = Field(default_factory=Journald)
+    auto_updates: AutoUpdates = Field(default_factory=AutoUpdates)
+
+    @field_validator("admin_users")
+    @classmethod
+    def _unique_users(cls, users: list[AdminUser]) -> list[AdminUser]:
+        names = [u.name for u in users]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"admin user listed twice: {', '.join(dupes)} (allowed: each name once)")
+        return users
+
+
+class Network(_Model):
+    """Who may reach the node. Used by the firewall role; validated here."""
+
+    admin_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    app_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    monitoring_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list
+    )
+
+    @field_validator("admin_cidrs", "app_cidrs", "monitoring_cidrs", mode="before")
+    @classmethod
+    def _strict_cidrs(cls, values: Any) -> Any:
+        if not isinstance(values, list):
+            return values
+        for value in values:
+            try:
+                ipaddress.ip_network(str(value), strict=True)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{value!r} is not a network in CIDR notation ({exc}; allowed: e.g. 10.0.0.0/24, "
+                    "2001:db8::/64, with no host bits set)"
+                ) from None
+        return values
+
+
+class Nvidia(_Model):
+    branch: str = "580"
+    kernel_modules: Literal["open", "proprietary"] = "open"
+    version: Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+){1,2}$")] | None = None
+
+    @field_validator("branch", mode="before")
+    @classmethod
+    def _known_branch(cls, value: Any) -> str:
+        value = str(value)
+        if value not in DRIVER_BRANCHES:
+            raise ValueError(
+                f"{value!r} is not a driver branch gpunode knows "
+                f"(allowed: {', '.join(DRIVER_BRANCHES)})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _version_in_branch(self) -> Nvidia:
+        if self.version and not self.version.startswith(self.branch + "."):
+            raise ValueError(
+                f"version {self.version} is not in branch {self.branch} "
+                f"(allowed: {self.branch}.x versions)"
+            )
+        return self
+
+
+class Gpu(_Model):
+    required: bool = False  # a node without an NVIDIA GPU is an error (True) or a visible skip
+    count: Annotated[int, Field(ge=0, le=64)] | None = None  # declared GPU count, checked by verify
+
+
+class NodeConfig(_Model):
+    """Everything gpunode knows about one node, after merging the layers."""
+
+    distro: Literal[tuple(DISTROS)] | None = None  # type: ignore[valid-type]
+    base: Base = Field(default_factory=Base)
+    network: Network = Field(default_factory=Network)
+    nvidia: Nvidia = Field(default_factory=Nvidia)
+    gpu: Gpu = Field(default_factory=Gpu)
+
+
+class Connection(_Model):
+    address: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    user: UserName | Literal["root"] = "root"
+    key_file: str | None = None
+    known_hosts_file: str | None = None
+    strict_host_key_checking: Literal["yes", "no", "accept-new"] = "yes"
+    ssh_config_file: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        label = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+        if len(value) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", value):
+            raise ValueError(f"{value!r} is not an IP address or DNS name")
+        return value
+
+    def pyinfra_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "ssh_hostname": self.address,
+            "ssh_port": self.port,
+            "ssh_user": self.user,
+            "ssh_strict_host_key_checking": self.strict_host_key_checking,
+        }
+        if self.key_file:
+            data["ssh_key"] = self.key_file
+        if self.known_hosts_file:
+            data["ssh_known_hosts_file"] = self.known_hosts_file
+        if self.ssh_config_file:
+            data["ssh_config_file"] = self.ssh_config_file
+        return data
+
+
+class HostEntry(_Model):
+    connection: Connection
+    groups: list[GroupName] = Field(default_factory=list)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroupEntry(_Model):
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class InventoryFile(_Model):
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    groups: dict[GroupName, GroupEntry] = Field(default_factory=dict)
+    hosts: dict[str, HostEntry]
+
+
+class Host(BaseModel):
+    """One validated host: inventory name, groups, connection and merged node config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    groups: tuple[str, ...]
+    connection: Connection
+    config: NodeConfig
+
+
+class Inventory(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    hosts: dict[str, Host]
+    groups: dict[str, tuple[str, ...]]  # group -> host names, in inventory order
+
+    def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Module-level groups for a pyinfra inventory file (``globals().update(...)``)."""
+        out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for group, names in self.groups.items():
+            out[group] = [(name, host_data(self.hosts[name])) for name in names]
+        return out
+
+
+def host_data(host: Host) -> dict[str, Any]:
+    return {**host.connection.pyinfra_data(), "gpunode": host.config}
+
+
+# --- loading -----------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            first = seen[key].start_mark
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first defined on line {first.line + 1}; "
+                "allowed: each key once per mapping, e.g. each host once)",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read inventory data: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML error: {exc}") from None
+
+
+def load_file(path: str | Path) -> Inventory:
+    """Read and validate one inventory YAML file."""
+    return load(read_yaml(path), source=str(path))
+
+
+def load(raw: Any, source: str) -> Inventory:
+    """Validate a whole inventory document; raise ConfigError listing every problem."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{source}: the inventory must be a mapping with keys defaults, groups, hosts "
+            f"(got {type(raw).__name__})"
+        )
+    try:
+        inv = InventoryFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(source, "inventory", exc, InventoryFile)) from None
+
+    problems: list[str] = []
+    # Each layer alone must be valid node config, so errors name the layer they are in.
+    problems += _check_layer(source, "defaults", inv.defaults)
+    for gname, group in inv.groups.items():
+        problems += _check_layer(source, f"group {gname}", group.data)
+    for hname, entry in inv.hosts.items():
+        problems += _check_layer(source, f"host {hname}", entry.data)
+        for gname in entry.groups:
+            if gname not in inv.groups:
+                allowed = ", ".join(inv.groups) or "none are defined"
+                problems.append(
+                    f"{source}: host {hname}: groups: group {gname!r} does not exist "
+                    f"(allowed: groups defined under 'groups:': {allowed})"
+                )
+        if len(set(entry.groups)) != len(entry.groups):
+            problems.append(f"{source}: host {hname}: groups: a group is listed twice")
+    seen_addr: dict[tuple[str, int], str] = {}
+    for hname, entry in inv.hosts.items():
+        key = (entry.connection.address.lower(), entry.connection.port)
+        if key in seen_addr:
+            problems.append(
+                f"{source}: host {hname}: connection.address: {key[0]}:{key[1]} is already host "
+                f"{seen_addr[key]} (allowed: each host once)"
+            )
+        seen_addr.setdefault(key, hname)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+    hosts: dict[str, Host] = {}
+    for hname, entry in inv.hosts.items():
+        merged: dict[str, Any] = {}
+        for layer in [inv.defaults, *(inv.groups[g].data for g in entry.groups), entry.data]:
+            merged = _deep_merge(merged, layer)
+        try:
+            config = NodeConfig.model_validate(merged)
+        except ValidationError as exc:
+            problems.append(_format(source, f"host {hname} (merged)", exc, NodeConfig))
+            continue
+        problems += _check_host(source, hname, config)
+        hosts[hname] = Host(
+            name=hname, groups=tuple(entry.groups), connection=entry.connection, config=config
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+    groups: dict[str, tuple[str, ...]] = {g: () for g in inv.groups}
+    ungrouped = tuple(h for h, e in inv.hosts.items() if not e.groups)
+    for hname, entry in inv.hosts.items():
+        for gname in entry.groups:
+            groups[gname] += (hname,)
+    if ungrouped:
+        groups["ungrouped"] = ungrouped
+    return Inventory(source=source, hosts=hosts, groups=groups)
+
+
+def _check_layer(source: str, where: str, data: Mapping[str, Any]) -> list[str]:
+    try:
+        NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        return [_format(source, where, exc, NodeConfig)]
+    return []
+
+
+def _check_host(source: str, hname: str, config: NodeConfig) -> list[str]:
+    problems = []
+    where = f"{source}: host {hname}"
+    if config.distro is None:
+        problems.append(f"{where}: distro: not set (allowed: {', '.join(DISTROS)})")
+        return problems
+    spec = DISTROS[config.distro]
+    if config.base.apt_mirror and spec.family != "apt":
+        problems.append(
+            f"{where}: base.apt_mirror: only apt distros use an apt mirror, {config.distro} uses "
+            "dnf (allowed: unset it; point dnf at a mirror with your own repo files)"
+        )
+    if config.base.hostname is None and not re.fullmatch(HOSTNAME_RE, hname):
+        problems.append(
+            f"{where}: base.hostname: not set and the inventory name {hname!r} is not a valid "
+            "hostname (allowed: set base.hostname, lowercase letters, digits and '-')"
+        )
+    return problems
+
+
+def _deep_merge(left: Mapping[str, Any], right: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(left)
+    for key, value in right.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        here = where
+        if model is InventoryFile and len(loc) >= 2 and loc[0] in ("hosts", "groups"):
+            here = f"{str(loc[0])[:-1]} {loc[1]}"  # "host gpu-01" / "group gpu_nodes"
+            key = _loc(loc[2:])
+        else:
+            key = _loc(loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            msg = f"unknown key (allowed: {', '.join(allowed)})"
+        elif err["type"] == "string_pattern_mismatch":
+            pattern = err.get("ctx", {}).get("pattern", "")
+            msg = f"{err['input']!r} is not allowed (allowed: {PATTERN_HELP.get(pattern, pattern)})"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] not in ("value_error", "assertion_error") and "input" in err:
+                msg = f"{err['input']!r}: {msg}"
+        lines.append(f"{source}: {here}: {key or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _loc(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "union[", "literal[")) or part in _PYDANTIC_BRANCHES:
+            continue  # pydantic's internal union/validator branch names
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_PYDANTIC_BRANCHES = {"int", "str", "list", "IPv4Network", "IPv6Network", "constrained-str"}
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the model found at ``loc`` (walking models, dicts and lists)."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        origin = getattr(annotation, "__origin__", None)
+        if origin is dict:
+            annotation = annotation.__args__[1]
+        elif origin is list:
+            annotation = annotation.__args__[0]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return ["(no keys here)"]
+            annotation = field.annotation
+        else:
+            return ["(no keys here)"]
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return sorted(annotation.model_fields)
+    return ["(no keys here)"]
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Optional[X] / X | None -> X."""
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if getattr(annotation, "__origin__", None) in (dict, list):
+        return annotation
+    if len(args) == 1 and type(None) in getattr(annotation, "__args__", ()):
+        return args[0]
+    return annotation

@@ -1,0 +1,82 @@
+"""Glue between gpunode's validated config and pyinfra inventory files.
+
+An inventory file (``inventories/prod.py``) is three lines::
+
+    from gpunode.inventory import from_yaml
+    _gpunode = from_yaml(__file__)
+    globals().update(_gpunode.pyinfra_groups())
+
+It reads the YAML beside it (``prod.yml``), validates all of it and exposes one
+pyinfra group per config group. Bad input stops pyinfra here, before it opens
+any connection, with gpunode's message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gpunode.config import ConfigError, Inventory, NodeConfig, load, load_file
+
+EXIT_CONFIG = 2
+
+
+def fail(exc: ConfigError) -> NoReturn:
+    print(f"gpunode: invalid configuration\n{exc}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
+
+
+def yaml_path_for(inventory_py: str | Path) -> Path:
+    path = Path(inventory_py)
+    for suffix in (".yml", ".yaml"):
+        candidate = path.with_suffix(suffix)
+        if candidate.exists():
+            return candidate
+    return path.with_suffix(".yml")
+
+
+def from_yaml(inventory_py: str | Path) -> Inventory:
+    """Validate the YAML beside an inventory .py file; exit 2 with the message if it is bad."""
+    try:
+        return load_file(yaml_path_for(inventory_py))
+    except ConfigError as exc:
+        fail(exc)
+
+
+def from_dict(raw: Any, source: str) -> Inventory:
+    try:
+        return load(raw, source)
+    except ConfigError as exc:
+        fail(exc)
+
+
+def load_inventory_file(path: str | Path) -> Inventory:
+    """An Inventory from a YAML file, or from a gpunode inventory .py (its ``_gpunode``)."""
+    path = Path(path)
+    if path.suffix in (".yml", ".yaml"):
+        return from_yaml(path)
+    if not path.exists():
+        fail(ConfigError(f"{path}: no such inventory file"))
+    namespace = runpy.run_path(str(path))
+    inventory = namespace.get("_gpunode")
+    if not isinstance(inventory, Inventory):
+        fail(
+            ConfigError(
+                f"{path}: not a gpunode inventory (allowed: a .yml file, or a .py file that sets "
+                "_gpunode = gpunode.inventory.from_yaml(__file__))"
+            )
+        )
+    return inventory
+
+
+def node_config(host: Any) -> NodeConfig:
+    """The validated NodeConfig of a pyinfra host; a clear error if it has none."""
+    config = host.data.get("gpunode")
+    if not isinstance(config, NodeConfig):
+        raise ConfigError(
+            f"host {host.name}: no gpunode config (allowed: inventories built with "
+            "gpunode.inventory.from_yaml, see inventories/example.py)"
+        )
+    return config

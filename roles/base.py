@@ -1,0 +1,235 @@
+"""Base role: the OS layer every gpunode host gets.
+
+Package source (proxy, mirror), base packages, admin users with SSH keys and
+sudo, hostname, journald limits, chrony, and automatic security updates that
+never touch the packages on the hold list (kernel, NVIDIA, CUDA). Everything it
+reads is in ``NodeConfig.base`` (gpunode/config.py); distro differences come
+from gpunode/distros.py.
+
+.. code:: python
+
+    from roles.base import base
+    base()
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, dnf, files, server, systemd
+
+from gpunode import distros
+from gpunode.config import NodeConfig
+from gpunode.facts import HostInfo
+from gpunode.inventory import node_config
+from gpunode.operations import fail, notice
+from gpunode.paths import TEMPLATES
+
+T = TEMPLATES / "base"
+
+
+def hold_patterns(config: NodeConfig, family: distros.Family) -> list[str]:
+    """The hold list in the family's syntax: apt regex prefixes, dnf globs."""
+    patterns = config.base.auto_updates.hold
+    if family == "apt":
+        return [p.replace("*", ".*") for p in patterns]
+    return [p if "*" in p else f"{p}*" for p in patterns]
+
+
+def security_mirror(mirror: str, spec: distros.DistroSpec) -> str | None:
+    if not spec.apt_security_path:
+        return None
+    return mirror.rstrip("/").rsplit("/", 1)[0] + "/" + spec.apt_security_path
+
+
+def host_matches(spec: distros.DistroSpec, info: dict[str, str]) -> bool:
+    return info["id"] in spec.os_ids and (
+        info["version_id"] == spec.version_id or info["version_id"].startswith(spec.version_id + ".")
+    )
+
+
+@deploy("gpunode base")
+def base() -> None:
+    config = node_config(host)
+    assert config.distro is not None  # guaranteed by config loading
+    spec = distros.get(config.distro)
+    info = host.get_fact(HostInfo)
+    if not host_matches(spec, info):
+        fail(
+            name="Check the host runs the declared distro",
+            message=(
+                f"host {host.name}: distro: declared {config.distro}, but the host runs "
+                f"{info['id'] or '?'} {info['version_id'] or '?'} (allowed: fix `distro` for this "
+                "host in the inventory)"
+            ),
+        )
+        return
+
+    if spec.family == "apt":
+        _apt_sources(config, spec)
+    else:
+        _dnf_sources(config)
+    _packages(config, spec)
+    _admin_users(config, spec)
+    server.hostname(name="Set the hostname", hostname=config.base.hostname or host.name)
+    _journald(config)
+    _chrony(config, spec, in_container=bool(info["container"]))
+    _auto_updates(config, spec)
+
+
+def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    if config.base.apt_proxy:
+        files.template(
+            name="apt proxy",
+            src=str(T / "apt-proxy.conf.j2"),
+            dest="/etc/apt/apt.conf.d/01gpunode-proxy",
+            mode="644",
+            proxy=config.base.apt_proxy,
+        )
+    else:
+        files.file(name="apt proxy (none)", path="/etc/apt/apt.conf.d/01gpunode-proxy",
+                   present=False)
+    if config.base.apt_mirror:
+        assert spec.apt_sources_path
+        template = "ubuntu.sources.j2" if spec.apt_sources_format == "deb822" else "sources.list.j2"
+        files.template(
+            name="apt sources from the mirror",
+            src=str(T / template),
+            dest=spec.apt_sources_path,
+            mode="644",
+            spec=spec,
+            mirror=config.base.apt_mirror.rstrip("/"),
+            security_mirror=security_mirror(config.base.apt_mirror, spec),
+        )
+
+
+def _dnf_sources(config: NodeConfig) -> None:
+    if config.base.apt_proxy:
+        files.line(
+            name="dnf proxy",
+            path="/etc/dnf/dnf.conf",
+            line=r"^proxy=.*$",
+            replace=f"proxy={config.base.apt_proxy}",
+        )
+    else:
+        files.line(name="dnf proxy (none)", path="/etc/dnf/dnf.conf", line=r"^proxy=.*$",
+                   present=False)
+
+
+def _packages(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    wanted = [*spec.base_packages, *spec.auto_update_packages, *config.base.packages]
+    if spec.family == "apt":
+        installed = host.get_fact(DebPackages)
+        # Refresh the lists only when something is to be installed: a converged
+        # host then reports no change (and a drift run no false positive).
+        if any(pkg not in installed for pkg in wanted):
+            apt.update(name="Refresh apt package lists")
+        apt.packages(name="Base packages", packages=wanted, no_recommends=True)
+    else:
+        dnf.packages(name="Base packages", packages=wanted)
+
+
+def _admin_users(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    group = config.base.admin_group
+    server.group(name="Admin group", group=group)
+    for user in config.base.admin_users:
+        server.user(
+            name="Admin user",
+            user=user.name,
+            shell=user.shell,
+            groups=[group] if user.sudo else [],
+            public_keys=user.ssh_keys,
+            delete_keys=True,
+            create_home=True,
+        )
+    files.template(
+        name="sudo for the admin group",
+        src=str(T / "sudoers.j2"),
+        dest="/etc/sudoers.d/90-gpunode-admins",
+        mode="440",
+        user="root",
+        group="root",
+        admin_group=group,
+        nopasswd=config.base.sudo_nopasswd,
+    )
+
+
+def _journald(config: NodeConfig) -> None:
+    conf = files.template(
+        name="journald limits",
+        src=str(T / "journald.conf.j2"),
+        dest="/etc/systemd/journald.conf.d/50-gpunode.conf",
+        mode="644",
+        journald=config.base.journald,
+    )
+    files.directory(name="Persistent journal", path="/var/log/journal", mode="2755",
+                    group="systemd-journal")
+    systemd.service(
+        name="Restart journald",  # applies the new limits
+        service="systemd-journald.service",
+        restarted=True,
+        _if=conf.did_change,
+    )
+
+
+def _chrony(config: NodeConfig, spec: distros.DistroSpec, in_container: bool) -> None:
+    conf = files.template(
+        name="chrony time sources",
+        src=str(T / "chrony.conf.j2"),
+        dest=spec.chrony_conf,
+        mode="644",
+        servers=config.base.ntp_servers,
+        spec=spec,
+    )
+    if in_container:
+        # The clock belongs to the machine underneath; chronyd skips itself there
+        # (ConditionCapability=CAP_SYS_TIME), so only enable it.
+        systemd.service(
+            name="chrony enabled", service=spec.chrony_service, running=None, enabled=True
+        )
+        notice(name="chrony", message="in a container: chrony enabled, not started (no CAP_SYS_TIME)")
+        return
+    systemd.service(
+        name="chrony running", service=spec.chrony_service, running=True, enabled=True
+    )
+    systemd.service(
+        name="Restart chrony", service=spec.chrony_service, restarted=True, _if=conf.did_change
+    )
+
+
+def _auto_updates(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    auto = config.base.auto_updates
+    hold = hold_patterns(config, spec.family)
+    if spec.family == "apt":
+        files.template(
+            name="Automatic updates schedule",
+            src=str(T / "apt-auto-upgrades.j2"),
+            dest="/etc/apt/apt.conf.d/20auto-upgrades",
+            mode="644",
+            auto=auto,
+        )
+        files.template(
+            name="Automatic updates hold list",
+            src=str(T / "apt-unattended-upgrades.j2"),
+            dest="/etc/apt/apt.conf.d/52gpunode-unattended-upgrades",
+            mode="644",
+            auto=auto,
+            hold=hold,
+        )
+        return
+    files.template(
+        name="Automatic updates (dnf-automatic)",
+        src=str(T / "dnf-automatic.conf.j2"),
+        dest="/etc/dnf/automatic.conf",
+        mode="644",
+        auto=auto,
+        hold=hold,
+    )
+    assert spec.auto_update_timer
+    systemd.service(
+        name="Automatic updates timer",
+        service=spec.auto_update_timer,
+        running=auto.enabled,
+        enabled=auto.enabled,
+    )
