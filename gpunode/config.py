@@ -53,9 +53,9 @@ SIZE_RE = r"^[0-9]+[KMGT]?$"
 
 # Patterns that unattended upgrades must never touch: a kernel or NVIDIA update
 # that lands without the matching module is the classic "NVML driver/library
-# version mismatch". Entries are regular expressions (apt's Package-Blacklist
-# syntax) on apt distros and globs (dnf's excludepkgs) on dnf distros; gpunode
-# translates the default list for each family.
+# version mismatch". Entries are package-name prefixes where `*` matches
+# anything; roles/base.py hold_patterns() writes them as apt Package-Blacklist
+# regular expressions or dnf excludepkgs globs.
 DEFAULT_HOLD = (
     "linux-image-",
     "linux-headers-",

@@ -12,7 +12,8 @@ All state lives in the lab's state directory (``.lab/<name>/``, git-ignored);
 
 Settings (environment variables; defaults in ``LabSettings``):
 GPUNODE_LAB_NAME, GPUNODE_LAB_DIR, GPUNODE_LAB_CACHE, GPUNODE_LAB_SUBNET,
-GPUNODE_LAB_SUBNET6, GPUNODE_LAB_PROXY_PORT, GPUNODE_LAB_VAULT_PORT, GPUNODE_LAB_MIRROR.
+GPUNODE_LAB_SUBNET6, GPUNODE_LAB_PROXY_PORT, GPUNODE_LAB_VAULT_PORT, GPUNODE_LAB_MIRROR,
+and GPUNODE_LAB_DATA (the settings file inventories/lab.py reads; default inventories/lab.yml).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class LabHost:
     machine: str
     address: str
     address6: str
+    uuid: str = ""  # machine-id and nspawn --uuid: finds the container's processes
     pid: int = 0
 
 
@@ -425,6 +427,8 @@ def ensure_proxy(settings: LabSettings, state: LabState, mirror: str) -> None:
         ["tinyproxy", "-d", "-c", str(d / "tinyproxy.conf")], d / "tinyproxy.log"
     )
     _wait_tcp(settings.gateway, settings.proxy_port, 10, "the forward proxy (tinyproxy)")
+    if not pid_alive(state.proxy_pid, "tinyproxy"):
+        raise LabError(f"tinyproxy exited at start; see {d / 'tinyproxy.log'}")
 
 
 def _wait_tcp(host: str, port: int, timeout: float, what: str) -> None:
@@ -558,7 +562,7 @@ def _create_host(settings: LabSettings, host: LabHost, base: Path) -> None:
     )
     etc = root / "etc"
     (etc / "hostname").write_text(host.name + "\n")
-    (etc / "machine-id").write_text(uuid.uuid4().hex + "\n")
+    (etc / "machine-id").write_text(host.uuid + "\n")
     hosts_file = etc / "hosts"
     hosts_file.write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{host.name}\n::1\tlocalhost\n")
     network = etc / "systemd/network/10-host0.network"
@@ -602,6 +606,7 @@ def _boot_host(settings: LabSettings, host: LabHost) -> None:
             "--register=no",
             f"--network-bridge={settings.bridge}",
             f"--machine={host.machine}",
+            f"--uuid={host.uuid}",
             f"--hostname={host.name}",
             "--console=passive",
         ],
@@ -640,11 +645,40 @@ def host_healthy(settings: LabSettings, host: LabHost) -> bool:
     return proc.stdout.strip() == "running"
 
 
+def _container_pids(container_uuid: str) -> list[int]:
+    """Processes of a container (its init first), found by the uuid nspawn gave it."""
+    if not container_uuid:
+        return []
+    marker = f"container_uuid={container_uuid}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted(found)
+
+
 def _stop_host(settings: LabSettings, host: LabHost) -> None:
     if pid_alive(host.pid, host.machine):
-        _stop_pid(host.pid)
+        _stop_pid(host.pid)  # nspawn powers the container off on SIGTERM
     for pid in _pids_matching(f"--machine={host.machine} "):
         _stop_pid(pid)
+    # A container whose nspawn was killed keeps running, orphaned: killing its
+    # init ends its PID namespace, and with it the netns and the veth.
+    for pid in _container_pids(host.uuid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    veth = f"vb-{host.machine}"[:15]
+    deadline = time.monotonic() + 5
+    while _run(["ip", "link", "show", veth], check=False).returncode == 0:
+        if time.monotonic() > deadline:
+            _run(["ip", "link", "del", veth], check=False)
+            break
+        time.sleep(0.1)
+    shutil.rmtree(Path("/run/systemd/nspawn/propagate") / host.machine, ignore_errors=True)
     _destroy_host_files(settings, host.name)
 
 
@@ -738,6 +772,7 @@ def up(settings: LabSettings, count: int = 2) -> LabState:
                 machine=settings.machine(index),
                 address=settings.host_address(index),
                 address6=settings.host_address6(index),
+                uuid=uuid.uuid4().hex,
             )
             _create_host(settings, host, base)
             state.hosts[name] = host
@@ -820,6 +855,9 @@ def leftovers(settings: LabSettings) -> list[str]:
             found.append(f"link {ifname}")
     netns = _run(["ip", "netns", "list"], check=False).stdout
     found += [f"netns {ln.split()[0]}" for ln in netns.splitlines() if settings.name in ln]
+    propagate = Path("/run/systemd/nspawn/propagate")
+    if propagate.exists():
+        found += [f"dir {p}" for p in propagate.glob(f"gpn-{settings.name}-*")]
     if settings.state_dir.exists():
         found.append(f"state dir {settings.state_dir}")
     return found
@@ -837,7 +875,9 @@ def inventory_spec(settings: LabSettings | None = None, data_file: Path | None =
     from gpunode.config import read_yaml
 
     settings = settings or LabSettings.from_env()
-    data_file = data_file or REPO_ROOT / "inventories" / "lab.yml"
+    data_file = data_file or Path(
+        os.environ.get("GPUNODE_LAB_DATA") or REPO_ROOT / "inventories" / "lab.yml"
+    )
     doc = read_yaml(data_file) or {}
     if not isinstance(doc, dict):
         doc = {}

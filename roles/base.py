@@ -30,11 +30,19 @@ T = TEMPLATES / "base"
 
 
 def hold_patterns(config: NodeConfig, family: distros.Family) -> list[str]:
-    """The hold list in the family's syntax: apt regex prefixes, dnf globs."""
+    """The hold list in the family's syntax.
+
+    Entries are package-name prefixes where ``*`` matches anything. apt's
+    Package-Blacklist takes regular expressions matched from the start of the
+    name: ``.`` and ``+`` are bracketed (no backslashes in apt.conf strings).
+    dnf's excludepkgs takes globs: a trailing ``*`` makes the prefix match.
+    """
     patterns = config.base.auto_updates.hold
     if family == "apt":
-        return [p.replace("*", ".*") for p in patterns]
-    return [p if "*" in p else f"{p}*" for p in patterns]
+        return [
+            "".join(f"[{c}]" if c in ".+" else ".*" if c == "*" else c for c in p) for p in patterns
+        ]
+    return [p if p.endswith("*") else f"{p}*" for p in patterns]
 
 
 def security_mirror(mirror: str, spec: distros.DistroSpec) -> str | None:

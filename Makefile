@@ -1,0 +1,43 @@
+# gpunode: `sudo make lab` runs the main job, `sudo make test` runs the tests.
+# Both do all the set-up a fresh Debian 12 machine needs (apt packages, venv, lab base image).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make
+
+.PHONY: deps venv lab lab-down check test unit
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(BIN)/gpunode: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/gpunode
+
+# The main job: 2 lab hosts, provisioned with deploys/gpu_node.py, then verified.
+lab: deps venv
+	$(BIN)/gpunode lab up --hosts 2
+	$(BIN)/pyinfra -y inventories/lab.py deploys/gpu_node.py
+	$(BIN)/gpunode verify inventories/lab.py
+
+lab-down: venv
+	$(BIN)/gpunode lab down
+
+check: venv
+	$(BIN)/ruff check gpunode roles deploys inventories tests
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+# Everything: lint, types, unit tests, lab tests (root; CI=true makes lab tests fail rather than skip).
+test: deps venv check
+	$(BIN)/pytest tests/unit tests/lab

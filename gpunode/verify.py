@@ -1,0 +1,141 @@
+"""``gpunode verify``: run the host checks (tests/host) against an inventory's hosts.
+
+testinfra connects with OpenSSH (its ``ssh://`` backend), using the inventory's
+own connection data written to a temporary ssh_config, so host keys are checked
+the same way pyinfra checks them. Each host is checked in its own pytest run (in
+parallel); the checks learn which host and config they check from
+GPUNODE_INVENTORY and GPUNODE_HOST.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET  # noqa: S405 - parsing our own pytest's JUnit output
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpunode.config import Host, Inventory
+from gpunode.inventory import load_inventory_file
+from gpunode.paths import HOST_TESTS
+
+
+@dataclass
+class HostResult:
+    host: str
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    errors: int = 0
+    returncode: int = 0
+    junit: str = ""
+    output: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.failed == 0 and self.errors == 0 and self.passed > 0
+
+    def line(self) -> str:
+        status = "ok" if self.ok else "FAILED"
+        return (
+            f"{self.host}: {status}: {self.passed} passed, {self.failed} failed, "
+            f"{self.skipped} skipped, {self.errors} errors"
+        )
+
+
+def ssh_config_for(inventory: Inventory) -> str:
+    lines = []
+    for host in inventory.hosts.values():
+        c = host.connection
+        lines += [f"Host {host.name}", f"  HostName {c.address}", f"  Port {c.port}", f"  User {c.user}"]
+        if c.key_file:
+            lines += [f"  IdentityFile {c.key_file}", "  IdentitiesOnly yes"]
+        if c.known_hosts_file:
+            lines.append(f"  UserKnownHostsFile {c.known_hosts_file}")
+        lines += [f"  StrictHostKeyChecking {c.strict_host_key_checking}", "  BatchMode yes",
+                  "  ConnectTimeout 10", "  LogLevel ERROR", ""]
+        if c.ssh_config_file:
+            lines.insert(len(lines) - 1, f"  Include {c.ssh_config_file}")
+    return "\n".join(lines)
+
+
+def select(inventory: Inventory, limit: list[str] | None) -> list[Host]:
+    if not limit:
+        return list(inventory.hosts.values())
+    names: list[str] = []
+    for item in limit:
+        if item in inventory.hosts:
+            names.append(item)
+        elif item in inventory.groups:
+            names += inventory.groups[item]
+        else:
+            allowed = ", ".join([*inventory.hosts, *inventory.groups])
+            raise SystemExit(f"gpunode verify: --limit {item}: no such host or group (allowed: {allowed})")
+    return [inventory.hosts[n] for n in dict.fromkeys(names)]
+
+
+def _run_host(inventory_path: str, host: Host, ssh_config: Path, workdir: Path) -> HostResult:
+    junit = workdir / f"{host.name}.xml"
+    env = {**os.environ, "GPUNODE_INVENTORY": str(inventory_path), "GPUNODE_HOST": host.name}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "pytest", str(HOST_TESTS), "-q", "-p", "no:cacheprovider",
+            f"--hosts=ssh://{host.name}?controlpath={workdir}/cm-{host.name}&controlpersist=5",
+            f"--ssh-config={ssh_config}",
+            f"--junitxml={junit}", "-o", f"junit_suite_name={host.name}", "--rootdir", str(HOST_TESTS),
+        ],
+        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+    )
+    result = HostResult(host=host.name, returncode=proc.returncode, output=proc.stdout + proc.stderr)
+    if junit.exists():
+        result.junit = junit.read_text()
+        root = ET.fromstring(result.junit)  # noqa: S314
+        suites = [root] if root.tag == "testsuite" else list(root)
+        for suite in suites:
+            tests = int(suite.get("tests", 0))
+            result.failed += int(suite.get("failures", 0))
+            result.errors += int(suite.get("errors", 0))
+            result.skipped += int(suite.get("skipped", 0))
+            result.passed += tests - int(suite.get("failures", 0)) - int(suite.get("errors", 0)) - int(
+                suite.get("skipped", 0)
+            )
+    return result
+
+
+def verify(inventory_path: str, limit: list[str] | None = None, junit: str | None = None) -> int:
+    inventory = load_inventory_file(inventory_path)
+    hosts = select(inventory, limit)
+    with tempfile.TemporaryDirectory(prefix="gpunode-verify-") as tmp:
+        workdir = Path(tmp)
+        ssh_config = workdir / "ssh_config"
+        ssh_config.write_text(ssh_config_for(inventory))
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(hosts)))) as pool:
+            results = list(pool.map(lambda h: _run_host(inventory_path, h, ssh_config, workdir), hosts))
+    for result in results:
+        if not result.ok:
+            print(result.output.rstrip(), file=sys.stderr)
+    for result in results:
+        print(result.line())
+    if junit:
+        _write_junit(junit, results)
+    failed = [r.host for r in results if not r.ok]
+    print(f"verify: {len(results) - len(failed)}/{len(results)} host(s) passed")
+    return 1 if failed else 0
+
+
+def _write_junit(path: str, results: list[HostResult]) -> None:
+    root = ET.Element("testsuites")
+    for result in results:
+        if not result.junit:
+            suite = ET.SubElement(root, "testsuite", name=result.host, tests="1", errors="1")
+            case = ET.SubElement(suite, "testcase", classname=result.host, name="connect")
+            ET.SubElement(case, "error", message="no result").text = result.output[-4000:]
+            continue
+        parsed = ET.fromstring(result.junit)  # noqa: S314
+        for suite in [parsed] if parsed.tag == "testsuite" else list(parsed):
+            suite.set("name", result.host)
+            root.append(suite)
+    ET.ElementTree(root).write(path, encoding="unicode", xml_declaration=True)

@@ -1,0 +1,36 @@
+"""The Vagrant dev lab (see the Vagrantfile): vagrant.yml plus the SSH files of each VM.
+
+    vagrant up --provider=libvirt
+    pyinfra -y --sudo inventories/vagrant.py deploys/gpu_node.py
+
+With `vagrant up --provider=virtualbox`, run pyinfra with GPUNODE_VAGRANT_PROVIDER=virtualbox.
+Each VM's key and known_hosts live in its Vagrant data folder, so `vagrant destroy`
+forgets both and a rebuilt VM's new host key is accepted, not refused.
+"""
+
+import os
+from pathlib import Path
+
+from gpunode.config import ConfigError, read_yaml
+from gpunode.inventory import fail, from_dict, yaml_path_for
+
+_provider = os.environ.get("GPUNODE_VAGRANT_PROVIDER", "libvirt")
+if _provider not in ("libvirt", "virtualbox"):
+    fail(ConfigError(f"GPUNODE_VAGRANT_PROVIDER={_provider!r} (allowed: libvirt, virtualbox)"))
+
+_yml = yaml_path_for(__file__)
+try:
+    _doc = read_yaml(_yml)
+except ConfigError as _exc:
+    fail(_exc)
+
+# Where Vagrant keeps its state, relative to the Vagrantfile (VAGRANT_DOTFILE_PATH moves it).
+_dotfile_path = os.environ.get("VAGRANT_DOTFILE_PATH", ".vagrant")
+_machines = Path(__file__).resolve().parent.parent / _dotfile_path / "machines"
+for _name, _host in ((_doc or {}).get("hosts") or {}).items():
+    _connection = (_host or {}).get("connection") or {}
+    _connection["key_file"] = str(_machines / _name / _provider / "private_key")
+    _connection["known_hosts_file"] = str(_machines / _name / _provider / "known_hosts")
+
+_gpunode = from_dict(_doc, f"{_yml} (provider {_provider})")
+globals().update(_gpunode.pyinfra_groups())

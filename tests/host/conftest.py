@@ -1,0 +1,35 @@
+"""Host checks: what holds on any provisioned gpunode node.
+
+Run through `gpunode verify INVENTORY`, which sets GPUNODE_INVENTORY and
+GPUNODE_HOST and points testinfra at the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gpunode import distros
+from gpunode.config import Host
+from gpunode.inventory import load_inventory_file
+
+
+@pytest.fixture(scope="session")
+def node() -> Host:
+    path, name = os.environ.get("GPUNODE_INVENTORY"), os.environ.get("GPUNODE_HOST")
+    if not path or not name:
+        pytest.fail("run the host checks through `gpunode verify INVENTORY`")
+    return load_inventory_file(path).hosts[name]
+
+
+@pytest.fixture(scope="session")
+def spec(node: Host) -> distros.DistroSpec:
+    assert node.config.distro
+    return distros.get(node.config.distro)
+
+
+@pytest.fixture(scope="module")
+def in_container(host) -> bool:
+    out = host.run("systemd-detect-virt --container")
+    return out.rc == 0 and out.stdout.strip() not in ("", "none")

@@ -1,0 +1,103 @@
+"""Lab tests: real hosts (systemd-nspawn), real sshd/apt/systemd, real OpenBao.
+
+They need root. Under CI=true they fail loudly when the lab cannot start;
+elsewhere, without root, they are skipped with the reason.
+The test lab is separate from the one `make lab` leaves up (own name, subnet, ports).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gpunode.paths import REPO_ROOT
+
+IN_CI = os.environ.get("CI") == "true"
+TEST_LAB_ENV = {
+    "GPUNODE_LAB_NAME": "test",
+    "GPUNODE_LAB_SUBNET": "10.231.1.0/24",
+    "GPUNODE_LAB_SUBNET6": "fd42:231:1::/64",
+    "GPUNODE_LAB_VAULT_PORT": "18200",
+}
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900,
+        check: bool = False, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        input=input, stdin=None if input is not None else subprocess.DEVNULL, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def gpunode(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "gpunode.cli", *args], env=env, **kw)
+
+
+def pyinfra(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    """A real run (-y). Note: -y also skips pyinfra's change detection, so plans use dry()."""
+    return run([sys.executable, "-m", "pyinfra", "-y", *args], env=env, **kw)
+
+
+def dry(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+    """A dry run with change detection (no -y: with stdin closed, --dry never prompts)."""
+    return run([sys.executable, "-m", "pyinfra", "--dry", *args], env=env, **kw)
+
+
+def changes(output: str) -> tuple[int, int]:
+    """(changed, errors) from pyinfra's results table's Grand total line."""
+    match = re.search(r"Grand total\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)", output)
+    assert match, f"no results table in pyinfra output:\n{output[-3000:]}"
+    as_int = [0 if v == "-" else int(v) for v in match.groups()[1:3]]
+    return as_int[0], as_int[1]
+
+
+def planned_changes(inventory: str, deploy: str, env: dict[str, str]) -> dict[str, list[str]]:
+    """Per host, the operations a dry run says would change (pyinfra --dry --json)."""
+    proc = dry("--json", inventory, deploy, env=env, check=True)
+    plan = json.loads(proc.stdout)["plan"]
+    per_host: dict[str, list[str]] = {}
+    for op in plan:
+        for host in op["hosts_with_change"]:
+            per_host.setdefault(host, []).append(op["name"])
+    return per_host
+
+
+@dataclass
+class Lab:
+    env: dict[str, str]
+    state_dir: Path
+    hosts: list[str]
+
+    def ssh(self, host: str, command: str, **kw) -> subprocess.CompletedProcess[str]:
+        return run(["ssh", "-F", str(self.state_dir / "ssh_config"), host, command], **kw)
+
+
+def require_root() -> None:
+    if os.geteuid() == 0:
+        return
+    if IN_CI:
+        pytest.fail("lab tests need root and CI=true: refusing to skip them")
+    pytest.skip("lab tests need root (they run under CI as root)")
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    require_root()
+    env = dict(TEST_LAB_ENV)
+    gpunode("lab", "down", env=env)  # start from fresh hosts
+    up = gpunode("lab", "up", "--hosts", "2", env=env)
+    if up.returncode != 0:
+        pytest.fail(f"the lab did not start:\n{up.stdout}\n{up.stderr}")
+    yield Lab(env=env, state_dir=REPO_ROOT / ".lab" / "test", hosts=["lab-01", "lab-02"])
+    gpunode("lab", "down", env=env, check=True)

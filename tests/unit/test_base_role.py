@@ -1,0 +1,758 @@
+"""Operation tests of the base role (roles/base.py) on every distro gpunode supports.
+
+The lab boots debian12 only; ubuntu2204, ubuntu2404 and the EL9 family (rhel9, rocky9,
+alma9) are covered here instead: each test runs the whole ``base`` deploy through pyinfra's
+real API (``State``, ``connect_all``, ``add_deploy``, ``run_ops``) against one host of
+pyinfra's ``@fake`` connector, and asserts on the commands pyinfra sent and the files it
+uploaded.
+
+What the fake host answers:
+
+* ``HostInfo`` (the distro check) gets what its real command prints on that distro: the
+  command is run by ``sh`` here against the distro's verbatim ``/etc/os-release`` in
+  ``fixtures/os-release/`` with a ``systemd-detect-virt`` stub on PATH that behaves like the
+  real one (``none`` + exit status 1 on bare metal, the container type in a container).
+* ``/etc/dnf/dnf.conf`` (EL9) is a real file in ``tmp_path``: pyinfra's ``grep``/``echo``/
+  ``sed`` commands for it run for real on that copy, so the tests check the file that results.
+* gpunode's ``fail`` operation (``echo ... >&2; exit 1``) runs for real too.
+* A few systemd answers that hold on every supported host: ``hostnamectl`` exists and
+  journald is running.
+* Everything else succeeds with no output: a fresh host with no packages, users or files
+  (``converged()`` below fakes a host that already has a previous run's files).
+
+Sources of fixtures/os-release/* (each the distro's /usr/lib/os-release, verbatim):
+debian12: base-files 12.x of Debian 12 "bookworm" (also this machine's /etc/os-release);
+ubuntu2204: base-files 12ubuntu4.x of Ubuntu 22.04.4 LTS; ubuntu2404: base-files 13ubuntu10
+of Ubuntu 24.04 LTS (GA); rhel9: redhat-release 9.4 (RHEL 9.4 "Plow", e.g. the ubi9:9.4
+image); rocky9: rocky-release 9.4 ("Blue Onyx"); alma9: almalinux-release 9.4 ("Seafoam
+Ocelot"). Contents cross-checked against public copies quoted in other projects' tests and
+docs. fixtures/dnf/dnf.conf is the stock /etc/dnf/dnf.conf of dnf 4 on EL9 (dnf-data).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyinfra
+import pytest
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operations import run_ops
+from pyinfra.api.util import get_file_io
+from pyinfra.connectors.fake import FakeConnector
+from pyinfra.connectors.util import CommandOutput, OutputLine
+
+from gpunode.config import DEFAULT_HOLD, ConfigError, NodeConfig, load
+from gpunode.facts import HostInfo
+from roles.base import base
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OS_RELEASE = FIXTURES / "os-release"
+STOCK_DNF_CONF = (FIXTURES / "dnf" / "dnf.conf").read_text()
+
+HOST = "gpu-01"
+PROXY = "http://proxy.internal.example:3142"
+OLD_PROXY = "http://old-proxy.example:3128"
+KEY_BLOB = "AAAAC3NzaC1lZDI1NTE5AAAAIGdwdW5vZGUtdGVzdC1rZXktbm90LWEtcmVhbC1vbmU"
+KEY = f"ssh-ed25519 {KEY_BLOB} alice@laptop"
+
+APT = ("debian12", "ubuntu2204", "ubuntu2404")
+DNF = ("rhel9", "rocky9", "alma9")
+ALL = APT + DNF
+
+# What each distro must get, written out by hand (not read from gpunode/distros.py, so a
+# wrong row in that table fails here).
+APT_PACKAGES = {"ca-certificates", "curl", "gnupg", "kmod", "pciutils", "chrony",
+                "unattended-upgrades", "jq"}
+DNF_PACKAGES = {"ca-certificates", "curl", "gnupg2", "kmod", "pciutils", "chrony",
+                "dnf-automatic", "jq"}
+
+
+@dataclass(frozen=True)
+class Expect:
+    family: str
+    os_id: str
+    version_id: str
+    packages: set[str]
+    chrony_conf: str
+    driftfile: str
+    chrony_service: str
+
+
+_DEB = dict(family="apt", packages=APT_PACKAGES, chrony_conf="/etc/chrony/chrony.conf",
+            driftfile="/var/lib/chrony/chrony.drift", chrony_service="chrony.service")
+_EL9 = dict(family="dnf", version_id="9.4", packages=DNF_PACKAGES,
+            chrony_conf="/etc/chrony.conf", driftfile="/var/lib/chrony/drift",
+            chrony_service="chronyd.service")
+EXPECT = {
+    "debian12": Expect(os_id="debian", version_id="12", **_DEB),
+    "ubuntu2204": Expect(os_id="ubuntu", version_id="22.04", **_DEB),
+    "ubuntu2404": Expect(os_id="ubuntu", version_id="24.04", **_DEB),
+    "rhel9": Expect(os_id="rhel", **_EL9),
+    "rocky9": Expect(os_id="rocky", **_EL9),
+    "alma9": Expect(os_id="almalinux", **_EL9),
+}
+
+APT_PROXY_FILE = "/etc/apt/apt.conf.d/01gpunode-proxy"
+APT_PERIODIC_FILE = "/etc/apt/apt.conf.d/20auto-upgrades"
+APT_HOLD_FILE = "/etc/apt/apt.conf.d/52gpunode-unattended-upgrades"
+DNF_AUTOMATIC_FILE = "/etc/dnf/automatic.conf"
+SUDOERS_FILE = "/etc/sudoers.d/90-gpunode-admins"
+JOURNALD_FILE = "/etc/systemd/journald.conf.d/50-gpunode.conf"
+KEYS_FILE = "/home/alice/.ssh/authorized_keys"
+SOURCES_LIST = "/etc/apt/sources.list"
+UBUNTU_SOURCES = "/etc/apt/sources.list.d/ubuntu.sources"
+
+
+# --- the fake host ---------------------------------------------------------------------
+
+Response = str | list[str] | dict[str, Any]
+Handler = Callable[[str], Response | None]  # a command -> its response, or None: not mine
+
+
+class RecordingFakeConnector(FakeConnector):
+    """pyinfra's fake connector, plus: the content of every upload, each command's result,
+    and handlers that compute a response from the command (tried before ``fake_responses``)."""
+
+    def __init__(self, state, host) -> None:
+        super().__init__(state, host)
+        self.uploads: list[tuple[str, str]] = []
+        self.results: list[tuple[str, bool, CommandOutput]] = []
+        self.handlers: list[Handler] = []
+
+    def _lookup_response(self, command_str: str) -> tuple[bool, CommandOutput]:
+        for handler in self.handlers:
+            response = handler(command_str)
+            if response is not None:
+                return _to_output(response)
+        return super()._lookup_response(command_str)
+
+    def run_shell_command(self, command, print_output=False, print_input=False, **arguments):
+        status, output = super().run_shell_command(command, print_output, print_input, **arguments)
+        self.results.append((self.executed_commands[-1], status, output))
+        return status, output
+
+    def put_file(self, filename_or_io, remote_filename, remote_temp_filename=None,
+                 print_output=False, print_input=False, **arguments) -> bool:
+        # read it the way pyinfra's real connectors do (from the start, as bytes)
+        with get_file_io(filename_or_io, "rb") as file_io:
+            self.uploads.append((remote_filename, file_io.read().decode()))
+        return super().put_file(filename_or_io, remote_filename, remote_temp_filename,
+                                print_output, print_input, **arguments)
+
+
+def _lines(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return value.splitlines() if isinstance(value, str) else [str(v) for v in value]
+
+
+def _to_output(response: Response) -> tuple[bool, CommandOutput]:
+    if not isinstance(response, dict):
+        response = {"stdout": response}
+    lines = [OutputLine("stdout", line) for line in _lines(response.get("stdout"))]
+    lines += [OutputLine("stderr", line) for line in _lines(response.get("stderr"))]
+    return bool(response.get("success", True)), CommandOutput(lines)
+
+
+def run_sh(command: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env,
+                          timeout=10)
+    return {"success": proc.returncode == 0, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+@functools.cache
+def host_info_output(os_release: str, container: str = "") -> tuple[str, ...]:
+    """What the HostInfo fact's command prints on a host of this distro: the real command,
+    run by sh with /etc/os-release replaced by the fixture and a systemd-detect-virt stub."""
+    command = HostInfo().command()
+    assert command.count("/etc/os-release") == 1, "HostInfo changed: update this test"
+    command = command.replace("/etc/os-release", shlex.quote(str(OS_RELEASE / os_release)))
+    with tempfile.TemporaryDirectory() as bindir:
+        stub = Path(bindir) / "systemd-detect-virt"
+        # `systemd-detect-virt --container` prints the container type, or "none" with exit
+        # status 1 outside one (man systemd-detect-virt).
+        result = f"echo {container}" if container else "echo none; exit 1"
+        stub.write_text(f'#!/bin/sh\n[ "$1" = --container ] || exit 2\n{result}\n')
+        stub.chmod(0o755)
+        out = run_sh(command, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert out["success"], out
+    return tuple(out["stdout"].splitlines())
+
+
+def live_file(remote: str, local: Path) -> Handler:
+    """Run pyinfra's commands on ``remote`` (grep facts, echo >>, sed -i) for real, on ``local``."""
+
+    def handler(command: str) -> Response | None:
+        if f" {remote}" not in command or not command.startswith(("grep ", "echo ", "sed ")):
+            return None
+        return run_sh(command.replace(f" {remote}", f" {shlex.quote(str(local))}"))
+
+    return handler
+
+
+def fail_op(command: str) -> Response | None:
+    """gpunode's ``fail`` operation (gpunode/operations.py): echo to stderr and exit 1."""
+    if re.fullmatch(r"echo '[^']*(?:'\"'\"'[^']*)*' >&2; exit 1", command):
+        return run_sh(command)
+    return None
+
+
+def converged(files: dict[str, str], modes: dict[str, str]) -> Handler:
+    """A host that already has these files (path -> content; path -> octal mode) and their
+    directories: answers pyinfra's File/Directory, Sha1File and ``cat`` facts for them."""
+    directories = {str(parent) for path in files for parent in Path(path).parents}
+
+    def handler(command: str) -> Response | None:
+        if m := re.match(r"! \(test -e (\S+) \|\| test -L \1 \) \|\| \( stat -c ", command):
+            if m[1] in files:
+                mode = "-" + _mode_string(modes.get(m[1], "644"))
+                size = len(files[m[1]].encode())
+            elif m[1] in directories:
+                mode, size = "d" + _mode_string("755"), 4096
+            else:
+                return None
+            return f"user=root group=root mode={mode} atime=0 mtime=0 ctime=0 size={size} '{m[1]}'"
+        elif m := re.match(r"test -e (\S+) && \( sha1sum \1 ", command):
+            if m[1] in files:
+                return f"{hashlib.sha1(files[m[1]].encode()).hexdigest()}  {m[1]}"  # noqa: S324
+        elif m := re.match(r"cat (\S+) 2>/dev/null \|\| true$", command):
+            if m[1] in files:
+                return files[m[1]]
+        return None
+
+    return handler
+
+
+def _mode_string(octal: str) -> str:
+    bits = "rwxrwxrwx"
+    value = int(octal, 8)
+    return "".join(c if value & (1 << (8 - i)) else "-" for i, c in enumerate(bits))
+
+
+@dataclass
+class Run:
+    """One deploy of the base role on the fake host."""
+
+    commands: list[str]
+    results: list[tuple[str, bool, CommandOutput]]
+    uploads: list[tuple[str, str]]
+    failed: bool
+    op_labels: list[str]  # every operation's names and args, as pyinfra shows them
+
+    @property
+    def files(self) -> dict[str, str]:
+        return dict(self.uploads)
+
+    def grep(self, pattern: str) -> list[str]:
+        return [c for c in self.commands if re.search(pattern, c)]
+
+
+def run_base(config: NodeConfig, os_release: str, container: str = "",
+             handlers: Iterable[Handler] = ()) -> Run:
+    assert not pyinfra.is_cli  # add_deploy refuses to run in CLI mode
+    responses: dict[Any, Response] = {
+        HostInfo().command(): list(host_info_output(os_release, container)),
+        "command -v hostnamectl": "/usr/bin/hostnamectl",
+        re.compile(r"systemctl show .* systemd-journald\.service \)"): [
+            "Id=systemd-journald.service", "SubState=running",
+        ],
+    }
+    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0,
+            "fake_responses": responses}
+    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
+    for host in inventory:
+        host.connector_cls = RecordingFakeConnector
+    state = State(inventory, Config())
+    host = inventory.get_host(f"@fake/{HOST}")
+    connector = host.connector
+    assert isinstance(connector, RecordingFakeConnector)
+    connector.handlers = [fail_op, *handlers]
+    connect_all(state)
+    add_deploy(state, base)
+    try:
+        run_ops(state)
+    except PyinfraError as exc:  # the only host failed: "No hosts remaining!"
+        assert host in state.failed_hosts, exc
+    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
+    return Run(
+        commands=list(connector.executed_commands),
+        results=list(connector.results),
+        uploads=list(connector.uploads),
+        failed=host in state.failed_hosts,
+        op_labels=labels,
+    )
+
+
+def node_config(distro: str, **base_overrides: Any) -> NodeConfig:
+    """A host's NodeConfig, through gpunode's real loading and validation."""
+    base_config: dict[str, Any] = {
+        "hostname": HOST,
+        "apt_proxy": PROXY,
+        "packages": ["jq"],
+        "ntp_servers": ["0.pool.ntp.org", "ntp1.example.net"],
+        "admin_users": [{"name": "alice", "ssh_keys": [KEY]}],
+        "admin_group": "gpuadmins",
+        "journald": {"system_max_use": "4G", "max_retention_sec": "2week",
+                     "rate_limit_burst": 5000},
+    }
+    base_config.update(base_overrides)
+    raw = {
+        "defaults": {"distro": distro, "base": base_config},
+        "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
+    }
+    return load(raw, source="test_base_role").hosts[HOST].config
+
+
+@functools.cache
+def fresh(distro: str, container: str = "") -> Run:
+    """The standard config deployed on a fresh host that runs the declared distro."""
+    with tempfile.TemporaryDirectory() as tmp:
+        handlers = []
+        if EXPECT[distro].family == "dnf":
+            conf = Path(tmp) / "dnf.conf"
+            conf.write_text(STOCK_DNF_CONF)
+            handlers.append(live_file("/etc/dnf/dnf.conf", conf))
+        return run_base(node_config(distro), distro, container, handlers)
+
+
+# --- parsing what was sent ---------------------------------------------------------------
+
+
+def installed_packages(run: Run, family: str) -> set[str]:
+    if family == "apt":
+        installs = run.grep(r"\bapt-get\b.*\binstall\b")
+        assert len(installs) == 1, installs
+        args = installs[0].split(" install ", 1)[1].split()
+    else:
+        installs = run.grep(r"^dnf\b.*\binstall\b")
+        assert len(installs) == 1, installs
+        args = installs[0].split(" install ", 1)[1].split()
+    return {a for a in args if not a.startswith("-")}
+
+
+def content_lines(text: str) -> list[str]:
+    """Non-blank, non-comment lines, stripped (the templates leave blank lines behind)."""
+    stripped = (line.strip() for line in text.splitlines())
+    return [line for line in stripped if line and not line.startswith(("#", "//"))]
+
+
+def apt_hold_entries(text: str) -> list[str]:
+    body = re.search(r"Unattended-Upgrade::Package-Blacklist \{\n(.*?)\n\};", text, re.S)
+    assert body, text
+    return re.findall(r'^\s*"([^"]*)";\s*$', body[1], re.M)
+
+
+def ini_value(text: str, key: str) -> str:
+    values = re.findall(rf"^\s*{re.escape(key)}\s*=\s*(.*?)\s*$", text, re.M)
+    assert len(values) == 1, (key, values)
+    return values[0]
+
+
+# --- the distro check ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("container", ["", "systemd-nspawn"])
+@pytest.mark.parametrize("distro", ALL)
+def test_host_info_reads_the_real_os_release(distro: str, container: str) -> None:
+    info = HostInfo().process(list(host_info_output(distro, container)))
+    expect = EXPECT[distro]
+    assert info == {"id": expect.os_id, "version_id": expect.version_id, "container": container}
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_declared_distro_passes_the_check(distro: str) -> None:
+    run = fresh(distro)
+    assert not run.failed
+    assert not run.grep(r"exit 1$")
+
+
+@pytest.mark.parametrize(
+    "declared, actual, found",
+    [
+        ("rhel9", "ubuntu2204", "ubuntu 22.04"),
+        ("ubuntu2404", "ubuntu2204", "ubuntu 22.04"),
+        ("ubuntu2204", "ubuntu2404", "ubuntu 24.04"),
+        ("debian12", "rhel9", "rhel 9.4"),
+        ("rocky9", "alma9", "almalinux 9.4"),
+        ("alma9", "rocky9", "rocky 9.4"),
+        ("rhel9", "debian12", "debian 12"),
+    ],
+)
+def test_distro_mismatch_fails_the_host_before_any_change(
+    declared: str, actual: str, found: str
+) -> None:
+    run = run_base(node_config(declared), actual)
+
+    assert run.failed
+    failures = [(cmd, out) for cmd, ok, out in run.results if not ok]
+    assert len(failures) == 1
+    stderr = failures[0][1].stderr
+    assert f"declared {declared}" in stderr
+    assert f"the host runs {found}" in stderr
+    # Nothing was planned past the check: no package manager, no file, no service.
+    assert not run.grep(r"apt-get|\bdpkg\b|\bdnf\b|\brpm\b|systemctl (start|enable|restart)")
+    assert run.uploads == []
+    assert all("Check the host runs the declared distro" in label for label in run.op_labels)
+
+
+# --- packages ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_packages(distro: str) -> None:
+    run, expect = fresh(distro), EXPECT[distro]
+
+    assert installed_packages(run, expect.family) == expect.packages
+    if expect.family == "apt":
+        (install,) = run.grep(r"\bapt-get\b.*\binstall\b")
+        assert "DEBIAN_FRONTEND=noninteractive" in install
+        assert "--no-install-recommends" in install
+        # a fresh host has none of them: the lists are refreshed first
+        assert run.commands.index("apt-get update") < run.commands.index(install)
+        assert not run.grep(r"\bdnf\b|\brpm\b")
+    else:
+        (install,) = run.grep(r"^dnf\b.*\binstall\b")
+        assert install.startswith("dnf install -y ")
+        assert not run.grep(r"apt-get|\bdpkg\b")
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_files_written(distro: str) -> None:
+    run, expect = fresh(distro), EXPECT[distro]
+    common = {KEYS_FILE, SUDOERS_FILE, JOURNALD_FILE, expect.chrony_conf}
+    if expect.family == "apt":
+        wanted = common | {APT_PROXY_FILE, APT_PERIODIC_FILE, APT_HOLD_FILE}
+    else:
+        wanted = common | {DNF_AUTOMATIC_FILE}
+    assert set(run.files) == wanted
+    assert len(run.uploads) == len(wanted)  # each once
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_apt_proxy(distro: str) -> None:
+    proxy_conf = fresh(distro).files[APT_PROXY_FILE]
+    assert content_lines(proxy_conf) == [
+        f'Acquire::http::Proxy "{PROXY}";',
+        f'Acquire::https::Proxy "{PROXY}";',
+    ]
+    assert fresh(distro).grep(rf"^chmod 644 {APT_PROXY_FILE}$")
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_no_apt_proxy_removes_the_file(distro: str) -> None:
+    run = run_base(node_config(distro, apt_proxy=None), distro,
+                   handlers=[converged({APT_PROXY_FILE: "old"}, {})])
+    assert APT_PROXY_FILE not in run.files
+    assert run.grep(rf"^rm -f {APT_PROXY_FILE}$")
+
+
+@pytest.mark.parametrize(
+    "before, proxy, after",
+    [
+        pytest.param(STOCK_DNF_CONF, PROXY, STOCK_DNF_CONF + f"proxy={PROXY}\n", id="add"),
+        pytest.param(STOCK_DNF_CONF + f"proxy={OLD_PROXY}\n", PROXY,
+                     STOCK_DNF_CONF + f"proxy={PROXY}\n", id="replace"),
+        pytest.param(STOCK_DNF_CONF + f"proxy={PROXY}\n", PROXY,
+                     STOCK_DNF_CONF + f"proxy={PROXY}\n", id="keep"),
+        pytest.param(STOCK_DNF_CONF + f"proxy={OLD_PROXY}\n", None, STOCK_DNF_CONF,
+                     id="remove"),
+        pytest.param(STOCK_DNF_CONF, None, STOCK_DNF_CONF, id="none"),
+    ],
+)
+@pytest.mark.parametrize("distro", DNF)
+def test_dnf_proxy_line(distro: str, before: str, proxy: str | None, after: str,
+                        tmp_path: Path) -> None:
+    conf = tmp_path / "dnf.conf"
+    conf.write_text(before)
+
+    run = run_base(node_config(distro, apt_proxy=proxy), distro,
+                   handlers=[live_file("/etc/dnf/dnf.conf", conf)])
+
+    assert conf.read_text() == after
+    edits = run.grep(r"^(echo|sed) .*/etc/dnf/dnf\.conf")
+    assert len(edits) == (before != after)
+    assert "/etc/dnf/dnf.conf" not in run.files  # edited in place, never replaced
+    # only the [main] section exists, so an appended line lands in it
+    assert conf.read_text().count("[") == 1
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_chrony(distro: str) -> None:
+    run, expect = fresh(distro), EXPECT[distro]
+    conf = run.files[expect.chrony_conf]
+    assert content_lines(conf) == [
+        "pool 0.pool.ntp.org iburst",
+        "server ntp1.example.net iburst",
+        f"driftfile {expect.driftfile}",
+        "makestep 1.0 3",
+        "rtcsync",
+        "leapsectz right/UTC",
+        "logdir /var/log/chrony",
+    ]
+    other = {"/etc/chrony/chrony.conf", "/etc/chrony.conf"} - {expect.chrony_conf}
+    assert not other & set(run.files)
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_admin_group_sudo_and_user(distro: str) -> None:
+    run = fresh(distro)
+    assert content_lines(run.files[SUDOERS_FILE]) == ["%gpuadmins ALL=(ALL:ALL) NOPASSWD: ALL"]
+    assert run.grep(rf"^chmod 440 {SUDOERS_FILE}$")
+    assert run.grep(rf"^chown root:root {SUDOERS_FILE}$")
+    assert run.grep(r"^groupadd gpuadmins$")
+    (useradd,) = run.grep(r"^useradd ")
+    assert re.search(r"(^| )-G gpuadmins( |$)", useradd) and useradd.endswith(" alice")
+    assert run.files[KEYS_FILE].strip() == KEY
+    assert run.grep(rf"^chmod 600 {KEYS_FILE}$")
+
+
+def test_sudo_with_password() -> None:
+    run = run_base(node_config("rhel9", sudo_nopasswd=False), "rhel9")
+    assert content_lines(run.files[SUDOERS_FILE]) == ["%gpuadmins ALL=(ALL:ALL) ALL"]
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_hostname(distro: str) -> None:
+    assert fresh(distro).grep(rf"^hostnamectl set-hostname {HOST}$")
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_journald_limits(distro: str) -> None:
+    run = fresh(distro)
+    assert content_lines(run.files[JOURNALD_FILE]) == [
+        "[Journal]",
+        "Storage=persistent",
+        "SystemMaxUse=4G",
+        "MaxRetentionSec=2week",
+        "RateLimitBurst=5000",
+    ]
+    assert run.grep(r"^mkdir -p /var/log/journal$")
+    assert run.grep(r"^chmod 2755 /var/log/journal$")
+    # the new limits apply: journald (running) is restarted because the file changed
+    assert run.grep(r"^systemctl restart systemd-journald\.service$")
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_hold_list(distro: str) -> None:
+    run, expect = fresh(distro), EXPECT[distro]
+    if expect.family == "apt":
+        assert apt_hold_entries(run.files[APT_HOLD_FILE]) == list(DEFAULT_HOLD)
+        periodic = content_lines(run.files[APT_PERIODIC_FILE])
+        assert periodic == ['APT::Periodic::Update-Package-Lists "1";',
+                            'APT::Periodic::Unattended-Upgrade "1";']
+        assert "Origins-Pattern" not in run.files[APT_HOLD_FILE]  # security_only: the default
+    else:
+        conf = run.files[DNF_AUTOMATIC_FILE]
+        excluded = ini_value(conf, "excludepkgs").split()
+        assert excluded == [
+            "linux-image-*", "linux-headers-*", "linux-modules-*", "kernel*", "nvidia-*",
+            "libnvidia-*", "cuda-*", "libcudnn*", "datacenter-gpu-manager*",
+        ]
+        assert ini_value(conf, "upgrade_type") == "security"
+        assert ini_value(conf, "apply_updates") == "yes"
+        assert ini_value(conf, "reboot") == "never"
+
+
+@pytest.mark.parametrize(
+    "hold, apt_entries, dnf_globs",
+    [(["linux-image-", "nvidia-*", "cuda-12-*"], ["linux-image-", "nvidia-.*", "cuda-12-.*"],
+      ["linux-image-*", "nvidia-*", "cuda-12-*"])],
+)
+@pytest.mark.parametrize("distro", ALL)
+def test_hold_list_change_changes_only_the_hold_list_file(
+    distro: str, hold: list[str], apt_entries: list[str], dnf_globs: list[str]
+) -> None:
+    first = fresh(distro)
+    modes = {m[2]: m[1] for c in first.commands if (m := re.match(r"chmod (\d+) (\S+)$", c))}
+    host = converged(first.files, modes)
+
+    unchanged = run_base(node_config(distro), distro, handlers=[host])
+    changed = run_base(
+        node_config(distro, auto_updates={"hold": hold}), distro, handlers=[host]
+    )
+
+    assert unchanged.uploads == []  # converged: nothing to write
+    hold_file = APT_HOLD_FILE if EXPECT[distro].family == "apt" else DNF_AUTOMATIC_FILE
+    assert list(changed.files) == [hold_file]
+    if EXPECT[distro].family == "apt":
+        assert apt_hold_entries(changed.files[hold_file]) == apt_entries
+    else:
+        assert ini_value(changed.files[hold_file], "excludepkgs").split() == dnf_globs
+        # the rest of automatic.conf is as before
+        strip = re.compile(r"^excludepkgs = .*$", re.M)
+        assert strip.sub("", changed.files[hold_file]) == strip.sub("", first.files[hold_file])
+    # an unchanged chrony.conf does not restart chrony
+    chrony = EXPECT[distro].chrony_service
+    assert not changed.grep(rf"systemctl restart {chrony}")
+    assert not changed.grep(r"systemctl restart systemd-journald")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="roles/base.py hold_patterns only turns * into .* for apt: '+' and '.' (allowed in "
+    "a hold pattern) reach Unattended-Upgrade::Package-Blacklist unescaped, and "
+    "'libstdc++6' is not a valid regular expression",
+    raises=(re.error, AssertionError),
+)
+@pytest.mark.parametrize("distro", APT)
+def test_apt_hold_entries_are_regexes_matching_the_held_packages(distro: str) -> None:
+    held = {"libstdc++*": "libstdc++6", "cuda-12.4*": "cuda-12.4-runtime",
+            "nvidia-*": "nvidia-dkms"}
+    run = run_base(node_config(distro, auto_updates={"hold": list(held)}), distro)
+    entries = apt_hold_entries(run.files[APT_HOLD_FILE])
+    assert len(entries) == len(held)
+    for entry, package in zip(entries, held.values(), strict=True):
+        assert re.match(entry, package)  # unattended-upgrades matches entries with re.match
+    assert not re.match(entries[1], "cuda-1204")  # a '.' in a pattern is a literal dot
+
+
+# --- services --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_services_on_bare_metal(distro: str) -> None:
+    run, expect = fresh(distro, container=""), EXPECT[distro]
+    chrony = expect.chrony_service
+    assert run.grep(rf"^systemctl start {chrony}$")
+    assert run.grep(rf"^systemctl enable {chrony}$")
+    other = ({"chrony.service", "chronyd.service"} - {chrony}).pop()
+    assert not run.grep(re.escape(other))
+    if expect.family == "dnf":
+        assert run.grep(r"^systemctl enable dnf-automatic\.timer$")
+        assert run.grep(r"^systemctl start dnf-automatic\.timer$")
+    else:
+        assert not run.grep("dnf-automatic")
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_services_in_a_container(distro: str) -> None:
+    run, expect = fresh(distro, container="systemd-nspawn"), EXPECT[distro]
+    chrony = expect.chrony_service
+    assert run.grep(rf"^systemctl enable {chrony}$")
+    assert not run.grep(rf"^systemctl (start|restart|reload) {chrony}$")
+    assert not run.failed
+    if expect.family == "dnf":
+        assert run.grep(r"^systemctl enable dnf-automatic\.timer$")
+
+
+def test_auto_updates_disabled_stops_the_dnf_timer() -> None:
+    run = run_base(node_config("rhel9", auto_updates={"enabled": False}), "rhel9")
+    assert ini_value(run.files[DNF_AUTOMATIC_FILE], "apply_updates") == "no"
+    assert not run.grep(r"systemctl (start|enable) dnf-automatic")
+
+
+# --- apt mirror ---------------------------------------------------------------------------
+
+
+DEBIAN_COMPONENTS = "main contrib non-free non-free-firmware"
+UBUNTU_COMPONENTS = "main restricted universe multiverse"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+UBUNTU_KEYRING = "/usr/share/keyrings/ubuntu-archive-keyring.gpg"
+
+
+def sources_list_entries(text: str) -> list[tuple[str, str, str, str]]:
+    entries = []
+    for line in content_lines(text):
+        m = re.fullmatch(r"deb \[signed-by=(\S+)\] (\S+) (\S+) (.+)", line)
+        assert m, line
+        entries.append((m[1], m[2], m[3], m[4]))
+    return entries
+
+
+@pytest.mark.parametrize(
+    "distro, mirror, entries",
+    [
+        pytest.param(
+            "debian12", "http://deb.example.net/debian/",
+            [(DEBIAN_KEYRING, "http://deb.example.net/debian", "bookworm", DEBIAN_COMPONENTS),
+             (DEBIAN_KEYRING, "http://deb.example.net/debian", "bookworm-updates",
+              DEBIAN_COMPONENTS),
+             (DEBIAN_KEYRING, "http://deb.example.net/debian-security", "bookworm-security",
+              DEBIAN_COMPONENTS)],
+            id="debian12",
+        ),
+        pytest.param(
+            "debian12", "http://debian.example.net/debian",
+            [(DEBIAN_KEYRING, "http://debian.example.net/debian", "bookworm", DEBIAN_COMPONENTS),
+             (DEBIAN_KEYRING, "http://debian.example.net/debian", "bookworm-updates",
+              DEBIAN_COMPONENTS),
+             (DEBIAN_KEYRING, "http://debian.example.net/debian-security",
+              "bookworm-security", DEBIAN_COMPONENTS)],
+            id="debian12-host-named-debian",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="templates/base/sources.list.j2 builds the security URL with "
+                "replace('/debian', ...), which also rewrites '//debian.' in the host name; "
+                "it should use the security_mirror that roles/base.py already passes",
+            ),
+        ),
+        pytest.param(
+            "ubuntu2204", "http://ubuntu.example.net/ubuntu",
+            [(UBUNTU_KEYRING, "http://ubuntu.example.net/ubuntu", suite, UBUNTU_COMPONENTS)
+             for suite in ("jammy", "jammy-updates", "jammy-security")],
+            id="ubuntu2204",
+        ),
+    ],
+)
+def test_apt_mirror_one_line_sources(distro: str, mirror: str, entries: list) -> None:
+    run = run_base(node_config(distro, apt_mirror=mirror), distro)
+    assert sources_list_entries(run.files[SOURCES_LIST]) == entries
+    assert UBUNTU_SOURCES not in run.files
+    assert run.grep(rf"^chmod 644 {SOURCES_LIST}$")
+
+
+def test_apt_mirror_deb822_sources_on_ubuntu2404() -> None:
+    run = run_base(node_config("ubuntu2404", apt_mirror="http://ubuntu.example.net/ubuntu/"),
+                   "ubuntu2404")
+    fields = dict(line.split(": ", 1) for line in content_lines(run.files[UBUNTU_SOURCES]))
+    assert fields == {
+        "Types": "deb",
+        "URIs": "http://ubuntu.example.net/ubuntu",
+        "Suites": "noble noble-updates noble-security",
+        "Components": UBUNTU_COMPONENTS,
+        "Signed-By": UBUNTU_KEYRING,
+    }
+    assert SOURCES_LIST not in run.files
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_no_mirror_keeps_the_distro_sources(distro: str) -> None:
+    run = fresh(distro)
+    assert not {SOURCES_LIST, UBUNTU_SOURCES} & set(run.files)
+    assert not run.grep(r"/etc/apt/sources\.list")
+
+
+def test_apt_mirror_is_refused_for_dnf_distros() -> None:
+    with pytest.raises(ConfigError, match="apt_mirror: only apt distros"):
+        node_config("rhel9", apt_mirror="http://mirror.example.net/rhel")
+
+
+# --- what pyinfra shows ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_operation_labels_carry_no_config_values(distro: str) -> None:
+    mirror = "http://mirror.secret.example/ubuntu" if distro.startswith("ubuntu") else None
+    if distro == "debian12":
+        mirror = "http://mirror.secret.example/debian"
+    run = run_base(node_config(distro, apt_mirror=mirror), distro)
+    assert run.op_labels, "no operations recorded"
+    values = [PROXY, KEY, KEY_BLOB, "alice@laptop", "ntp1.example.net", "gpuadmins", "alice",
+              "mirror.secret.example"]
+    leaks = [(label, v) for label in run.op_labels for v in values if v in label]
+    assert leaks == []
