@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     check_p.add_argument("inventory", help="inventory file (inventories/prod.py or its .yml)")
     check_p.set_defaults(func=_check)
 
-    verify_p = sub.add_parser("verify", help="run the host checks (tests/host) against an inventory")
+    verify_p = sub.add_parser(
+        "verify", help="run the host checks (tests/host) against an inventory"
+    )
     verify_p.add_argument("inventory")
     verify_p.add_argument("--limit", action="append", help="only these hosts or groups")
     verify_p.add_argument("--junit", help="write JUnit XML here")

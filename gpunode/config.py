@@ -35,12 +35,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from gpunode.distros import DISTROS
@@ -67,6 +67,8 @@ DEFAULT_HOLD = (
     "libcudnn",
     "datacenter-gpu-manager",
 )
+
+RESERVED_GROUPS = frozenset({"all", "ungrouped"})  # pyinfra's own group names
 
 DEFAULT_NTP = ("0.pool.ntp.org", "1.pool.ntp.org", "2.pool.ntp.org")
 
@@ -97,8 +99,8 @@ class _Model(BaseModel):
 
 class AdminUser(_Model):
     name: UserName
-    ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = (
-        Field(default_factory=list)
+    ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = Field(
+        default_factory=list
     )
     sudo: bool = True
     shell: Literal["/bin/bash", "/bin/sh", "/usr/bin/zsh"] = "/bin/bash"
@@ -113,9 +115,9 @@ class AdminUser(_Model):
 
 class Journald(_Model):
     system_max_use: Annotated[str, StringConstraints(pattern=SIZE_RE)] = "2G"
-    max_retention_sec: Annotated[str, StringConstraints(pattern=r"^[0-9]+(s|min|h|day|week|month|year)$")] = (
-        "1month"
-    )
+    max_retention_sec: Annotated[
+        str, StringConstraints(pattern=r"^[0-9]+(s|min|h|day|week|month|year)$")
+    ] = "1month"
     rate_limit_burst: Annotated[int, Field(ge=0)] = 10000
 
 
@@ -129,7 +131,9 @@ class AutoUpdates(_Model):
 class Base(_Model):
     hostname: HostName | None = None  # default: the inventory name, when it is a valid hostname
     apt_proxy: HttpUrl | None = None  # Acquire::http::Proxy / dnf.conf proxy=
-    apt_mirror: HttpUrl | None = None  # apt distros only: base URL of a mirror of the distro archive
+    apt_mirror: HttpUrl | None = (
+        None  # apt distros only: base URL of a mirror of the distro archive
+    )
     packages: list[PackageName] = Field(default_factory=list)  # extra packages
     ntp_servers: list[NtpServer] = Field(default_factory=lambda: list(DEFAULT_NTP), min_length=1)
     admin_users: list[AdminUser] = Field(default_factory=list)
@@ -144,33 +148,32 @@ class Base(_Model):
         names = [u.name for u in users]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"admin user listed twice: {', '.join(dupes)} (allowed: each name once)")
+            raise ValueError(
+                f"admin user listed twice: {', '.join(dupes)} (allowed: each name once)"
+            )
         return users
+
+
+def _strict_cidr(value: Any) -> Any:
+    try:
+        ipaddress.ip_network(str(value), strict=True)
+    except ValueError as exc:
+        raise ValueError(
+            f"{value!r} is not a network in CIDR notation ({exc}; "
+            "allowed: e.g. 10.0.0.0/24 or 2001:db8::/64, with no host bits set)"
+        ) from None
+    return value
+
+
+Cidr = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_strict_cidr)]
 
 
 class Network(_Model):
     """Who may reach the node. Used by the firewall role; validated here."""
 
-    admin_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
-    app_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
-    monitoring_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
-        default_factory=list
-    )
-
-    @field_validator("admin_cidrs", "app_cidrs", "monitoring_cidrs", mode="before")
-    @classmethod
-    def _strict_cidrs(cls, values: Any) -> Any:
-        if not isinstance(values, list):
-            return values
-        for value in values:
-            try:
-                ipaddress.ip_network(str(value), strict=True)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{value!r} is not a network in CIDR notation ({exc}; allowed: e.g. 10.0.0.0/24, "
-                    "2001:db8::/64, with no host bits set)"
-                ) from None
-        return values
+    admin_cidrs: list[Cidr] = Field(default_factory=list)
+    app_cidrs: list[Cidr] = Field(default_factory=list)
+    monitoring_cidrs: list[Cidr] = Field(default_factory=list)
 
 
 class Nvidia(_Model):
@@ -188,15 +191,6 @@ class Nvidia(_Model):
                 f"(allowed: {', '.join(DRIVER_BRANCHES)})"
             )
         return value
-
-    @model_validator(mode="after")
-    def _version_in_branch(self) -> Nvidia:
-        if self.version and not self.version.startswith(self.branch + "."):
-            raise ValueError(
-                f"version {self.version} is not in branch {self.branch} "
-                f"(allowed: {self.branch}.x versions)"
-            )
-        return self
 
 
 class Gpu(_Model):
@@ -217,7 +211,7 @@ class NodeConfig(_Model):
 class Connection(_Model):
     address: str
     port: Annotated[int, Field(ge=1, le=65535)] = 22
-    user: UserName | Literal["root"] = "root"
+    user: UserName = "root"
     key_file: str | None = None
     known_hosts_file: str | None = None
     strict_host_key_checking: Literal["yes", "no", "accept-new"] = "yes"
@@ -233,7 +227,10 @@ class Connection(_Model):
             pass
         label = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
         if len(value) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", value):
-            raise ValueError(f"{value!r} is not an IP address or DNS name")
+            raise ValueError(
+                f"{value!r} is not an IP address or DNS name (allowed: e.g. 192.0.2.10, "
+                "2001:db8::10, gpu-01.example.com)"
+            )
         return value
 
     def pyinfra_data(self) -> dict[str, Any]:
@@ -305,7 +302,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently)."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict:
     loader.flatten_mapping(node)
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
@@ -332,13 +331,17 @@ _UniqueKeyLoader.add_constructor(
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as stream:  # a named stream: marks name the file
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read inventory data: {exc.strerror}") from None
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML error: {exc}") from None
+    if data is None:
+        raise ConfigError(
+            f"{path}: the file is empty (allowed: a mapping with keys defaults, groups, hosts)"
+        )
+    return data
 
 
 def load_file(path: str | Path) -> Inventory:
@@ -359,6 +362,12 @@ def load(raw: Any, source: str) -> Inventory:
         raise ConfigError(_format(source, "inventory", exc, InventoryFile)) from None
 
     problems: list[str] = []
+    for gname in inv.groups:
+        if gname in RESERVED_GROUPS:
+            problems.append(
+                f"{source}: group {gname}: the name is pyinfra's own "
+                f"(allowed: any other name than {', '.join(sorted(RESERVED_GROUPS))})"
+            )
     # Each layer alone must be valid node config, so errors name the layer they are in.
     problems += _check_layer(source, "defaults", inv.defaults)
     for gname, group in inv.groups.items():
@@ -372,8 +381,12 @@ def load(raw: Any, source: str) -> Inventory:
                     f"{source}: host {hname}: groups: group {gname!r} does not exist "
                     f"(allowed: groups defined under 'groups:': {allowed})"
                 )
-        if len(set(entry.groups)) != len(entry.groups):
-            problems.append(f"{source}: host {hname}: groups: a group is listed twice")
+        twice = sorted({g for g in entry.groups if entry.groups.count(g) > 1})
+        if twice:
+            problems.append(
+                f"{source}: host {hname}: groups: {', '.join(twice)} listed twice "
+                "(allowed: each group once)"
+            )
     seen_addr: dict[tuple[str, int], str] = {}
     for hname, entry in inv.hosts.items():
         key = (entry.connection.address.lower(), entry.connection.port)
@@ -428,6 +441,12 @@ def _check_host(source: str, hname: str, config: NodeConfig) -> list[str]:
         problems.append(f"{where}: distro: not set (allowed: {', '.join(DISTROS)})")
         return problems
     spec = DISTROS[config.distro]
+    nvidia = config.nvidia
+    if nvidia.version and not nvidia.version.startswith(nvidia.branch + "."):
+        problems.append(
+            f"{where}: nvidia.version: {nvidia.version} is not in branch {nvidia.branch} "
+            f"(allowed: {nvidia.branch}.x versions, or change nvidia.branch)"
+        )
     if config.base.apt_mirror and spec.family != "apt":
         problems.append(
             f"{where}: base.apt_mirror: only apt distros use an apt mirror, {config.distro} uses "
@@ -471,10 +490,45 @@ def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel
             msg = "required key is missing"
         else:
             msg = err["msg"].removeprefix("Value error, ")
+            hint = _allowed_hint(err)
+            if hint and "allowed:" not in msg:
+                msg = f"{msg} (allowed: {hint})"
             if err["type"] not in ("value_error", "assertion_error") and "input" in err:
                 msg = f"{err['input']!r}: {msg}"
         lines.append(f"{source}: {here}: {key or '(top level)'}: {msg}")
     return "\n".join(lines)
+
+
+def _allowed_hint(err: Any) -> str | None:
+    """What is allowed, for pydantic's own error types (its messages say only what is wrong)."""
+    ctx = err.get("ctx", {})
+    kind = err["type"]
+    if kind == "literal_error":
+        return str(ctx.get("expected", "")).replace(" or ", ", ")
+    if kind in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
+        bounds = {
+            "less_than_equal": "at most",
+            "greater_than_equal": "at least",
+            "less_than": "below",
+            "greater_than": "above",
+        }
+        limit = next(iter(ctx.values()), "?")
+        return f"a number {bounds[kind]} {limit}"
+    if kind in ("too_short", "too_long"):
+        word = "at least" if kind == "too_short" else "at most"
+        count = ctx.get("min_length" if kind == "too_short" else "max_length", "?")
+        return f"a list of {word} {count} item(s)"
+    return {
+        "int_parsing": "an integer",
+        "int_type": "an integer",
+        "bool_parsing": "true or false",
+        "bool_type": "true or false",
+        "list_type": "a list, e.g. [a, b]",
+        "dict_type": "a mapping of key: value",
+        "model_type": "a mapping of key: value",
+        "model_attributes_type": "a mapping of key: value",
+        "string_type": "a string",
+    }.get(kind)
 
 
 def _loc(loc: Iterable[int | str]) -> str:
@@ -483,6 +537,8 @@ def _loc(loc: Iterable[int | str]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part.startswith(("function-", "union[", "literal[")) or part in _PYDANTIC_BRANCHES:
+            continue  # pydantic's internal union/validator branch names
+        elif part == "[key]":
             continue  # pydantic's internal union/validator branch names
         else:
             out += f".{part}" if out else str(part)

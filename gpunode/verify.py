@@ -50,13 +50,23 @@ def ssh_config_for(inventory: Inventory) -> str:
     lines = []
     for host in inventory.hosts.values():
         c = host.connection
-        lines += [f"Host {host.name}", f"  HostName {c.address}", f"  Port {c.port}", f"  User {c.user}"]
+        lines += [
+            f"Host {host.name}",
+            f"  HostName {c.address}",
+            f"  Port {c.port}",
+            f"  User {c.user}",
+        ]
         if c.key_file:
             lines += [f"  IdentityFile {c.key_file}", "  IdentitiesOnly yes"]
         if c.known_hosts_file:
             lines.append(f"  UserKnownHostsFile {c.known_hosts_file}")
-        lines += [f"  StrictHostKeyChecking {c.strict_host_key_checking}", "  BatchMode yes",
-                  "  ConnectTimeout 10", "  LogLevel ERROR", ""]
+        lines += [
+            f"  StrictHostKeyChecking {c.strict_host_key_checking}",
+            "  BatchMode yes",
+            "  ConnectTimeout 10",
+            "  LogLevel ERROR",
+            "",
+        ]
         if c.ssh_config_file:
             lines.insert(len(lines) - 1, f"  Include {c.ssh_config_file}")
     return "\n".join(lines)
@@ -73,7 +83,9 @@ def select(inventory: Inventory, limit: list[str] | None) -> list[Host]:
             names += inventory.groups[item]
         else:
             allowed = ", ".join([*inventory.hosts, *inventory.groups])
-            raise SystemExit(f"gpunode verify: --limit {item}: no such host or group (allowed: {allowed})")
+            raise SystemExit(
+                f"gpunode verify: --limit {item}: no such host or group (allowed: {allowed})"
+            )
     return [inventory.hosts[n] for n in dict.fromkeys(names)]
 
 
@@ -82,14 +94,29 @@ def _run_host(inventory_path: str, host: Host, ssh_config: Path, workdir: Path) 
     env = {**os.environ, "GPUNODE_INVENTORY": str(inventory_path), "GPUNODE_HOST": host.name}
     proc = subprocess.run(
         [
-            sys.executable, "-m", "pytest", str(HOST_TESTS), "-q", "-p", "no:cacheprovider",
+            sys.executable,
+            "-m",
+            "pytest",
+            str(HOST_TESTS),
+            "-q",
+            "-p",
+            "no:cacheprovider",
             f"--hosts=ssh://{host.name}?controlpath={workdir}/cm-{host.name}&controlpersist=5",
             f"--ssh-config={ssh_config}",
-            f"--junitxml={junit}", "-o", f"junit_suite_name={host.name}", "--rootdir", str(HOST_TESTS),
+            f"--junitxml={junit}",
+            "-o",
+            f"junit_suite_name={host.name}",
+            "--rootdir",
+            str(HOST_TESTS),
         ],
-        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
-    result = HostResult(host=host.name, returncode=proc.returncode, output=proc.stdout + proc.stderr)
+    result = HostResult(
+        host=host.name, returncode=proc.returncode, output=proc.stdout + proc.stderr
+    )
     if junit.exists():
         result.junit = junit.read_text()
         root = ET.fromstring(result.junit)  # noqa: S314
@@ -99,8 +126,11 @@ def _run_host(inventory_path: str, host: Host, ssh_config: Path, workdir: Path) 
             result.failed += int(suite.get("failures", 0))
             result.errors += int(suite.get("errors", 0))
             result.skipped += int(suite.get("skipped", 0))
-            result.passed += tests - int(suite.get("failures", 0)) - int(suite.get("errors", 0)) - int(
-                suite.get("skipped", 0)
+            result.passed += (
+                tests
+                - int(suite.get("failures", 0))
+                - int(suite.get("errors", 0))
+                - int(suite.get("skipped", 0))
             )
     return result
 
@@ -113,7 +143,9 @@ def verify(inventory_path: str, limit: list[str] | None = None, junit: str | Non
         ssh_config = workdir / "ssh_config"
         ssh_config.write_text(ssh_config_for(inventory))
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(hosts)))) as pool:
-            results = list(pool.map(lambda h: _run_host(inventory_path, h, ssh_config, workdir), hosts))
+            results = list(
+                pool.map(lambda h: _run_host(inventory_path, h, ssh_config, workdir), hosts)
+            )
     for result in results:
         if not result.ok:
             print(result.output.rstrip(), file=sys.stderr)

@@ -1,6 +1,6 @@
 """An example production inventory: the hosts and settings are in example.yml beside it.
 
-    pyinfra -y inventories/example.py deploys/gpu_node.py
+pyinfra -y inventories/example.py deploys/gpu_node.py
 """
 
 from gpunode.inventory import from_yaml

@@ -1,7 +1,7 @@
 """The lab's hosts (read from `gpunode lab up`'s state) with the settings in lab.yml.
 
-    gpunode lab up --hosts 2
-    pyinfra -y inventories/lab.py deploys/gpu_node.py
+gpunode lab up --hosts 2
+pyinfra -y inventories/lab.py deploys/gpu_node.py
 """
 
 from gpunode.inventory import from_dict

@@ -53,7 +53,8 @@ def security_mirror(mirror: str, spec: distros.DistroSpec) -> str | None:
 
 def host_matches(spec: distros.DistroSpec, info: dict[str, str]) -> bool:
     return info["id"] in spec.os_ids and (
-        info["version_id"] == spec.version_id or info["version_id"].startswith(spec.version_id + ".")
+        info["version_id"] == spec.version_id
+        or info["version_id"].startswith(spec.version_id + ".")
     )
 
 
@@ -96,8 +97,9 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
             proxy=config.base.apt_proxy,
         )
     else:
-        files.file(name="apt proxy (none)", path="/etc/apt/apt.conf.d/01gpunode-proxy",
-                   present=False)
+        files.file(
+            name="apt proxy (none)", path="/etc/apt/apt.conf.d/01gpunode-proxy", present=False
+        )
     if config.base.apt_mirror:
         assert spec.apt_sources_path
         template = "ubuntu.sources.j2" if spec.apt_sources_format == "deb822" else "sources.list.j2"
@@ -121,8 +123,9 @@ def _dnf_sources(config: NodeConfig) -> None:
             replace=f"proxy={config.base.apt_proxy}",
         )
     else:
-        files.line(name="dnf proxy (none)", path="/etc/dnf/dnf.conf", line=r"^proxy=.*$",
-                   present=False)
+        files.line(
+            name="dnf proxy (none)", path="/etc/dnf/dnf.conf", line=r"^proxy=.*$", present=False
+        )
 
 
 def _packages(config: NodeConfig, spec: distros.DistroSpec) -> None:
@@ -171,8 +174,9 @@ def _journald(config: NodeConfig) -> None:
         mode="644",
         journald=config.base.journald,
     )
-    files.directory(name="Persistent journal", path="/var/log/journal", mode="2755",
-                    group="systemd-journal")
+    files.directory(
+        name="Persistent journal", path="/var/log/journal", mode="2755", group="systemd-journal"
+    )
     systemd.service(
         name="Restart journald",  # applies the new limits
         service="systemd-journald.service",
@@ -196,11 +200,11 @@ def _chrony(config: NodeConfig, spec: distros.DistroSpec, in_container: bool) ->
         systemd.service(
             name="chrony enabled", service=spec.chrony_service, running=None, enabled=True
         )
-        notice(name="chrony", message="in a container: chrony enabled, not started (no CAP_SYS_TIME)")
+        notice(
+            name="chrony", message="in a container: chrony enabled, not started (no CAP_SYS_TIME)"
+        )
         return
-    systemd.service(
-        name="chrony running", service=spec.chrony_service, running=True, enabled=True
-    )
+    systemd.service(name="chrony running", service=spec.chrony_service, running=True, enabled=True)
     systemd.service(
         name="Restart chrony", service=spec.chrony_service, restarted=True, _if=conf.did_change
     )

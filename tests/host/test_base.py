@@ -94,4 +94,6 @@ def test_auto_updates_never_touch_held_packages(host, node: Host, spec: distros.
     else:
         conf = host.file("/etc/dnf/automatic.conf").content_string
         assert f"excludepkgs = {' '.join(hold)}" in conf
-        assert host.service("dnf-automatic.timer").is_enabled == node.config.base.auto_updates.enabled
+        assert (
+            host.service("dnf-automatic.timer").is_enabled == node.config.base.auto_updates.enabled
+        )

@@ -29,22 +29,38 @@ TEST_LAB_ENV = {
 }
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900,
-        check: bool = False, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    check: bool = False,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-        input=input, stdin=None if input is not None else subprocess.DEVNULL, timeout=timeout,
+        cmd,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{output}")
     return proc
 
 
-def gpunode(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+def gpunode(
+    *args: str, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, "-m", "gpunode.cli", *args], env=env, **kw)
 
 
-def pyinfra(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess[str]:
+def pyinfra(
+    *args: str, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess[str]:
     """A real run (-y). Note: -y also skips pyinfra's change detection, so plans use dry()."""
     return run([sys.executable, "-m", "pyinfra", "-y", *args], env=env, **kw)
 

@@ -40,13 +40,18 @@ def test_verify_passes_on_every_host(converged: Lab, tmp_path) -> None:
 
 
 def test_verify_catches_a_broken_host_and_a_deploy_repairs_it(converged: Lab) -> None:
-    converged.ssh("lab-02", "rm /etc/sudoers.d/90-gpunode-admins && "
-                  "sed -i s/SystemMaxUse=.*/SystemMaxUse=9G/ /etc/systemd/journald.conf.d/50-gpunode.conf",
-                  check=True)
+    converged.ssh(
+        "lab-02",
+        "rm /etc/sudoers.d/90-gpunode-admins && "
+        "sed -i s/SystemMaxUse=.*/SystemMaxUse=9G/ /etc/systemd/journald.conf.d/50-gpunode.conf",
+        check=True,
+    )
     broken = gpunode("verify", INVENTORY, env=converged.env)
     assert broken.returncode == 1
     assert "lab-01: ok: " in broken.stdout
-    assert "lab-02: FAILED: " in broken.stdout and "3 failed" in broken.stdout  # sudoers, sudo, journald
+    assert (
+        "lab-02: FAILED: " in broken.stdout and "3 failed" in broken.stdout
+    )  # sudoers, sudo, journald
     drift = planned_changes(INVENTORY, DEPLOY, converged.env)
     assert set(drift) == {"lab-02"}
     assert sorted(drift["lab-02"]) == [
