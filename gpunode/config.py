@@ -539,7 +539,7 @@ def _loc(loc: Iterable[int | str]) -> str:
         elif part.startswith(("function-", "union[", "literal[")) or part in _PYDANTIC_BRANCHES:
             continue  # pydantic's internal union/validator branch names
         elif part == "[key]":
-            continue  # pydantic's internal union/validator branch names
+            out += ".(name)" if out else "(name)"  # the mapping key itself is what is wrong
         else:
             out += f".{part}" if out else str(part)
     return out

@@ -567,11 +567,6 @@ def test_group_name_error_key_part(tmp_path: Path) -> None:
     the_line(message, f"{path}: group GPU-Nodes: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an invalid group name is reported with '(top level)' as its key "
-    "('group GPU-Nodes: (top level): ...'), though the problem is the group's name",
-)
 def test_group_name_error_has_no_top_level_marker(tmp_path: Path) -> None:
     _, message = error_for(BY_ID["group_name_invalid"], tmp_path)
     assert "(top level)" not in message
