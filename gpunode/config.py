@@ -207,6 +207,10 @@ class NodeConfig(_Model):
     nvidia: Nvidia = Field(default_factory=Nvidia)
     gpu: Gpu = Field(default_factory=Gpu)
 
+    def to_json(self) -> dict[str, Any]:
+        """pyinfra's JSON hook (``pyinfra INVENTORY debug-inventory``, ``--json``)."""
+        return self.model_dump(mode="json")
+
 
 class Connection(_Model):
     address: str

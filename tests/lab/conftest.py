@@ -36,15 +36,15 @@ def run(
     check: bool = False,
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
     proc = subprocess.run(
         cmd,
         cwd=REPO_ROOT,
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
         timeout=timeout,
+        **stdin,  # type: ignore[arg-type]
     )
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -276,3 +277,17 @@ def test_vagrant_validate(tmp_path: Path) -> None:
         output = result.stdout + result.stderr
     assert result.returncode == 0, f"vagrant validate failed:\n{output}"
     assert "Vagrantfile validated successfully" in result.stdout
+
+
+def test_pyinfra_debug_inventory_serialises_the_node_config(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyinfra", str(INVENTORIES / "example.py"), "debug-inventory"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr  # pyinfra prints the inventory on stderr
+    assert '"distro": "ubuntu2204"' in out and '"distro": "rhel9"' in out
