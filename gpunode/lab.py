@@ -554,6 +554,11 @@ def host_ssh(
     return _run([*_ssh_base(settings), name, command], check=False, timeout=timeout)
 
 
+def _keygen(path: Path, comment: str) -> None:
+    """A new ed25519 key pair without a passphrase at ``path`` / ``path``.pub."""
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
 def _create_host(settings: LabSettings, host: LabHost, base: Path) -> None:
     hdir = _host_dir(settings, host.name)
     if hdir.exists():
@@ -585,20 +590,7 @@ def _create_host(settings: LabSettings, host: LabHost, base: Path) -> None:
         f"Address={host.address6}/{settings.subnet6.prefixlen}\n"
         "LinkLocalAddressing=ipv6\nIPv6AcceptRA=no\n"
     )
-    _run(
-        [
-            "ssh-keygen",
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            f"root@{host.name}",
-            "-f",
-            str(etc / "ssh/ssh_host_ed25519_key"),
-        ]
-    )
+    _keygen(etc / "ssh/ssh_host_ed25519_key", f"root@{host.name}")
     ssh_dir = root / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(ssh_dir, 0o700)
@@ -745,20 +737,7 @@ def up(settings: LabSettings, count: int = 2) -> LabState:
         mirror = settings.mirror or machine_mirror()
         base = ensure_base_image(settings, mirror)
         if not (d / "id_ed25519").exists():
-            _run(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    "gpunode-lab",
-                    "-f",
-                    str(d / "id_ed25519"),
-                ]
-            )
+            _keygen(d / "id_ed25519", "gpunode-lab")
         state = LabState.read(d) or LabState(
             name=settings.name,
             subnet=str(settings.subnet),
