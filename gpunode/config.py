@@ -35,7 +35,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -43,13 +42,34 @@ from pydantic import (
     field_validator,
 )
 
+from gpunode import gpus, hardening, inference, monitoring, nomad, nvidia, vault
 from gpunode.distros import DISTROS
-from gpunode.nvidia import DRIVER_BRANCHES
+from gpunode.gpus import Gpu
+from gpunode.hardening import Firewall, Hardening
+from gpunode.inference import Inference
+from gpunode.monitoring import Monitoring
+from gpunode.nomad import Nomad
+from gpunode.nvidia import Cuda, Nvidia
+from gpunode.schema import (
+    HOSTNAME_RE,
+    PATTERN_HELP,
+    SIZE_RE,
+    Cidr,
+    ConfigError,
+    GroupName,
+    HoldPattern,
+    HostName,
+    HttpUrl,
+    Model,
+    NtpServer,
+    PackageName,
+    UserName,
+)
+from gpunode.vault import Secret, Vault
 
-USERNAME_RE = r"^[a-z_][a-z0-9_-]{0,31}$"
-GROUPNAME_RE = r"^[a-z][a-z0-9_]{0,62}$"
-HOSTNAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-SIZE_RE = r"^[0-9]+[KMGT]?$"
+# Each section module checks what needs the whole merged config (and the host's
+# connection) in its own check_host(where, config, connection) -> [problems].
+SECTION_CHECKS = (nvidia, gpus, hardening, vault, inference, nomad, monitoring)
 
 # Patterns that unattended upgrades must never touch: a kernel or NVIDIA update
 # that lands without the matching module is the classic "NVML driver/library
@@ -72,32 +92,8 @@ RESERVED_GROUPS = frozenset({"all", "ungrouped"})  # pyinfra's own group names
 
 DEFAULT_NTP = ("0.pool.ntp.org", "1.pool.ntp.org", "2.pool.ntp.org")
 
-PATTERN_HELP = {
-    USERNAME_RE: "a POSIX user name: a-z, 0-9, '_' and '-', starting with a letter or '_', "
-    "at most 32 characters",
-    GROUPNAME_RE: "a-z, 0-9 and '_', starting with a letter (group names are Python names)",
-    HOSTNAME_RE: "a hostname label: a-z, 0-9 and '-', at most 63 characters",
-    SIZE_RE: "a size such as 512M or 2G",
-}
 
-UserName = Annotated[str, StringConstraints(pattern=USERNAME_RE)]
-GroupName = Annotated[str, StringConstraints(pattern=GROUPNAME_RE)]
-HostName = Annotated[str, StringConstraints(pattern=HOSTNAME_RE)]
-PackageName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9.+_:-]*$")]
-HoldPattern = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9.+_*-]*$")]
-NtpServer = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9.:-]*$")]
-HttpUrl = Annotated[str, StringConstraints(pattern=r"^https?://[^\s\"';]+$")]
-
-
-class ConfigError(Exception):
-    """Bad configuration. ``str()`` is the complete, user-facing message."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AdminUser(_Model):
+class AdminUser(Model):
     name: UserName
     ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = Field(
         default_factory=list
@@ -113,7 +109,7 @@ class AdminUser(_Model):
         return value
 
 
-class Journald(_Model):
+class Journald(Model):
     system_max_use: Annotated[str, StringConstraints(pattern=SIZE_RE)] = "2G"
     max_retention_sec: Annotated[
         str, StringConstraints(pattern=r"^[0-9]+(s|min|h|day|week|month|year)$")
@@ -121,14 +117,14 @@ class Journald(_Model):
     rate_limit_burst: Annotated[int, Field(ge=0)] = 10000
 
 
-class AutoUpdates(_Model):
+class AutoUpdates(Model):
     enabled: bool = True
     # Packages (patterns) automatic upgrades never touch; see DEFAULT_HOLD.
     hold: list[HoldPattern] = Field(default_factory=lambda: list(DEFAULT_HOLD))
     security_only: bool = True
 
 
-class Base(_Model):
+class Base(Model):
     hostname: HostName | None = None  # default: the inventory name, when it is a valid hostname
     apt_proxy: HttpUrl | None = None  # Acquire::http::Proxy / dnf.conf proxy=
     apt_mirror: HttpUrl | None = (
@@ -154,65 +150,38 @@ class Base(_Model):
         return users
 
 
-def _strict_cidr(value: Any) -> Any:
-    try:
-        ipaddress.ip_network(str(value), strict=True)
-    except ValueError as exc:
-        raise ValueError(
-            f"{value!r} is not a network in CIDR notation ({exc}; "
-            "allowed: e.g. 10.0.0.0/24 or 2001:db8::/64, with no host bits set)"
-        ) from None
-    return value
-
-
-Cidr = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_strict_cidr)]
-
-
-class Network(_Model):
+class Network(Model):
     """Who may reach the node. Used by the firewall role; validated here."""
 
     admin_cidrs: list[Cidr] = Field(default_factory=list)
     app_cidrs: list[Cidr] = Field(default_factory=list)
     monitoring_cidrs: list[Cidr] = Field(default_factory=list)
+    cluster_cidrs: list[Cidr] = Field(default_factory=list)  # Nomad servers and peers
 
 
-class Nvidia(_Model):
-    branch: str = "580"
-    kernel_modules: Literal["open", "proprietary"] = "open"
-    version: Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+){1,2}$")] | None = None
-
-    @field_validator("branch", mode="before")
-    @classmethod
-    def _known_branch(cls, value: Any) -> str:
-        value = str(value)
-        if value not in DRIVER_BRANCHES:
-            raise ValueError(
-                f"{value!r} is not a driver branch gpunode knows "
-                f"(allowed: {', '.join(DRIVER_BRANCHES)})"
-            )
-        return value
-
-
-class Gpu(_Model):
-    required: bool = False  # a node without an NVIDIA GPU is an error (True) or a visible skip
-    count: Annotated[int, Field(ge=0, le=64)] | None = None  # declared GPU count, checked by verify
-
-
-class NodeConfig(_Model):
+class NodeConfig(Model):
     """Everything gpunode knows about one node, after merging the layers."""
 
     distro: Literal[tuple(DISTROS)] | None = None  # type: ignore[valid-type]
     base: Base = Field(default_factory=Base)
     network: Network = Field(default_factory=Network)
     nvidia: Nvidia = Field(default_factory=Nvidia)
+    cuda: Cuda = Field(default_factory=Cuda)
     gpu: Gpu = Field(default_factory=Gpu)
+    firewall: Firewall = Field(default_factory=Firewall)
+    hardening: Hardening = Field(default_factory=Hardening)
+    vault: Vault = Field(default_factory=Vault)
+    secrets: dict[str, Secret] = Field(default_factory=dict)
+    inference: Inference = Field(default_factory=Inference)
+    nomad: Nomad = Field(default_factory=Nomad)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
 
     def to_json(self) -> dict[str, Any]:
         """pyinfra's JSON hook (``pyinfra INVENTORY debug-inventory``, ``--json``)."""
         return self.model_dump(mode="json")
 
 
-class Connection(_Model):
+class Connection(Model):
     address: str
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     user: UserName = "root"
@@ -253,17 +222,17 @@ class Connection(_Model):
         return data
 
 
-class HostEntry(_Model):
+class HostEntry(Model):
     connection: Connection
     groups: list[GroupName] = Field(default_factory=list)
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class GroupEntry(_Model):
+class GroupEntry(Model):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class InventoryFile(_Model):
+class InventoryFile(Model):
     defaults: dict[str, Any] = Field(default_factory=dict)
     groups: dict[GroupName, GroupEntry] = Field(default_factory=dict)
     hosts: dict[str, HostEntry]
@@ -414,6 +383,8 @@ def load(raw: Any, source: str) -> Inventory:
             problems.append(_format(source, f"host {hname} (merged)", exc, NodeConfig))
             continue
         problems += _check_host(source, hname, config)
+        for section in SECTION_CHECKS:
+            problems += section.check_host(f"{source}: host {hname}", config, entry.connection)
         hosts[hname] = Host(
             name=hname, groups=tuple(entry.groups), connection=entry.connection, config=config
         )
@@ -445,12 +416,6 @@ def _check_host(source: str, hname: str, config: NodeConfig) -> list[str]:
         problems.append(f"{where}: distro: not set (allowed: {', '.join(DISTROS)})")
         return problems
     spec = DISTROS[config.distro]
-    nvidia = config.nvidia
-    if nvidia.version and not nvidia.version.startswith(nvidia.branch + "."):
-        problems.append(
-            f"{where}: nvidia.version: {nvidia.version} is not in branch {nvidia.branch} "
-            f"(allowed: {nvidia.branch}.x versions, or change nvidia.branch)"
-        )
     if config.base.apt_mirror and spec.family != "apt":
         problems.append(
             f"{where}: base.apt_mirror: only apt distros use an apt mirror, {config.distro} uses "

@@ -7,6 +7,7 @@ The test lab is separate from the one `make lab` leaves up (own name, subnet, po
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -18,15 +19,29 @@ from pathlib import Path
 
 import pytest
 
+from gpunode.lab import LabSettings
 from gpunode.paths import REPO_ROOT
 
 IN_CI = os.environ.get("CI") == "true"
-TEST_LAB_ENV = {
-    "GPUNODE_LAB_NAME": "test",
-    "GPUNODE_LAB_SUBNET": "10.231.1.0/24",
-    "GPUNODE_LAB_SUBNET6": "fd42:231:1::/64",
-    "GPUNODE_LAB_VAULT_PORT": "18200",
-}
+# GPUNODE_TEST_SLOT=N (1-9) gives a test run its own labs (names, subnets, Vault ports),
+# so several checkouts can run lab tests on one machine at once. Default: slot 0.
+SLOT = int(os.environ.get("GPUNODE_TEST_SLOT", "0"))
+if not 0 <= SLOT <= 9:
+    raise SystemExit(f"GPUNODE_TEST_SLOT={SLOT}: allowed: 0 to 9")
+
+
+def lab_env(kind: str, number: int) -> dict[str, str]:
+    """Settings for one of the test labs: ``kind`` is a name stem, ``number`` 1-9."""
+    octet = number if SLOT == 0 else 10 * number + SLOT
+    return {
+        "GPUNODE_LAB_NAME": f"{kind}{SLOT or ''}",
+        "GPUNODE_LAB_SUBNET": f"10.231.{octet}.0/24",
+        "GPUNODE_LAB_SUBNET6": f"fd42:231:{octet}::/64",
+        "GPUNODE_LAB_VAULT_PORT": str(18000 + 100 * number + 10 * SLOT),
+    }
+
+
+TEST_LAB_ENV = lab_env("test", 2)
 
 
 def run(
@@ -95,6 +110,20 @@ class Lab:
     state_dir: Path
     hosts: list[str]
 
+    @property
+    def settings(self) -> LabSettings:
+        return LabSettings.from_env(
+            name=self.env["GPUNODE_LAB_NAME"],
+            subnet=ipaddress.IPv4Network(self.env["GPUNODE_LAB_SUBNET"]),
+            subnet6=ipaddress.IPv6Network(self.env["GPUNODE_LAB_SUBNET6"]),
+            vault_port=int(self.env["GPUNODE_LAB_VAULT_PORT"]),
+            state_dir=self.state_dir,
+        )
+
+    def address(self, host: str) -> str:
+        """The IPv4 address of lab host ``lab-NN``."""
+        return self.settings.host_address(int(host.rsplit("-", 1)[1]))
+
     def ssh(self, host: str, command: str, **kw) -> subprocess.CompletedProcess[str]:
         return run(["ssh", "-F", str(self.state_dir / "ssh_config"), host, command], **kw)
 
@@ -115,5 +144,6 @@ def lab() -> Iterator[Lab]:
     up = gpunode("lab", "up", "--hosts", "2", env=env)
     if up.returncode != 0:
         pytest.fail(f"the lab did not start:\n{up.stdout}\n{up.stderr}")
-    yield Lab(env=env, state_dir=REPO_ROOT / ".lab" / "test", hosts=["lab-01", "lab-02"])
+    state_dir = REPO_ROOT / ".lab" / env["GPUNODE_LAB_NAME"]
+    yield Lab(env=env, state_dir=state_dir, hosts=["lab-01", "lab-02"])
     gpunode("lab", "down", env=env, check=True)

@@ -9,14 +9,9 @@ import time
 
 from gpunode.lab import LabSettings, LabState, leftovers
 
-from .conftest import gpunode, require_root
+from .conftest import gpunode, lab_env, require_root
 
-ENV = {
-    "GPUNODE_LAB_NAME": "life",
-    "GPUNODE_LAB_SUBNET": "10.231.2.0/24",
-    "GPUNODE_LAB_SUBNET6": "fd42:231:2::/64",
-    "GPUNODE_LAB_VAULT_PORT": "18300",
-}
+ENV = lab_env("life", 3)
 
 
 def _settings() -> LabSettings:

@@ -14,12 +14,12 @@ def test_hosts_have_no_route_beyond_the_lab(lab: Lab) -> None:
     # `ip route get` asks the host's routing table; it sends no packet.
     proc = lab.ssh("lab-01", "ip route get 192.0.2.1")
     assert proc.returncode != 0 and "unreachable" in proc.stderr.lower()
-    assert lab.ssh("lab-01", "ip route get 10.231.1.12").returncode == 0
+    assert lab.ssh("lab-01", f"ip route get {lab.address('lab-02')}").returncode == 0
 
 
 def test_hosts_reach_each_other(lab: Lab) -> None:
     script = (
-        "import socket; s=socket.create_connection(('10.231.1.12', 22), timeout=3); "
+        f"import socket; s=socket.create_connection(('{lab.address('lab-02')}', 22), timeout=3); "
         "print(s.recv(64).decode().strip())"
     )
     proc = lab.ssh("lab-01", f'python3 -c "{script}"')
@@ -30,7 +30,7 @@ def test_proxy_refuses_anything_but_the_archive(lab: Lab) -> None:
     # A name under .invalid can never resolve: if the filter failed, nothing would leave anyway.
     script = (
         "import urllib.request as u, urllib.error as e\n"
-        "o = u.build_opener(u.ProxyHandler({'http': 'http://10.231.1.1:8888'}))\n"
+        f"o = u.build_opener(u.ProxyHandler({{'http': '{lab.settings.proxy_url}'}}))\n"
         "try:\n    o.open('http://blocked.invalid/', timeout=10)\nexcept e.HTTPError as x:\n"
         "    print(x.code)\n"
     )

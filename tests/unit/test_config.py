@@ -266,7 +266,7 @@ BAD = [
         D + host(extra="    data: {nvidai: {branch: '580'}}\n"),
         "host gpu-01",
         "nvidai",
-        ("base, distro, gpu, network, nvidia",),
+        (", ".join(sorted(NodeConfig.model_fields)),),
         also=("unknown key",),
     ),
     Bad(
