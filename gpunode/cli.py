@@ -1,4 +1,4 @@
-"""The ``gpunode`` command: lab, check, verify."""
+"""The ``gpunode`` command: lab, check, verify, drift."""
 
 from __future__ import annotations
 
@@ -45,6 +45,19 @@ def _verify(args: argparse.Namespace) -> int:
     return verify(args.inventory, limit=args.limit, junit=args.junit)
 
 
+def _drift(args: argparse.Namespace) -> int:
+    from gpunode.drift import main as drift
+
+    return drift(
+        args.inventory,
+        args.deploy,
+        limit=args.limit,
+        apply=args.apply,
+        json_path=args.json,
+        prometheus_path=args.prometheus,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpunode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gpunode {__version__}")
@@ -69,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify_p.add_argument("--limit", action="append", help="only these hosts or groups")
     verify_p.add_argument("--junit", help="write JUnit XML here")
     verify_p.set_defaults(func=_verify)
+
+    drift_p = sub.add_parser(
+        "drift",
+        help="list per host the operations of a deploy that would change "
+        "(exit 0 none, 2 drift, 1 error)",
+    )
+    drift_p.add_argument("inventory")
+    drift_p.add_argument("deploy", help="deploy file, e.g. deploys/gpu_node.py")
+    drift_p.add_argument("--limit", action="append", help="only these hosts or groups")
+    drift_p.add_argument(
+        "--apply", action="store_true", help="run the deploy where it drifted, then check again"
+    )
+    drift_p.add_argument("--json", help="write the report as JSON here")
+    drift_p.add_argument(
+        "--prometheus", help="write Prometheus metrics here (node_exporter textfile collector)"
+    )
+    drift_p.set_defaults(func=_drift)
     return parser
 
 
