@@ -1,0 +1,68 @@
+"""Secrets role: each declared Vault secret as an env file on the node.
+
+For every entry of ``NodeConfig.secrets`` (gpunode/vault.py, where every
+default is documented) the controller reads the value from Vault while this
+deploy runs, before any operation for the host is added: any Vault problem
+(unreachable, sealed, permission denied, path or key missing) stops the whole
+run with a message naming the secret, before anything is written anywhere.
+The file is written by :func:`gpunode.secretfile.secret_file` (atomic, owner
+and mode first, never printed), and the services listed under ``restart`` are
+restarted only when their file changed. Versions (never values) are recorded
+for provenance.
+
+.. code:: python
+
+    from roles.secrets import secrets
+    secrets()
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import files, systemd
+
+from gpunode.inventory import node_config
+from gpunode.provenance import record
+from gpunode.secretfile import secret_file
+from gpunode.vault import SECRETS_DIR, SecretValue, session_for
+
+
+@deploy("gpunode secrets")
+def secrets(only: str | None = None, versions: dict[str, int] | None = None) -> None:
+    """
+    + only: deploy just this secret (rotation)
+    + versions: secret name -> KV version to deploy instead of the pinned or latest one
+    """
+    config = node_config(host)
+    wanted = {n: s for n, s in config.secrets.items() if only is None or n == only}
+    if not wanted:
+        return
+    session = session_for(config.vault)
+    # Every value first: a Vault error stops the run before any op is added.
+    values: dict[str, SecretValue] = {
+        name: session.read(name, secret, version=(versions or {}).get(name))
+        for name, secret in wanted.items()
+    }
+    if any(s.dest_for(n).startswith(SECRETS_DIR + "/") for n, s in wanted.items()):
+        files.directory(
+            name="Secrets directory", path=SECRETS_DIR, user="root", group="root", mode="0750"
+        )
+    for name, secret in wanted.items():
+        changed = secret_file(
+            name="Secret file",
+            path=secret.dest_for(name),
+            secret=values[name],
+            env=secret.env_name(),
+            user=secret.owner,
+            group=secret.group,
+            mode=secret.mode,
+        )
+        for service in secret.restart:
+            systemd.service(
+                name="Restart a service whose secret changed",
+                service=service.name,
+                restarted=True,
+                _if=changed.did_change,
+            )
+    record("secrets", {name: value.version for name, value in values.items()})
