@@ -58,6 +58,20 @@ def _drift(args: argparse.Namespace) -> int:
     )
 
 
+def _rotate(args: argparse.Namespace) -> int:
+    from gpunode import rotate
+
+    value = rotate.generate_value() if args.generate else sys.stdin.read().rstrip("\n")
+    return rotate.main(
+        args.inventory,
+        args.secret,
+        value,
+        batch=args.batch,
+        rollback=args.rollback,
+        destroy_old=args.destroy_old,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpunode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"gpunode {__version__}")
@@ -82,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     verify_p.add_argument("--limit", action="append", help="only these hosts or groups")
     verify_p.add_argument("--junit", help="write JUnit XML here")
     verify_p.set_defaults(func=_verify)
+
+    rot_p = sub.add_parser(
+        "rotate", help="write a new version of a Vault secret and roll it out host by host"
+    )
+    rot_p.add_argument("inventory")
+    rot_p.add_argument("secret", help="the secret's name under `secrets:` in the inventory")
+    how = rot_p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--generate", action="store_true", help="a new random value (32 bytes)")
+    how.add_argument("--value-from-stdin", action="store_true", help="the new value on stdin")
+    rot_p.add_argument("--batch", type=int, default=1, help="hosts per step (default 1)")
+    rot_p.add_argument(
+        "--rollback",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="put a failing host back on the old version (default: the secret's `rollback`)",
+    )
+    rot_p.add_argument("--destroy-old", action="store_true", help="destroy the old version after")
+    rot_p.set_defaults(func=_rotate)
 
     drift_p = sub.add_parser(
         "drift",

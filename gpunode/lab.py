@@ -516,6 +516,7 @@ def _seed_vault(settings: LabSettings, root_token: str) -> None:
     )
     role_id = client.auth.approle.read_role_id("gpunode")["data"]["role_id"]
     secret_id = client.auth.approle.generate_secret_id("gpunode")["data"]["secret_id"]
+    _write_private(settings.state_dir / "secret_id", secret_id + "\n")  # vault.secret_id_file
     client.secrets.kv.v2.create_or_update_secret(
         path="gpunode/demo", secret={"api_key": secrets.token_urlsafe(24)}, mount_point="secret"
     )
@@ -899,6 +900,14 @@ def inventory_spec(
         {"name": "labadmin", "ssh_keys": [pubkey], "sudo": True},
     ]
     defaults["base"] = base
+    if (d / "vault.json").exists():  # the lab's OpenBao; the secret_id stays in its root-only file
+        creds = json.loads((d / "vault.json").read_text())
+        defaults["vault"] = {
+            "addr": creds["addr"],
+            "role_id": creds["role_id"],
+            "secret_id_file": str(d / "secret_id"),
+            **dict(defaults.get("vault") or {}),
+        }
     groups = list((doc.get("groups") or {}).keys())
     hosts = {
         host.name: {
