@@ -1,0 +1,211 @@
+"""Nomad client role: the Nomad agent that runs inference services as Nomad jobs.
+
+HashiCorp's package repository (or a mirror of it) with its signing key checked by
+fingerprint; Nomad pinned to ``nomad.version``; the NVIDIA device plugin
+(``nomad-device-nvidia``) from its release zip checked by sha256; the client config
+(datacenter, servers, mutual TLS, ACLs, Vault for workload identity, plugins); a
+hardened systemd unit in place of the package's. Its ports are opened to
+``network.cluster_cidrs`` by the firewall role (``gpunode.nomad.cluster_ports``).
+Everything it reads is in ``NodeConfig.nomad`` (gpunode/nomad.py); distro
+differences are the table ``REPO`` below.
+
+.. code:: python
+
+    from roles.nomad_client import nomad_client
+    nomad_client()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.operations import apt, dnf, files, server, systemd
+from pyinfra.operations.util import any_changed
+
+from gpunode import distros
+from gpunode.config import NodeConfig
+from gpunode.inventory import node_config
+from gpunode.nomad import HTTP_PORT, RPC_PORT, SERF_PORT
+from gpunode.paths import TEMPLATES
+from gpunode.provenance import record
+
+T = TEMPLATES / "nomad"
+
+# HashiCorp's release signing key ("HashiCorp Security <security@hashicorp.com>"),
+# as published in HashiCorp's security page; apt verifies packages with it.
+HASHICORP_KEY_FINGERPRINT = "798AEC654E5C15428C8E42EEAA16FCBCA621E701"
+CONFIG_FILE = "nomad.hcl"
+UNIT_FILE = "/etc/systemd/system/nomad.service"
+STATE_DIR = "/var/lib/gpunode/nomad"
+
+
+@dataclass(frozen=True)
+class RepoSpec:
+    """How a package family gets HashiCorp's repository and names a pinned version."""
+
+    default_url: str
+    repo_file: str
+    template: str
+    keyring: str | None  # apt: the signed-by keyring; dnf imports gpgkey= itself
+    pin: str  # format of a pinned package: {version}
+
+    def package(self, version: str) -> str:
+        return self.pin.format(version=version)
+
+
+REPO: dict[distros.Family, RepoSpec] = {
+    "apt": RepoSpec(
+        default_url="https://apt.releases.hashicorp.com",
+        repo_file="/etc/apt/sources.list.d/hashicorp.list",
+        template="hashicorp.list.j2",
+        keyring="/usr/share/keyrings/hashicorp-archive-keyring.asc",
+        pin="nomad={version}-1",
+    ),
+    "dnf": RepoSpec(
+        default_url="https://rpm.releases.hashicorp.com",
+        repo_file="/etc/yum.repos.d/hashicorp.repo",
+        template="hashicorp.repo.j2",
+        keyring=None,
+        pin="nomad-{version}-1",
+    ),
+}
+
+
+def plugin_dir(config: NodeConfig) -> str:
+    return f"{config.nomad.data_dir}/plugins"
+
+
+@deploy("gpunode nomad client")
+def nomad_client() -> None:
+    config = node_config(host)
+    if not config.nomad.enabled:
+        return
+    assert config.distro is not None  # guaranteed by config loading
+    spec = distros.get(config.distro)
+    repo = REPO[spec.family]
+    repo_url = (config.nomad.repo_url or repo.default_url).rstrip("/")
+
+    if spec.family == "apt":
+        _apt_repo(config, spec, repo, repo_url)
+    else:
+        files.template(
+            name="HashiCorp dnf repository",
+            src=str(T / repo.template),
+            dest=repo.repo_file,
+            mode="644",
+            repo=repo_url,
+        )
+        dnf.packages(
+            name="Nomad (pinned)", packages=["unzip", repo.package(config.nomad.version)]
+        )
+
+    _device_plugin(config)
+    conf = files.template(
+        name="Nomad client configuration",
+        src=str(T / "client.hcl.j2"),
+        dest=f"{config.nomad.config_dir}/{CONFIG_FILE}",
+        mode="640",
+        user="root",
+        group="root",
+        nomad=config.nomad,
+        plugin_dir=plugin_dir(config),
+        ports={"http": HTTP_PORT, "rpc": RPC_PORT, "serf": SERF_PORT},
+    )
+    files.directory(name="Nomad data directory", path=config.nomad.data_dir, mode="711")
+    unit = files.template(
+        name="Nomad systemd unit (hardened)",
+        src=str(T / "nomad.service.j2"),
+        dest=UNIT_FILE,
+        mode="644",
+        config_dir=config.nomad.config_dir,
+        config_file=f"{config.nomad.config_dir}/{CONFIG_FILE}",
+        data_dir=config.nomad.data_dir,
+    )
+    systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
+    systemd.service(name="Nomad running", service="nomad.service", running=True, enabled=True)
+    systemd.service(
+        name="Restart Nomad",
+        service="nomad.service",
+        restarted=True,
+        _if=any_changed(conf, unit),
+    )
+    record(
+        "nomad",
+        {
+            "version": config.nomad.version,
+            "device_plugin": config.nomad.device_plugin.version
+            if config.nomad.device_plugin.enabled
+            else None,
+            "device_plugin_sha256": config.nomad.device_plugin.sha256,
+        },
+    )
+
+
+def _apt_repo(
+    config: NodeConfig, spec: distros.DistroSpec, repo: RepoSpec, repo_url: str
+) -> None:
+    assert repo.keyring is not None
+    key = files.download(
+        name="HashiCorp signing key",
+        src=f"{repo_url}/gpg",
+        dest=repo.keyring,
+        mode="644",
+    )
+    # Trust the key only if it is HashiCorp's: its fingerprint must match.
+    server.shell(
+        name="Check the HashiCorp signing key fingerprint",
+        commands=[
+            f"gpg --show-keys --with-colons {repo.keyring} | "
+            f"grep -q '^fpr:::::::::{HASHICORP_KEY_FINGERPRINT}:' || "
+            f"{{ rm -f {repo.keyring}; echo 'gpunode: {repo.keyring} is not HashiCorp key "
+            f"{HASHICORP_KEY_FINGERPRINT}' >&2; exit 1; }}"
+        ],
+        _if=key.did_change,
+    )
+    sources = files.template(
+        name="HashiCorp apt repository",
+        src=str(T / repo.template),
+        dest=repo.repo_file,
+        mode="644",
+        repo=repo_url,
+        keyring=repo.keyring,
+        codename=spec.codename,
+    )
+    apt.update(name="Refresh apt package lists", _if=sources.did_change)
+    apt.packages(
+        name="Nomad (pinned)",
+        packages=["unzip", repo.package(config.nomad.version)],
+        no_recommends=True,
+        allow_downgrades=True,
+    )
+
+
+def _device_plugin(config: NodeConfig) -> None:
+    plugin = config.nomad.device_plugin
+    if not plugin.enabled:
+        return
+    assert plugin.sha256 is not None  # checked at config load
+    zip_path = f"{STATE_DIR}/nomad-device-nvidia_{plugin.version}.zip"
+    files.directory(name="gpunode Nomad state directory", path=STATE_DIR, mode="700")
+    files.directory(name="Nomad plugin directory", path=plugin_dir(config), mode="755")
+    download = files.download(
+        name="NVIDIA device plugin release",
+        src=plugin.release_url(),
+        dest=zip_path,
+        sha256sum=plugin.sha256,
+        mode="600",
+    )
+    server.shell(
+        name="Unpack the NVIDIA device plugin",
+        commands=[f"unzip -o -q {zip_path} nomad-device-nvidia -d {plugin_dir(config)}"],
+        _if=download.did_change,
+    )
+    files.file(
+        name="NVIDIA device plugin binary",
+        path=f"{plugin_dir(config)}/nomad-device-nvidia",
+        mode="755",
+        user="root",
+        group="root",
+    )

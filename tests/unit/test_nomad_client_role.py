@@ -1,0 +1,351 @@
+"""Operation tests of the Nomad client role (roles/nomad_client.py) on every distro.
+
+No Nomad package or binary can be installed here (HashiCorp's repositories are not
+reachable), so the role runs through pyinfra's real API against pyinfra's ``@fake``
+connector, with the harness of test_base_role.py: the commands pyinfra would send and
+the files it would upload are asserted on. The HashiCorp signing-key check is run for
+real with this machine's ``gpg`` on a key file of our own (a wrong key must fail).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pyinfra
+import pytest
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operations import run_ops
+from test_base_role import (
+    ALL,
+    APT,
+    DNF,
+    RecordingFakeConnector,
+    Run,
+    converged,
+    fail_op,
+    host_info_output,
+)
+
+from gpunode import provenance
+from gpunode.config import ConfigError, NodeConfig, load
+from gpunode.facts import HostInfo
+from gpunode.nomad import cluster_ports
+from roles.nomad_client import HASHICORP_KEY_FINGERPRINT, REPO, nomad_client
+
+HOST = "gpu-01"
+SHA = "a" * 64
+SERVERS = ["10.0.0.10:4647", "10.0.0.11:4647"]
+CONFIG = "/etc/nomad.d/nomad.hcl"
+UNIT = "/etc/systemd/system/nomad.service"
+APT_LIST = "/etc/apt/sources.list.d/hashicorp.list"
+DNF_REPO = "/etc/yum.repos.d/hashicorp.repo"
+KEYRING = "/usr/share/keyrings/hashicorp-archive-keyring.asc"
+CODENAMES = {"debian12": "bookworm", "ubuntu2204": "jammy", "ubuntu2404": "noble"}
+
+
+def node_config(distro: str, **nomad: Any) -> NodeConfig:
+    settings: dict[str, Any] = {
+        "enabled": True,
+        "version": "1.10.5",
+        "datacenter": "gpu-dc1",
+        "servers": SERVERS,
+        "device_plugin": {"sha256": SHA},
+        "vault_address": "https://vault.example.com:8200",
+    }
+    settings.update(nomad)
+    raw = {
+        "defaults": {"distro": distro, "nomad": settings},
+        "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
+    }
+    return load(raw, source="test_nomad_client_role").hosts[HOST].config
+
+
+def run_role(config: NodeConfig, distro: str, handlers: tuple = ()) -> Run:
+    assert not pyinfra.is_cli
+    responses: dict[Any, Any] = {
+        HostInfo().command(): list(host_info_output(distro)),
+    }
+    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
+    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
+    for h in inventory:
+        h.connector_cls = RecordingFakeConnector
+    state = State(inventory, Config())
+    fake = inventory.get_host(f"@fake/{HOST}")
+    connector = fake.connector
+    assert isinstance(connector, RecordingFakeConnector)
+    connector.handlers = [fail_op, *handlers]
+    connect_all(state)
+    add_deploy(state, nomad_client)
+    try:
+        run_ops(state)
+    except PyinfraError as exc:
+        assert fake in state.failed_hosts, exc
+    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
+    return Run(
+        commands=list(connector.executed_commands),
+        results=list(connector.results),
+        uploads=list(connector.uploads),
+        failed=fake in state.failed_hosts,
+        op_labels=labels,
+    )
+
+
+def nomad_running(command: str) -> Any:
+    """systemd's answers on a host where the Nomad unit is enabled and running."""
+    if re.search(r"systemctl show .*--property SubState nomad\.service", command):
+        return ["Id=nomad.service", "SubState=running"]
+    if re.search(r"systemctl show .*--property UnitFileState nomad\.service", command):
+        return ["Id=nomad.service", "UnitFileState=enabled"]
+    return None
+
+
+ZIP = "/var/lib/gpunode/nomad/nomad-device-nvidia_1.1.0.zip"
+PLUGIN = "/opt/nomad/data/plugins/nomad-device-nvidia"
+
+
+def downloaded(files: dict[str, tuple[str, str]]) -> Any:
+    """A host that already has these downloaded files (path -> (mode, sha256)): answers
+    pyinfra's File and Sha256File facts for them."""
+
+    def handler(command: str) -> Any:
+        if m := re.match(r"! \(test -e (\S+) \|\| test -L \1 \) \|\| \( stat -c ", command):
+            if m[1] in files:
+                mode = "-" + "".join(
+                    c if int(files[m[1]][0], 8) & (1 << (8 - i)) else "-"
+                    for i, c in enumerate("rwxrwxrwx")
+                )
+                return f"user=root group=root mode={mode} atime=0 mtime=0 ctime=0 size=1 '{m[1]}'"
+        elif m := re.match(r"test -e (\S+) && \( sha256sum \1 ", command):
+            if m[1] in files:
+                return f"{files[m[1]][1]}  {m[1]}"
+        return None
+
+    return handler
+
+
+def hcl_value(text: str, key: str) -> str:
+    m = re.search(rf"^\s*{key}\s*=\s*(.+)$", text, re.M)
+    assert m, f"{key} not in config"
+    return m[1].strip()
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_apt_repository_key_and_pinned_package(distro: str) -> None:
+    run = run_role(node_config(distro), distro)
+    assert not run.failed
+    lines = [ln for ln in run.files[APT_LIST].splitlines() if ln and not ln.startswith("#")]
+    assert lines == [
+        f"deb [signed-by={KEYRING}] https://apt.releases.hashicorp.com {CODENAMES[distro]} main"
+    ]
+    # the key is downloaded from the repository and checked by fingerprint
+    assert run.grep(r"https://apt\.releases\.hashicorp\.com/gpg")
+    assert run.grep(rf"gpg --show-keys --with-colons {KEYRING} .*{HASHICORP_KEY_FINGERPRINT}")
+    installs = run.grep(r"apt-get .*install")
+    assert len(installs) == 1 and "nomad=1.10.5-1" in installs[0].split()
+    assert run.grep(r"apt-get .*update")  # the new repository is read before installing
+
+
+@pytest.mark.parametrize("distro", DNF)
+def test_dnf_repository_and_pinned_package(distro: str) -> None:
+    run = run_role(node_config(distro), distro)
+    assert not run.failed
+    repo = run.files[DNF_REPO]
+    assert "baseurl=https://rpm.releases.hashicorp.com/RHEL/$releasever/$basearch/stable" in repo
+    assert "gpgcheck=1" in repo and "gpgkey=https://rpm.releases.hashicorp.com/gpg" in repo
+    installs = run.grep(r"^dnf .*install")
+    assert len(installs) == 1 and "nomad-1.10.5-1" in installs[0].split()
+    assert not run.grep("apt-get")
+
+
+@pytest.mark.parametrize("distro", ["debian12", "rocky9"])
+def test_mirror_url_replaces_hashicorp(distro: str) -> None:
+    run = run_role(node_config(distro, repo_url="http://mirror.internal/hashicorp/"), distro)
+    text = "\n".join([*run.files.values(), *run.commands])
+    assert "hashicorp//" not in text  # the trailing slash is dropped
+    assert "http://mirror.internal/hashicorp/" in text
+    assert "releases.hashicorp.com" not in "\n".join(run.files.values())
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_client_config(distro: str) -> None:
+    conf = run_role(node_config(distro), distro).files[CONFIG]
+    assert hcl_value(conf, "datacenter") == '"gpu-dc1"'
+    assert hcl_value(conf, "servers") == '["10.0.0.10:4647", "10.0.0.11:4647"]'
+    assert hcl_value(conf, "plugin_dir") == '"/opt/nomad/data/plugins"'
+    acl = re.search(r"^acl \{\n  enabled = true\n\}$", conf, re.M)
+    assert acl, conf
+    tls = re.search(r"^tls \{\n(.*?)^\}", conf, re.M | re.S)
+    assert tls, conf
+    assert {k: hcl_value(tls[1], k) for k in ("http", "rpc", "verify_https_client")} == {
+        "http": "true",
+        "rpc": "true",
+        "verify_https_client": "true",
+    }
+    assert hcl_value(tls[1], "key_file") == '"/etc/nomad.d/tls/client-key.pem"'
+    plugin = re.search(r'^plugin "nomad-device-nvidia" \{\n(.*?)^\}', conf, re.M | re.S)
+    assert plugin and hcl_value(plugin[1], "enabled") == "true"
+    assert hcl_value(plugin[1], "fingerprint_period") == '"1m"'
+    assert hcl_value(conf, "jwt_auth_backend_path") == '"jwt-nomad"'
+    assert re.search(r"^server \{\n  enabled = false\n\}$", conf, re.M)
+
+
+def test_config_without_tls_or_plugin() -> None:
+    config = node_config("debian12", tls={"enabled": False}, device_plugin={"enabled": False})
+    run = run_role(config, "debian12")
+    conf = run.files[CONFIG]
+    assert "tls {" not in conf and "nomad-device-nvidia" not in conf
+    assert not run.grep("nomad-device-nvidia")
+
+
+@pytest.mark.parametrize("distro", ["debian12", "alma9"])
+def test_device_plugin_checked_by_sha256(distro: str) -> None:
+    run = run_role(node_config(distro, device_plugin={"sha256": SHA, "version": "1.1.0"}), distro)
+    url = "https://releases.hashicorp.com/nomad-device-nvidia/1.1.0/nomad-device-nvidia_1.1.0_linux_amd64.zip"
+    downloads = run.grep(re.escape(url))
+    assert downloads, run.commands
+    assert any(SHA in c and "sha256sum" in c for c in run.commands)
+    assert run.grep(r"^unzip -o -q /var/lib/gpunode/nomad/nomad-device-nvidia_1\.1\.0\.zip ")
+    assert run.grep(r"chmod 755 /opt/nomad/data/plugins/nomad-device-nvidia$")
+
+
+@pytest.mark.parametrize("distro", ["ubuntu2404", "rhel9"])
+def test_hardened_unit_started_and_enabled(distro: str) -> None:
+    run = run_role(node_config(distro), distro)
+    unit = run.files[UNIT]
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert settings["ExecStart"] == "/usr/bin/nomad agent -config /etc/nomad.d"
+    assert settings["KillMode"] == "process"  # allocations survive an agent restart
+    for key in ("ProtectKernelModules", "ProtectKernelLogs", "ProtectClock", "PrivateTmp"):
+        assert settings[key] == "yes", key
+    assert settings["ProtectSystem"] == "full"
+    assert "PrivateDevices" not in settings  # /dev/nvidia* must stay visible
+    assert run.grep(r"^systemctl daemon-reload$")
+    assert run.grep(r"^systemctl start nomad\.service$")
+    assert run.grep(r"^systemctl enable nomad\.service$")
+
+
+def test_converged_host_changes_nothing() -> None:
+    first = run_role(node_config("debian12"), "debian12")
+    modes = {m[2]: m[1] for c in first.commands if (m := re.match(r"chmod (\d+) (\S+)$", c))}
+    host = converged(first.files, modes)
+    on_disk = downloaded({ZIP: ("600", SHA), KEYRING: ("644", "-"), PLUGIN: ("755", "-")})
+    again = run_role(
+        node_config("debian12"), "debian12", handlers=(on_disk, host, nomad_running)
+    )
+    assert again.uploads == []
+    assert not again.grep(r"systemctl (daemon-reload|restart|start|enable)")
+    assert not again.grep(r"curl|wget|unzip|gpg ")  # downloads are checked, not repeated
+    assert not again.grep(r"apt-get .*update")
+
+
+def test_config_change_restarts_nomad_only() -> None:
+    first = run_role(node_config("debian12"), "debian12")
+    modes = {m[2]: m[1] for c in first.commands if (m := re.match(r"chmod (\d+) (\S+)$", c))}
+    host = converged(first.files, modes)
+    changed = run_role(
+        node_config("debian12", datacenter="gpu-dc2"), "debian12", handlers=(host, nomad_running)
+    )
+    assert list(changed.files) == [CONFIG]
+    assert changed.grep(r"^systemctl restart nomad\.service$")
+    assert not changed.grep(r"systemctl daemon-reload")
+
+
+def test_disabled_does_nothing() -> None:
+    run = run_role(node_config("debian12", enabled=False, servers=[]), "debian12")
+    assert run.uploads == [] and not run.grep("nomad")
+
+
+def test_labels_carry_no_config_values() -> None:
+    run = run_role(node_config("debian12", repo_url="http://mirror.secret.example/hc"), "debian12")
+    leaks = [
+        label
+        for label in run.op_labels
+        for value in ("mirror.secret.example", "10.0.0.10", "gpu-dc1", SHA)
+        if value in label
+    ]
+    assert leaks == []
+
+
+def test_provenance_records_versions_not_secrets() -> None:
+    run_role(node_config("debian12"), "debian12")
+    assert provenance.recorded(f"@fake/{HOST}")["nomad"] == {
+        "version": "1.10.5",
+        "device_plugin": "1.1.0",
+        "device_plugin_sha256": SHA,
+    }
+
+
+# --- the key check, for real -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg is not installed")
+def test_key_fingerprint_check_rejects_another_key(tmp_path: Path) -> None:
+    run = run_role(node_config("debian12"), "debian12")
+    (check,) = run.grep(r"^gpg --show-keys")
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    subprocess.run(
+        ["gpg", "--homedir", str(home), "--batch", "--passphrase", "", "--quick-gen-key",
+         "Not HashiCorp <nobody@example.com>", "ed25519", "sign", "never"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    key = tmp_path / "key.asc"
+    exported = subprocess.run(
+        ["gpg", "--homedir", str(home), "--armor", "--export"], check=True, capture_output=True
+    )
+    key.write_bytes(exported.stdout)
+    proc = subprocess.run(
+        ["sh", "-c", check.replace(KEYRING, str(key))],
+        capture_output=True,
+        text=True,
+        env={"GNUPGHOME": str(home), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 1
+    assert f"is not HashiCorp key {HASHICORP_KEY_FINGERPRINT}" in proc.stderr
+    assert not key.exists()  # a wrong key is removed, apt never trusts it
+
+
+# --- config errors and ports ------------------------------------------------------------------
+
+
+def test_missing_servers_and_plugin_checksum_are_config_errors() -> None:
+    with pytest.raises(ConfigError) as exc:
+        node_config("debian12", servers=[], device_plugin={"sha256": None})
+    message = str(exc.value)
+    assert f"host {HOST}: nomad.servers: not set" in message
+    assert "nomad.device_plugin.sha256: not set" in message
+
+
+def test_bad_duration_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"nomad\.policy\.healthy_deadline: '15 minutes'"):
+        node_config("debian12", policy={"healthy_deadline": "15 minutes"})
+
+
+def test_bad_version_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"nomad\.version: '1\.10' is not allowed"):
+        node_config("debian12", version="1.10")
+
+
+def test_cluster_ports() -> None:
+    assert cluster_ports(node_config("debian12")) == [("tcp", 4646), ("tcp", 4647)]
+    assert cluster_ports(node_config("debian12", serf=True)) == [
+        ("tcp", 4646),
+        ("tcp", 4647),
+        ("tcp", 4648),
+        ("udp", 4648),
+    ]
+    assert cluster_ports(node_config("debian12", enabled=False, servers=[])) == []
+
+
+def test_repo_table_pins() -> None:
+    assert REPO["apt"].package("1.10.5") == "nomad=1.10.5-1"
+    assert REPO["dnf"].package("1.10.5") == "nomad-1.10.5-1"
