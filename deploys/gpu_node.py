@@ -7,5 +7,7 @@ hardening, inference) plug in below, in the order they depend on each other.
 """
 
 from roles.base import base
+from roles.secrets import secrets
 
 base()
+secrets()
