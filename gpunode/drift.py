@@ -6,6 +6,8 @@ connected host (facts are read, nothing is changed), and each operation whose
 ``will_change`` is set is drift. ``--apply`` executes the prepared run (the real
 deploy) and then checks again from scratch.
 
+Operations that run only ``_if`` another one changed (handlers: restart after a
+config change) are not drift of their own: the operation they follow is reported.
 Only operation *names* are reported, never their arguments: names carry no data
 values (a gpunode rule), arguments may.
 
@@ -203,8 +205,14 @@ def load_inventory(path: str, limit: Iterable[str] | None = None) -> Inventory:
     if not Path(path).is_file():
         raise DriftError(f"{path}: no such inventory file")
     _add_repo_to_path(Path(path))
-    with ctx_state.use(State()):  # the CLI's loader notes the file it runs on a state
-        inventory = make_inventory(path)
+    try:
+        with ctx_state.use(State()):  # the CLI's loader notes the file it runs on a state
+            inventory = make_inventory(path)
+    except SystemExit as exc:  # gpunode's config loader has printed the problems
+        raise DriftError(f"{path}: invalid inventory (exit status {exc.code})") from None
+    except Exception as exc:  # noqa: BLE001 - pyinfra wraps errors in the user's file
+        cause = getattr(exc, "exception", exc)  # pyinfra_cli's UnexpectedExternalError
+        raise DriftError(f"{path}: cannot load the inventory: {cause}") from None
     if not limit:
         return inventory
     keep: list[str] = []
@@ -215,7 +223,7 @@ def load_inventory(path: str, limit: Iterable[str] | None = None) -> Inventory:
         elif inventory.get_host(item, None) is not None:
             keep.append(item)
         else:
-            allowed = ", ".join([*(h.name for h in inventory), *inventory.get_group_names()])
+            allowed = ", ".join([*(h.name for h in inventory), *inventory.groups])
             raise DriftError(f"--limit {item}: no such host or group (allowed: {allowed})")
     names = list(dict.fromkeys(keep))
     hosts = [(name, dict(inventory.get_host(name).data.dict())) for name in names]
@@ -300,7 +308,15 @@ def _planned(state: State) -> dict[str, tuple[int, list[str]]]:
             continue
         ops = state.ops.get(host, {})
         names = _host_op_names(state, host)
-        changing = [names[h] for h in order if h in ops and ops[h].operation_meta.will_change]
+        changing = [
+            names[h]
+            for h in order
+            if h in ops
+            # handlers (`_if=other_op.did_change`) follow the operation they depend on,
+            # which is reported itself; pyinfra's plan calls them "conditional changes"
+            and not ops[h].global_arguments.get("_if")
+            and ops[h].operation_meta.will_change
+        ]
         result[host.name] = (len(ops), changing)
     return result
 

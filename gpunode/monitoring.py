@@ -14,6 +14,7 @@ to ``network.monitoring_cidrs`` only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
@@ -113,8 +114,9 @@ DCGM_EXPORTER_DROPIN = "/etc/systemd/system/nvidia-dcgm-exporter.service.d/50-gp
 
 class NvidiaGpuCount(FactBase):
     """
-    How many NVIDIA display/3D controllers (PCI vendor 10de, class 0300 or 0302) the
-    host has, from ``lspci`` (pciutils, a base package); 0 without one or without lspci.
+    How many NVIDIA GPUs (PCI vendor 10de, display controller class 03xx) the host has,
+    from ``lspci -Dnn`` (pciutils, a base package); 0 without one or without lspci.
+    NVSwitches (class 0680) are not GPUs.
 
     .. code:: python
 
@@ -122,7 +124,14 @@ class NvidiaGpuCount(FactBase):
     """
 
     def command(self) -> str:
-        return "lspci -mm -n -d 10de: 2>/dev/null | grep -c -E '^[^ ]+ \"030[02]\"' || true"
+        return "lspci -Dnn 2>/dev/null | grep -F '[10de:' || true"
+
+    def default(self) -> int:  # no output at all: no NVIDIA device
+        return 0
 
     def process(self, output: list[str]) -> int:
-        return int(output[0]) if output and output[0].strip().isdigit() else 0
+        return sum(1 for line in output if _LSPCI_GPU.match(line))
+
+
+# "0000:1b:00.0 3D controller [0302]: NVIDIA Corporation GH100 [H100 SXM5 80GB] [10de:2330]"
+_LSPCI_GPU = re.compile(r"^\S+ .*\[03[0-9a-f]{2}\]: .*\[10de:[0-9a-f]{4}\]")
