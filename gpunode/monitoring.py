@@ -126,7 +126,8 @@ class NvidiaGpuCount(FactBase):
     def command(self) -> str:
         return "lspci -Dnn 2>/dev/null | grep -F '[10de:' || true"
 
-    def default(self) -> int:  # no output at all: no NVIDIA device
+    @staticmethod
+    def default() -> int:  # no output at all: no NVIDIA device
         return 0
 
     def process(self, output: list[str]) -> int:
