@@ -21,6 +21,8 @@ from pathlib import Path
 from gpunode.config import Host, Inventory
 from gpunode.inventory import load_inventory_file
 from gpunode.paths import HOST_TESTS
+from gpunode.provenance import PATH as PROVENANCE_PATH
+from gpunode.provenance import parse as parse_provenance
 
 
 @dataclass
@@ -33,6 +35,7 @@ class HostResult:
     returncode: int = 0
     junit: str = ""
     output: str = ""
+    provenance: dict | None = None  # /etc/gpunode/provenance.json as found on the host
 
     @property
     def ok(self) -> bool:
@@ -117,6 +120,7 @@ def _run_host(inventory_path: str, host: Host, ssh_config: Path, workdir: Path) 
     result = HostResult(
         host=host.name, returncode=proc.returncode, output=proc.stdout + proc.stderr
     )
+    result.provenance = _read_provenance(host, ssh_config, workdir)
     if junit.exists():
         result.junit = junit.read_text()
         root = ET.fromstring(result.junit)  # noqa: S314
@@ -135,6 +139,44 @@ def _run_host(inventory_path: str, host: Host, ssh_config: Path, workdir: Path) 
     return result
 
 
+def _read_provenance(host: Host, ssh_config: Path, workdir: Path) -> dict | None:
+    proc = subprocess.run(
+        [
+            "ssh",
+            "-F",
+            str(ssh_config),
+            "-o",
+            f"ControlPath={workdir}/cm-{host.name}",
+            host.name,
+            f"cat {PROVENANCE_PATH}",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    return parse_provenance(proc.stdout.splitlines()) if proc.returncode == 0 else None
+
+
+def provenance_line(name: str, doc: dict | None) -> str:
+    """One line per host: where its deploy came from and what the roles recorded."""
+    if doc is None:
+        return f"{name}: provenance: none ({PROVENANCE_PATH} missing or unreadable)"
+    repo = doc.get("repository") or {}
+    commit = (repo.get("commit") or "unknown")[:12]
+    dirty = " (dirty)" if repo.get("dirty") else ""
+    parts = [
+        f"commit {commit}{dirty}",
+        f"gpunode {doc.get('gpunode_version', '?')}",
+        f"deployed {doc.get('deployed_at', '?')}",
+    ]
+    for section, values in sorted((doc.get("recorded") or {}).items()):
+        if isinstance(values, dict):
+            flat = " ".join(f"{k}={v}" for k, v in sorted(values.items()))
+            parts.append(f"{section}: {flat}")
+    return f"{name}: provenance: " + "; ".join(parts)
+
+
 def verify(inventory_path: str, limit: list[str] | None = None, junit: str | None = None) -> int:
     inventory = load_inventory_file(inventory_path)
     hosts = select(inventory, limit)
@@ -151,6 +193,8 @@ def verify(inventory_path: str, limit: list[str] | None = None, junit: str | Non
             print(result.output.rstrip(), file=sys.stderr)
     for result in results:
         print(result.line())
+    for result in results:
+        print(provenance_line(result.host, result.provenance))
     if junit:
         _write_junit(junit, results)
     failed = [r.host for r in results if not r.ok]
