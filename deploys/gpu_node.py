@@ -7,7 +7,11 @@ hardening, inference) plug in below, in the order they depend on each other.
 """
 
 from roles.base import base
+from roles.monitoring import monitoring
+from roles.provenance import provenance
 from roles.secrets import secrets
 
 base()
 secrets()
+monitoring()
+provenance()  # last: records what the roles above recorded
