@@ -112,36 +112,38 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
 
 class GpuProbe(FactBase):
     """
-    The node's GPUs and their health: the JSON report of ``gpunode-probe`` (one
-    command per host; see gpunode/probe.py for the schema and exit codes), or None
-    when the probe is not installed.
+    The node's GPUs and their health: the JSON report of ``gpunode-probe`` (one command
+    per host; gpunode/probe.py documents the schema and exit codes). Before the probe is
+    installed: status ``not_installed`` and the NVIDIA GPUs on the PCI bus.
 
     .. code:: python
 
         {"status": "healthy", "exit_code": 0, "gpu_count": 1, "driver_version": "580.95.05",
          "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", ...}], ...}
-        {"status": "no_gpu", "exit_code": 2, "gpu_count": 0, "gpus": [], ...}
+        {"status": "no_gpu", "exit_code": 2, "gpu_count": 0, "gpus": [], "pci_gpus": [], ...}
+        {"status": "not_installed", "exit_code": None, "pci_gpus": ["0000:01:00.0"], ...}
     """
 
     def command(self) -> str:
         return probe.FACT_COMMAND.format(probe=probe.PROBE_PATH)
 
-    def process(self, output: list[str]) -> dict[str, Any] | None:
+    def process(self, output: list[str]) -> dict[str, Any]:
         return parse_probe_output(output)
 
 
-def parse_probe_output(output: list[str]) -> dict[str, Any] | None:
-    """The fact's output lines -> the probe report (None when the probe is not installed).
+def parse_probe_output(output: list[str]) -> dict[str, Any]:
+    """The fact's output lines -> a probe report.
 
-    A probe that prints no JSON (python3 missing, a crash) gives a report with status
-    ``probe_failed`` and its exit code, so callers never mistake it for a GPU-less host."""
+    A probe that prints no JSON (python3 missing, a crash) gives status ``probe_failed``
+    and its exit code, so callers never mistake it for a GPU-less host."""
     lines = [line for line in output if line.strip()]
     exit_line = lines[-1] if lines else ""
     _, sep, code = exit_line.partition("gpunode-probe-exit=")
     if not sep:
         raise ValueError(f"gpunode-probe fact: unexpected output {output!r}")
     if code == "not-installed":
-        return None
+        pci = [line.partition("=")[2] for line in lines if line.startswith("pci-gpu=")]
+        return {**probe.empty_report(), "status": "not_installed", "pci_gpus": pci}
     body = "\n".join(lines[:-1])
     try:
         report: dict[str, Any] = json.loads(body)
@@ -153,3 +155,12 @@ def parse_probe_output(output: list[str]) -> dict[str, Any] | None:
         }
     report["exit_code"] = int(code)
     return report
+
+
+def sees_no_gpu(report: dict[str, Any]) -> bool:
+    """True when the node surely has no NVIDIA GPU: the probe says ``no_gpu`` (no driver or
+    zero devices, and none on the PCI bus), or, before it is installed, the PCI bus shows
+    none. An NVML error, a failed probe or an unreadable PCI bus is not "no GPU"."""
+    if report["status"] == "no_gpu":
+        return True
+    return report["status"] == "not_installed" and report["pci_gpus"] == []

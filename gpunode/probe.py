@@ -75,10 +75,15 @@ STATUS = {
 }
 
 # The one command the pyinfra fact (gpunode.gpus.GpuProbe) runs per host. It always
-# exits 0: the probe's own exit code travels on the last line.
+# exits 0: the probe's own exit code travels on the last line. Before the probe is
+# installed it lists the NVIDIA GPUs on the PCI bus instead (one "pci-gpu=ADDRESS" line
+# each), so a first run can already tell a GPU-less host.
 FACT_COMMAND = (
     'if [ -x {probe} ]; then {probe}; echo "gpunode-probe-exit=$?"; '
-    'else echo "gpunode-probe-exit=not-installed"; fi'
+    "else for d in /sys/bus/pci/devices/*; do "
+    '[ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && '
+    'case "$(cat "$d/class" 2>/dev/null)" in 0x03*) echo "pci-gpu=${{d##*/}}";; esac; '
+    'done; echo "gpunode-probe-exit=not-installed"; fi'
 )
 
 # NVML argument values used below (nvml.h): memory error types, ECC counter types,

@@ -1,0 +1,238 @@
+"""The GpuProbe fact and the gpu_probe role.
+
+The fact's command is run for real by ``sh`` here: without the probe (it lists NVIDIA GPUs
+on this machine's PCI bus, or on a sysfs tree built from a GPU machine's recording), with
+a copy of the probe whose NVML finds no driver library (this machine has none), and with
+a probe that cannot start. Outputs recorded on real GPU machines
+(tests/unit/fixtures/gpu/*/fact*.out, by scripts/record_gpu_fixtures.py) are parsed too.
+
+The role runs through pyinfra's real API against the ``@fake`` connector of
+tests/unit/test_base_role.py, answered with those real fact outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyinfra
+import pytest
+from fake_nvml import recordings
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operations import run_ops
+from test_base_role import RecordingFakeConnector, Run, converged, fail_op
+
+from gpunode import probe
+from gpunode.config import NodeConfig, load
+from gpunode.gpus import GpuProbe, parse_probe_output, sees_no_gpu
+from roles.gpu_probe import PROBE_SOURCE, gpu_probe, pynvml_source
+
+HOST = "gpu-01"
+
+
+def fact_output(probe_path: Path | str, sysfs: Path | None = None) -> list[str]:
+    """The fact's real command, run by sh, with the probe at ``probe_path`` (and the PCI
+    sysfs folder replaced by ``sysfs``); its stdout lines, as pyinfra gives them to process()."""
+    command = probe.FACT_COMMAND.format(probe=probe_path)
+    if sysfs is not None:
+        assert command.count("/sys/bus/pci/devices") == 1, "FACT_COMMAND changed: update this"
+        command = command.replace("/sys/bus/pci/devices", str(sysfs))
+    proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc  # a fact command must never fail
+    return proc.stdout.splitlines()
+
+
+def install_probe(folder: Path, interpreter: str = sys.executable) -> Path:
+    """A copy of the probe like the role installs it, run by ``interpreter``."""
+    path = folder / "gpunode-probe"
+    path.write_text(f"#!{interpreter}\n" + PROBE_SOURCE.read_text().split("\n", 1)[1])
+    path.chmod(0o755)
+    return path
+
+
+def sysfs_tree(root: Path, devices: dict[str, dict[str, str]]) -> Path:
+    for address, attrs in devices.items():
+        (root / address).mkdir(parents=True)
+        for name, value in attrs.items():
+            (root / address / name).write_text(value + "\n")
+    return root
+
+
+RECORDINGS = recordings()
+
+
+# --- the fact ----------------------------------------------------------------------------
+
+
+def test_fact_command_is_the_probe_on_the_node() -> None:
+    command = GpuProbe().command()
+    assert command == probe.FACT_COMMAND.format(probe="/usr/local/sbin/gpunode-probe")
+
+
+def test_without_the_probe_the_fact_lists_this_machines_pci_gpus(tmp_path: Path) -> None:
+    report = parse_probe_output(fact_output(tmp_path / "not-installed"))
+    assert report["status"] == "not_installed"
+    assert report["exit_code"] is None
+    assert report["pci_gpus"] == probe.pci_nvidia_gpus()
+    assert sees_no_gpu(report) == (report["pci_gpus"] == [])
+
+
+def test_probe_without_nvml_library_reports_no_gpu(tmp_path: Path) -> None:
+    # this machine: pynvml installed, no libnvidia-ml.so.1, no NVIDIA GPU on the PCI bus
+    if probe.pci_nvidia_gpus():
+        pytest.skip("this machine has an NVIDIA GPU")
+    report = parse_probe_output(fact_output(install_probe(tmp_path)))
+    assert report["status"] == "no_gpu"
+    assert report["exit_code"] == probe.EXIT_NO_GPU
+    assert "NVMLError_LibraryNotFound" in report["error"]
+    assert report["gpus"] == [] and report["gpu_count"] == 0
+    assert sees_no_gpu(report)
+
+
+def test_probe_that_cannot_start_is_not_mistaken_for_no_gpu(tmp_path: Path) -> None:
+    report = parse_probe_output(fact_output(install_probe(tmp_path, "/nonexistent/python3")))
+    assert report["status"] == "probe_failed"
+    assert report["exit_code"] in (126, 127)  # sh: cannot execute / not found
+    assert not sees_no_gpu(report)
+
+
+def test_unexpected_output_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unexpected output"):
+        parse_probe_output(["something else"])
+
+
+@pytest.mark.parametrize("folder", RECORDINGS, ids=lambda p: p.name)
+def test_recorded_pci_bus_through_the_fact_command(folder: Path, tmp_path: Path) -> None:
+    devices = json.loads((folder / "nvml.json").read_text())["sysfs_pci_nvidia"]
+    sysfs = sysfs_tree(tmp_path / "devices", devices)
+    report = parse_probe_output(fact_output(tmp_path / "not-installed", sysfs))
+    assert report["pci_gpus"] == probe.pci_nvidia_gpus(str(sysfs))
+    assert report["pci_gpus"], "a GPU machine shows its GPUs on the PCI bus"
+    assert not sees_no_gpu(report)
+
+
+@pytest.mark.parametrize("folder", RECORDINGS, ids=lambda p: p.name)
+def test_recorded_fact_outputs(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    report = parse_probe_output((folder / "fact.out").read_text().splitlines())
+    direct = json.loads((folder / "probe.out").read_text())
+    assert report["exit_code"] == manifest["steps"]["probe.out"]["rc"] == direct["exit_code"]
+    assert report["status"] in ("healthy", "degraded")
+    assert report["gpu_count"] == len(report["gpus"]) >= 1
+    assert report["driver_version"] == direct["driver_version"]
+    assert [g["uuid"] for g in report["gpus"]] == [g["uuid"] for g in direct["gpus"]]
+    assert not sees_no_gpu(report)
+    absent = parse_probe_output((folder / "fact-not-installed.out").read_text().splitlines())
+    assert absent["status"] == "not_installed" and absent["pci_gpus"]
+
+
+# --- the role ----------------------------------------------------------------------------
+
+
+def node_config(**gpu: Any) -> NodeConfig:
+    raw = {
+        "defaults": {"distro": "debian12", "gpu": gpu},
+        "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
+    }
+    return load(raw, source="test_gpu_fact").hosts[HOST].config
+
+
+def run_role(config: NodeConfig, fact: list[str], handlers: list[Any] | None = None) -> Run:
+    assert not pyinfra.is_cli
+    responses = {GpuProbe().command(): fact}
+    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
+    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
+    for host in inventory:
+        host.connector_cls = RecordingFakeConnector
+    state = State(inventory, Config())
+    host = inventory.get_host(f"@fake/{HOST}")
+    connector = host.connector
+    assert isinstance(connector, RecordingFakeConnector)
+    connector.handlers = [fail_op, *(handlers or [])]
+    connect_all(state)
+    add_deploy(state, gpu_probe)
+    try:
+        run_ops(state)
+    except PyinfraError as exc:
+        assert host in state.failed_hosts, exc
+    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
+    return Run(
+        commands=list(connector.executed_commands),
+        results=list(connector.results),
+        uploads=list(connector.uploads),
+        failed=host in state.failed_hosts,
+        op_labels=labels,
+    )
+
+
+@pytest.fixture(scope="module")
+def no_gpu_fact(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The real fact output of a GPU-less host before the probe is installed (an empty
+    PCI sysfs: this machine's own, when it has no NVIDIA GPU)."""
+    sysfs = tmp_path_factory.mktemp("devices")
+    return fact_output(sysfs / "not-installed", sysfs)
+
+
+def test_role_installs_the_probe_and_pynvml(no_gpu_fact: list[str]) -> None:
+    run = run_role(node_config(), no_gpu_fact)
+    assert not run.failed
+    assert run.files[probe.PROBE_PATH] == PROBE_SOURCE.read_text()
+    assert run.files[f"{probe.LIB_DIR}/pynvml.py"] == pynvml_source().read_text()
+    assert run.files[probe.PROBE_PATH].startswith("#!/usr/bin/python3\n")
+    assert run.grep(r"chmod 755 /usr/local/sbin/gpunode-probe")
+    assert run.grep(r"chmod 644 /usr/local/lib/gpunode/pynvml\.py")
+    assert run.grep(r"apt-get .*install.* python3")
+
+
+def test_gpu_less_host_not_required_is_a_visible_skip(no_gpu_fact: list[str]) -> None:
+    run = run_role(node_config(required=False), no_gpu_fact)
+    assert not run.failed
+    assert "gpunode GPU probe | GPU stack" in run.op_labels
+    assert not any("exit 1" in c for c in run.commands)
+
+
+def test_gpu_less_host_when_required_fails_with_a_clear_message(
+    no_gpu_fact: list[str],
+) -> None:
+    run = run_role(node_config(required=True), no_gpu_fact)
+    assert run.failed
+    failures = [out for _, ok, out in run.results if not ok]
+    assert len(failures) == 1
+    assert failures[0].stderr == (
+        f"gpunode: host @fake/{HOST}: gpu.required is true but the host has no NVIDIA GPU "
+        "(none on the PCI bus) (allowed: a host with an NVIDIA GPU, or gpu.required: false "
+        "for a GPU-less host)"
+    )
+
+
+@pytest.mark.parametrize("folder", RECORDINGS, ids=lambda p: p.name)
+def test_gpu_host_passes_quietly(folder: Path) -> None:
+    fact = (folder / "fact.out").read_text().splitlines()
+    run = run_role(node_config(required=True, count=1), fact)
+    assert not run.failed
+    assert "gpunode GPU probe | GPU stack" not in run.op_labels
+
+
+def test_converged_host_gets_no_change(no_gpu_fact: list[str]) -> None:
+    dpkg = subprocess.run(["dpkg", "-l", "python3"], capture_output=True, text=True)
+    if dpkg.returncode != 0:
+        pytest.skip("no dpkg here to answer the package fact with")
+    files = {
+        probe.PROBE_PATH: PROBE_SOURCE.read_text(),
+        f"{probe.LIB_DIR}/pynvml.py": pynvml_source().read_text(),
+    }
+    modes = {probe.PROBE_PATH: "755", f"{probe.LIB_DIR}/pynvml.py": "644"}
+
+    def packages(command: str) -> Any:
+        return dpkg.stdout if "dpkg -l" in command else None
+
+    run = run_role(node_config(), no_gpu_fact, [converged(files, modes), packages])
+    assert not run.failed
+    assert run.uploads == []
+    assert not run.grep(r"apt-get|chmod|chown|mkdir")
