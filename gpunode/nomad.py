@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
 
 from gpunode.schema import HttpUrl, Model
 
@@ -83,8 +83,8 @@ class DevicePlugin(Model):
     url: HttpUrl | None = None
     sha256: Sha256 | None = None  # required when enabled (checked at config load)
     fingerprint_period: Annotated[str, StringConstraints(pattern=r"^[0-9]+(s|m|h)$")] = "1m"
-    ignored_gpu_ids: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]+$")]] = (
-        Field(default_factory=list)
+    ignored_gpu_ids: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]+$")]] = Field(
+        default_factory=list
     )
 
     def release_url(self) -> str:
@@ -111,6 +111,38 @@ class JobPolicy(Model):
     reschedule_max_delay: str = "30m"
     check_interval: str = "10s"
     check_timeout: str = "3s"
+
+
+IMAGE_RE = r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$"
+
+
+def _image(value: str) -> str:
+    if not re.fullmatch(IMAGE_RE, value):
+        raise ValueError(
+            f"{value!r} is not an image pinned by digest (allowed: e.g. "
+            "docker.io/vllm/vllm-openai@sha256:<64 hex digits>)"
+        )
+    return value
+
+
+Image = Annotated[str, AfterValidator(_image)]
+GPU_MEMORY_RE = r"^[0-9]+ (MiB|GiB)$"
+
+
+class NomadJob(Model):
+    """One inference service run as a Nomad job: what the service config does not say
+    (the service itself, its model, runtime, port, GPUs and API key come from
+    ``inference.services.<name>``, the same entry the systemd unit is made from)."""
+
+    count: Annotated[int, Field(ge=1, le=100)] = 1  # allocations (replicas)
+    cpu: Annotated[int, Field(ge=100)] = 4000  # MHz reserved
+    memory_mb: Annotated[int, Field(ge=256)] = 32768  # RAM reserved (the model is mapped in)
+    disk_mb: Annotated[int, Field(ge=300)] = 100_000  # ephemeral disk: the model lands there
+    # Device constraints (the plugin fingerprints memory in MiB and the model name)
+    gpu_memory_min: Annotated[str, StringConstraints(pattern=GPU_MEMORY_RE)] | None = None
+    gpu_model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ._-]+$")] | None = None
+    # Container image; default nomad.images.<runtime>. Pinned by digest.
+    image: Image | None = None
 
 
 class Nomad(Model):
@@ -144,7 +176,12 @@ class Nomad(Model):
     # Vault role for the jobs' workload identity (Nomad >= 1.10: no Vault tokens)
     vault_role: Name = "gpunode-inference"
     vault_kv_mount: Name = "secret"  # KV v2 mount the jobs' templates read from
-    jobs: list[Name] = Field(default_factory=list)  # inference service names run as jobs
+    # Inference services run as Nomad jobs (by name in inference.services), with their
+    # Nomad-only settings; a service listed here is not also a systemd unit.
+    jobs: dict[Name, NomadJob] = Field(default_factory=dict)
+    # Container image per runtime (docker driver + NVIDIA container toolkit), pinned by digest,
+    # e.g. vllm: docker.io/vllm/vllm-openai@sha256:<64 hex>
+    images: dict[str, Image] = Field(default_factory=dict)
     policy: JobPolicy = Field(default_factory=JobPolicy)
 
 
@@ -193,11 +230,6 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
         from gpunode import nomad_jobs
 
         problems += nomad_jobs.check_jobs(where, config)
-    twice = sorted({j for j in nomad.jobs if nomad.jobs.count(j) > 1})
-    if twice:
-        problems.append(
-            f"{where}: nomad.jobs: {', '.join(twice)} listed twice (allowed: each service once)"
-        )
     return problems
 
 
@@ -220,4 +252,3 @@ def parse_duration_ns(value: str) -> int:
     if not DURATION_RE.match(value):
         raise ValueError(f"{value!r} is not a duration (allowed: e.g. 30s, 5m, 1h30m)")
     return sum(int(n) * units[u] for n, u in re.findall(r"([0-9]+)(ns|us|ms|s|m|h)", value))
-

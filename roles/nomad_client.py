@@ -97,9 +97,7 @@ def nomad_client() -> None:
             mode="644",
             repo=repo_url,
         )
-        dnf.packages(
-            name="Nomad (pinned)", packages=["unzip", repo.package(config.nomad.version)]
-        )
+        dnf.packages(name="Nomad (pinned)", packages=["unzip", repo.package(config.nomad.version)])
 
     _device_plugin(config)
     conf = files.template(
@@ -143,9 +141,7 @@ def nomad_client() -> None:
     )
 
 
-def _apt_repo(
-    config: NodeConfig, spec: distros.DistroSpec, repo: RepoSpec, repo_url: str
-) -> None:
+def _apt_repo(config: NodeConfig, spec: distros.DistroSpec, repo: RepoSpec, repo_url: str) -> None:
     assert repo.keyring is not None
     key = files.download(
         name="HashiCorp signing key",

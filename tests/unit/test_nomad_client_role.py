@@ -238,9 +238,7 @@ def test_converged_host_changes_nothing() -> None:
     modes = {m[2]: m[1] for c in first.commands if (m := re.match(r"chmod (\d+) (\S+)$", c))}
     host = converged(first.files, modes)
     on_disk = downloaded({ZIP: ("600", SHA), KEYRING: ("644", "-"), PLUGIN: ("755", "-")})
-    again = run_role(
-        node_config("debian12"), "debian12", handlers=(on_disk, host, nomad_running)
-    )
+    again = run_role(node_config("debian12"), "debian12", handlers=(on_disk, host, nomad_running))
     assert again.uploads == []
     assert not again.grep(r"systemctl (daemon-reload|restart|start|enable)")
     assert not again.grep(r"curl|wget|^unzip|^gpg ")  # downloads are checked, not repeated

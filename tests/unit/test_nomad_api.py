@@ -1,0 +1,419 @@
+"""gpunode/nomad_api.py against a real local HTTP(S) server replaying Nomad's answers.
+
+No Nomad agent can run here. ``Replay`` is a real ``http.server`` on 127.0.0.1 (an
+ephemeral port, optionally TLS with a throwaway CA made by this test with the
+``cryptography`` package) that answers by method and path with the responses recorded
+in ``fixtures/nomad/`` (where each comes from: ``fixtures/nomad/SOURCES.md``) and
+records every request, so the tests assert what the client sent: the plan with
+``Diff: true``, the ``X-Nomad-Token`` header, register skipped when the plan's
+``Diff.Type`` is ``None`` and sent (with check-and-set) when it differs, the deployment
+polled until it ends, a failed deployment reported with Nomad's StatusDescription, TLS
+verification with the right CA and failure with a wrong one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gpunode.nomad_api import DeploymentFailed, NomadClient, NomadError, submit
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nomad"
+TOKEN = "d7c1e5e0-gpunode-test-token-3f2a"  # noqa: S105 - a test ACL token SecretID
+JOB = {"ID": "my-job", "Name": "my-job", "Type": "service", "TaskGroups": []}
+
+
+def fixture(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Replay:
+    """Routes: (method, path) -> answers served in order (the last one repeats)."""
+
+    routes: dict[tuple[str, str], list[tuple[int, Any]]] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+
+    def add(self, method: str, path: str, *answers: tuple[int, Any]) -> None:
+        self.routes[(method, path)] = list(answers)
+
+    def calls(self, method: str, path: str) -> list[Recorded]:
+        return [r for r in self.requests if (r.method, r.path) == (method, path)]
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        replay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                url = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                replay.requests.append(
+                    Recorded(
+                        self.command,
+                        url.path,
+                        parse_qs(url.query),
+                        {k.lower(): v for k, v in self.headers.items()},
+                        json.loads(raw) if raw else None,
+                    )
+                )
+                answers = replay.routes.get((self.command, url.path))
+                if not answers:
+                    status, body = 404, "no route"
+                else:
+                    status, body = answers.pop(0) if len(answers) > 1 else answers[0]
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                kind = "text/plain" if isinstance(body, str) else "application/json"
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        return Handler
+
+
+@dataclass
+class Pki:
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def _ca(tmp: Path, stem: str) -> tuple[Path, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{stem} CA"))
+        .issuer_name(_name(f"{stem} CA"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp / f"{stem}-ca.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, cert, key
+
+
+def _leaf(
+    tmp: Path,
+    stem: str,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    usage: x509.ObjectIdentifier,
+) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{stem}.global.nomad"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = tmp / f"{stem}.pem", tmp / f"{stem}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    tmp = tmp_path_factory.mktemp("pki")
+    ca, ca_cert, ca_key = _ca(tmp, "nomad")
+    other, _, _ = _ca(tmp, "other")
+    cert, key = _leaf(tmp, "server", ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH)
+    client_cert, client_key = _leaf(tmp, "cli", ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return Pki(ca, cert, key, client_cert, client_key, other)
+
+
+@dataclass
+class Server:
+    replay: Replay
+    address: str
+
+
+def _serve(replay: Replay, context: ssl.SSLContext | None) -> Iterator[Server]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), replay.handler())
+    scheme = "http"
+    if context is not None:
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        scheme = "https"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Server(replay, f"{scheme}://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    yield from _serve(Replay(), None)
+
+
+@pytest.fixture
+def tls_server(pki: Pki) -> Iterator[Server]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.cert, pki.key)
+    context.load_verify_locations(pki.ca)
+    context.verify_mode = ssl.CERT_REQUIRED  # Nomad's verify_https_client
+    yield from _serve(Replay(), context)
+
+
+def client(address: str, **kwargs: Any) -> NomadClient:
+    kwargs.setdefault("token", TOKEN)
+    return NomadClient(address, sleep=lambda s: None, **kwargs)
+
+
+# --- plan and register --------------------------------------------------------------------
+
+
+def test_converged_job_is_planned_with_diff_and_not_registered(server: Server) -> None:
+    server.replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-none.json")))
+    result = submit(client(server.address), JOB)
+    assert not result.registered
+    assert result.summary() == "job my-job: unchanged (plan diff None), not registered"
+    (plan,) = server.replay.calls("POST", "/v1/job/my-job/plan")
+    assert plan.body == {"Job": JOB, "Diff": True}
+    assert plan.headers["x-nomad-token"] == TOKEN
+    assert plan.query == {"namespace": ["default"]}
+    assert server.replay.calls("POST", "/v1/jobs") == []  # converged: a no-op
+
+
+def test_changed_job_is_registered_with_check_and_set_and_waited_for(server: Server) -> None:
+    replay = server.replay
+    replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-added.json")))
+    # Scenario: the docs' register sample, with JobModifyIndex 19 = the version the docs'
+    # deployment samples belong to (see SOURCES.md).
+    replay.add("POST", "/v1/jobs", (200, dict(fixture("register.json"), JobModifyIndex=19)))
+    replay.add(
+        "GET",
+        "/v1/job/my-job/deployment",
+        (200, fixture("deployments-list.json")[1]),  # the previous version's deployment
+        (200, fixture("deployment-running.json")),
+        (200, fixture("deployment-running.json")),
+        (200, fixture("deployment-successful.json")),
+    )
+    result = submit(client(server.address), JOB, poll=0)
+    assert result.registered and result.eval_id == "d092fdc0-e1fd-2536-67d8-43af8ca798ac"
+    assert result.deployment is not None and result.deployment["Status"] == "successful"
+    (register,) = replay.calls("POST", "/v1/jobs")
+    # the plan's JobModifyIndex (0: a new job) guards the register against a concurrent change
+    assert register.body == {"Job": JOB, "EnforceIndex": True, "JobModifyIndex": 0}
+    assert register.headers["x-nomad-token"] == TOKEN
+    assert len(replay.calls("GET", "/v1/job/my-job/deployment")) == 4  # polled until done
+    assert "deployment 85ee4a9a successful: Deployment completed successfully" in result.summary()
+    assert [r.method for r in replay.requests][:2] == ["POST", "POST"]  # plan before register
+
+
+def test_failed_deployment_is_reported_with_nomads_description(server: Server) -> None:
+    replay = server.replay
+    replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-added.json")))
+    replay.add("POST", "/v1/jobs", (200, dict(fixture("register.json"), JobModifyIndex=19)))
+    replay.add(
+        "GET",
+        "/v1/job/my-job/deployment",
+        (200, fixture("deployment-running.json")),
+        (200, fixture("deployment-failed.json")),
+    )
+    with pytest.raises(DeploymentFailed) as exc:
+        submit(client(server.address), JOB, poll=0)
+    assert str(exc.value) == (
+        "job my-job: deployment 85ee4a9a failed: Failed due to unhealthy allocations - "
+        "rolling back to job version 0 (cache: 2/3 placed, 0 healthy, 2 unhealthy)"
+    )
+    assert TOKEN not in str(exc.value)
+
+
+def test_deployment_wait_times_out_clearly(server: Server) -> None:
+    server.replay.add("GET", "/v1/job/my-job/deployment", (200, fixture("deployment-running.json")))
+    with pytest.raises(NomadError, match=r"not finished after 0s \(deployment 85ee4a9a running"):
+        client(server.address).wait_deployment("my-job", 19, timeout=0, poll=0)
+
+
+def test_plan_summary_names_groups_that_cannot_be_placed(server: Server) -> None:
+    server.replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-added.json")))
+    plan = client(server.address).plan(JOB)
+    assert plan.changed and plan.diff_type == "Added"
+    assert plan.summary() == (
+        "job my-job: diff Added (cache: place 11); cannot place allocations for: cache"
+    )
+
+
+def test_permission_denied_is_clear_and_not_retried(server: Server) -> None:
+    server.replay.add(
+        "POST", "/v1/job/my-job/plan", (403, (FIXTURES / "error-403.txt").read_text())
+    )
+    with pytest.raises(NomadError) as exc:
+        submit(client(server.address), JOB)
+    assert str(exc.value) == (
+        "Nomad API POST /v1/job/my-job/plan: HTTP 403: Permission denied "
+        "(the ACL token lacks a capability, e.g. namespace:submit-job)"
+    )
+    assert TOKEN not in str(exc.value) and TOKEN not in repr(client(server.address))
+    assert len(server.replay.requests) == 1
+
+
+def test_server_errors_are_retried_then_reported(server: Server) -> None:
+    server.replay.add(
+        "POST",
+        "/v1/job/my-job/plan",
+        (500, "rpc error: No cluster leader"),
+        (503, "rpc error: No cluster leader"),
+        (200, fixture("plan-none.json")),
+    )
+    assert not submit(client(server.address, retries=3), JOB).registered
+    assert len(server.replay.requests) == 3
+    server.replay.requests.clear()
+    server.replay.add("POST", "/v1/job/my-job/plan", (500, "rpc error: No cluster leader"))
+    with pytest.raises(NomadError, match="HTTP 500: rpc error: No cluster leader"):
+        client(server.address, retries=2).plan(JOB)
+    assert len(server.replay.requests) == 3  # 1 + 2 retries
+
+
+def test_connection_refused_is_reported(server: Server) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(NomadError, match=r"POST /v1/job/my-job/plan: cannot connect"):
+        client(f"http://127.0.0.1:{port}", retries=1).plan(JOB)
+
+
+def test_namespace_and_job_id_are_encoded(server: Server) -> None:
+    server.replay.add("POST", "/v1/job/chat%2Fv1/plan", (200, fixture("plan-none.json")))
+    client(server.address, namespace="inference").plan(dict(JOB, ID="chat/v1"))
+    (call,) = server.replay.requests
+    assert call.path == "/v1/job/chat%2Fv1/plan" and call.query == {"namespace": ["inference"]}
+
+
+def test_no_token_sends_no_header(server: Server) -> None:
+    server.replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-none.json")))
+    client(server.address, token=None).plan(JOB)
+    assert "x-nomad-token" not in server.replay.requests[0].headers
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+def test_mutual_tls_with_the_right_ca(tls_server: Server, pki: Pki) -> None:
+    tls_server.replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-none.json")))
+    nomad = client(
+        tls_server.address,
+        ca_file=str(pki.ca),
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.client_key),
+    )
+    assert not submit(nomad, JOB).registered
+    assert tls_server.replay.requests[0].headers["x-nomad-token"] == TOKEN
+
+
+def test_tls_with_a_wrong_ca_fails(tls_server: Server, pki: Pki) -> None:
+    tls_server.replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-none.json")))
+    nomad = client(
+        tls_server.address,
+        ca_file=str(pki.other_ca),
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.client_key),
+    )
+    with pytest.raises(NomadError, match=r"TLS error: .*CERTIFICATE_VERIFY_FAILED"):
+        nomad.plan(JOB)
+    assert tls_server.replay.requests == []  # nothing was sent, the token included
+
+
+def test_tls_without_a_client_certificate_is_refused(tls_server: Server, pki: Pki) -> None:
+    tls_server.replay.add("POST", "/v1/job/my-job/plan", (200, fixture("plan-none.json")))
+    with pytest.raises(NomadError, match=r"POST /v1/job/my-job/plan: (TLS error|cannot connect)"):
+        client(tls_server.address, ca_file=str(pki.ca), retries=0).plan(JOB)
+    assert tls_server.replay.requests == []
+
+
+def test_address_must_be_http() -> None:
+    with pytest.raises(NomadError, match="not a Nomad address"):
+        NomadClient("ftp://nomad.example.com")
