@@ -109,7 +109,7 @@ EXTRA_DEVICE_CALLS: list[tuple[str, tuple[Any, ...]]] = [
     ("nvmlDeviceGetUtilizationRates", ()),
     ("nvmlDeviceGetCurrentClocksEventReasons", ()),
     ("nvmlDeviceGetGpuFabricInfo", ("OUT:c_nvmlGpuFabricInfo_t",)),
-    ("nvmlDeviceGetGpuFabricInfoV", ("OUT:c_nvmlGpuFabricInfoV_t",)),
+    # Not recorded: nvmlDeviceGetGpuFabricInfoV segfaulted (pynvml 13, H100, driver 580.159.04).
     *[("nvmlDeviceGetNvLinkState", (link,)) for link in range(18)],
 ]
 QUERY_FIELDS = [
@@ -415,6 +415,21 @@ def run_host_checks(out: Path, recording: dict[str, Any] | None) -> dict[str, An
         return {"run": False, "reason": "no GPU recorded"}
     driver = recording["system"].get("nvmlSystemGetDriverVersion()", {}).get("result")
     data: dict[str, Any] = {"gpu": {"required": True, "count": len(recording["devices"])}}
+    sys.path.insert(0, str(REPO))  # this checkout's gpunode (its dependencies are checked above)
+    from gpunode.distros import DISTROS
+
+    release = dict(
+        line.split("=", 1)
+        for line in Path("/etc/os-release").read_text().splitlines()
+        if "=" in line
+    )
+    os_id, version = release.get("ID", "").strip('"'), release.get("VERSION_ID", "").strip('"')
+    for key, row in DISTROS.items():
+        if os_id in row.os_ids and (
+            version == row.version_id or version.startswith(row.version_id + ".")
+        ):
+            data["distro"] = key
+            break
     if isinstance(driver, str):
         data["nvidia"] = {"branch": driver.split(".")[0], "version": driver}
     inventory = {
