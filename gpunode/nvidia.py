@@ -1,17 +1,39 @@
-"""NVIDIA driver branches gpunode knows, as data.
+"""The GPU stack's config (``nvidia:`` and ``cuda:``) and its distro support, as data.
 
-The GPU stack roles read these rows; config validation uses the keys so an
-unknown branch is refused before any host is contacted.
+Every default of the two sections is here, next to its field. The roles
+(roles/nvidia_driver.py, roles/cuda.py) never branch on distro names: they read
+the rows below for the host's declared distro and the chosen package source.
+
+Package sources
+---------------
+``nvidia``  NVIDIA's CUDA network repository (one per distro, rows in
+            :data:`CUDA_REPOS`): the driver branch as a package name (apt) or a
+            dnf module stream, the CUDA toolkit, DCGM and fabric manager.
+``distro``  the distribution's own archive (rows in :data:`DISTRO_ARCHIVES`):
+            Ubuntu's ``-server`` driver packages, Debian 12's ``non-free``
+            ``nvidia-driver`` and ``nvidia-cuda-toolkit``.
+
+Sources of the package names and repository layouts (checked 2026-11):
+NVIDIA CUDA Installation Guide for Linux and NVIDIA Driver Installation Guide
+(docs.nvidia.com: "Network Repository Installation", cuda-keyring_1.1-1_all.deb,
+``dnf module install nvidia-driver:<stream>``, ``cuda-toolkit-X-Y``, fabric
+manager packages), NVIDIA Container Toolkit install guide (the
+libnvidia-container apt list / dnf .repo file and its four packages), DCGM user
+guide ("Getting Started": ``datacenter-gpu-manager-4-cuda<major>``,
+``nvidia-dcgm`` service), Debian's bookworm archive (``nvidia-driver``,
+``nvidia-kernel-dkms``, ``nvidia-open-kernel-dkms`` in contrib,
+``nvidia-cuda-toolkit`` 11.8.89), Ubuntu's jammy/noble archives
+(``nvidia-driver-<branch>-server[-open]``, ``nvidia-fabricmanager-<branch>``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import StringConstraints, field_validator
+from pydantic import Field, StringConstraints, field_validator
 
-from gpunode.schema import Model
+from gpunode.schema import HttpUrl, Model
 
 if TYPE_CHECKING:
     from gpunode.config import Connection, NodeConfig
@@ -38,11 +60,213 @@ DRIVER_BRANCHES: dict[str, DriverBranch] = {
     )
 }
 
+# CUDA toolkit releases gpunode knows (major.minor): the version a config may ask for.
+CUDA_VERSIONS = (
+    "11.5", "11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.8", "12.9",
+    "13.0",
+)  # fmt: skip
+
+# --- NVIDIA's repositories ----------------------------------------------------------------
+
+# Base URL of NVIDIA's download site; ``nvidia.mirror`` replaces it (air-gapped sites
+# mirror the same layout: <base>/cuda/repos/<distro>/x86_64/).
+NVIDIA_DOWNLOAD = "https://developer.download.nvidia.com/compute"
+# Base URL of the NVIDIA Container Toolkit's package repository; ``cuda.container_toolkit_mirror``
+# replaces it (<base>/stable/deb/$(ARCH) and <base>/stable/rpm/$basearch).
+CONTAINER_TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container"
+# EPEL (for dkms on RHEL 9): Fedora's documented install RPM.
+EPEL_RELEASE_RPM = "https://dl.fedoraproject.org/pub/epel/epel-release-latest-9.noarch.rpm"
+
+CUDA_KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"  # installs the archive key + the .list file
+CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
+CUDA_RPM_KEY = "D42D0685.pub"  # RPM signing key of the CUDA repos since 2022
+CONTAINER_TOOLKIT_PACKAGES = (  # pinned to one version together
+    "nvidia-container-toolkit",
+    "nvidia-container-toolkit-base",
+    "libnvidia-container-tools",
+    "libnvidia-container1",
+)
+CONTAINER_TOOLKIT_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.asc"
+
+
+@dataclass(frozen=True)
+class CudaRepo:
+    """NVIDIA's CUDA network repository for one distro (``source: nvidia``)."""
+
+    path: str  # directory under <base>/cuda/repos/
+    family: Literal["apt", "dnf"]
+    # dnf only: where dkms comes from (EPEL): an RPM URL, or a package in the distro's extras
+    epel: str | None = None
+
+    def url(self, base: str) -> str:
+        return f"{base.rstrip('/')}/cuda/repos/{self.path}/x86_64"
+
+    @property
+    def list_file(self) -> str:
+        """apt: the sources file cuda-keyring installs (gpunode writes the same one)."""
+        return f"/etc/apt/sources.list.d/cuda-{self.path}-x86_64.list"
+
+    @property
+    def repo_id(self) -> str:
+        """dnf: the repository id (and /etc/yum.repos.d/<id>.repo) of NVIDIA's .repo file."""
+        return f"cuda-{self.path}-x86_64"
+
+
+CUDA_REPOS: dict[str, CudaRepo] = {
+    "debian12": CudaRepo("debian12", "apt"),
+    "ubuntu2204": CudaRepo("ubuntu2204", "apt"),
+    "ubuntu2404": CudaRepo("ubuntu2404", "apt"),
+    "rhel9": CudaRepo("rhel9", "dnf", epel=EPEL_RELEASE_RPM),
+    "rocky9": CudaRepo("rhel9", "dnf", epel="epel-release"),
+    "alma9": CudaRepo("rhel9", "dnf", epel="epel-release"),
+}
+
+# NVIDIA repo driver packages per family and kernel modules; {branch} is filled in.
+# dnf installs a module stream instead: nvidia-driver:<branch>-open / -dkms.
+NVIDIA_REPO_DRIVER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("apt", "open"): ("nvidia-open-{branch}", "nvidia-persistenced"),
+    ("apt", "proprietary"): ("cuda-drivers-{branch}", "nvidia-persistenced"),
+    ("dnf", "open"): ("nvidia-persistenced",),
+    ("dnf", "proprietary"): ("nvidia-persistenced",),
+}
+DNF_DRIVER_MODULE = "nvidia-driver"
+DNF_STREAM_SUFFIX = {"open": "-open", "proprietary": "-dkms"}
+NVIDIA_REPO_FABRICMANAGER = {
+    "apt": ("nvidia-fabricmanager-{branch}", "libnvidia-nscq-{branch}"),
+    "dnf": ("nvidia-fabric-manager", "libnvidia-nscq"),
+}
+
+
+@dataclass(frozen=True)
+class DistroArchive:
+    """The NVIDIA packages a distribution ships itself (``source: distro``)."""
+
+    branches: tuple[str, ...]  # driver branches the archive has
+    driver: dict[str, tuple[str, ...]]  # kernel_modules -> packages ({branch} filled in)
+    cuda_version: str  # the CUDA toolkit version of ``nvidia-cuda-toolkit``
+    fabricmanager: tuple[str, ...] = ()  # () = not in this archive
+    # apt components to add to the distro's suites (Debian keeps NVIDIA in non-free/contrib)
+    components: tuple[str, ...] = ()
+    # open modules lag the driver in security updates: a pinned version is required
+    open_needs_version: str | None = None
+
+
+CUDA_TOOLKIT_DISTRO_PACKAGE = "nvidia-cuda-toolkit"
+CUDA_TOOLKIT_DISTRO_HOME = "/usr/lib/nvidia-cuda-toolkit"
+
+DISTRO_ARCHIVES: dict[str, DistroArchive] = {
+    "debian12": DistroArchive(
+        branches=("535",),
+        driver={
+            "proprietary": ("nvidia-driver", "nvidia-kernel-dkms", "nvidia-persistenced"),
+            "open": ("nvidia-driver", "nvidia-open-kernel-dkms", "nvidia-persistenced"),
+        },
+        cuda_version="11.8",
+        components=("contrib", "non-free", "non-free-firmware"),
+        open_needs_version="535.261.03",
+    ),
+    **{
+        key: DistroArchive(
+            branches=("535", "550", "570", "580"),
+            driver={
+                "proprietary": ("nvidia-driver-{branch}-server",),
+                "open": ("nvidia-driver-{branch}-server-open",),
+            },
+            cuda_version=cuda,
+            fabricmanager=("nvidia-fabricmanager-{branch}", "libnvidia-nscq-{branch}"),
+        )
+        for key, cuda in (("ubuntu2204", "11.5"), ("ubuntu2404", "12.0"))
+    },
+}
+
+# Debian's archive (the default for the non-free sources file when neither
+# nvidia.mirror nor base.apt_mirror is set).
+DEBIAN_ARCHIVE = "http://deb.debian.org/debian"
+
+
+@dataclass(frozen=True)
+class FamilyRow:
+    """What differs between apt and dnf hosts for the GPU stack."""
+
+    headers: tuple[str, ...]  # kernel headers for the running kernel ({kernel} filled in)
+    initramfs: str  # rebuilds the initramfs (after the nouveau blacklist changed)
+    lock_packages: tuple[str, ...] = ()  # what the hold mechanism needs
+    # NVIDIA's packages that must move together: held after install (apt-mark hold /
+    # dnf versionlock). Shell glob patterns over package names.
+    hold: tuple[str, ...] = field(default=())
+
+
+FAMILIES: dict[str, FamilyRow] = {
+    "apt": FamilyRow(
+        headers=("linux-headers-{kernel}",),
+        initramfs="update-initramfs -u -k all",
+        hold=(
+            "*nvidia*",
+            "libcuda*",
+            "libnvcuvid*",
+            "libnvoptix*",
+            "cuda-*",
+            "libcudnn*",
+            "datacenter-gpu-manager*",
+        ),
+    ),
+    "dnf": FamilyRow(
+        headers=("kernel-devel-{kernel}", "kernel-headers-{kernel}"),
+        initramfs="dracut --regenerate-all --force",
+        lock_packages=("python3-dnf-plugin-versionlock",),
+        hold=("*nvidia*", "cuda-*", "libcudnn*", "datacenter-gpu-manager*"),
+    ),
+}
+
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/gpunode-blacklist-nouveau.conf"
+DKMS_SIGNING_CONF = "/etc/dkms/framework.conf.d/gpunode-signing.conf"
+APT_PIN_FILE = "/etc/apt/preferences.d/gpunode-nvidia"
+DEBIAN_NONFREE_SOURCES = "/etc/apt/sources.list.d/gpunode-nvidia-distro.sources"
+CUDA_PROFILE = "/etc/profile.d/gpunode-cuda.sh"
+PERSISTENCED_SERVICE = "nvidia-persistenced"
+FABRICMANAGER_SERVICE = "nvidia-fabricmanager"
+DCGM_SERVICE = "nvidia-dcgm"
+DCGM_PACKAGE = "datacenter-gpu-manager-4-cuda{major}"
+
+
+def cuda_major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+# --- config sections ------------------------------------------------------------------------
+
+AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\s\"';$`\\]+$")]
+DriverVersion = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+){1,2}$")]
+
+
+class ModuleSigning(Model):
+    """A Machine Owner Key already enrolled (mokutil --import) that DKMS signs modules with."""
+
+    key_file: AbsPath  # private key on the node, e.g. /var/lib/shim-signed/mok/MOK.priv
+    cert_file: AbsPath  # its DER certificate, e.g. /var/lib/shim-signed/mok/MOK.der
+
 
 class Nvidia(Model):
-    branch: str = "580"
-    kernel_modules: Literal["open", "proprietary"] = "open"
-    version: Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+){1,2}$")] | None = None
+    """The NVIDIA driver (roles/nvidia_driver.py)."""
+
+    # auto: only on hosts where an NVIDIA device is found (no GPU: a visible skip, or an
+    # error with gpu.required); always: also without a GPU (images, the lab); never: skip.
+    install: Literal["auto", "always", "never"] = "auto"
+    source: Literal["nvidia", "distro"] = "nvidia"  # NVIDIA's CUDA repo, or the distro's archive
+    # Base URL replacing NVIDIA's download site (source: nvidia) or the Debian archive that
+    # gets the non-free sources file (source: distro on debian12), for air-gapped mirrors.
+    mirror: HttpUrl | None = None
+    branch: str = "580"  # a key of DRIVER_BRANCHES
+    kernel_modules: Literal["open", "proprietary"] = "open"  # NVIDIA's advice for Turing+
+    version: DriverVersion | None = None  # exact driver version, e.g. 580.95.05 (apt pin)
+    # NVSwitch fabric manager: auto = where the host has NVSwitches (lspci / procfs)
+    fabricmanager: Literal["auto"] | bool = "auto"
+    # Reboot (one host at a time) when the installed module differs from the loaded one.
+    # false: a visible "reboot needed" note instead.
+    reboot: bool = False
+    reboot_timeout: Annotated[int, Field(ge=60, le=7200)] = 900  # seconds to wait for SSH
+    module_signing: ModuleSigning | None = None  # required on hosts with Secure Boot on
 
     @field_validator("branch", mode="before")
     @classmethod
@@ -59,14 +283,125 @@ class Nvidia(Model):
 class Cuda(Model):
     """CUDA toolkit, container toolkit and DCGM (roles/cuda.py)."""
 
+    toolkit: bool = True
+    # major.minor; default: the newest the driver branch supports (source: nvidia) or the
+    # distro's own nvidia-cuda-toolkit (source: distro)
+    version: str | None = None
+    # NVIDIA Container Toolkit, its four packages pinned to this version.
+    # None: installed with source: nvidia, skipped (visibly) with source: distro.
+    container_toolkit: bool | None = None
+    container_toolkit_version: Annotated[
+        str, StringConstraints(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.~]+)?$")
+    ] = "1.17.8-1"
+    container_toolkit_mirror: HttpUrl | None = None  # replaces CONTAINER_TOOLKIT_REPO
+    # DCGM (datacenter-gpu-manager, service nvidia-dcgm) from NVIDIA's CUDA repo.
+    # None: installed with source: nvidia, skipped (visibly) with source: distro.
+    dcgm: bool | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _known_cuda(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        value = str(value)
+        if value not in CUDA_VERSIONS:
+            raise ValueError(
+                f"{value!r} is not a CUDA version gpunode knows "
+                f"(allowed: {', '.join(CUDA_VERSIONS)})"
+            )
+        return value
+
+
+# --- what the config resolves to ---------------------------------------------------------
+
+
+def cuda_version(config: NodeConfig) -> str:
+    """The CUDA toolkit version a host gets."""
+    if config.cuda.version:
+        return config.cuda.version
+    if config.nvidia.source == "distro" and config.distro in DISTRO_ARCHIVES:
+        return DISTRO_ARCHIVES[config.distro].cuda_version
+    return DRIVER_BRANCHES[config.nvidia.branch].max_cuda
+
+
+def wants_container_toolkit(config: NodeConfig) -> bool:
+    flag = config.cuda.container_toolkit
+    return flag if flag is not None else config.nvidia.source == "nvidia"
+
+
+def wants_dcgm(config: NodeConfig) -> bool:
+    flag = config.cuda.dcgm
+    return flag if flag is not None else config.nvidia.source == "nvidia"
+
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:
-    """Checks that need the merged config: the pinned version is in the branch."""
+    """Checks that need the merged config: versions, branches and sources fit together."""
     problems = []
-    nvidia = config.nvidia
+    nvidia, cuda = config.nvidia, config.cuda
     if nvidia.version and not nvidia.version.startswith(nvidia.branch + "."):
         problems.append(
             f"{where}: nvidia.version: {nvidia.version} is not in branch {nvidia.branch} "
             f"(allowed: {nvidia.branch}.x versions, or change nvidia.branch)"
         )
+    if nvidia.install == "never" and config.gpu.required:
+        problems.append(
+            f"{where}: nvidia.install: never contradicts gpu.required: true "
+            "(allowed: install auto or always, or gpu.required: false)"
+        )
+    if nvidia.source == "distro" and config.distro:
+        archive = DISTRO_ARCHIVES.get(config.distro)
+        if archive is None:
+            problems.append(
+                f"{where}: nvidia.source: distro: {config.distro} ships no NVIDIA driver "
+                f"(allowed: source: nvidia, or distro one of {', '.join(DISTRO_ARCHIVES)})"
+            )
+        else:
+            if nvidia.branch not in archive.branches:
+                problems.append(
+                    f"{where}: nvidia.branch: {config.distro}'s archive has driver branch "
+                    f"{', '.join(archive.branches)} only, not {nvidia.branch} (allowed: "
+                    f"{', '.join(archive.branches)}, or source: nvidia for other branches)"
+                )
+            if (
+                nvidia.kernel_modules == "open"
+                and archive.open_needs_version
+                and not nvidia.version
+            ):
+                problems.append(
+                    f"{where}: nvidia.kernel_modules: open: {config.distro}'s open kernel "
+                    "modules are not updated with the driver's security updates, so the "
+                    "driver must be pinned to their version (allowed: nvidia.version: "
+                    f"{archive.open_needs_version}, or kernel_modules: proprietary)"
+                )
+            if nvidia.fabricmanager is True and not archive.fabricmanager:
+                problems.append(
+                    f"{where}: nvidia.fabricmanager: true: {config.distro}'s archive has no "
+                    "fabric manager (allowed: source: nvidia, or fabricmanager: auto/false)"
+                )
+            if cuda.toolkit and cuda.version and cuda.version != archive.cuda_version:
+                problems.append(
+                    f"{where}: cuda.version: {config.distro}'s archive has CUDA "
+                    f"{archive.cuda_version} only, not {cuda.version} (allowed: "
+                    f"{archive.cuda_version} or unset, or nvidia.source: nvidia)"
+                )
+            if cuda.dcgm:
+                problems.append(
+                    f"{where}: cuda.dcgm: true: DCGM comes from NVIDIA's CUDA repository only "
+                    "(allowed: dcgm: false or unset with source: distro, or source: nvidia)"
+                )
+    if nvidia.source == "nvidia" and nvidia.kernel_modules == "open":
+        if not DRIVER_BRANCHES[nvidia.branch].open_modules:
+            problems.append(
+                f"{where}: nvidia.kernel_modules: branch {nvidia.branch} has no open modules "
+                "(allowed: proprietary)"
+            )
+    if cuda.toolkit or wants_dcgm(config):
+        wanted = cuda_version(config)
+        top = DRIVER_BRANCHES[nvidia.branch].max_cuda
+        if cuda_major_minor(wanted) > cuda_major_minor(top):
+            problems.append(
+                f"{where}: cuda.version: CUDA {wanted} needs a newer driver than branch "
+                f"{nvidia.branch} (supports CUDA up to {top}; allowed: cuda.version <= {top}, "
+                "or a newer nvidia.branch)"
+            )
     return problems
