@@ -103,6 +103,7 @@ ERROR_FUNCTION_NOT_FOUND = 13
 UNSUPPORTED = (ERROR_NOT_SUPPORTED, ERROR_FUNCTION_NOT_FOUND)
 NO_DRIVER = (ERROR_DRIVER_NOT_LOADED, ERROR_LIBRARY_NOT_FOUND)
 
+SYSFS_PCI = "/sys/bus/pci/devices"
 NVIDIA_PCI_VENDOR = "0x10de"
 DISPLAY_CLASS_PREFIX = "0x03"  # PCI class 03xx: VGA/3D controllers (NVSwitches are 0x0680)
 
@@ -139,7 +140,7 @@ def _bool(value: Any) -> bool | None:
     return None if value is None else bool(value)
 
 
-def pci_nvidia_gpus(sysfs: str = "/sys/bus/pci/devices") -> list[str] | None:
+def pci_nvidia_gpus(sysfs: str = SYSFS_PCI) -> list[str] | None:
     """PCI addresses of NVIDIA display/3D controllers; None when sysfs cannot be read."""
     try:
         addresses = sorted(os.listdir(sysfs))
@@ -285,7 +286,7 @@ def _finish(report: dict[str, Any], code: int) -> dict[str, Any]:
     return report
 
 
-def collect(nvml: Any, sysfs: str = "/sys/bus/pci/devices") -> dict[str, Any]:
+def collect(nvml: Any, sysfs: str = SYSFS_PCI) -> dict[str, Any]:
     """The whole report from an NVML module (pynvml, or a fake replaying a recording)."""
     report = empty_report()
     report["pci_gpus"] = pci_nvidia_gpus(sysfs)
@@ -386,10 +387,10 @@ def import_nvml() -> Any:
     return pynvml
 
 
-def main(argv: list[str] | None = None, nvml: Any = None) -> int:
+def main(argv: list[str] | None = None, nvml: Any = None, sysfs: str = SYSFS_PCI) -> int:
     args = parse_args(argv)
     try:
-        report = collect(nvml if nvml is not None else import_nvml())
+        report = collect(nvml if nvml is not None else import_nvml(), sysfs)
     except ImportError as exc:
         report = empty_report()
         report["error"] = f"pynvml cannot be imported ({exc}): reinstall gpunode-probe"

@@ -103,7 +103,11 @@ class FakeNvml:
         for struct, recorded in zip(outs, outcome.get("out", []), strict=False):
             for field, value in recorded["fields"].items():
                 if isinstance(value, list):
-                    getattr(struct, field)[:] = value
+                    # pynvml versions differ in array lengths (clusterUuid: 16 here, 80 in
+                    # the H100 recording's nvidia-ml-py 13.610); the shared prefix is replayed
+                    array = getattr(struct, field)
+                    size = min(len(array), len(value))
+                    array[:size] = value[:size]
                 else:
                     setattr(struct, field, value)
         return decode(outcome["result"])
@@ -132,3 +136,14 @@ def with_error(
     error = pynvml.NVMLError(value)
     book[key] = {"error": type(error).__name__, "value": value, "message": str(error)}
     return changed
+
+
+def sysfs_tree(root: Path, devices: dict[str, dict[str, str]]) -> Path:
+    """A PCI sysfs folder (ADDRESS/vendor, /device, /class) with these devices, e.g. the
+    ``sysfs_pci_nvidia`` a recording holds."""
+    root.mkdir(parents=True, exist_ok=True)
+    for address, attrs in devices.items():
+        (root / address).mkdir(parents=True)
+        for name, value in attrs.items():
+            (root / address / name).write_text(value + "\n")
+    return root

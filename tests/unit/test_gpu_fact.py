@@ -20,7 +20,7 @@ from typing import Any
 
 import pyinfra
 import pytest
-from fake_nvml import recordings
+from fake_nvml import recordings, sysfs_tree
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
@@ -54,14 +54,6 @@ def install_probe(folder: Path, interpreter: str = sys.executable) -> Path:
     path.write_text(f"#!{interpreter}\n" + PROBE_SOURCE.read_text().split("\n", 1)[1])
     path.chmod(0o755)
     return path
-
-
-def sysfs_tree(root: Path, devices: dict[str, dict[str, str]]) -> Path:
-    for address, attrs in devices.items():
-        (root / address).mkdir(parents=True)
-        for name, value in attrs.items():
-            (root / address / name).write_text(value + "\n")
-    return root
 
 
 RECORDINGS = recordings()
