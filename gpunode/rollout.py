@@ -1,0 +1,226 @@
+"""Rollouts: deploy to a few hosts at a time, canary first, and stop at the first failure.
+
+``gpunode rollout INVENTORY`` runs the deploy (default ``deploys/gpu_node.py``) on the
+canary host(s) first, then on the other hosts in batches. After each batch it waits, from
+the controller, until every inference service of every host in the batch answers its
+health endpoint (through the firewall's allowed port, as clients would), up to a timeout.
+On a failure (the deploy failed on a host, or a service is not healthy in time) it stops:
+the hosts after the batch are not touched, the report names the host, the service and why.
+With ``--revert`` a failed host's services whose model link this rollout switched are put
+back on their previous model (the ``current``/``previous`` links are swapped atomically and
+the unit is restarted), and their health is checked again.
+
+.. code:: shell
+
+    gpunode rollout inventories/prod.py --canary 1 --batch-size 4 --revert
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gpunode.artifacts import revert_script
+from gpunode.config import Host, Inventory
+from gpunode.inference import Service, service_dir, unit_name
+from gpunode.runtimes import PROFILES
+
+
+def batches(hosts: list[str], canary: int = 1, batch_size: int = 1) -> list[list[str]]:
+    """The order of a rollout: the first ``canary`` hosts alone, then ``batch_size`` at a time.
+
+    >>> batches(["a", "b", "c", "d", "e"], canary=1, batch_size=2)
+    [['a'], ['b', 'c'], ['d', 'e']]
+    """
+    if canary < 0 or batch_size < 1:
+        raise ValueError("canary must be >= 0 and batch_size >= 1")
+    out = [hosts[:canary]] if canary and hosts else []
+    rest = hosts[canary:]
+    out += [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)]
+    return out
+
+
+@dataclass
+class Step:
+    host: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    steps: list[Step] = field(default_factory=list)
+    untouched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.steps)
+
+    def lines(self) -> list[str]:
+        out = [f"{s.host}: {'ok' if s.ok else 'FAILED'}: {s.detail}" for s in self.steps]
+        if self.untouched:
+            out.append(f"not touched (rollout stopped): {', '.join(self.untouched)}")
+        return out
+
+
+def ssh_command(host: Host, command: str) -> list[str]:
+    """ssh argv for a host, from its validated connection settings."""
+    c = host.connection
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "-p", str(c.port)]
+    if c.ssh_config_file:
+        argv += ["-F", c.ssh_config_file]
+    if c.key_file:
+        argv += ["-i", c.key_file, "-o", "IdentitiesOnly=yes"]
+    if c.known_hosts_file:
+        argv += ["-o", f"UserKnownHostsFile={c.known_hosts_file}"]
+    argv += ["-o", f"StrictHostKeyChecking={c.strict_host_key_checking}"]
+    return [*argv, f"{c.user}@{c.address}", command]
+
+
+def health_url(host: Host, svc: Service) -> str:
+    """The health endpoint as a client reaches it (the host's address, the service's port)."""
+    address = host.connection.address
+    if svc.listen not in ("0.0.0.0", "::"):  # noqa: S104
+        address = svc.listen
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{svc.port}{PROFILES[svc.runtime].health_path}"
+
+
+def wait_healthy(url: str, timeout: float, interval: float = 1.0) -> str | None:
+    """None once ``url`` answers 2xx; else the last error after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - http(s) only
+                if 200 <= resp.status < 300:
+                    return None
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        if time.monotonic() >= deadline:
+            return f"{url} not healthy after {timeout:.0f}s ({last})"
+        time.sleep(interval)
+
+
+Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=3600
+    )
+
+
+def current_links(host: Host, runner: Runner = _run) -> dict[str, str]:
+    """service -> where its ``current`` link points now ("" when none)."""
+    names = list(host.config.inference.services)
+    if not names:
+        return {}
+    script = "; ".join(
+        f"echo {n}=$(readlink {shlex.quote(service_dir(n) + '/current')})" for n in names
+    )
+    proc = runner(ssh_command(host, script))
+    if proc.returncode != 0:
+        return {n: "" for n in names}
+    links = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return {n: links.get(n, "") for n in names}
+
+
+def rollout(
+    inventory_file: str,
+    inventory: Inventory,
+    deploy: str = "deploys/gpu_node.py",
+    hosts: list[str] | None = None,
+    canary: int = 1,
+    batch_size: int = 1,
+    timeout: float | None = None,
+    revert: bool = False,
+    runner: Runner = _run,
+    say: Callable[[str], None] = print,
+) -> Report:
+    """Run the rollout; see the module docstring."""
+    names = hosts or list(inventory.hosts)
+    report = Report()
+    plan = batches(names, canary, batch_size)
+    for index, batch in enumerate(plan):
+        label = "canary" if index == 0 and canary else f"batch {index}"
+        say(f"rollout: {label}: {', '.join(batch)}")
+        before = {h: current_links(inventory.hosts[h], runner) for h in batch}
+        proc = runner(
+            [sys.executable, "-m", "pyinfra", "-y", inventory_file, deploy,
+             "--limit", ",".join(batch)]
+        )
+        failed = False
+        for name in batch:
+            host = inventory.hosts[name]
+            problems = []
+            if proc.returncode != 0 and _host_failed(proc, name, batch):
+                problems.append(f"deploy failed: {_last_error(proc, name)}")
+            for svc_name, svc in host.config.inference.services.items():
+                if not svc.enabled:
+                    continue
+                err = wait_healthy(health_url(host, svc), timeout or svc.health_timeout)
+                if err:
+                    problems.append(f"{svc_name}: {err}")
+            if not problems:
+                report.steps.append(Step(name, True, f"{label}: deployed and healthy"))
+                continue
+            failed = True
+            detail = f"{label}: " + "; ".join(problems)
+            if revert:
+                detail += "; " + _revert(host, before[name], runner, timeout)
+            report.steps.append(Step(name, False, detail))
+        if failed:
+            report.untouched = [h for b in plan[index + 1 :] for h in b]
+            break
+    return report
+
+
+def _host_failed(proc: subprocess.CompletedProcess[str], name: str, batch: list[str]) -> bool:
+    """Whether pyinfra's failed run failed this host: pyinfra prefixes a host's errors with
+    ``[host]``; an error that names no host of the batch counts against all of them."""
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "rror" in ln]
+    named = {h for h in batch for ln in errors if f"[{h}]" in ln}
+    return name in named or not named
+
+
+def _last_error(proc: subprocess.CompletedProcess[str], name: str) -> str:
+    lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    mine = [ln for ln in lines if f"[{name}]" in ln and ("rror" in ln or "gpunode:" in ln)]
+    return (mine or lines or [f"exit status {proc.returncode}"])[-1][:300]
+
+
+def _revert(host: Host, before: dict[str, str], runner: Runner, timeout: float | None) -> str:
+    after = current_links(host, runner)
+    switched = [n for n, target in after.items() if target and target != before.get(n)]
+    if not switched:
+        return "nothing to revert (no model link was switched)"
+    results = []
+    for name in switched:
+        unit = unit_name(name)
+        script = (
+            f"{revert_script(service_dir(name))} && systemctl reset-failed {unit}; "
+            f"systemctl restart {unit}"
+        )
+        proc = runner(ssh_command(host, script))
+        if proc.returncode != 0:
+            results.append(f"{name}: revert FAILED ({proc.stderr.strip()[-200:]})")
+            continue
+        svc = host.config.inference.services[name]
+        err = wait_healthy(health_url(host, svc), timeout or svc.health_timeout)
+        back = before.get(name, "").rsplit("/", 1)[-1][:12]
+        results.append(
+            f"{name}: reverted to model {back}, "
+            + ("healthy" if err is None else f"not healthy: {err}")
+        )
+    return "; ".join(results)
