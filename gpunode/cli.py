@@ -45,6 +45,13 @@ def _verify(args: argparse.Namespace) -> int:
     return verify(args.inventory, limit=args.limit, junit=args.junit)
 
 
+def _nomad(args: argparse.Namespace) -> int:
+    from gpunode.nomad_api import command
+
+    wait, limit = not args.no_wait, args.limit
+    return command(args.nomad_cmd, args.inventory, limit=limit, wait=wait, timeout=args.timeout)
+
+
 def _drift(args: argparse.Namespace) -> int:
     from gpunode.drift import main as drift
 
@@ -131,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--prometheus", help="write Prometheus metrics here (node_exporter textfile collector)"
     )
     drift_p.set_defaults(func=_drift)
+
+    nomad_p = sub.add_parser(
+        "nomad", help="inference services as Nomad jobs: render, plan (exit 2: changes), run"
+    )
+    nomad_p.add_argument("nomad_cmd", choices=["render", "plan", "run"])
+    nomad_p.add_argument("inventory")
+    nomad_p.add_argument("--limit", action="append", help="only jobs of these hosts or groups")
+    nomad_p.add_argument("--no-wait", action="store_true", help="run: do not wait for deployments")
+    nomad_p.add_argument("--timeout", type=float, default=900.0, help="run: seconds per deployment")
+    nomad_p.set_defaults(func=_nomad)
     return parser
 
 
