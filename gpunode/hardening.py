@@ -207,7 +207,7 @@ class FileMode:
     path: str
     user: str
     group: str
-    mode: str  # octal, as pyinfra's files.file takes it
+    mode: str  # octal digits, as ``chmod`` takes them
 
 
 # Files that must have strict owners and modes (CIS 6.1 / 5.1, dev-sec os-03..os-05, sshd-03).
@@ -222,8 +222,8 @@ STRICT_FILES: dict[str, tuple[FileMode, ...]] = {
     "dnf": (
         FileMode("/etc/passwd", "root", "root", "644"),
         FileMode("/etc/group", "root", "root", "644"),
-        FileMode("/etc/shadow", "root", "root", "0"),
-        FileMode("/etc/gshadow", "root", "root", "0"),
+        FileMode("/etc/shadow", "root", "root", "000"),
+        FileMode("/etc/gshadow", "root", "root", "000"),
         FileMode("/etc/ssh/sshd_config", "root", "root", "600"),
     ),
 }

@@ -25,6 +25,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
+from pyinfra.facts.files import File
 from pyinfra.facts.server import Sysctl
 from pyinfra.operations import apt, dnf, files, server
 
@@ -73,6 +74,26 @@ def sysctl_values(values: dict[str, int]):
         host.noop("every sysctl already has its value")
         return
     yield "sysctl -q -w " + " ".join(f"{k}={v}" for k, v in differ.items())
+
+
+@operation()
+def file_mode(path: str, user: str, group: str, mode: str):
+    """
+    Set an existing file's owner, group and mode (``000`` included, which pyinfra's
+    ``files.file`` skips); a missing file is left missing.
+
+    .. code:: python
+
+        file_mode(name="shadow", path="/etc/shadow", user="root", group="root", mode="000")
+    """
+    info = host.get_fact(File, path=path)
+    if not info:
+        host.noop(f"{path} does not exist")
+        return
+    if (info["user"], info["group"]) != (user, group):
+        yield f"chown {user}:{group} {path}"
+    if info["mode"] != int(mode):
+        yield f"chmod {mode} {path}"
 
 
 def install_sshd_command(service: str) -> str:
@@ -196,7 +217,7 @@ def _file_modes(config: NodeConfig, spec: distros.DistroSpec) -> None:
     if not config.hardening.strict_file_modes:
         return
     for entry in STRICT_FILES[spec.family]:
-        files.file(
+        file_mode(
             name="Strict owner and mode",
             path=entry.path,
             user=entry.user,

@@ -1,0 +1,629 @@
+"""The firewall and hardening roles (roles/firewall.py, roles/hardening.py) and their config.
+
+Config checks go through gpunode's real loader. The nftables ruleset is checked by the real
+``nft -c`` of this machine in a network namespace of its own (nothing of this machine's
+firewall is read or changed). The roles run through pyinfra's real API against one host of
+the ``@fake`` connector for every distro gpunode supports (see test_base_role.py for the
+harness), fed with outputs recorded on real hosts in ``fixtures/hardening/``:
+
+* ``firewall-state.converged``, ``sshd-state.converged``, ``sysctl-network.converged``,
+  ``writable-sysctls.nspawn``: the facts' commands on a converged lab host (Debian 12 in
+  systemd-nspawn); the tests put the sha1 of their own config's ruleset/drop-in in place of
+  the recorded one where a converged host of *that* config is meant.
+* ``firewall-state.fresh``: the FirewallState command on a Debian 12 machine with nftables
+  installed and no gpunode table (run in a fresh network namespace).
+* ``sshd-state.fresh``: the SshdState command on the lab's freshly debootstrapped Debian 12
+  root (stock openssh-server ``sshd_config``). Ubuntu 22.04/24.04 and EL9 ship the same
+  ``Include /etc/ssh/sshd_config.d/*.conf`` line at the top of theirs.
+* ``writable-sysctls.controller``: the WritableSysctls command on a non-container machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyinfra
+import pytest
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operations import run_ops
+from pyinfra.facts.server import Sysctl
+from test_base_role import (
+    ALL,
+    APT,
+    DNF,
+    Handler,
+    RecordingFakeConnector,
+    Response,
+    Run,
+    converged,
+    fail_op,
+    host_info_output,
+)
+
+from gpunode import hardening
+from gpunode.config import ConfigError, NodeConfig, load
+from gpunode.facts import HostInfo
+from gpunode.hardening_facts import FirewallState, SshdState, WritableSysctls
+from roles.firewall import firewall
+from roles.hardening import hardening as hardening_role
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hardening"
+HOST = "gpu-01"
+ADMIN = ["10.20.0.0/16", "fd00:20::/48"]
+APP = ["10.30.0.0/16"]
+MONITORING = ["10.40.0.0/24"]
+
+
+def fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+def load_one(data: dict[str, Any], address: str = "127.0.0.2", user: str = "root") -> NodeConfig:
+    raw = {
+        "defaults": {"distro": "debian12", **data},
+        "hosts": {HOST: {"connection": {"address": address, "user": user}}},
+    }
+    return load(raw, source="test_hardening").hosts[HOST].config
+
+
+def config(distro: str = "debian12", **firewall: Any) -> NodeConfig:
+    data = {
+        "distro": distro,
+        "network": {
+            "admin_cidrs": [*ADMIN, "127.0.0.0/8"],
+            "app_cidrs": APP,
+            "monitoring_cidrs": MONITORING,
+        },
+        "firewall": {"enabled": True, **firewall},
+    }
+    return load_one(data)
+
+
+def config_error(data: dict[str, Any], **kw: Any) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_one(data, **kw)
+    return str(exc.value)
+
+
+# --- config checks at load ------------------------------------------------------------
+
+
+def test_firewall_is_off_unless_enabled() -> None:
+    assert load_one({}).firewall.enabled is False
+
+
+def test_empty_admin_cidrs_with_the_firewall_on_is_refused() -> None:
+    message = config_error({"firewall": {"enabled": True}})
+    assert (
+        "test_hardening: host gpu-01: network.admin_cidrs: empty while firewall.enabled is true"
+        in message
+    )
+    assert "allowed: the CIDRs SSH comes from" in message
+
+
+def test_admin_cidrs_that_exclude_the_controller_are_refused() -> None:
+    # 127.0.0.2 is reached from 127.0.0.1 on every machine: no route lookup to guess.
+    message = config_error(
+        {"network": {"admin_cidrs": ["10.0.0.0/8"]}, "firewall": {"enabled": True}}
+    )
+    assert "host gpu-01: network.admin_cidrs: this controller reaches 127.0.0.2 from 127.0.0.1" in (
+        message
+    )
+    assert "firewall.force_admin_cidrs: true" in message
+
+
+def test_forcing_admin_cidrs_loads_the_config() -> None:
+    data = {
+        "network": {"admin_cidrs": ["10.0.0.0/8"]},
+        "firewall": {"enabled": True, "force_admin_cidrs": True},
+    }
+    assert load_one(data).firewall.force_admin_cidrs is True
+
+
+def test_admin_cidrs_that_cover_the_controller_pass() -> None:
+    assert load_one(
+        {"network": {"admin_cidrs": ["127.0.0.0/8"]}, "firewall": {"enabled": True}}
+    ).firewall.enabled
+
+
+def test_controller_source_is_the_kernels_choice() -> None:
+    assert hardening.controller_source("127.0.0.2", 22) == ipaddress.ip_address("127.0.0.1")
+    assert hardening.controller_source("no-such-host.invalid", 22) is None
+
+
+def test_permit_root_login_no_while_connecting_as_root_is_refused() -> None:
+    data = {"hardening": {"ssh": {"permit_root_login": "no"}}}
+    message = config_error(data)
+    assert "hardening.ssh.permit_root_login: 'no' but gpunode connects as root" in message
+    assert load_one(data, user="alice").hardening.ssh.permit_root_login == "no"
+
+
+@pytest.mark.parametrize(
+    "data, key, allowed",
+    [
+        (
+            {"firewall": {"rollback_seconds": 5}},
+            "firewall.rollback_seconds",
+            "a number at least 20",
+        ),
+        ({"firewall": {"log_rate": "lots"}}, "firewall.log_rate", "'lots' is not allowed"),
+        (
+            {"firewall": {"extra_input": [{"name": "x", "port": 80, "cidrs": []}]}},
+            "firewall.extra_input[0].cidrs",
+            "a list of at least 1 item(s)",
+        ),
+        (
+            {
+                "firewall": {
+                    "extra_input": [
+                        {"name": "x", "port": 80, "proto": "sctp", "cidrs": ["10.0.0.0/8"]}
+                    ]
+                }
+            },
+            "firewall.extra_input[0].proto",
+            "'tcp', 'udp'",
+        ),
+        (
+            {"hardening": {"ssh": {"max_auth_tries": 0}}},
+            "hardening.ssh.max_auth_tries",
+            "at least 1",
+        ),
+        ({"hardening": {"sysctl": {"not a key": 1}}}, "hardening.sysctl", "not a key"),
+        ({"hardening": {"ssh": {"ciphers": []}}}, "hardening.ssh.ciphers", "at least 1"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict[str, Any], key: str, allowed: str) -> None:
+    message = config_error(data)
+    assert f"host gpu-01 (merged): {key}" in message or f"defaults: {key}" in message, message
+    assert allowed in message
+
+
+def test_an_extra_rule_on_the_ssh_port_is_refused() -> None:
+    message = config_error(
+        {
+            "network": {"admin_cidrs": ["127.0.0.0/8"]},
+            "firewall": {
+                "enabled": True,
+                "extra_input": [{"name": "sneaky", "port": 22, "cidrs": ["0.0.0.0/0"]}],
+            },
+        }
+    )
+    assert "firewall.extra_input: rule sneaky: port 22 is the SSH port" in message
+
+
+# --- the ruleset ---------------------------------------------------------------------------
+
+
+def nft_check(ruleset: str) -> subprocess.CompletedProcess[str]:
+    """The real `nft -c -f` of this machine, in a network namespace of its own."""
+    if not shutil.which("nft") or not shutil.which("unshare"):
+        pytest.fail("nft and unshare are needed (apt-get install nftables util-linux)")
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("checking rulesets with nft needs root under CI=true")
+        pytest.skip("checking rulesets with nft needs root (a network namespace)")
+    return subprocess.run(
+        ["unshare", "--net", "nft", "-c", "-f", "-"],
+        input=ruleset,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def chain(ruleset: str, name: str) -> list[str]:
+    body = re.search(rf"\tchain {name} {{\n(.*?)\n\t}}", ruleset, re.S)
+    assert body, ruleset
+    return [line.strip() for line in body[1].splitlines() if line.strip() and "#" not in line]
+
+
+@pytest.mark.parametrize("containers", [False, True])
+def test_ruleset_passes_nft_check(containers: bool) -> None:
+    ruleset = hardening.render_ruleset(
+        config(
+            containers=containers,
+            extra_input=[{"name": "probe", "proto": "udp", "port": 5353, "cidrs": ADMIN}],
+        ),
+        22,
+    )
+    proc = nft_check(ruleset)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_nft_check_catches_a_broken_ruleset() -> None:
+    proc = nft_check(hardening.render_ruleset(config(), 22).replace("policy drop", "policy maybe"))
+    assert proc.returncode != 0
+
+
+def test_ruleset_replaces_only_gpunode_table() -> None:
+    ruleset = hardening.render_ruleset(config(), 22)
+    assert not [line for line in ruleset.splitlines() if "flush" in line and "#" not in line]
+    statements = [line for line in ruleset.splitlines() if line and line[0] not in "#\t}"]
+    assert statements == [
+        "table inet gpunode",
+        "delete table inet gpunode",
+        "table inet gpunode {",
+    ]
+
+
+def test_input_chain() -> None:
+    rules = chain(hardening.render_ruleset(config(), 2222), "input")
+    assert rules[0] == "type filter hook input priority filter; policy drop;"
+    assert rules[1:4] == [
+        'iifname "lo" accept',
+        "ct state established,related accept",
+        "ct state invalid drop",
+    ]
+    assert (
+        "ip protocol icmp icmp type echo-request limit rate 10/second burst 20 packets accept"
+        in (rules)
+    )
+    nd = [r for r in rules if "nd-neighbor-solicit" in r]
+    assert nd and all("ip6 hoplimit 255 accept" in r for r in nd)
+    # SSH (the connection's port) from the admin CIDRs, per family; nothing else on 2222
+    assert 'ip saddr { 10.20.0.0/16, 127.0.0.0/8 } tcp dport { 2222 } accept comment "ssh"' in rules
+    assert 'ip6 saddr { fd00:20::/48 } tcp dport { 2222 } accept comment "ssh"' in rules
+    # metrics ports (gpunode.monitoring.metrics_ports) from the monitoring CIDRs only
+    from gpunode.monitoring import metrics_ports
+
+    ports = sorted(p for _, p in metrics_ports(config()))
+    assert ports, "monitoring exposes metrics ports by default"
+    metrics = [r for r in rules if r.endswith('comment "metrics"')]
+    assert metrics == [
+        f"ip saddr {{ 10.40.0.0/24 }} tcp dport {{ {', '.join(map(str, ports))} }} accept "
+        'comment "metrics"'
+    ]
+    assert (
+        rules[-1]
+        == 'limit rate 5/minute burst 10 packets log prefix "gpunode-drop input: " level info'
+    )
+
+
+def test_no_log_rule_when_logging_is_off() -> None:
+    assert "log prefix" not in hardening.render_ruleset(config(log_drops=False), 22)
+
+
+def test_forward_policy_without_containers_drops_everything() -> None:
+    rules = chain(hardening.render_ruleset(config(), 22), "forward")
+    assert rules[0] == "type filter hook forward priority filter; policy drop;"
+    assert [r for r in rules[1:] if "accept" in r] == []
+
+
+def test_forward_policy_with_containers_passes_published_ports_only_from_their_sources() -> None:
+    cfg = config(
+        containers=True,
+        extra_input=[{"name": "api", "port": 8000, "cidrs": ["192.0.2.0/24"]}],
+    )
+    rules = chain(hardening.render_ruleset(cfg, 22), "forward")
+    assert rules[0].endswith("policy drop;")
+    assert 'iifname { "docker0", "br-*", "cni*", "nomad", "podman*" } accept' in rules
+    assert (
+        "ct status dnat meta l4proto tcp ct original proto-dst { 8000 } "
+        'ip saddr { 192.0.2.0/24 } accept comment "api"'
+    ) in rules
+    assert not [r for r in rules if 'comment "ssh"' in r]  # SSH is the node's, never forwarded
+    # and forwarding is on, with loose reverse-path filtering
+    values = hardening.sysctl_settings(cfg)
+    assert values["net.ipv4.ip_forward"] == 1
+    assert values["net.ipv6.conf.all.forwarding"] == 1
+    assert values["net.ipv4.conf.all.rp_filter"] == 2
+
+
+# --- sshd and sysctl data --------------------------------------------------------------------
+
+
+def test_sshd_dropin_options() -> None:
+    text = hardening.render_sshd(config(), "root")
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    options = dict(line.split(" ", 1) for line in lines)
+    assert len(options) == len(lines)  # each option once
+    assert options["PasswordAuthentication"] == "no"
+    assert options["KbdInteractiveAuthentication"] == "no"
+    assert options["PermitRootLogin"] == "prohibit-password"
+    assert options["X11Forwarding"] == options["AllowTcpForwarding"] == "no"
+    assert options["AllowAgentForwarding"] == options["PermitTunnel"] == "no"
+    assert options["LogLevel"] == "VERBOSE"
+    assert options["MaxAuthTries"] == "2"
+    assert options["LoginGraceTime"] == "30"
+    assert options["ClientAliveInterval"] == "300"
+    assert not re.search(r"cbc|sha1|md5|group1-|group14-sha1", text)
+    assert options["Ciphers"].split(",")[0] == "chacha20-poly1305@openssh.com"
+    assert hardening.render_sshd(config(), "alice").count("PermitRootLogin no") == 1
+
+
+def test_sysctl_overrides_add_and_drop_keys() -> None:
+    cfg = load_one({"hardening": {"sysctl": {"kernel.sysrq": None, "net.ipv4.tcp_timestamps": 0}}})
+    values = hardening.sysctl_settings(cfg)
+    assert "kernel.sysrq" not in values
+    assert values["net.ipv4.tcp_timestamps"] == 0
+    assert values["kernel.randomize_va_space"] == 2
+    text = hardening.render_sysctl(cfg)
+    assert "net.ipv4.tcp_timestamps = 0\n" in text and "kernel.sysrq" not in text
+
+
+# --- the roles on a fake host, every distro -----------------------------------------------
+
+
+def lines(name: str, **replace: str) -> list[str]:
+    out = []
+    for line in fixture(name).splitlines():
+        key = line.partition("=")[0]
+        out.append(f"{key}={replace[key]}" if key in replace else line)
+    return out
+
+
+class SharedLogConnector(RecordingFakeConnector):
+    """The recording fake connector; a second connection to the same host (the firewall's
+    confirmation opens one) logs its commands into the first one's list, in order."""
+
+    first: dict[str, RecordingFakeConnector] = {}
+
+    def __init__(self, state, host) -> None:
+        super().__init__(state, host)
+        first = self.first.setdefault(host.name, self)
+        if first is not self and first.state is state:
+            self.executed_commands = first.executed_commands
+            self.results = first.results
+        else:
+            self.first[host.name] = self
+
+
+def run_roles(
+    cfg: NodeConfig,
+    distro: str,
+    responses: dict[Any, Response],
+    handlers: Iterable[Handler] = (),
+    container: str = "",
+) -> Run:
+    assert not pyinfra.is_cli
+    responses = {HostInfo().command(): list(host_info_output(distro, container)), **responses}
+    data = {"gpunode": cfg, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
+    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
+    for host in inventory:
+        host.connector_cls = SharedLogConnector
+    state = State(inventory, Config())
+    host = inventory.get_host(f"@fake/{HOST}")
+    connector = host.connector
+    assert isinstance(connector, RecordingFakeConnector)
+    connector.handlers = [fail_op, *handlers]
+    connect_all(state)
+    add_deploy(state, firewall)
+    add_deploy(state, hardening_role)
+    try:
+        run_ops(state)
+    except PyinfraError as exc:
+        assert host in state.failed_hosts, exc
+    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
+    return Run(
+        commands=list(connector.executed_commands),
+        results=list(connector.results),
+        uploads=list(connector.uploads),
+        failed=host in state.failed_hosts,
+        op_labels=labels,
+    )
+
+
+def fresh_responses(distro: str) -> dict[Any, Response]:
+    return {
+        FirewallState().command(): lines("firewall-state.fresh"),
+        SshdState().command(): lines("sshd-state.fresh"),
+        WritableSysctls().command(sorted(hardening.SYSCTL_KERNEL)): lines(
+            "writable-sysctls.controller"
+        ),
+        re.compile(r"systemctl show --all --property Id --property SubState ('\*'|firewalld)"): (
+            ["Id=firewalld.service", "SubState=running"] if distro in DNF else []
+        ),
+    }
+
+
+def first(run: Run, pattern: str) -> int:
+    for i, command in enumerate(run.commands):
+        if re.search(pattern, command):
+            return i
+    raise AssertionError(f"no command matches {pattern!r}:\n" + "\n".join(run.commands))
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_fresh_host_gets_the_ruleset_checked_armed_applied_confirmed_then_kept(
+    distro: str,
+) -> None:
+    cfg = config(distro)
+    run = run_roles(cfg, distro, fresh_responses(distro))
+    assert not run.failed
+    assert run.files[hardening.FIREWALL_CANDIDATE] == hardening.render_ruleset(cfg, 22)
+    install = first(run, r"(apt-get|dnf) .*install.* nftables")
+    check = first(run, rf"^nft -c -f {hardening.FIREWALL_CANDIDATE}$")
+    arm = first(run, r"systemd-run .*--unit=gpunode-firewall-rollback --on-active=60s")
+    load_ = first(run, rf"^nft -f {hardening.FIREWALL_CANDIDATE}$")
+    confirm = first(run, r"^true$")  # the command on the NEW connection
+    keep = first(run, rf"install -m 600 {hardening.FIREWALL_CANDIDATE} {hardening.FIREWALL_ACTIVE}")
+    enable = first(run, r"systemctl enable gpunode-firewall\.service")
+    assert install < check < arm < load_ < confirm < keep < enable
+    # the rollback saves the running table before anything is loaded, and is checked
+    assert "nft list table inet gpunode" in run.commands[arm]
+    assert f"nft -c -f {hardening.FIREWALL_ROLLBACK}" in run.commands[arm]
+    assert "systemctl stop gpunode-firewall-rollback.timer" in run.commands[keep]
+    assert not run.grep(r"flush ruleset")
+    if distro in DNF:
+        assert run.grep(r"systemctl stop firewalld\.service")
+    else:
+        assert not run.grep(r"firewalld|ufw")
+
+
+def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed() -> None:
+    responses = {**fresh_responses("debian12"), re.compile(r"^true$"): {"success": False}}
+    run = run_roles(config(), "debian12", responses)
+    assert run.failed
+    assert run.grep(rf"^nft -f {hardening.FIREWALL_CANDIDATE}$")  # it was loaded
+    # never disarmed, never kept for boot: the timer restores the previous table
+    assert not run.grep(r"systemctl stop gpunode-firewall-rollback\.timer && ")
+    assert not run.grep(rf"install -m 600 {hardening.FIREWALL_CANDIDATE}")
+    # nothing after the failure
+    assert not run.grep(r"try-reload|^sysctl -q -w")
+    assert hardening.SSHD_STAGED not in run.files and hardening.SYSCTL_FILE not in run.files
+
+
+def test_converged_firewall_changes_nothing() -> None:
+    cfg = config()
+    live = lines(
+        "firewall-state.converged", active_sha1=hardening.sha1(hardening.render_ruleset(cfg, 22))
+    )
+    run = run_roles(
+        cfg, "debian12", {**fresh_responses("debian12"), FirewallState().command(): live}
+    )
+    assert not run.grep(r"^nft |systemd-run")
+    assert hardening.FIREWALL_CANDIDATE not in run.files
+
+
+@pytest.mark.parametrize(
+    "drift",
+    [
+        {"loaded": "no"},  # someone deleted the table
+        {"live_sha1": "0" * 40},  # someone edited the live rules
+        {"armed": "yes"},  # an earlier run died between arming and confirming
+        {"active_sha1": "0" * 40},  # the ruleset file for boot differs
+    ],
+)
+def test_firewall_drift_is_repaired(drift: dict[str, str]) -> None:
+    cfg = config()
+    sha = hardening.sha1(hardening.render_ruleset(cfg, 22))
+    live = lines("firewall-state.converged", **{"active_sha1": sha, **drift})
+    run = run_roles(
+        cfg, "debian12", {**fresh_responses("debian12"), FirewallState().command(): live}
+    )
+    assert run.grep(rf"^nft -f {hardening.FIREWALL_CANDIDATE}$")
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_sshd_dropin_is_validated_before_reload(distro: str) -> None:
+    cfg = config(distro)
+    run = run_roles(cfg, distro, fresh_responses(distro))
+    assert run.files[hardening.SSHD_STAGED] == hardening.render_sshd(cfg, "root")
+    (script,) = run.grep(r"sshd -t -f ")
+    steps = script.splitlines()
+    service = "sshd" if distro in DNF else "ssh"
+    assert steps[1] == f"/usr/sbin/sshd -t -f {hardening.SSHD_STAGED}"
+    assert steps[-1] == f"systemctl try-reload-or-restart {service}"
+    assert script.index("if ! /usr/sbin/sshd -t; then") < script.index("try-reload-or-restart")
+    assert steps[0] == "set -e"
+
+
+def test_sshd_is_left_alone_when_the_dropin_matches() -> None:
+    cfg = config()
+    sshd = lines(
+        "sshd-state.converged", dropin_sha1=hardening.sha1(hardening.render_sshd(cfg, "root"))
+    )
+    run = run_roles(cfg, "debian12", {**fresh_responses("debian12"), SshdState().command(): sshd})
+    assert not run.grep(r"sshd -t|try-reload")
+    assert hardening.SSHD_STAGED not in run.files
+
+
+def test_sshd_config_without_the_include_fails_the_host() -> None:
+    sshd = lines("sshd-state.fresh", include="no")
+    run = run_roles(
+        config(), "debian12", {**fresh_responses("debian12"), SshdState().command(): sshd}
+    )
+    assert run.failed
+    assert any(
+        "no 'Include /etc/ssh/sshd_config.d/*.conf' line" in out.stderr
+        for _, ok, out in run.results
+        if not ok
+    )
+    assert hardening.SSHD_STAGED not in run.files
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_sysctl_file_and_live_values(distro: str, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(distro)
+    with caplog.at_level(logging.DEBUG, logger="pyinfra"):
+        run = run_roles(cfg, distro, fresh_responses(distro))
+    text = run.files[hardening.SYSCTL_FILE]
+    persisted = dict(line.split(" = ") for line in text.splitlines() if " = " in line)
+    assert persisted == {k: str(v) for k, v in hardening.sysctl_settings(cfg).items()}
+    assert persisted["net.ipv4.conf.all.accept_redirects"] == "0"
+    assert persisted["kernel.randomize_va_space"] == "2"
+    (network,) = run.grep(r"^sysctl -q -w net\.")
+    assert "net.ipv4.tcp_syncookies=1" in network and "net.ipv4.ip_forward=0" in network
+    # kernel keys: the writable ones applied; kernel.sysrq is read-only on that machine
+    (kernel,) = run.grep(r"^sysctl -q -w (kernel|fs)\.")
+    assert "kernel.kptr_restrict=2" in kernel and "kernel.sysrq" not in kernel
+    # and says so in the run's output
+    notices = [r.getMessage() for r in caplog.records if "read-only here" in r.getMessage()]
+    assert notices
+    assert all(
+        n.endswith(
+            "read-only here (a container?): kernel.sysrq persisted in "
+            f"{hardening.SYSCTL_FILE}, not applied"
+        )
+        for n in notices
+    )
+
+
+def test_in_a_container_kernel_sysctls_are_persisted_not_applied() -> None:
+    cfg = config()
+    responses = {
+        **fresh_responses("debian12"),
+        WritableSysctls().command(sorted(hardening.SYSCTL_KERNEL)): lines(
+            "writable-sysctls.nspawn"
+        ),
+        Sysctl().command(sorted(hardening.SYSCTL_NETWORK)).get_raw_value(): lines(
+            "sysctl-network.converged"
+        ),
+    }
+    run = run_roles(cfg, "debian12", responses, container="systemd-nspawn")
+    assert "kernel.sysrq = 0" in run.files[hardening.SYSCTL_FILE]
+    assert not run.grep(r"^sysctl -q -w")  # network keys already right, kernel keys read-only
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_core_dumps_packages_and_file_modes(distro: str) -> None:
+    # the files exist, with loose modes and the wrong group
+    loose = {entry.path: "x" for entry in hardening.STRICT_FILES["apt"]}
+    run = run_roles(
+        config(distro),
+        distro,
+        fresh_responses(distro),
+        handlers=[converged(loose, dict.fromkeys(loose, "666"))],
+    )
+    assert "hard    core    0" in run.files[hardening.CORE_LIMITS_FILE]
+    assert "Storage=none" in run.files[hardening.COREDUMP_DROPIN]
+    shadow = "chmod 000 /etc/shadow" if distro in DNF else "chmod 640 /etc/shadow"
+    assert run.grep(rf"^{shadow}$")
+    assert run.grep(r"^chmod 600 /etc/ssh/sshd_config$")
+    assert bool(run.grep(r"^chown root:shadow /etc/shadow$")) == (distro in APT)
+    assert not run.grep(r"^chown .* /etc/passwd$")  # root:root already
+    # a fresh host has none of the legacy services: nothing to remove
+    assert not run.grep(r"(apt-get|dnf) .*(remove|purge)")
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_installed_legacy_services_are_removed(distro: str) -> None:
+    responses = {
+        **fresh_responses(distro),
+        # `dpkg -l` lines of two installed packages, as pyinfra's DebPackages reads them
+        re.compile(r"\( dpkg -l \)"): [
+            "ii  telnetd 0.17+2.4-2 amd64 telnet server",
+            "ii  nis 4.3 amd64 clients and daemons for NIS",
+        ],
+    }
+    run = run_roles(config(distro), distro, responses)
+    (remove,) = run.grep(r"apt-get .*remove")
+    assert "telnetd" in remove and "nis" in remove
+
+
+def test_hardening_can_be_turned_off() -> None:
+    cfg = load_one({"hardening": {"enabled": False}})
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"))
+    assert not run.grep(r"sshd|sysctl|core")
+    assert hardening.SYSCTL_FILE not in run.files
