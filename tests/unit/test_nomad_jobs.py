@@ -14,6 +14,7 @@ one the systemd unit uses), health checks, update/restart/reschedule policies.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from gpunode.config import ConfigError, NodeConfig, load
+from gpunode.nomad_api import command
 from gpunode.nomad_jobs import CONTAINERS, render_job
 from gpunode.runtimes import PROFILES, command_line
 
@@ -450,3 +452,23 @@ def test_healthy_deadline_must_outlast_the_model_load() -> None:
 def test_jobs_need_nomad_enabled() -> None:
     message = error(enabled=False)
     assert "nomad.jobs: services are listed but nomad.enabled is false" in message
+
+
+# --- the README's example is this renderer's output -----------------------------------------
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_readme_example_job_is_what_the_renderer_makes(tmp_path: Path) -> None:
+    text = README.read_text()
+    section = text[text.index("\n## Nomad\n") :]
+    section = section[: section.index("\n## ", 5)]
+    yml = re.search(r"```yaml\n(.*?)```", section, re.S)
+    shown = re.search(r"```json\n(.*?)```", section, re.S)
+    assert yml and shown
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(yml[1])
+    out = io.StringIO()
+    assert command("render", str(inventory), environ={}, out=out) == 0
+    assert out.getvalue() == shown[1]
+    assert check_struct(json.loads(shown[1]), "Job", "Job") == []
