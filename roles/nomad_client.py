@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -169,7 +170,11 @@ def _apt_repo(config: NodeConfig, spec: distros.DistroSpec, repo: RepoSpec, repo
         keyring=repo.keyring,
         codename=spec.codename,
     )
-    apt.update(name="Refresh apt package lists", _if=sources.did_change)
+    installed = host.get_fact(DebPackages)
+    if repo.package(config.nomad.version).split("=", 1)[1] not in installed.get("nomad", ()):
+        apt.update(name="Refresh apt package lists")  # the pinned version is to be installed
+    else:
+        apt.update(name="Refresh apt package lists", _if=sources.did_change)
     apt.packages(
         name="Nomad (pinned)",
         packages=["unzip", repo.package(config.nomad.version)],

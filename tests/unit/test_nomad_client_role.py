@@ -129,6 +129,17 @@ def downloaded(files: dict[str, tuple[str, str]]) -> Any:
     return handler
 
 
+def dpkg_installed(packages: dict[str, str]) -> Any:
+    """`dpkg -l` on a host with these packages (name -> version), in dpkg's own format."""
+
+    def handler(command: str) -> Any:
+        if re.search(r"\bdpkg -l\b", command):
+            return [f"ii  {n}  {v}  amd64  (description)" for n, v in packages.items()]
+        return None
+
+    return handler
+
+
 def hcl_value(text: str, key: str) -> str:
     m = re.search(rf"^\s*{key}\s*=\s*(.+)$", text, re.M)
     assert m, f"{key} not in config"
@@ -237,11 +248,22 @@ def test_converged_host_changes_nothing() -> None:
     modes = {m[2]: m[1] for c in first.commands if (m := re.match(r"chmod (\d+) (\S+)$", c))}
     host = converged(first.files, modes)
     on_disk = downloaded({ZIP: ("600", SHA), KEYRING: ("644", "-"), PLUGIN: ("755", "-")})
-    again = run_role(node_config("debian12"), "debian12", handlers=(on_disk, host, nomad_running))
+    debs = dpkg_installed({"nomad": "1.10.5-1", "unzip": "6.0-28"})
+    again = run_role(
+        node_config("debian12"), "debian12", handlers=(on_disk, debs, host, nomad_running)
+    )
     assert again.uploads == []
     assert not again.grep(r"systemctl (daemon-reload|restart|start|enable)")
     assert not again.grep(r"curl|wget|^unzip|^gpg ")  # downloads are checked, not repeated
-    assert not again.grep(r"apt-get .*update")
+    assert not again.grep(r"apt-get")  # no list refresh, no install
+
+
+def test_version_change_refreshes_lists_and_installs_the_pin() -> None:
+    debs = dpkg_installed({"nomad": "1.10.4-1", "unzip": "6.0-28"})
+    run = run_role(node_config("debian12", version="1.10.5"), "debian12", handlers=(debs,))
+    assert run.grep(r"apt-get .*update")
+    (install,) = run.grep(r"apt-get .*install")
+    assert "nomad=1.10.5-1" in install.split() and "--allow-downgrades" in install
 
 
 def test_config_change_restarts_nomad_only() -> None:
@@ -345,3 +367,36 @@ def test_cluster_ports() -> None:
 def test_repo_table_pins() -> None:
     assert REPO["apt"].package("1.10.5") == "nomad=1.10.5-1"
     assert REPO["dnf"].package("1.10.5") == "nomad-1.10.5-1"
+
+
+# --- the unit, checked by this machine's systemd ----------------------------------------------
+
+UPSTREAM_UNIT = Path(__file__).parent / "fixtures" / "nomad" / "nomad.service.upstream"
+
+
+def _offline(unit_text: str, directory: Path) -> tuple[subprocess.CompletedProcess, float]:
+    directory.mkdir()
+    path = directory / "nomad.service"
+    # /usr/bin/nomad is not installed here; verify checks that ExecStart exists
+    path.write_text(unit_text.replace("/usr/bin/nomad", "/bin/sleep"))
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(path)], capture_output=True, text=True
+    )
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    m = re.search(r"Overall exposure level for nomad\.service: ([0-9.]+)", security.stdout)
+    assert m, security.stdout + security.stderr
+    return verify, float(m[1])
+
+
+def test_unit_verifies_and_is_less_exposed_than_the_packages(tmp_path: Path) -> None:
+    unit = run_role(node_config("debian12"), "debian12").files[UNIT]
+    verify, ours = _offline(unit, tmp_path / "ours")
+    # systemd-analyze verify exits 0 on unknown keys and only warns: any output fails
+    assert (verify.returncode, verify.stdout, verify.stderr) == (0, "", "")
+    _, upstream = _offline(UPSTREAM_UNIT.read_text(), tmp_path / "upstream")
+    assert upstream == 9.6  # the package's own unit, as shipped
+    assert ours <= 8.0, ours
