@@ -185,6 +185,11 @@ class NomadClient:
                     return deployment
                 if deployment.get("Status") in DEPLOYMENT_DONE:
                     raise DeploymentFailed(job_id, deployment)
+                if "requires manual promotion" in str(deployment.get("StatusDescription")):
+                    raise NomadError(
+                        f"job {job_id}: {describe_deployment(deployment)}; promote the canaries "
+                        f"with `nomad deployment promote {deployment.get('ID')}` or fail it"
+                    )
             if time.monotonic() >= deadline:
                 state = describe_deployment(last) if last else "no deployment for this version yet"
                 raise NomadError(

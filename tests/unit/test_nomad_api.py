@@ -310,6 +310,17 @@ def test_failed_deployment_is_reported_with_nomads_description(server: Server) -
     assert TOKEN not in str(exc.value)
 
 
+def test_canaries_waiting_for_manual_promotion_stop_the_wait(server: Server) -> None:
+    # Nomad's DeploymentStatusDescriptionRunningNeedsPromotion (nomad/structs/deployment.go)
+    waiting = dict(
+        fixture("deployment-running.json"),
+        StatusDescription="Deployment is running but requires manual promotion",
+    )
+    server.replay.add("GET", "/v1/job/my-job/deployment", (200, waiting))
+    with pytest.raises(NomadError, match=r"nomad deployment promote 85ee4a9a-339f"):
+        client(server.address).wait_deployment("my-job", 19, timeout=60, poll=0)
+
+
 def test_deployment_wait_times_out_clearly(server: Server) -> None:
     server.replay.add("GET", "/v1/job/my-job/deployment", (200, fixture("deployment-running.json")))
     with pytest.raises(NomadError, match=r"not finished after 0s \(deployment 85ee4a9a running"):
