@@ -82,7 +82,7 @@ def secret_hosts(hosts: list[Host], name: str) -> tuple[list[Host], Secret]:
         if other.version is not None:
             raise RotateError(
                 f"secret {name}: host {h.name} pins version {other.version} (allowed: remove "
-                "secrets.{name}.version to rotate)"
+                f"secrets.{name}.version to rotate)"
             )
     return using, secret
 

@@ -104,8 +104,10 @@ class Secret(Model):
     """One secret: where it comes from in Vault and where it goes on the node."""
 
     mount: MountName = "secret"  # the KV v2 mount
-    path: KvPath  # path in the mount, without data/ (e.g. gpunode/llm)
-    key: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$")]
+    # Both required on the merged config (check_host), so a group or host may override
+    # a single field (a pinned version, say) without repeating them.
+    path: KvPath | None = None  # path in the mount, without data/ (e.g. gpunode/llm)
+    key: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     version: Annotated[int, Field(ge=1)] | None = None  # pin a version; default: the latest
     env: EnvName | None = None  # variable name in the env file; default: KEY upper-cased
     dest: AbsPath | None = None  # default: /etc/gpunode/secrets/<name>.env
@@ -117,7 +119,7 @@ class Secret(Model):
     rollback: bool = True  # rotation: put a host whose health check fails back on the old version
 
     def env_name(self) -> str:
-        return self.env or re.sub(r"[^A-Za-z0-9_]", "_", self.key).upper()
+        return self.env or re.sub(r"[^A-Za-z0-9_]", "_", self.key or "").upper()
 
     def dest_for(self, name: str) -> str:
         return self.dest or f"{SECRETS_DIR}/{name}.env"
@@ -144,6 +146,16 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
                 f"{where}: secrets.{name}: bad secret name (allowed: a-z, 0-9, '_' and '-', "
                 "starting with a letter or digit; it names the env file)"
             )
+        for field_name in ("path", "key"):
+            if getattr(secret, field_name) is None:
+                problems.append(
+                    f"{where}: secrets.{name}.{field_name}: required key is missing (allowed: "
+                    + (
+                        "the KV v2 path without data/, e.g. gpunode/llm)"
+                        if field_name == "path"
+                        else "the key inside the secret, e.g. api_key)"
+                    )
+                )
         dest = secret.dest_for(name)
         if dest in dests:
             problems.append(
@@ -313,9 +325,12 @@ class Session:
     # -- KV v2
     def read(self, name: str, secret: Secret, version: int | None = None) -> SecretValue:
         """The value of ``secret.key`` at ``version`` (default: pinned, else latest)."""
-        client = self.login()
         version = version or secret.version
         what = f"secret {name} ({secret.where()}{f' version {version}' if version else ''})"
+        try:
+            client = self.login()
+        except VaultError as exc:
+            raise VaultError(f"{what}: {exc}") from None
         resp = self._call(
             what,
             lambda: client.secrets.kv.v2.read_secret_version(

@@ -218,6 +218,7 @@ def test_unreachable_vault_is_retried_then_named(tmp_path: Path) -> None:
     with pytest.raises(VaultError) as err:
         s.read("demo", DEMO)
     assert str(err.value) == (
+        "secret demo (secret/gpunode/demo#api_key): "
         f"vault login (AppRole approle): Vault at http://127.0.0.1:{port} is unreachable "
         "(ConnectionError) after 3 attempt(s)"
     )
@@ -336,6 +337,12 @@ def test_config_defaults() -> None:
             "inv.yml: defaults: secrets.a.restart[0].name: 'nginx; rm -rf /' is not allowed",
         ),
         (
+            "    a: {path: p}\n",
+            "vault: {addr: 'http://v:8200'}",
+            "inv.yml: host gpu-01: secrets.a.key: required key is missing (allowed: the key "
+            "inside the secret, e.g. api_key)",
+        ),
+        (
             "    a: {path: p, key: k}\n",
             "vault: {addr: 'http://v:8200', auth: kerberos}",
             "inv.yml: defaults: vault.auth: 'kerberos': Input should be 'approle' or 'token'",
@@ -348,3 +355,50 @@ def test_bad_secret_config_is_refused_at_load(
     with pytest.raises(ConfigError) as err:
         _load(_inv(secrets_yaml, vault_yaml))
     assert message in str(err.value), str(err.value)
+
+
+# --- rotation refuses what it cannot do safely (before touching Vault or a host) ---------
+
+
+def _hosts(extra_host_data: str = ""):
+    text = (
+        "defaults:\n  distro: debian12\n  vault: {addr: 'http://127.0.0.1:1'}\n"
+        "  secrets:\n    demo: {path: gpunode/demo, key: api_key}\n"
+        "hosts:\n  gpu-01:\n    connection: {address: 192.0.2.1}\n"
+        "  gpu-02:\n    connection: {address: 192.0.2.2}\n" + extra_host_data
+    )
+    return list(_load(text).hosts.values())
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "message"),
+    [
+        ("nope", "", "secret nope: no host declares it (allowed: demo)"),
+        (
+            "demo",
+            "    data: {secrets: {demo: {path: gpunode/other, key: api_key}}}\n",
+            "secret demo: host gpu-02 reads secret/gpunode/other#api_key, host gpu-01 reads "
+            "secret/gpunode/demo#api_key (allowed: one Vault source per secret name to rotate)",
+        ),
+        (
+            "demo",
+            "    data: {secrets: {demo: {version: 3}}}\n",
+            "secret demo: host gpu-02 pins version 3 (allowed: remove secrets.demo.version",
+        ),
+    ],
+)
+def test_rotation_refuses_ambiguous_or_pinned_secrets(name: str, extra: str, message: str) -> None:
+    from gpunode.rotate import RotateError, rotate
+
+    with pytest.raises(RotateError) as err:
+        rotate(_hosts(extra), name, "new-value", say=lambda _: None)
+    assert message in str(err.value)
+
+
+def test_rotation_refuses_an_empty_or_multiline_value() -> None:
+    from gpunode.rotate import RotateError, generate_value, rotate
+
+    for value in ("", "a\nb"):
+        with pytest.raises(RotateError, match="must be one non-empty line"):
+            rotate(_hosts(), "demo", value, say=lambda _: None)
+    assert len(generate_value()) == 43 and generate_value() != generate_value()
