@@ -28,6 +28,25 @@ if TYPE_CHECKING:
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 AbsPath = Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$")]
+RunPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]*[A-Za-z0-9._-]$")]
+Calendar = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9*:/,.~ -]{1,64}$")]
+Span = Annotated[str, StringConstraints(pattern=r"^[0-9]+(us|ms|s|min|h|d)?$")]
+
+
+class DriftTimer(Model):
+    """The controller's scheduled drift run (deploys/controller.py): a systemd timer that
+    runs ``gpunode drift INVENTORY DEPLOY --apply`` with a lock, logging to the journal."""
+
+    # the fleet's inventory on the controller: absolute, or relative to the repository copy
+    inventory: RunPath = "inventories/prod.py"
+    deploy: RunPath = "deploys/gpu_node.py"  # the deploy to check, same rules
+    schedule: Calendar = "hourly"  # systemd OnCalendar= (e.g. "hourly", "*:0/15")
+    randomized_delay: Span = "5min"  # systemd RandomizedDelaySec=
+    apply: bool = True  # correct what drifted (--apply); False: only report it
+    # files for the run, uploaded root-only (0600): controller path -> file on the machine
+    # that deploys the controller (the fleet's SSH key and known_hosts, the Vault
+    # secret_id file the fleet inventory names, inventory data outside the repository)
+    credentials: dict[AbsPath, str] = Field(default_factory=dict)
 
 
 class Monitoring(Model):
@@ -46,6 +65,7 @@ class Monitoring(Model):
     # repository), False = never
     dcgm_exporter: bool | None = None
     dcgm_exporter_port: Port = 9400  # dcgm-exporter's listen port (its own default)
+    drift: DriftTimer = Field(default_factory=DriftTimer)  # on controllers only
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:

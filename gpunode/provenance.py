@@ -17,6 +17,7 @@ import functools
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from pyinfra import host
@@ -40,6 +41,7 @@ PATH = "/etc/gpunode/provenance.json"
 # Fields that change on every deploy; a record whose other fields are unchanged is
 # not rewritten, so a converged host reports no change.
 VOLATILE = ("deployed_at",)
+SOURCE_STAMP = ".gpunode-source.json"
 
 
 @functools.cache
@@ -52,8 +54,17 @@ def repository_state(repo: str) -> dict[str, Any]:
             ["git", "-C", repo, *args], capture_output=True, text=True, check=False
         )
 
-    head = git("rev-parse", "HEAD")
+    try:
+        head = git("rev-parse", "HEAD")
+    except OSError:  # no git on this machine
+        head = subprocess.CompletedProcess([], 1)
     if head.returncode != 0:
+        # a copy made by `git archive` (a controller's, roles/controller.py) carries its
+        # commit in a stamp file
+        stamp = Path(repo) / SOURCE_STAMP
+        if stamp.is_file():
+            doc = json.loads(stamp.read_text())
+            return {"commit": doc.get("commit"), "dirty": doc.get("dirty")}
         return {"commit": None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}

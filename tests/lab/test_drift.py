@@ -1,0 +1,130 @@
+"""gpunode drift on real lab hosts: hand-made drift is reported exactly, --apply corrects
+it, an unreachable host is an error while the others are still reported."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpunode.lab import inventory_spec
+from gpunode.paths import REPO_ROOT
+from gpunode.provenance import repository_state
+
+from .conftest import Lab, gpunode, pyinfra
+
+INVENTORY = "inventories/lab.py"
+DEPLOY = "deploys/gpu_node.py"
+PROVENANCE = "gpunode provenance | Provenance record"
+
+
+def repo() -> dict:
+    """The deploy repository's commit and dirtiness now (what the provenance role records)."""
+    return repository_state.__wrapped__(str(REPO_ROOT))
+
+
+@pytest.fixture(scope="module")
+def converged(lab: Lab) -> Lab:
+    for _ in range(5):  # until the repository held still during a whole deploy
+        before = repo()
+        pyinfra(INVENTORY, DEPLOY, env=lab.env, check=True)
+        if repo() == before:
+            break
+    lab.deployed_from = before  # type: ignore[attr-defined]
+    return lab
+
+
+def drift(lab: Lab, *args: str, inventory: str = INVENTORY):
+    """One drift run, and the provenance drift it must report on top of the hand-made one:
+    the record names the repository's commit, so a commit made in this checkout since the
+    last deploy (by someone else, while the test runs) is drift too. Retried while the
+    repository moves during the run, so the expectation is exact."""
+    for _ in range(5):
+        before = repo()
+        proc = gpunode("drift", inventory, DEPLOY, *args, env=lab.env, timeout=600)
+        if repo() == before:
+            break
+    extra = [PROVENANCE] if before != lab.deployed_from else []  # type: ignore[attr-defined]
+    if "--apply" in args:
+        lab.deployed_from = before  # type: ignore[attr-defined]
+    return proc, extra
+
+
+def test_hand_made_drift_is_reported_exactly_then_corrected(converged: Lab, tmp_path: Path) -> None:
+    clean, extra = drift(converged)
+    assert clean.returncode == (2 if extra else 0), clean.stdout + clean.stderr
+    for name in ("lab-01", "lab-02"):
+        if extra:
+            assert f"{name}: drift: 1 operation(s) would change\n  - {PROVENANCE}" in clean.stdout
+        else:
+            assert f"{name}: no drift" in clean.stdout
+
+    converged.ssh(
+        "lab-02",
+        # a managed file changed, a managed service stopped
+        "echo RateLimitBurst=1 >> /etc/systemd/journald.conf.d/50-gpunode.conf && "
+        "systemctl stop prometheus-node-exporter.service",
+        check=True,
+    )
+    report = tmp_path / "drift.json"
+    found, extra = drift(converged, "--json", str(report))
+    assert found.returncode == 2, found.stdout + found.stderr
+    hosts = json.loads(report.read_text())["hosts"]
+    assert hosts["lab-01"]["drifted"] == extra
+    assert hosts["lab-02"]["drifted"] == [
+        "gpunode base | journald limits",
+        "gpunode monitoring | node_exporter running",
+        *extra,
+    ]
+
+    prom = tmp_path / "drift.prom"
+    fixed, extra = drift(converged, "--apply", "--prometheus", str(prom))
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    n = 2 + len(extra)
+    assert f"lab-02: drift corrected: {n} operation(s), none left" in fixed.stdout
+    metrics = prom.read_text()
+    assert f'gpunode_drift_operations{{host="lab-02"}} {n}' in metrics
+    assert 'gpunode_drift_remaining_operations{host="lab-02"} 0' in metrics
+    assert f'gpunode_drift_operations{{host="lab-01"}} {len(extra)}' in metrics
+    assert "gpunode_drift_success 1" in metrics
+
+    state = converged.ssh(
+        "lab-02",
+        "systemctl is-active prometheus-node-exporter.service; "
+        "grep -c RateLimitBurst=1$ /etc/systemd/journald.conf.d/50-gpunode.conf",
+    )
+    assert state.stdout.split() == ["active", "0"]
+    again, extra = drift(converged)
+    assert again.returncode == (2 if extra else 0), again.stdout + again.stderr
+
+
+def test_unreachable_host_is_an_error_and_the_others_are_reported(
+    converged: Lab, tmp_path: Path
+) -> None:
+    doc, _ = inventory_spec(converged.settings)
+    gone = dict(doc["hosts"]["lab-01"])
+    # an address in the lab's subnet that no host has
+    gone["connection"] = {**gone["connection"], "address": converged.settings.host_address(99)}
+    doc["hosts"]["lab-99"] = gone
+    (tmp_path / "inv.yml").write_text(yaml.safe_dump(doc))
+    inventory = tmp_path / "inv.py"
+    inventory.write_text(
+        "from gpunode.inventory import from_yaml\n_gpunode = from_yaml(__file__)\n"
+        "globals().update(_gpunode.pyinfra_groups())\n"
+    )
+    prom = tmp_path / "drift.prom"
+    proc, extra = drift(converged, "--prometheus", str(prom), inventory=str(inventory))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for name in ("lab-01", "lab-02"):
+        if extra:
+            assert f"{name}: drift: 1 operation(s) would change\n  - {PROVENANCE}" in proc.stdout
+        else:
+            assert f"{name}: no drift" in proc.stdout
+    assert re.search(r"^lab-99: error: cannot connect", proc.stdout, re.M), proc.stdout
+    metrics = prom.read_text()
+    assert 'gpunode_drift_host_ok{host="lab-99"} 0' in metrics
+    assert 'gpunode_drift_host_ok{host="lab-01"} 1' in metrics
+    assert "gpunode_drift_success 0" in metrics
