@@ -7,11 +7,13 @@ hardening, inference) plug in below, in the order they depend on each other.
 """
 
 from roles.base import base
+from roles.gpu_probe import gpu_probe
 from roles.monitoring import monitoring
 from roles.provenance import provenance
 from roles.secrets import secrets
 
 base()
+gpu_probe()
 secrets()
 monitoring()
 provenance()  # last: records what the roles above recorded

@@ -382,6 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def import_nvml() -> Any:
     if os.path.isdir(LIB_DIR) and LIB_DIR not in sys.path:
         sys.path.insert(0, LIB_DIR)
+        sys.dont_write_bytecode = True  # LIB_DIR holds exactly what roles/gpu_probe.py put there
     import pynvml
 
     return pynvml
