@@ -174,7 +174,9 @@ def firewall() -> None:
         and now["live_matches"]
         and not now["rollback_armed"]
     )
-    if not converged:
+    if converged:  # a candidate left by a run that failed to confirm has been rolled back
+        files.file(name="No leftover candidate ruleset", path=FIREWALL_CANDIDATE, present=False)
+    else:
         _apply(ruleset, fw.rollback_seconds)
     unit = files.put(
         name="Firewall boot unit",

@@ -1,0 +1,201 @@
+"""Checks for roles/firewall.py and roles/hardening.py: every control, on the running host."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpunode import distros, hardening
+from gpunode.config import Host
+
+
+@pytest.fixture(scope="module")
+def as_root(host, node: Host):
+    """Run a command as root (gpunode may connect as an admin user with sudo)."""
+
+    def run(command: str):
+        if node.connection.user == "root":
+            return host.run(command)
+        with host.sudo():
+            return host.run(command)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def firewall_on(node: Host) -> None:
+    if not node.config.firewall.enabled:
+        pytest.skip("firewall.enabled is false for this host")
+
+
+@pytest.fixture(scope="module")
+def hardening_on(node: Host) -> None:
+    if not node.config.hardening.enabled:
+        pytest.skip("hardening.enabled is false for this host")
+
+
+# --- firewall ----------------------------------------------------------------------------
+
+
+def _chains(as_root) -> dict[str, dict]:
+    out = as_root(f"nft -j list table inet {hardening.NFT_TABLE}")
+    assert out.rc == 0, f"gpunode's table is not loaded: {out.stderr}"
+    items = json.loads(out.stdout)["nftables"]
+    return {i["chain"]["name"]: i["chain"] for i in items if "chain" in i}
+
+
+def test_firewall_table_is_loaded_with_drop_policies(firewall_on, as_root) -> None:
+    chains = _chains(as_root)
+    assert (chains["input"]["hook"], chains["input"]["policy"]) == ("input", "drop")
+    assert (chains["forward"]["hook"], chains["forward"]["policy"]) == ("forward", "drop")
+
+
+def test_firewall_allows_exactly_the_configured_sources(firewall_on, node: Host, as_root) -> None:
+    live = as_root(f"nft -s list chain inet {hardening.NFT_TABLE} input").stdout
+    rules = [r for r in live.splitlines() if "accept comment" in r]
+    wanted = hardening.allow_rules(node.config, node.connection.port)
+    assert len(rules) == sum(bool(a.v4) + bool(a.v6) for a in wanted)
+    for allow in wanted:
+        mine = [r for r in rules if r.strip().endswith(f'comment "{allow.name}"')]
+        for cidr in (*allow.v4, *allow.v6):
+            assert any(cidr in r for r in mine), (allow.name, cidr, mine)
+        for port in allow.ports:
+            assert all(str(port) in r and allow.proto in r for r in mine), (allow.name, mine)
+    if node.config.firewall.log_drops:
+        assert 'log prefix "gpunode-drop input: "' in live
+
+
+def test_firewall_live_rules_are_the_confirmed_ones(firewall_on, as_root) -> None:
+    live = as_root(
+        f'live=$(nft -s list table inet {hardening.NFT_TABLE}) && printf "%s\\n" "$live" '
+        "| sha1sum | cut -d' ' -f1"
+    ).stdout.strip()
+    assert live == as_root(f"cat {hardening.FIREWALL_LIVE_SHA}").stdout.strip()
+
+
+def test_firewall_persisted_and_loaded_at_boot(firewall_on, host, node: Host, as_root) -> None:
+    active = as_root(f"cat {hardening.FIREWALL_ACTIVE}")
+    assert active.stdout == hardening.render_ruleset(node.config, node.connection.port)
+    assert host.file(hardening.FIREWALL_ACTIVE).mode == 0o600
+    assert as_root(f"nft -c -f {hardening.FIREWALL_ACTIVE}").rc == 0
+    assert host.service(hardening.FIREWALL_UNIT).is_enabled
+    assert (
+        "flush ruleset"
+        not in host.file(f"/etc/systemd/system/{hardening.FIREWALL_UNIT}").content_string
+    )
+
+
+def test_firewall_no_rollback_pending(firewall_on, host) -> None:
+    assert not host.service(f"{hardening.ROLLBACK_UNIT}.timer").is_running
+    assert not host.file(hardening.FIREWALL_CANDIDATE).exists
+
+
+def test_no_conflicting_firewall_runs(firewall_on, host, spec: distros.DistroSpec) -> None:
+    for unit in hardening.CONFLICTING_FIREWALLS[spec.family]:
+        assert not host.service(unit.removesuffix(".service")).is_running, unit
+
+
+def test_forwarding_matches_the_container_setting(firewall_on, host, node: Host) -> None:
+    forward = host.check_output("sysctl -n net.ipv4.ip_forward")
+    assert forward == ("1" if node.config.firewall.containers else "0")
+
+
+# --- sshd --------------------------------------------------------------------------------
+
+
+def test_sshd_effective_settings(hardening_on, node: Host, as_root) -> None:
+    out = as_root("/usr/sbin/sshd -T")
+    assert out.rc == 0, out.stderr
+    effective: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        effective.setdefault(key, value)
+    aliases = {"without-password": "prohibit-password"}  # OpenSSH prints the old name
+    for key, value in hardening.sshd_options(node.config, node.connection.user).items():
+        assert aliases.get(effective.get(key, ""), effective.get(key)) == value, key
+
+
+def test_sshd_config_is_valid(hardening_on, as_root) -> None:
+    out = as_root("/usr/sbin/sshd -t")
+    assert out.rc == 0, out.stderr
+
+
+def test_sshd_files_strict(hardening_on, host) -> None:
+    for path in ("/etc/ssh/sshd_config", hardening.SSHD_DROPIN):
+        f = host.file(path)
+        assert (f.user, f.group, f.mode) == ("root", "root", 0o600), path
+
+
+def test_sshd_keeps_admin_access(hardening_on, host, node: Host) -> None:
+    # this check runs over a NEW key-based SSH login of the inventory's user
+    assert host.check_output("id -un") == node.connection.user
+
+
+# --- sysctl ------------------------------------------------------------------------------
+
+
+def test_sysctl_persisted(hardening_on, host, node: Host) -> None:
+    f = host.file(hardening.SYSCTL_FILE)
+    assert f.content_string == hardening.render_sysctl(node.config)
+    assert (f.user, f.mode) == ("root", 0o644)
+
+
+def _sysctls(host, keys: list[str]) -> dict[str, str]:
+    """Running values, one `sysctl` call for all keys."""
+    out = host.check_output(f"sysctl {' '.join(keys)}")
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in out.splitlines())}
+
+
+def test_sysctl_network_keys_live(hardening_on, host, node: Host) -> None:
+    wanted = {
+        k: str(v)
+        for k, v in hardening.sysctl_settings(node.config).items()
+        if not hardening.is_kernel_key(k)
+    }
+    assert _sysctls(host, sorted(wanted)) == wanted
+
+
+def test_sysctl_kernel_keys_live(hardening_on, host, node: Host, in_container: bool) -> None:
+    if in_container:
+        pytest.skip("kernel-wide sysctls are read-only in a container (persisted, checked above)")
+    wanted = {
+        k: str(v)
+        for k, v in hardening.sysctl_settings(node.config).items()
+        if hardening.is_kernel_key(k)
+    }
+    assert _sysctls(host, sorted(wanted)) == wanted
+
+
+# --- OS ----------------------------------------------------------------------------------
+
+
+def test_core_dumps_off(hardening_on, host, node: Host) -> None:
+    if node.config.hardening.core_dumps:
+        pytest.skip("hardening.core_dumps is true for this host")
+    assert host.check_output("ulimit -Hc") == "0"  # this login went through pam_limits
+    assert "Storage=none" in host.file(hardening.COREDUMP_DROPIN).content_string
+    assert hardening.sysctl_settings(node.config).get("fs.suid_dumpable") == 0
+
+
+def test_legacy_services_absent(hardening_on, host, node: Host, spec: distros.DistroSpec) -> None:
+    if not node.config.hardening.remove_insecure_packages:
+        pytest.skip("hardening.remove_insecure_packages is false for this host")
+    names = " ".join(hardening.ABSENT_PACKAGES[spec.family])
+    if spec.family == "apt":  # one query for all: "name status" for those dpkg knows of
+        out = host.run(f"dpkg-query -W -f '${{Package}} ${{db:Status-Status}}\\n' {names}")
+        installed = [
+            line.split()[0] for line in out.stdout.splitlines() if line.endswith(" installed")
+        ]
+    else:
+        out = host.run(f"rpm -q {names}")
+        installed = [line for line in out.stdout.splitlines() if "is not installed" not in line]
+    assert installed == []
+
+
+def test_strict_file_modes(hardening_on, host, node: Host, spec: distros.DistroSpec) -> None:
+    if not node.config.hardening.strict_file_modes:
+        pytest.skip("hardening.strict_file_modes is false for this host")
+    entries = hardening.STRICT_FILES[spec.family]
+    out = host.check_output(f"stat -c '%n %U %G %a' {' '.join(e.path for e in entries)}")
+    assert out.splitlines() == [f"{e.path} {e.user} {e.group} {int(e.mode, 8):o}" for e in entries]
