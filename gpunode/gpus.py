@@ -34,20 +34,29 @@ class GpuModel:
     memory_gib: int  # memory per GPU, from NVIDIA's product datasheet
     nvml_names: tuple[str, ...]  # nvmlDeviceGetName() / nvidia-smi "name" of this model
     nvswitch: bool = False  # HGX boards of this model use NVSwitches (need nvidia-fabricmanager)
+    nvml_total: int | None = None  # bytes NVML reports as memory total, where recorded
 
     @property
     def memory_bytes(self) -> int:
-        return self.memory_gib * GIB
+        """What the planner counts per GPU: NVML's total where a real GPU of this model was
+        recorded, else the datasheet's capacity."""
+        return self.nvml_total or self.memory_gib * GIB
 
 
 # Memory per GPU from NVIDIA's datasheets (H100, H200, A100, L40S, L4, A10 product pages).
-# NVML reports a little less as total (the driver reserves some): the planner's
-# overhead margin covers that. "H100-SXM-80GB"'s name is checked against a recording
-# (tests/unit/fixtures/gpu/) where one exists.
+# NVML reports a little less as total: a recorded H100 80GB HBM3 (driver 580.159.04,
+# tests/unit/fixtures/gpu/nvidia-h100-80gb-hbm3) has 85,520,809,984 bytes = 81,559 MiB,
+# 99.6 % of 80 GiB. Names and totals of the other models are not recorded yet.
 GPU_MODELS: dict[str, GpuModel] = {
     row.key: row
     for row in (
-        GpuModel("H100-SXM-80GB", 80, ("NVIDIA H100 80GB HBM3",), nvswitch=True),
+        GpuModel(
+            "H100-SXM-80GB",
+            80,
+            ("NVIDIA H100 80GB HBM3",),
+            nvswitch=True,
+            nvml_total=85_520_809_984,
+        ),
         GpuModel("H100-PCIE-80GB", 80, ("NVIDIA H100 PCIe",)),
         GpuModel("H100-NVL-94GB", 94, ("NVIDIA H100 NVL",)),
         GpuModel("H200-SXM-141GB", 141, ("NVIDIA H200",), nvswitch=True),
@@ -91,6 +100,15 @@ def capacity(config: NodeConfig) -> tuple[int, int] | None:
     if gpu.model is None:
         return None
     return GPU_MODELS[gpu.model].memory_bytes, gpu.count if gpu.count is not None else 1
+
+
+def capacity_from_report(report: dict[str, Any]) -> tuple[int, int] | None:
+    """(smallest memory total of the node's GPUs in bytes, GPU count) as the probe saw them
+    (the GpuProbe fact); None when it saw no GPU."""
+    totals = [gpu["memory"]["total"] for gpu in report.get("gpus", []) if "memory" in gpu]
+    if not totals:
+        return None
+    return min(totals), len(totals)
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:

@@ -29,8 +29,16 @@ from pyinfra.api.operations import run_ops
 from test_base_role import RecordingFakeConnector, Run, converged, fail_op
 
 from gpunode import probe
-from gpunode.config import NodeConfig, load
-from gpunode.gpus import GpuProbe, parse_probe_output, sees_no_gpu
+from gpunode.config import ConfigError, NodeConfig, load
+from gpunode.gpus import (
+    GPU_MODELS,
+    GpuProbe,
+    capacity,
+    capacity_from_report,
+    parse_probe_output,
+    sees_no_gpu,
+)
+from gpunode.planner import ModelFootprint, check_placement
 from roles.gpu_probe import PROBE_SOURCE, gpu_probe, pynvml_source
 
 HOST = "gpu-01"
@@ -228,3 +236,74 @@ def test_converged_host_gets_no_change(no_gpu_fact: list[str]) -> None:
     assert not run.failed
     assert run.uploads == []
     assert not run.grep(r"apt-get|chmod|chown|mkdir")
+
+
+# --- the gpu section ------------------------------------------------------------------------
+
+
+def load_error(**gpu: Any) -> str:
+    with pytest.raises(ConfigError) as exc:
+        node_config(**gpu)
+    return str(exc.value)
+
+
+def test_unknown_gpu_model_is_refused_at_load_with_the_allowed_list() -> None:
+    message = load_error(model="H100")
+    assert message.startswith("test_gpu_fact: defaults: gpu.model: ")  # where it was written
+    assert "'H100' is not a GPU model gpunode knows" in message
+    assert "allowed: H100-SXM-80GB, H100-PCIE-80GB" in message
+
+
+def test_required_with_zero_gpus_is_refused() -> None:
+    message = load_error(required=True, count=0)
+    assert "gpu.count: 0 contradicts gpu.required: true" in message
+    assert f"host {HOST}" in message
+
+
+def test_fabric_manager_on_a_gpu_less_host_is_refused() -> None:
+    assert "gpu.fabric_manager: true on a host declared GPU-less" in load_error(fabric_manager=True)
+
+
+@pytest.mark.parametrize(
+    ("gpu", "declares"),
+    [
+        ({}, False),
+        ({"required": False, "count": 0}, False),
+        ({"required": True}, True),
+        ({"count": 2}, True),
+        ({"model": "L4-24GB"}, True),
+    ],
+)
+def test_declared_gpu_less(gpu: dict[str, Any], declares: bool) -> None:
+    assert node_config(**gpu).gpu.declares_gpu is declares
+
+
+def test_capacity_from_the_declared_model() -> None:
+    assert capacity(node_config(model="H100-SXM-80GB", count=8)) == (85_520_809_984, 8)
+    assert capacity(node_config(model="L40S-48GB")) == (48 * 2**30, 1)
+    assert capacity(node_config(count=2)) is None
+
+
+@pytest.mark.parametrize("folder", RECORDINGS, ids=lambda p: p.name)
+def test_gpu_model_table_matches_the_recorded_gpu(folder: Path) -> None:
+    device = json.loads((folder / "nvml.json").read_text())["devices"][0]
+    name = device["nvmlDeviceGetName()"]["result"]
+    total = device["nvmlDeviceGetMemoryInfo()"]["result"]["fields"]["total"]
+    rows = [m for m in GPU_MODELS.values() if name in m.nvml_names]
+    assert len(rows) == 1, name
+    assert rows[0].memory_bytes == total
+    assert 0.99 * rows[0].memory_gib * 2**30 < total <= rows[0].memory_gib * 2**30
+
+
+@pytest.mark.parametrize("folder", RECORDINGS, ids=lambda p: p.name)
+def test_placement_on_the_recorded_gpu(folder: Path) -> None:
+    report = parse_probe_output((folder / "fact.out").read_text().splitlines())
+    have = capacity_from_report(report)
+    assert have is not None
+    per_gpu, count = have
+    llama2_7b = ModelFootprint(parameters=6_738_415_616, dtype="fp16", batch=8)
+    assert check_placement(f"host {HOST}", HOST, "chat", llama2_7b, per_gpu, count) == []
+    llama2_70b = ModelFootprint(parameters="70B", dtype="fp16")
+    (problem,) = check_placement(f"host {HOST}", HOST, "chat", llama2_70b, per_gpu, count)
+    assert f"the node has {per_gpu / 2**30:.1f} GiB per GPU x {count}" in problem
+    assert capacity_from_report({"gpus": []}) is None
