@@ -186,7 +186,7 @@ def encode(value: Any) -> Any:
         return {"__tuple__": [encode(v) for v in value]}
     if isinstance(value, list):
         return [encode(v) for v in value]
-    if isinstance(value, ctypes.Structure):
+    if isinstance(value, ctypes.Structure) or hasattr(value, "_fields_"):  # also a replayed one
         fields = {name: encode(getattr(value, name)) for name, *_ in value._fields_}
         return {"__struct__": type(value).__name__, "fields": fields}
     if isinstance(value, ctypes.Array):

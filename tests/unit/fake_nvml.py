@@ -49,10 +49,18 @@ def decode(value: Any) -> Any:
         if "__handle__" in value:
             return FakeHandle(value["__handle__"])
         if "__struct__" in value:
-            return SimpleNamespace(**{k: decode(v) for k, v in value["fields"].items()})
+            return _struct(value["__struct__"], {k: decode(v) for k, v in value["fields"].items()})
         if "__repr__" in value:
             raise NotRecorded(f"recorded only as {value['__repr__']}")
     return value
+
+
+def _struct(name: str, fields: dict[str, Any]) -> Any:
+    """A recorded ctypes structure: same type name, same attributes, and ``_fields_`` (so
+    the recorder can record a replayed one again)."""
+    struct = type(name, (SimpleNamespace,), {})(**fields)
+    struct._fields_ = [(field, None) for field in fields]
+    return struct
 
 
 def _key_arg(arg: Any) -> str:
