@@ -4,6 +4,8 @@
     pyinfra -y inventories/controller.py deploys/controller.py
 """
 
+from roles.base import base
 from roles.controller import controller
 
+base()  # the OS layer (package proxy, admin users, journald, updates) as on every node
 controller()

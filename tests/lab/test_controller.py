@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -28,7 +29,7 @@ LOADER = (
 
 
 @pytest.fixture(scope="module")
-def controller(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+def controller(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("controller")
     pyinfra(
         "inventories/lab.py", "deploys/gpu_node.py", "--limit", "lab-02", env=lab.env, check=True
@@ -59,18 +60,24 @@ def controller(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lab:
         }
     }
     (tmp / "controller.yml").write_text(yaml.safe_dump(data))
-    lab.env = {**lab.env, "GPUNODE_LAB_DATA": str(tmp / "controller.yml")}
+    ctl = Lab(
+        env={**lab.env, "GPUNODE_LAB_DATA": str(tmp / "controller.yml")},
+        state_dir=lab.state_dir,
+        hosts=lab.hosts,
+    )
     first = pyinfra(
         "inventories/lab.py",
         "deploys/controller.py",
         "--limit",
         "lab-01",
-        env=lab.env,
+        env=ctl.env,
         check=True,
         timeout=900,
     )
     assert changes(first.stdout + first.stderr)[0] > 0
-    return lab
+    yield ctl
+    # the other lab tests share these hosts: no drift run behind their backs
+    ctl.ssh("lab-01", "systemctl disable --now gpunode-drift.timer", check=True)
 
 
 def test_second_controller_deploy_changes_nothing(controller: Lab) -> None:

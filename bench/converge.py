@@ -1,0 +1,160 @@
+"""Benchmark (not a test): deploys/gpu_node.py on 1, 4 and 16 fresh lab hosts.
+
+For each size it prints the first-converge time, the converged re-run time, the drift-check
+time (``gpunode drift``), the remote commands per host in a converged run (counted at
+pyinfra's connector, facts included) and, at the end, the 16-host / 1-host ratios.
+
+    sudo .venv/bin/python bench/converge.py [--sizes 1 4 16]
+
+It uses a lab of its own (``GPUNODE_LAB_NAME=bench5``, 10.231.205.0/24) and takes it down
+afterwards. Times are wall-clock seconds of real runs (pyinfra's CLI with -y, as a user
+runs it); the machine's cores, memory and load decide them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ENV = {
+    "GPUNODE_LAB_NAME": "bench5",
+    "GPUNODE_LAB_SUBNET": "10.231.205.0/24",
+    "GPUNODE_LAB_SUBNET6": "fd42:231:205::/64",
+    "GPUNODE_LAB_VAULT_PORT": "19051",
+    "GPUNODE_LAB_PROXY_PORT": "8895",
+}
+INVENTORY = "inventories/lab.py"
+DEPLOY = "deploys/gpu_node.py"
+
+
+def run(*cmd: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    start = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=3600,
+    )
+    return time.monotonic() - start, proc
+
+
+def must(what: str, result: tuple[float, subprocess.CompletedProcess[str]], ok=(0,)) -> float:
+    seconds, proc = result
+    if proc.returncode not in ok:
+        raise SystemExit(
+            f"{what} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return seconds
+
+
+def commands_per_host() -> Counter[str]:
+    """Remote commands of one converged deploy, per host: the deploy is planned and run
+    through pyinfra's API (as gpunode drift --apply does), counting every command the
+    connector sends (facts and operations) and every upload."""
+    os.environ.update(ENV)
+    from pyinfra.api.operations import run_ops
+    from pyinfra.context import ctx_state
+
+    from gpunode import drift
+
+    inventory = drift.load_inventory(INVENTORY)
+    counts: Counter[str] = Counter()
+    for host in inventory:
+        connector = host.connector
+
+        def counting(fn, name=host.name):
+            def wrapper(*args, **kwargs):
+                counts[name] += 1
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        connector.run_shell_command = counting(connector.run_shell_command)  # type: ignore[method-assign]
+        connector.put_file = counting(connector.put_file)  # type: ignore[method-assign]
+    state, errors = drift._prepare(inventory, REPO / DEPLOY)
+    if errors.by_host:
+        raise SystemExit(f"errors: {errors.by_host}")
+    with ctx_state.use(state):
+        run_ops(state)
+    drift._disconnect(state)
+    return counts
+
+
+def one_size(n: int) -> dict[str, float]:
+    must("lab down", run(sys.executable, "-m", "gpunode.cli", "lab", "down"))
+    up = must("lab up", run(sys.executable, "-m", "gpunode.cli", "lab", "up", "--hosts", str(n)))
+    first = must("first converge", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
+    second = must("converged run", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
+    check = must("drift", run(sys.executable, "-m", "gpunode.cli", "drift", INVENTORY, DEPLOY))
+    _, counted = run(sys.executable, __file__, "--count-only")
+    per_host = [int(x) for x in counted.stdout.split()] if counted.returncode == 0 else []
+    if not per_host:
+        raise SystemExit(f"counting failed:\n{counted.stdout}\n{counted.stderr[-3000:]}")
+    result = {
+        "hosts": n,
+        "lab_up_s": up,
+        "first_converge_s": first,
+        "converged_rerun_s": second,
+        "drift_check_s": check,
+        "commands_per_host": statistics.mean(per_host),
+        "commands_min": min(per_host),
+        "commands_max": max(per_host),
+    }
+    print(
+        f"{n:>2} host(s): first converge {first:6.1f} s, converged re-run {second:5.1f} s, "
+        f"drift check {check:5.1f} s, remote commands per host in a converged run "
+        f"{result['commands_per_host']:.0f} (min {min(per_host)}, max {max(per_host)})",
+        flush=True,
+    )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--count-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.count_only:
+        print(" ".join(str(v) for v in commands_per_host().values()))
+        return 0
+    if os.geteuid() != 0:
+        raise SystemExit("bench/converge.py boots lab hosts: run it as root")
+    print(
+        f"machine: {platform.node()}, {os.cpu_count()} CPU(s), {platform.platform()}, "
+        f"python {platform.python_version()}",
+        flush=True,
+    )
+    results = []
+    try:
+        for n in args.sizes:
+            results.append(one_size(n))
+    finally:
+        run(sys.executable, "-m", "gpunode.cli", "lab", "down")
+    by_size = {r["hosts"]: r for r in results}
+    if 1 in by_size and 16 in by_size:
+        one, sixteen = by_size[1], by_size[16]
+        print(
+            "16-host / 1-host ratio: "
+            + ", ".join(
+                f"{key.removesuffix('_s').replace('_', ' ')} {sixteen[key] / one[key]:.2f}"
+                for key in ("first_converge_s", "converged_rerun_s", "drift_check_s")
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
