@@ -233,6 +233,7 @@ def controller() -> None:
         deploy=_path(drift.deploy),
         apply=drift.apply,
         state_dir=STATE,
+        writable=sorted({STATE, config.monitoring.textfile_dir}),
         textfile=f"{config.monitoring.textfile_dir}/gpunode_drift.prom",
         lock=LOCK,
         lock_busy_status=LOCK_BUSY,

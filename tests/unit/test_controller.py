@@ -1,0 +1,89 @@
+"""The controller's systemd units (templates/controller/), checked offline by systemd."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from roles import controller as ctl
+
+
+def render(tmp_path: Path, **overrides: object) -> tuple[Path, Path]:
+    service_args: dict[str, object] = dict(
+        repo=ctl.REPO,
+        venv=ctl.VENV,
+        inventory="/etc/gpunode/controller/fleet.py",
+        deploy=f"{ctl.REPO}/deploys/gpu_node.py",
+        apply=True,
+        state_dir=ctl.STATE,
+        writable=[ctl.STATE, "/var/lib/gpunode/textfile"],
+        textfile="/var/lib/gpunode/textfile/gpunode_drift.prom",
+        lock=ctl.LOCK,
+        lock_busy_status=ctl.LOCK_BUSY,
+    )
+    service_args.update(overrides)
+    out = []
+    for name, args in (
+        (ctl.SERVICE, service_args),
+        (ctl.TIMER, {"schedule": "hourly", "randomized_delay": "5min"}),
+    ):
+        template = jinja2.Template((ctl.T / f"{name}.j2").read_text())
+        path = tmp_path / name
+        path.write_text(template.render(**args))
+        out.append(path)
+    return out[0], out[1]
+
+
+@pytest.fixture(scope="module")
+def systemd_analyze() -> str:
+    found = shutil.which("systemd-analyze")
+    if not found:
+        pytest.fail("systemd-analyze (package systemd) is needed for these checks")
+    return found
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path, systemd_analyze: str) -> None:
+    service, timer = render(tmp_path)
+    proc = subprocess.run(
+        [systemd_analyze, "verify", str(timer), str(service)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    # systemd-analyze verify exits 0 on unknown keys, only warning: any output is a failure
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+def test_verify_catches_a_bad_key(tmp_path: Path, systemd_analyze: str) -> None:
+    service, _ = render(tmp_path)
+    service.write_text(service.read_text().replace("PrivateTmp=yes", "PrivateTmpp=yes"))
+    proc = subprocess.run([systemd_analyze, "verify", str(service)], capture_output=True, text=True)
+    assert "PrivateTmpp" in proc.stderr
+
+
+def test_run_is_locked_logged_and_confined(tmp_path: Path, systemd_analyze: str) -> None:
+    service, timer = render(tmp_path, apply=False)
+    text = service.read_text()
+    (exec_start,) = re.findall(r"^ExecStart=(.*)$", text, re.M)
+    assert exec_start.startswith(f"/usr/bin/flock --nonblock --conflict-exit-code 75 {ctl.LOCK} ")
+    assert " drift /etc/gpunode/controller/fleet.py /opt/gpunode/repo/deploys/gpu_node.py " in (
+        exec_start
+    )
+    assert "--apply" not in exec_start  # monitoring.drift.apply: false only reports
+    assert "--prometheus /var/lib/gpunode/textfile/gpunode_drift.prom" in exec_start
+    assert "SuccessExitStatus=75" in text and "SyslogIdentifier=gpunode-drift" in text
+    assert "OnCalendar=hourly" in timer.read_text()
+    proc = subprocess.run(
+        [systemd_analyze, "security", "--offline=true", str(service)],
+        capture_output=True,
+        text=True,
+    )
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert level, proc.stdout + proc.stderr
+    # a root service with no capabilities, read-only system, own /tmp, no devices
+    assert float(level[1]) <= 5.0, proc.stdout
