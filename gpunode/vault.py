@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,6 +212,9 @@ class Session:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.client: hvac.Client | None = None
+        # pyinfra runs the deploy file for all hosts at once (gevent greenlets; it patches
+        # threading): one login per session, or a wrapped secret_id would be unwrapped twice.
+        self._lock = threading.Lock()
 
     # -- plumbing
     def _new_client(self, token: str = "") -> hvac.Client:
@@ -262,8 +266,12 @@ class Session:
 
     # -- login
     def login(self) -> hvac.Client:
-        if self.client is not None:
+        with self._lock:
+            if self.client is None:
+                self.client = self._login()
             return self.client
+
+    def _login(self) -> hvac.Client:
         cfg = self.config
         if cfg.auth == "token":
             token = self.environ.get(cfg.token_env, "")
@@ -271,7 +279,6 @@ class Session:
                 raise VaultError(f"vault login: auth is token but ${cfg.token_env} is not set")
             client = self._new_client(token)
             self._call("vault login (token)", lambda: client.auth.token.lookup_self())
-            self.client = client
             return client
         role_id = self.environ.get(cfg.role_id_env) or cfg.role_id
         if not role_id:
@@ -287,7 +294,6 @@ class Session:
                 role_id=role_id, secret_id=secret_id, mount_point=cfg.approle_mount
             ),
         )
-        self.client = client
         return client
 
     def _secret_id(self) -> str:
@@ -442,10 +448,7 @@ _SESSIONS: dict[str, Session] = {}
 
 
 def session_for(config: Vault) -> Session:
-    key = config.model_dump_json()
-    if key not in _SESSIONS:
-        _SESSIONS[key] = Session(config)
-    return _SESSIONS[key]
+    return _SESSIONS.setdefault(config.model_dump_json(), Session(config))
 
 
 def close_all() -> None:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,16 @@ def test_a_wrapped_secret_id_works_once(bao: Bao) -> None:
     msg = str(err.value)
     assert "unwrapping $VAULT_WRAPPED_SECRET_ID" in msg
     assert "a wrapping token works once" in msg
+
+
+def test_hosts_reading_at_once_share_one_login(bao: Bao) -> None:
+    # pyinfra loads the deploy file for every host concurrently: a wrapped secret_id
+    # must still be unwrapped once, and one token serve them all.
+    s = session(bao, {"VAULT_WRAPPED_SECRET_ID": bao.secret_id(wrap_ttl="60s")})
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        values = list(pool.map(lambda _: s.read("demo", DEMO).value, range(8)))
+    assert values == ["v2-value"] * 8
+    s.close()
 
 
 def test_a_policy_that_denies_the_path(bao: Bao) -> None:
