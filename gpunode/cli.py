@@ -52,6 +52,23 @@ def _nomad(args: argparse.Namespace) -> int:
     return command(args.nomad_cmd, args.inventory, limit=limit, wait=wait, timeout=args.timeout)
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    from gpunode.inventory import load_inventory_file
+    from gpunode.rollout import rollout
+
+    inv = load_inventory_file(args.inventory)
+    unknown = [h for h in args.limit or [] if h not in inv.hosts]
+    if unknown:
+        print(f"gpunode rollout: unknown host(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    report = rollout(
+        args.inventory, inv, deploy=args.deploy, hosts=args.limit, canary=args.canary,
+        batch_size=args.batch_size, timeout=args.timeout, revert=args.revert,
+    )
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def _drift(args: argparse.Namespace) -> int:
     from gpunode.drift import main as drift
 
@@ -103,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify_p.add_argument("--limit", action="append", help="only these hosts or groups")
     verify_p.add_argument("--junit", help="write JUnit XML here")
     verify_p.set_defaults(func=_verify)
+
+    roll_p = sub.add_parser(
+        "rollout",
+        help="deploy host by host (canary first), wait for inference health, stop on failure",
+    )
+    roll_p.add_argument("inventory")
+    roll_p.add_argument("--deploy", default="deploys/gpu_node.py", help="the deploy file")
+    roll_p.add_argument("--limit", action="append", help="only these hosts, in this order")
+    roll_p.add_argument("--canary", type=int, default=1, help="hosts in the first batch")
+    roll_p.add_argument("--batch-size", type=int, default=1, help="hosts per later batch")
+    roll_p.add_argument(
+        "--timeout", type=float, help="seconds to wait for health (default: health_timeout)"
+    )
+    roll_p.add_argument(
+        "--revert", action="store_true", help="put a failed host back on its previous model"
+    )
+    roll_p.set_defaults(func=_rollout)
 
     rot_p = sub.add_parser(
         "rotate", help="write a new version of a Vault secret and roll it out host by host"

@@ -196,7 +196,8 @@ def _host_failed(proc: subprocess.CompletedProcess[str], name: str, batch: list[
 
 def _last_error(proc: subprocess.CompletedProcess[str], name: str) -> str:
     lines = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-    mine = [ln for ln in lines if f"[{name}]" in ln and ("rror" in ln or "gpunode:" in ln)]
+    ours = [ln for ln in lines if ln.startswith(f"[{name}] gpunode:")]  # gpunode's own words
+    mine = ours or [ln for ln in lines if ln.startswith(f"[{name}]") and "rror" in ln]
     return (mine or lines or [f"exit status {proc.returncode}"])[-1][:300]
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pyinfra import host
 from pyinfra.api import FactBase, deploy, operation
 from pyinfra.api.util import get_template
+from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import apt, dnf, files, pip, server, systemd
 from pyinfra.operations.util import any_changed
 
@@ -102,6 +103,37 @@ class Installed:
     changed: list  # the operations whose change means "restart the services using it"
 
 
+@operation()
+def start_unit(unit: str, running: bool):
+    """
+    Start a unit that is not running (``running``: the ``SystemdStatus`` fact), first clearing
+    a failed state, so a unit that hit its start limit starts again once it is fixed.
+
+    .. code:: python
+
+        start_unit(name="Service running", unit="gpunode-inference-chat.service",
+                   running=host.get_fact(SystemdStatus, services=[unit]).get(unit, False))
+    """
+    if running:
+        host.noop(f"{unit} is running")
+        return
+    q = shlex.quote(unit)
+    yield f"systemctl reset-failed {q} 2>/dev/null || true; systemctl start {q}"
+
+
+@operation(is_idempotent=False)
+def restart_unit(unit: str):
+    """
+    Restart a unit (clearing a failed state first). Run it ``_if`` something it uses changed.
+
+    .. code:: python
+
+        restart_unit(name="Restart", unit="gpunode-inference-chat.service", _if=unit.did_change)
+    """
+    q = shlex.quote(unit)
+    yield f"systemctl reset-failed {q} 2>/dev/null || true; systemctl restart {q}"
+
+
 @operation(is_idempotent=False)
 def wait_healthy(url: str, timeout: int, unit: str):
     """
@@ -117,6 +149,9 @@ def wait_healthy(url: str, timeout: int, unit: str):
     yield (
         f"end=$(( $(date +%s) + {int(timeout)} )); "
         f"until curl -fsS -o /dev/null --max-time 5 {q(url)}; do "
+        f"if systemctl is-failed --quiet {q(unit)}; then "
+        f'echo "gpunode: {unit} failed (start limit reached) before {url} was healthy" >&2; '
+        f"systemctl status --no-pager --lines=15 {q(unit)} >&2; exit 1; fi; "
         f'if [ "$(date +%s)" -ge "$end" ]; then '
         f'echo "gpunode: {unit} is not healthy at {url} after {int(timeout)}s" >&2; '
         f"systemctl status --no-pager --lines=15 {q(unit)} >&2; exit 1; fi; sleep 1; done"
@@ -369,14 +404,13 @@ def _service(
         systemd.service(name="Inference service stopped", service=unit, running=False,
                         enabled=False)
         return sw
-    start = systemd.service(name="Inference service running", service=unit, running=True,
-                            enabled=True)
+    systemd.service(name="Inference service enabled", service=unit, running=None, enabled=True)
+    running = host.get_fact(SystemdStatus, services=[unit]).get(unit, False)
+    start = start_unit(name="Inference service running", unit=unit, running=bool(running))
     changed = any_changed(*inputs)
-    restart = systemd.service(
+    restart = restart_unit(
         name="Restart the service (its unit, runtime, model or key changed)",
-        service=unit,
-        running=None,
-        restarted=True,
+        unit=unit,
         _if=lambda: changed() and not start.did_change(),
     )
     wait_healthy(

@@ -17,7 +17,13 @@ CACHE=${GPUNODE_BUILD_CACHE:-/var/cache/gpunode/build}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PIP=${PIP:-$HERE/.venv/bin/pip}
 JOBS=${JOBS:-$(nproc)}
-OUT=$CACHE/llama-server-$VERSION-$(echo "$SDIST_SHA256" | cut -c1-12)
+# Build options (part of the cache key): one static program that needs only glibc, so it runs
+# on any glibc >= the build machine's; no OpenMP (ggml's own threads), no HTTPS client code.
+CMAKE_FLAGS="-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_OPENMP=OFF -DGGML_NATIVE=OFF \
+-DCMAKE_EXE_LINKER_FLAGS=-static-libstdc++\ -static-libgcc"
+KEY=$(printf '%s %s' "$SDIST_SHA256" "$CMAKE_FLAGS" | sha256sum | cut -c1-12)
+OUT=$CACHE/llama-server-$VERSION-$KEY
 ARTIFACT=$OUT/llama-server-$VERSION-linux-x86_64.tar.gz
 
 if [ -s "$ARTIFACT" ] && [ -s "$ARTIFACT.sha256" ] \
@@ -39,10 +45,11 @@ trap 'rm -rf "$WORK"' EXIT
 tar -xzf "$SDIST" -C "$WORK"
 SRC=$WORK/llama_cpp_python-$VERSION/vendor/llama.cpp
 
-# Static build: one self-contained binary (no libllama/libggml .so to ship); portable CPU code (no -march=native).
-cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF >&2
+eval "cmake -S \"\$SRC\" -B \"\$WORK/build\" $CMAKE_FLAGS" >&2
 cmake --build "$WORK/build" --target llama-server -j "$JOBS" >&2
+# Refuse an artifact that would need more than glibc on the node.
+extra=$(ldd "$WORK/build/bin/llama-server" | grep -vE 'linux-vdso|libc\.so|libm\.so|ld-linux' || true)
+if [ -n "$extra" ]; then echo "llama-server links more than glibc: $extra" >&2; exit 1; fi
 
 STAGE=$WORK/stage
 mkdir -p "$STAGE/bin" "$STAGE/share"
