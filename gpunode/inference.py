@@ -29,10 +29,11 @@ A node may run several services: one per GPU or GPU group, each on its own ports
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
 
+from gpunode.planner import ModelFootprint, check_placement
 from gpunode.runtimes import PROFILES, InstallMethod, RuntimeName
 from gpunode.schema import PATTERN_HELP, SIZE_RE, Model, PackageName
 
@@ -107,7 +108,8 @@ class ModelSpec(Artifact):
     )
     subpath: RelPath | None = None  # tar models: the path inside the archive to serve
     # Size of the model for the capacity planner (gpunode/planner.py); unset: not checked.
-    footprint: dict[str, Any] | None = None
+    # A GPU service's footprint is checked against the declared gpu.model at config load.
+    footprint: ModelFootprint | None = None
 
 
 class RuntimeInstall(Model):
@@ -337,9 +339,30 @@ def _check_secret(at: str, config: NodeConfig, name: str, svc: Service) -> list[
 
 
 def _check_footprint(at: str, config: NodeConfig, name: str, svc: Service) -> list[str]:
-    if svc.model.footprint is None:
+    """The capacity planner: the model must fit the GPUs the service is given."""
+    from gpunode.gpus import capacity
+
+    footprint = svc.model.footprint
+    if footprint is None or not svc.gpus:
         return []
-    return []
+    if svc.context_length is not None:  # the server runs with the service's context length
+        footprint = footprint.model_copy(update={"context_length": svc.context_length})
+    cap = capacity(config)
+    if cap is None:
+        return [
+            f"{at}.model.footprint: the node declares no gpu.model, so the planner cannot "
+            "check the model fits (allowed: set gpu.model, or unset the footprint)"
+        ]
+    where, _, node = at.partition(": inference.services.")[0].rpartition("host ")
+    return check_placement(
+        where=at.partition(": inference.services.")[0],
+        node=node or where,
+        service=f"inference.services.{name}",
+        footprint=footprint,
+        gpus_have_bytes=cap[0],
+        gpu_count=len(svc.gpus),
+        model=svc.model.served_name or name,
+    )
 
 
 def app_ports(config: NodeConfig) -> list[tuple[str, int]]:

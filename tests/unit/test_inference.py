@@ -53,7 +53,7 @@ def example() -> dict[str, Any]:
     """One service per runtime, as in the README."""
     return {
         "distro": "debian12",
-        "gpu": {"count": 4},
+        "gpu": {"count": 4, "model": "H100-SXM-80GB"},
         "vault": {"addr": "https://vault.example.com:8200"},
         "secrets": {
             "chat-key": {"path": "llm/chat", "key": "api_key", "env": "LLAMA_API_KEY"},
@@ -99,6 +99,15 @@ def example() -> dict[str, Any]:
                         "format": "tar",
                         "subpath": "Llama-3.1-8B-Instruct",
                         "served_name": "llama-3.1-8b",
+                        # config.json of Llama-3.1-8B: 32 layers, 8 KV heads of 128
+                        "footprint": {
+                            "parameters": "8B",
+                            "dtype": "bf16",
+                            "layers": 32,
+                            "kv_heads": 8,
+                            "head_dim": 128,
+                            "batch": 16,
+                        },
                     },
                 },
                 "chat": {
@@ -267,6 +276,26 @@ def test_bad_input_is_refused_at_load_with_a_clear_message(mutate, expected: str
     assert expected in message, message
     assert message.startswith(("inv.yml: host gpu-01", "inv.yml: defaults")), message
     assert "(allowed: " in message
+
+
+def test_the_planner_refuses_a_model_that_does_not_fit() -> None:
+    def bigger(d: dict[str, Any]) -> None:
+        services(d)["big"]["model"]["footprint"].update(parameters="70B", layers=80)
+
+    message = problems(bigger)
+    assert (
+        "inv.yml: host gpu-01: inference.services.big: model llama-3.1-8b does not fit node "
+        "gpu-01: it needs 94.7 GiB per GPU over 2 GPUs" in message
+    ), message
+    assert "(8192 tokens x 16 in fp16)" in message  # the service's context_length counts
+
+
+def test_a_footprint_needs_a_declared_gpu_model() -> None:
+    message = problems(lambda d: d["gpu"].pop("model"))
+    assert (
+        "inference.services.big.model.footprint: the node declares no gpu.model, so the "
+        "planner cannot check the model fits (allowed: set gpu.model" in message
+    )
 
 
 # --- runtime command lines ------------------------------------------------------------------
