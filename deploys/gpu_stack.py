@@ -1,6 +1,6 @@
 """Only the GPU stack (base, NVIDIA driver, CUDA): for GPU hosts and images.
 
-    pyinfra -y inventories/prod.py deploys/gpu_stack.py
+pyinfra -y inventories/prod.py deploys/gpu_stack.py
 """
 
 from roles.base import base

@@ -15,16 +15,16 @@ from collections.abc import Iterable
 
 from pyinfra.api import FactBase
 
-# `lspci -Dnn` lines of NVIDIA devices: "0000:1b:00.0 3D controller [0302]: NVIDIA
-# Corporation GH100 [H100 SXM5 80GB] [10de:2330] (rev a1)". PCI class 03xx is a display
-# controller (a GPU); 0680 ("Bridge", other) with vendor 10de is an NVSwitch.
-_LSPCI = re.compile(r"^(?P<addr>\S+) .*\[(?P<cls>[0-9a-f]{4})\]: .*\[10de:(?P<dev>[0-9a-f]{4})\]")
+# PCI class codes (sysfs "class"): 0x03xxxx display controllers (a GPU: VGA 0x0300,
+# 3D 0x0302); 0x0680xx "other bridge", which NVIDIA's NVSwitches are (lspci: "Bridge [0680]").
+GPU_CLASS_PREFIX = "0x03"
+NVSWITCH_CLASS_PREFIX = "0x0680"
 
 
 class NvidiaHost(FactBase):
     """
     What the GPU stack needs to know about a host, from one shell command: its NVIDIA
-    devices (``lspci -Dnn``, vendor 10de), NVSwitches (those PCI devices, or
+    PCI devices (sysfs, vendor 0x10de: no pciutils needed), NVSwitches (those, or
     /proc/driver/nvidia-nvswitch/devices once the driver runs), the loaded driver
     (/sys/module/nvidia/version), the module on disk for the running kernel
     (``modinfo``), Secure Boot (``mokutil --sb-state``), the running kernel and whether
@@ -33,7 +33,7 @@ class NvidiaHost(FactBase):
     .. code:: python
 
         {
-            "gpus": ["0000:1b:00.0 10de:2330"],
+            "gpus": ["0000:1b:00.0 0x2330"],
             "nvswitches": 4,
             "loaded": "580.95.05",      # "" when no NVIDIA module is loaded
             "on_disk": "580.95.05",     # "" when no module is built for this kernel
@@ -52,7 +52,9 @@ class NvidiaHost(FactBase):
             'echo "secure_boot=$(mokutil --sb-state 2>/dev/null | head -n 1)"; '
             'echo "procfs_nvswitches=$(ls /proc/driver/nvidia-nvswitch/devices 2>/dev/null '
             '| wc -l)"; '
-            "lspci -Dnn 2>/dev/null | grep -F '[10de:' | sed 's/^/pci=/'; true"
+            "for d in /sys/bus/pci/devices/*; do "
+            '[ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && '
+            'echo "pci=${d##*/} $(cat "$d/class") $(cat "$d/device")"; done; true'
         )
 
     def process(self, output: list[str]) -> dict:
@@ -64,12 +66,13 @@ class NvidiaHost(FactBase):
             if not sep:
                 continue
             if key == "pci":
-                m = _LSPCI.match(value)
-                if not m:
+                parts = value.split()
+                if len(parts) != 3:
                     continue
-                if m["cls"].startswith("03"):
-                    gpus.append(f"{m['addr']} 10de:{m['dev']}")
-                elif m["cls"] == "0680":
+                address, pci_class, device = parts
+                if pci_class.startswith(GPU_CLASS_PREFIX):
+                    gpus.append(f"{address} {device}")
+                elif pci_class.startswith(NVSWITCH_CLASS_PREFIX):
                     switches += 1
             else:
                 values[key] = value.strip()
@@ -125,6 +128,8 @@ class UnheldPackages(FactBase):
         ["libnvidia-ml1", "nvidia-driver"]
     """
 
+    default = list
+
     def command(self, family: str, patterns: tuple[str, ...]) -> str:
         installed = installed_matching(family, patterns)
         if family == "apt":
@@ -156,6 +161,8 @@ class DnfModule(FactBase):
         {"name": "nvidia-driver", "stream": "580-open", "profiles": "default",
          "state": "enabled"}
     """
+
+    default = dict
 
     def command(self, module: str) -> str:
         return f"cat {shlex.quote(f'/etc/dnf/modules.d/{module}.module')} 2>/dev/null || true"

@@ -91,9 +91,7 @@ def cuda() -> None:
             name="Refresh apt package lists",
             _if=lambda: missing or any(op.did_change() for op in repo),
         )
-        installs.append(
-            apt.packages(name="CUDA packages", packages=packages, no_recommends=True)
-        )
+        installs.append(apt.packages(name="CUDA packages", packages=packages, no_recommends=True))
     else:
         installs.append(dnf.packages(name="CUDA packages", packages=packages))
 

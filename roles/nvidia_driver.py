@@ -31,6 +31,7 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.rpm import RpmPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 
 from gpunode import distros
@@ -201,10 +202,13 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any]:
             )
         )
         return ops
-    if repo.epel and repo.epel.startswith("http"):
-        dnf.rpm(name="EPEL (dkms)", src=repo.epel)
-    elif repo.epel:
-        dnf.packages(name="EPEL (dkms)", packages=[repo.epel])
+    # EPEL (for dkms): its release RPM by URL, or the package in the distro's extras.
+    # Checked by name first: dnf.rpm would download the URL again on every run.
+    if repo.epel and "epel-release" not in host.get_fact(RpmPackages):
+        if repo.epel.startswith("http"):
+            dnf.rpm(name="EPEL (dkms)", src=repo.epel)
+        else:
+            dnf.packages(name="EPEL (dkms)", packages=[repo.epel])
     dnf.repo(
         name="NVIDIA CUDA repository",
         src=repo.repo_id,
@@ -328,9 +332,7 @@ def _nouveau(family: str, in_container: bool) -> None:
     )
 
 
-def _services(
-    config: NodeConfig, family: str, state: dict[str, Any], gpu_present: bool
-) -> None:
+def _services(config: NodeConfig, family: str, state: dict[str, Any], gpu_present: bool) -> None:
     # Without a GPU (or in a container) the daemons exit at start: enable them only.
     running = True if gpu_present else None
     systemd.service(
