@@ -37,6 +37,7 @@ from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import apt, dnf, files, python, server, systemd
 
 from gpunode import distros
+from gpunode.facts import HostInfo
 from gpunode.hardening import (
     CONFLICTING_FIREWALLS,
     FIREWALL_ACTIVE,
@@ -54,6 +55,7 @@ from gpunode.hardening_facts import FirewallState
 from gpunode.inventory import node_config
 from gpunode.operations import notice
 from gpunode.paths import TEMPLATES
+from roles.base import host_matches
 
 T = TEMPLATES / "firewall"
 
@@ -154,6 +156,8 @@ def firewall() -> None:
     fw = config.firewall
     assert config.distro is not None  # guaranteed by config loading
     spec = distros.get(config.distro)
+    if not host_matches(spec, host.get_fact(HostInfo)):
+        return  # roles/base.py has failed this host with the reason
     if not fw.enabled:
         _disabled()
         return

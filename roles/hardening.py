@@ -31,6 +31,7 @@ from pyinfra.operations import apt, dnf, files, server
 
 from gpunode import distros
 from gpunode.config import NodeConfig
+from gpunode.facts import HostInfo
 from gpunode.hardening import (
     ABSENT_PACKAGES,
     CORE_LIMITS_FILE,
@@ -50,6 +51,7 @@ from gpunode.hardening_facts import SshdState, WritableSysctls
 from gpunode.inventory import node_config
 from gpunode.operations import fail, notice
 from gpunode.paths import TEMPLATES
+from roles.base import host_matches
 
 T = TEMPLATES / "hardening"
 SSHD = "/usr/sbin/sshd"
@@ -124,6 +126,8 @@ def hardening() -> None:
     config = node_config(host)
     assert config.distro is not None  # guaranteed by config loading
     spec = distros.get(config.distro)
+    if not host_matches(spec, host.get_fact(HostInfo)):
+        return  # roles/base.py has failed this host with the reason
     if not config.hardening.enabled:
         notice(name="Hardening", message="hardening.enabled is false: skipped")
         return

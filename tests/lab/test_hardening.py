@@ -1,0 +1,250 @@
+"""Firewall and hardening on real lab hosts: converge, 0 changes, reachability, anti-lockout.
+
+Reachability is probed for real: throwaway HTTP listeners on lab-01, reached from this
+machine (the controller, the lab's gateway address, over IPv4 and IPv6) and from lab-02
+(another address), with rules that open one port to each source only and a third to none.
+The anti-lockout test applies a ruleset that shuts the controller out of SSH: the run must
+fail for that host with the reason, and the node must come back by itself, with its previous
+ruleset, once the rollback timer fires.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpunode.config import read_yaml
+from gpunode.paths import REPO_ROOT
+
+from .conftest import Lab, changes, planned_changes, pyinfra, run
+
+INVENTORY = "inventories/lab.py"
+DEPLOY = "tests/lab/hardening_deploy.py"
+ROLLBACK_SECONDS = 20  # the smallest bound gpunode accepts: keeps the test short
+PORT_CONTROLLER, PORT_PEER, PORT_NOBODY = 18081, 18082, 18083
+
+
+def lab_data(lab: Lab, tmp: Path, name: str, **firewall: Any) -> dict[str, str]:
+    """inventories/lab.yml with the probe rules (and overrides) in a file of its own."""
+    doc = copy.deepcopy(read_yaml(REPO_ROOT / "inventories" / "lab.yml"))
+    defaults = doc.setdefault("defaults", {})
+    s = lab.settings
+    defaults.setdefault("network", {})["admin_cidrs"] = [str(s.subnet.supernet(new_prefix=16))]
+    defaults["firewall"] = {
+        "enabled": True,
+        "rollback_seconds": ROLLBACK_SECONDS,
+        "extra_input": [
+            {
+                "name": "probe-controller",
+                "port": PORT_CONTROLLER,
+                "cidrs": [f"{s.gateway}/32", f"{s.gateway6}/128"],
+            },
+            {"name": "probe-peer", "port": PORT_PEER, "cidrs": [f"{lab.address('lab-02')}/32"]},
+        ],
+        **firewall,
+    }
+    path = tmp / f"{name}.yml"
+    path.write_text(yaml.safe_dump(doc))
+    return {**lab.env, "GPUNODE_LAB_DATA": str(path)}
+
+
+def can_connect(address: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def peer_can_connect(lab: Lab, peer: str, address: str, port: int) -> bool:
+    probe = (
+        'python3 -c "import socket,sys; '
+        f"s=socket.socket(); s.settimeout(2); sys.exit(s.connect_ex(('{address}', {port})))\""
+    )
+    return lab.ssh(peer, probe).returncode == 0
+
+
+def live_table(lab: Lab, host: str) -> str:
+    out = lab.ssh(host, "nft -s list table inet gpunode", check=True).stdout
+    return hashlib.sha256(out.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def hardened(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = lab_data(lab, tmp_path_factory.mktemp("hardening"), "probes")
+    first = pyinfra(INVENTORY, DEPLOY, env=env, check=True)
+    changed, errors = changes(first.stdout + first.stderr)
+    assert errors == 0 and changed > 0
+    return env
+
+
+def test_second_run_changes_nothing(lab: Lab, hardened: dict[str, str]) -> None:
+    second = pyinfra(INVENTORY, DEPLOY, env=hardened, check=True)
+    assert changes(second.stdout + second.stderr) == (0, 0)
+    assert planned_changes(INVENTORY, DEPLOY, hardened) == {}
+
+
+@pytest.fixture
+def listeners(lab: Lab, hardened: dict[str, str]):
+    units = []
+    for port in (PORT_CONTROLLER, PORT_PEER, PORT_NOBODY):
+        unit = f"gpunode-test-probe-{port}"
+        lab.ssh(
+            "lab-01",
+            f"systemd-run --unit={unit} python3 -m http.server --bind :: {port}",
+            check=True,
+        )
+        units.append(unit)
+    probe = "; ".join(
+        f'python3 -c "import socket,time; [time.sleep(.1) for _ in range(50) '
+        f"if socket.socket().connect_ex(('127.0.0.1', {p}))]\""
+        for p in (PORT_CONTROLLER, PORT_PEER, PORT_NOBODY)
+    )
+    lab.ssh("lab-01", probe, check=True)
+    # all three listen: each port answers on lab-01's own loopback (accepted: iif lo)
+    for port in (PORT_CONTROLLER, PORT_PEER, PORT_NOBODY):
+        assert peer_can_connect(lab, "lab-01", "127.0.0.1", port), port
+    yield
+    lab.ssh("lab-01", "systemctl stop " + " ".join(units))
+
+
+def test_allowed_ports_reachable_blocked_ports_not(lab: Lab, listeners: None) -> None:
+    s = lab.settings
+    v4, v6 = lab.address("lab-01"), s.host_address6(1)
+    # from this machine (the lab's gateway address), IPv4 and IPv6
+    assert can_connect(v4, PORT_CONTROLLER)
+    assert can_connect(v6, PORT_CONTROLLER)
+    assert not can_connect(v4, PORT_PEER)  # open to lab-02 only
+    assert not can_connect(v6, PORT_PEER)
+    assert not can_connect(v4, PORT_NOBODY)
+    # from lab-02 (another address): the other way round
+    assert peer_can_connect(lab, "lab-02", v4, PORT_PEER)
+    assert not peer_can_connect(lab, "lab-02", v4, PORT_CONTROLLER)
+    assert not peer_can_connect(lab, "lab-02", v4, PORT_NOBODY)
+    # SSH from both (admin CIDR), and the drops are logged, rate-limited, in the kernel log
+    assert can_connect(v4, 22) and peer_can_connect(lab, "lab-02", v4, 22)
+
+
+def test_sshd_takes_keys_only_and_keeps_admin_access(lab: Lab, hardened: dict[str, str]) -> None:
+    cfg = str(lab.state_dir / "ssh_config")
+    admin = run(["ssh", "-F", cfg, "-l", "labadmin", "lab-01", "sudo -n id -u"], check=True)
+    assert admin.stdout.strip() == "0"
+    password = run(
+        [
+            "ssh",
+            "-F",
+            cfg,
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-l",
+            "labadmin",
+            "lab-01",
+            "true",
+        ]
+    )
+    assert password.returncode == 255
+    assert "Permission denied (publickey)" in password.stderr  # no other method offered
+    weak = run(
+        ["ssh", "-F", cfg, "-o", "LogLevel=INFO", "-o", "Ciphers=aes128-cbc", "lab-01", "true"]
+    )
+    assert weak.returncode == 255 and "no matching cipher" in weak.stderr
+
+
+def test_host_checks_pass(lab: Lab, hardened: dict[str, str]) -> None:
+    """tests/host/test_hardening.py on both hosts, as `gpunode verify` runs it (testinfra)."""
+    for name in lab.hosts:
+        proc = run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                str(REPO_ROOT / "tests" / "host" / "test_hardening.py"),
+                f"--hosts=ssh://{name}",
+                f"--ssh-config={lab.state_dir / 'ssh_config'}",
+                "--rootdir",
+                str(REPO_ROOT / "tests" / "host"),
+            ],
+            env={**hardened, "GPUNODE_INVENTORY": INVENTORY, "GPUNODE_HOST": name},
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        assert " failed" not in proc.stdout and " passed" in proc.stdout
+
+
+def test_a_broken_sshd_config_is_never_put_in_place(
+    lab: Lab, hardened: dict[str, str], tmp_path: Path
+) -> None:
+    before = lab.ssh("lab-01", "sha1sum /etc/ssh/sshd_config.d/00-gpunode.conf", check=True).stdout
+    doc = yaml.safe_load(Path(hardened["GPUNODE_LAB_DATA"]).read_text())
+    doc["defaults"]["hardening"] = {"ssh": {"ciphers": ["no-such-cipher@example.com"]}}
+    bad = tmp_path / "bad-sshd.yml"
+    bad.write_text(yaml.safe_dump(doc))
+    proc = pyinfra(
+        INVENTORY, DEPLOY, "--limit", "lab-01", env={**hardened, "GPUNODE_LAB_DATA": str(bad)}
+    )
+    assert proc.returncode == 1
+    assert "Bad SSH2 cipher spec" in proc.stdout + proc.stderr  # sshd -t -f said why
+    after = lab.ssh("lab-01", "sha1sum /etc/ssh/sshd_config.d/00-gpunode.conf", check=True).stdout
+    assert after == before
+    assert lab.ssh("lab-01", "sshd -t && true").returncode == 0
+
+
+def test_admin_cidrs_without_the_controller_are_refused_at_load(lab: Lab, tmp_path: Path) -> None:
+    env = lab_data(lab, tmp_path, "excluded")
+    doc = yaml.safe_load(Path(env["GPUNODE_LAB_DATA"]).read_text())
+    doc["defaults"]["network"]["admin_cidrs"] = ["192.0.2.0/24"]
+    Path(env["GPUNODE_LAB_DATA"]).write_text(yaml.safe_dump(doc))
+    proc = pyinfra(INVENTORY, DEPLOY, env=env)
+    assert proc.returncode == 2
+    assert (
+        f"host lab-01: network.admin_cidrs: this controller reaches {lab.address('lab-01')} "
+        f"from {lab.settings.gateway}, which none of [192.0.2.0/24] covers"
+    ) in proc.stderr
+    assert "Connecting" not in proc.stdout  # refused before any host was touched
+
+
+def test_a_ruleset_that_locks_the_controller_out_rolls_back_by_itself(
+    lab: Lab, hardened: dict[str, str], tmp_path: Path
+) -> None:
+    before = live_table(lab, "lab-01")
+    env = lab_data(lab, tmp_path, "lockout", force_admin_cidrs=True)
+    doc = yaml.safe_load(Path(env["GPUNODE_LAB_DATA"]).read_text())
+    doc["defaults"]["network"]["admin_cidrs"] = ["192.0.2.0/24"]  # not the controller
+    Path(env["GPUNODE_LAB_DATA"]).write_text(yaml.safe_dump(doc))
+
+    started = time.monotonic()
+    proc = pyinfra(INVENTORY, DEPLOY, "--limit", "lab-01", env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "host lab-01: firewall: a new SSH connection from the controller failed" in out
+    assert "Starting operation: gpunode firewall | Disarm" not in out  # never disarmed
+    # it really was locked out: a new SSH connection does not get in now
+    assert not can_connect(lab.address("lab-01"), 22, timeout=1)
+
+    deadline = started + ROLLBACK_SECONDS + 30
+    while time.monotonic() < deadline and not can_connect(lab.address("lab-01"), 22, 1):
+        time.sleep(1)
+    back_after = time.monotonic() - started
+    assert lab.ssh("lab-01", "true").returncode == 0, "the node did not roll back by itself"
+    assert back_after <= ROLLBACK_SECONDS + 30
+    assert live_table(lab, "lab-01") == before  # the previous ruleset, exactly
+    assert lab.ssh("lab-01", "systemctl is-active gpunode-firewall-rollback.timer").returncode != 0
+    # the next run with the good config finds the firewall as it was (only the rolled-back
+    # candidate file is left to clean up)
+    assert planned_changes(INVENTORY, DEPLOY, hardened) == {
+        "lab-01": ["gpunode firewall | No leftover candidate ruleset"]
+    }
+    pyinfra(INVENTORY, DEPLOY, env=hardened, check=True)
+    assert planned_changes(INVENTORY, DEPLOY, hardened) == {}
