@@ -324,6 +324,15 @@ def cuda_version(config: NodeConfig) -> str:
     return DRIVER_BRANCHES[config.nvidia.branch].max_cuda
 
 
+def wants_fabricmanager(config: NodeConfig, nvswitches: int) -> bool:
+    """nvidia-fabricmanager goes on: config says so (nvidia.fabricmanager, or gpu.fabric_manager
+    which the host checks verify), or ``auto`` and the host has NVSwitches."""
+    flag = config.nvidia.fabricmanager
+    if flag is True or config.gpu.fabric_manager:
+        return True
+    return flag == "auto" and nvswitches > 0
+
+
 def wants_container_toolkit(config: NodeConfig) -> bool:
     flag = config.cuda.container_toolkit
     return flag if flag is not None else config.nvidia.source == "nvidia"
@@ -342,6 +351,11 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
         problems.append(
             f"{where}: nvidia.version: {nvidia.version} is not in branch {nvidia.branch} "
             f"(allowed: {nvidia.branch}.x versions, or change nvidia.branch)"
+        )
+    if nvidia.fabricmanager is False and config.gpu.fabric_manager:
+        problems.append(
+            f"{where}: nvidia.fabricmanager: false contradicts gpu.fabric_manager: true "
+            "(allowed: nvidia.fabricmanager auto or true, or gpu.fabric_manager unset)"
         )
     if nvidia.install == "never" and config.gpu.required:
         problems.append(
@@ -373,7 +387,9 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
                     "driver must be pinned to their version (allowed: nvidia.version: "
                     f"{archive.open_needs_version}, or kernel_modules: proprietary)"
                 )
-            if nvidia.fabricmanager is True and not archive.fabricmanager:
+            if (nvidia.fabricmanager is True or config.gpu.fabric_manager) and not (
+                archive.fabricmanager
+            ):
                 problems.append(
                     f"{where}: nvidia.fabricmanager: true: {config.distro}'s archive has no "
                     "fabric manager (allowed: source: nvidia, or fabricmanager: auto/false)"

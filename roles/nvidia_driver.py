@@ -245,10 +245,7 @@ def _packages(
     row = nv.FAMILIES[family]
     nvidia = config.nvidia
     wanted = driver_packages(config, family)
-    fabric = nvidia.fabricmanager is True or (
-        nvidia.fabricmanager == "auto" and state["nvswitches"] > 0
-    )
-    if fabric:
+    if nv.wants_fabricmanager(config, state["nvswitches"]):
         packages = fabricmanager_packages(config, family)
         if not packages:
             fail(
@@ -341,8 +338,7 @@ def _services(config: NodeConfig, family: str, state: dict[str, Any], gpu_presen
         running=running,
         enabled=True,
     )
-    nvidia = config.nvidia
-    if nvidia.fabricmanager is True or (nvidia.fabricmanager == "auto" and state["nvswitches"]):
+    if nv.wants_fabricmanager(config, state["nvswitches"]):
         systemd.service(
             name="nvidia-fabricmanager",
             service=f"{nv.FABRICMANAGER_SERVICE}.service",

@@ -587,6 +587,19 @@ def test_stale_loaded_driver_is_rebooted_even_when_packages_are_converged() -> N
     assert not run.grep(r"apt-get .*install")
 
 
+def test_fabricmanager_follows_config_without_nvswitch_and_can_be_turned_off() -> None:
+    # gpu.fabric_manager (what `gpunode verify` checks) installs it on a host with no
+    # NVSwitch visible; nvidia.fabricmanager: false keeps it off an HGX board
+    wanted = node_config("ubuntu2204", {}, gpu={"required": True, "fabric_manager": True})
+    run = run_roles(wanted, gpu_host("ubuntu2204", False), roles=(nvidia_driver,))
+    assert APT_FABRIC <= installed(run)
+    assert run.grep(r"^systemctl start nvidia-fabricmanager\.service$")
+    off = node_config("ubuntu2204", {"fabricmanager": False})
+    run = run_roles(off, gpu_host("ubuntu2204", True), roles=(nvidia_driver,))
+    assert not APT_FABRIC & installed(run)
+    assert not run.grep(r"nvidia-fabricmanager")
+
+
 # --- the distros' own archives ------------------------------------------------------------------
 
 
@@ -783,6 +796,12 @@ def test_secure_boot_with_module_signing_configures_dkms() -> None:
             {"branch": "535"},
             {"cuda": {"version": "12.8"}},
             "cuda.version: CUDA 12.8 needs a newer driver than branch 535",
+        ),
+        (
+            "ubuntu2204",
+            {"fabricmanager": False},
+            {"gpu": {"required": True, "fabric_manager": True}},
+            "nvidia.fabricmanager: false contradicts gpu.fabric_manager: true",
         ),
         (
             "ubuntu2204",
