@@ -369,13 +369,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(exit 0 healthy, 1 degraded, 2 no GPU, 3 NVML error, 4 --check failed, 64 usage).",
     )
     parser.add_argument("--check", action="store_true", help="gate: exit 0 only when fit to run")
-    parser.add_argument("--min-gpus", type=int, default=1, metavar="N", help="with --check")
-    parser.add_argument("--min-free-mib", type=int, default=0, metavar="M", help="with --check")
+    parser.add_argument("--min-gpus", type=int, metavar="N", help="with --check (default 1)")
+    parser.add_argument("--min-free-mib", type=int, metavar="M", help="with --check (default 0)")
     args = parser.parse_args(argv)
+    if not args.check and (args.min_gpus is not None or args.min_free_mib is not None):
+        parser.error("--min-gpus and --min-free-mib go with --check")
+    args.min_gpus = 1 if args.min_gpus is None else args.min_gpus
+    args.min_free_mib = 0 if args.min_free_mib is None else args.min_free_mib
     if args.min_gpus < 0 or args.min_free_mib < 0:
         parser.error("--min-gpus and --min-free-mib take numbers >= 0")
-    if not args.check and (args.min_gpus != 1 or args.min_free_mib != 0):
-        parser.error("--min-gpus and --min-free-mib go with --check")
     return args
 
 

@@ -112,7 +112,14 @@ def test_missing_pynvml_exits_3_with_json(monkeypatch, capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--min-gpus", "x"], ["--min-gpus", "2"], ["--check", "--min-free-mib", "-1"]]
+    "argv",
+    [
+        ["--min-gpus", "x"],
+        ["--min-gpus", "1"],
+        ["--min-free-mib", "0"],
+        ["--check", "--min-free-mib", "-1"],
+        ["--verbose"],
+    ],
 )
 def test_usage_errors_exit_64_not_2(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exc:

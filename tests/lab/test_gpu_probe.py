@@ -1,0 +1,75 @@
+"""roles/gpu_probe.py on real lab hosts, which have no GPU: the probe is installed and says
+"no GPU", gpu.required is enforced, and a second run leaves the role's operations unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpunode import probe
+from roles.gpu_probe import PROBE_SOURCE, pynvml_source
+
+from .conftest import REPO_ROOT, Lab, planned_changes, pyinfra
+
+INVENTORY = "inventories/lab.py"
+DEPLOY = "deploys/gpu_node.py"
+ROLE = "gpunode GPU probe | "
+
+
+@pytest.fixture(scope="module")
+def deployed(lab: Lab) -> Lab:
+    pyinfra(INVENTORY, DEPLOY, env=lab.env, check=True)
+    return lab
+
+
+def test_probe_says_no_gpu(deployed: Lab) -> None:
+    out = deployed.ssh("lab-01", probe.PROBE_PATH)
+    report = json.loads(out.stdout)
+    assert out.returncode == probe.EXIT_NO_GPU == report["exit_code"]
+    assert report["status"] == "no_gpu"
+    assert report["error"] == "nvmlInit: NVMLError_LibraryNotFound: NVML Shared Library Not Found"
+    assert report["pci_gpus"] == []
+    gate = deployed.ssh("lab-01", f"{probe.PROBE_PATH} --check --min-gpus 1")
+    assert gate.returncode == probe.EXIT_NO_GPU
+    assert "gpunode-probe: no_gpu: nvmlInit: NVMLError_LibraryNotFound" in gate.stderr
+    assert deployed.ssh("lab-01", f"{probe.PROBE_PATH} --min-gpus 1").returncode == 64
+
+
+def test_probe_files_as_installed(deployed: Lab) -> None:
+    wanted = {
+        probe.PROBE_PATH: ("root root 755", PROBE_SOURCE),
+        f"{probe.LIB_DIR}/pynvml.py": ("root root 644", pynvml_source()),
+    }
+    for path, (owner_mode, source) in wanted.items():
+        out = deployed.ssh(
+            "lab-02", f"stat -c '%U %G %a' {path} && sha256sum {path}", check=True
+        ).stdout.split("\n")
+        assert out[0] == owner_mode, path
+        assert out[1].split()[0] == hashlib.sha256(source.read_bytes()).hexdigest(), path
+    listing = deployed.ssh("lab-02", f"ls -A {probe.LIB_DIR}", check=True).stdout.split()
+    assert listing == ["pynvml.py"]  # the probe leaves no bytecode behind
+
+
+def test_second_run_plans_no_change_for_the_role(deployed: Lab) -> None:
+    plan = planned_changes(INVENTORY, DEPLOY, deployed.env)
+    assert {host: [op for op in ops if op.startswith(ROLE)] for host, ops in plan.items()} == {
+        host: [] for host in plan
+    }
+
+
+def test_gpu_required_fails_a_gpu_less_host_clearly(deployed: Lab, tmp_path: Path) -> None:
+    doc = yaml.safe_load((REPO_ROOT / "inventories" / "lab.yml").read_text())
+    doc["defaults"]["gpu"] = {"required": True}
+    data = tmp_path / "lab.yml"
+    data.write_text(yaml.safe_dump(doc))
+    env = {**deployed.env, "GPUNODE_LAB_DATA": str(data)}
+    proc = pyinfra(INVENTORY, DEPLOY, "--limit", "lab-01", env=env)
+    assert proc.returncode == 1
+    assert (
+        "gpunode: host lab-01: gpu.required is true but the host has no NVIDIA GPU "
+        "(nvmlInit: NVMLError_LibraryNotFound: NVML Shared Library Not Found)"
+    ) in proc.stdout + proc.stderr
