@@ -120,6 +120,11 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
             f"{where}: gpu.count: 0 contradicts gpu.required: true "
             "(allowed: a count of 1 or more, or gpu.required: false for a GPU-less host)"
         )
+    if gpu.model is not None and gpu.count == 0:
+        problems.append(
+            f"{where}: gpu.count: 0 contradicts gpu.model: {gpu.model} "
+            "(allowed: a count of 1 or more, or no gpu.model for a GPU-less host)"
+        )
     if gpu.fabric_manager and not gpu.declares_gpu:
         problems.append(
             f"{where}: gpu.fabric_manager: true on a host declared GPU-less "

@@ -260,6 +260,10 @@ def test_required_with_zero_gpus_is_refused() -> None:
     assert f"host {HOST}" in message
 
 
+def test_model_with_zero_gpus_is_refused() -> None:
+    assert "gpu.count: 0 contradicts gpu.model: L4-24GB" in load_error(model="L4-24GB", count=0)
+
+
 def test_fabric_manager_on_a_gpu_less_host_is_refused() -> None:
     assert "gpu.fabric_manager: true on a host declared GPU-less" in load_error(fabric_manager=True)
 
