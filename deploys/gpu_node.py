@@ -8,6 +8,7 @@ hardening, inference) plug in below, in the order they depend on each other.
 
 from roles.base import base
 from roles.gpu_probe import gpu_probe
+from roles.inference_systemd import inference_systemd
 from roles.monitoring import monitoring
 from roles.provenance import provenance
 from roles.secrets import secrets
@@ -16,4 +17,5 @@ base()
 gpu_probe()
 secrets()
 monitoring()
+inference_systemd()
 provenance()  # last: records what the roles above recorded
