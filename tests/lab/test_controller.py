@@ -9,7 +9,9 @@ by hand before the correction is observed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -76,31 +78,44 @@ def controller(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         hosts=lab.hosts,
     )
     ctl.clone = clone  # type: ignore[attr-defined]
-    first = pyinfra(
-        f"{clone}/inventories/lab.py",
-        f"{clone}/deploys/controller.py",
-        "--limit",
-        "lab-01",
-        env=ctl.env,
-        check=True,
-        timeout=900,
-    )
-    assert changes(first.stdout + first.stderr)[0] > 0
+    first = deploy_controller(ctl)
+    assert changes(first.stdout + first.stderr)[0] > 0, "a fresh controller needs changes"
     yield ctl
     # the other lab tests share these hosts: no drift run behind their backs
     ctl.ssh("lab-01", "systemctl disable --now gpunode-drift.timer", check=True)
 
 
-def test_second_controller_deploy_changes_nothing(controller: Lab) -> None:
-    clone = controller.clone  # type: ignore[attr-defined]
-    again = pyinfra(
-        f"{clone}/inventories/lab.py",
-        f"{clone}/deploys/controller.py",
-        "--limit",
-        "lab-01",
-        env=controller.env,
-        check=True,
+def deploy_controller(ctl: Lab) -> subprocess.CompletedProcess[str]:
+    """deploys/controller.py from the clone (its own directory first on sys.path)."""
+    clone = ctl.clone  # type: ignore[attr-defined]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyinfra",
+            "-y",
+            "inventories/lab.py",
+            "deploys/controller.py",
+            "--limit",
+            "lab-01",
+        ],
+        cwd=clone,
+        env={**os.environ, **ctl.env},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=900,
     )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"controller deploy exited {proc.returncode}:\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def test_second_controller_deploy_changes_nothing(controller: Lab) -> None:
+    again = deploy_controller(controller)
     assert changes(again.stdout + again.stderr) == (0, 0)
 
 
