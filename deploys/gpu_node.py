@@ -7,13 +7,17 @@ hardening, inference) plug in below, in the order they depend on each other.
 """
 
 from roles.base import base
+from roles.firewall import firewall
 from roles.gpu_probe import gpu_probe
+from roles.hardening import hardening
 from roles.inference_systemd import inference_systemd
 from roles.monitoring import monitoring
 from roles.provenance import provenance
 from roles.secrets import secrets
 
 base()
+firewall()
+hardening()
 gpu_probe()
 secrets()
 monitoring()
