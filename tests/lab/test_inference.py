@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -109,7 +110,9 @@ def mirror(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirro
         server.wait(timeout=10)
 
 
-def write_data(lab: Lab, mirror: Mirror, path: Path, model: str, sha256: str) -> dict[str, str]:
+def write_data(
+    lab: Lab, mirror: Mirror, path: Path, model: str, sha256: str, context_length: int = 2048
+) -> dict[str, str]:
     """inventories/lab.yml plus one llama.cpp service; the env that makes lab.py read it."""
     doc = yaml.safe_load((REPO_ROOT / "inventories" / "lab.yml").read_text())
     extra: dict[str, Any] = {
@@ -134,7 +137,7 @@ def write_data(lab: Lab, mirror: Mirror, path: Path, model: str, sha256: str) ->
                         "runtime": "llamacpp",
                         "port": PORT,
                         "threads": 1,
-                        "context_length": 2048,
+                        "context_length": context_length,
                         "memory_max": "1G",
                         "limit_memlock": "64M",
                         "api_key_secret": "chat-key",
@@ -272,6 +275,28 @@ def test_second_deploy_changes_nothing_and_restarts_nothing(
     assert changes(second.stdout + second.stderr) == (0, 0)
     assert planned_changes(INVENTORY, DEPLOY, good) == {}
     assert {h: sh(lab, h, f"systemctl show -p MainPID --value {UNIT}") for h in lab.hosts} == pids
+
+
+def test_a_changed_unit_restarts_only_that_service(
+    lab: Lab, mirror: Mirror, tmp_path: Path, rolled_out: subprocess.CompletedProcess[str]
+) -> None:
+    pid = sh(lab, "lab-01", f"systemctl show -p MainPID --value {UNIT}")
+    env = write_data(lab, mirror, tmp_path / "ctx.yml", "smollm2.gguf", MODEL_SHA256, 1024)
+    proc = pyinfra(INVENTORY, DEPLOY, "--limit", "lab-01", env=env, check=True)
+    changed = {
+        line.split("|", 1)[1].rsplit(None, 4)[0].strip()
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if line.strip().startswith("gpunode") and re.search(r"\s1\s+1\s+-\s+-\s*$", line)
+    }
+    assert changed == {
+        "Inference unit",
+        "Reload systemd (a unit changed)",
+        "Restart the service (its unit, runtime, model or key changed)",
+        "Wait until the service is healthy",
+    }, proc.stderr[-3000:]
+    assert sh(lab, "lab-01", f"systemctl show -p MainPID --value {UNIT}") != pid
+    assert "-c 1024" in sh(lab, "lab-01", "ps -o args= -C llama-server")
+    assert request(lab, "lab-01", "/health")[0] == 200
 
 
 def test_a_checksum_failure_keeps_the_working_model(

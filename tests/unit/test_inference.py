@@ -26,6 +26,7 @@ from pyinfra.api.operations import run_ops
 from pyinfra.facts.server import Os
 from test_base_role import RecordingFakeConnector, Run, fail_op, host_info_output, run_sh
 
+from gpunode import provenance
 from gpunode.config import ConfigError, NodeConfig, load
 from gpunode.facts import HostInfo
 from gpunode.inference import app_ports, metrics_endpoints
@@ -534,6 +535,40 @@ def test_no_secret_value_or_data_in_operation_names() -> None:
     names = [label for label in run.op_labels if isinstance(label, str)]
     for name in names:
         assert SHA_C not in name and "mirror" not in name and "/mnt/" not in name, name
+
+
+def chat_only() -> NodeConfig:
+    data = example()
+    data["inference"]["services"] = {"chat": services(data)["chat"]}
+    return load_node(data)
+
+
+def test_the_secret_version_in_this_run_is_what_restarts_the_service() -> None:
+    # the secrets role records the Vault version it deploys (never the value) before this role
+    provenance._RECORDS.setdefault(f"@fake/{HOST}", {})["secrets"] = {"chat-key": 3}
+    try:
+        run = run_role(chat_only())
+    finally:
+        provenance._RECORDS.pop(f"@fake/{HOST}", None)
+    assert not run.failed
+    uploads = dict(run.uploads)
+    assert uploads["/var/lib/gpunode/inference/chat/secret.version"] == "chat-key 3\n"
+    unit = uploads["/etc/systemd/system/gpunode-inference-chat.service"]
+    assert "EnvironmentFile=/etc/gpunode/secrets/chat-key.env\n" in unit
+    assert "MemoryDenyWriteExecute=yes" in unit and "DeviceAllow" not in unit
+
+
+def test_provenance_records_digests_and_versions() -> None:
+    run_role(chat_only())
+    assert provenance.recorded(f"@fake/{HOST}")["inference"] == {
+        "chat": {
+            "runtime": "llamacpp",
+            "runtime_version": f"sha256:{SHA_A}",
+            "model_uri": "http://mirror.internal/smollm2.gguf",
+            "model_sha256": SHA_A,
+            "unit": "gpunode-inference-chat.service",
+        }
+    }
 
 
 # --- rollout order ----------------------------------------------------------------------------
