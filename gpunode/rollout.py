@@ -156,10 +156,8 @@ def rollout(
         label = "canary" if index == 0 and canary else f"batch {index}"
         say(f"rollout: {label}: {', '.join(batch)}")
         before = {h: current_links(inventory.hosts[h], runner) for h in batch}
-        proc = runner(
-            [sys.executable, "-m", "pyinfra", "-y", inventory_file, deploy,
-             "--limit", ",".join(batch)]
-        )
+        limits = [arg for name in batch for arg in ("--limit", name)]
+        proc = runner([sys.executable, "-m", "pyinfra", "-y", inventory_file, deploy, *limits])
         failed = False
         for name in batch:
             host = inventory.hosts[name]

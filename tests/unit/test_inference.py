@@ -9,10 +9,12 @@ note; field layout ``"Name: \\t value"`` as written by the driver's nv-procfs.c)
 
 from __future__ import annotations
 
+import http.server
 import re
 import shlex
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from gpunode import provenance
 from gpunode.config import ConfigError, NodeConfig, load
 from gpunode.facts import HostInfo
 from gpunode.inference import app_ports, metrics_endpoints
-from gpunode.rollout import batches
+from gpunode.rollout import batches, rollout
 from gpunode.runtimes import PROFILES, command_line
 from roles.inference_systemd import (
     Installed,
@@ -582,3 +584,62 @@ def test_rollout_batches_canary_first() -> None:
     assert batches([], canary=1) == []
     with pytest.raises(ValueError):
         batches(hosts, batch_size=0)
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_rollout_stops_at_the_first_unhealthy_batch() -> None:
+    """Real HTTP health checks against 127.0.0.1 (a real server) and 127.0.0.2 (nothing
+    listens); the deploy runner records what it was asked to run instead of running pyinfra."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        data = example()
+        data["inference"]["services"] = {
+            "chat": {**services(data)["chat"], "port": port, "health_timeout": 5}
+        }
+        raw = {
+            "defaults": data,
+            "hosts": {
+                "a": {"connection": {"address": "127.0.0.1"}},
+                "b": {"connection": {"address": "127.0.0.1", "port": 2222}},
+                "c": {"connection": {"address": "127.0.0.2"}},
+                "d": {"connection": {"address": "127.0.0.3"}},
+            },
+        }
+        inv = load(raw, source="inv.yml")
+        calls: list[list[str]] = []
+
+        def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+            calls.append(argv)
+            return subprocess.CompletedProcess(argv, 0, "", "")
+
+        said: list[str] = []
+        report = rollout("inv.py", inv, canary=1, batch_size=2, timeout=1, runner=runner,
+                         say=said.append)
+    finally:
+        server.shutdown()
+    deploys = [c for c in calls if "pyinfra" in c]
+    assert [c[c.index("deploys/gpu_node.py") + 1 :] for c in deploys] == [
+        ["--limit", "a"],
+        ["--limit", "b", "--limit", "c"],
+    ]
+    assert said == ["rollout: canary: a", "rollout: batch 1: b, c"]
+    assert not report.ok
+    assert report.lines()[:2] == [
+        "a: ok: canary: deployed and healthy",
+        "b: ok: batch 1: deployed and healthy",
+    ]
+    assert report.lines()[2].startswith(
+        f"c: FAILED: batch 1: chat: http://127.0.0.2:{port}/health not healthy after 1s"
+    )
+    assert report.lines()[3] == "not touched (rollout stopped): d"
