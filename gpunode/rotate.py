@@ -112,7 +112,16 @@ def rotate(
 
     for start in range(0, len(using), batch):
         group = using[start : start + batch]
-        results = _roll_out(group, name, secret, new)
+        try:
+            results = _roll_out(group, name, secret, new)
+        except VaultError as exc:  # Vault went away mid-rotation: nothing more is touched
+            rest = [h.name for h in using[start:]]
+            rotation.results += [HostResult(h, new, False, "not touched") for h in rest]
+            say(
+                f"secret {name}: rotation stopped: {exc}; not touched: {', '.join(rest)}; "
+                f"Vault's latest version is {new} (the next deploy rolls it out)"
+            )
+            return rotation
         rotation.results += results
         for r in results:
             say(f"{r.host}: version {new}: {'healthy' if r.ok else 'FAILED'}: {r.detail}")

@@ -18,6 +18,8 @@ import os
 import re
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,8 +202,6 @@ def test_deploy_with_vvv_and_diff_leaks_the_secret_nowhere(sl: SecretsLab) -> No
 
 
 def _pyinfra_cmd() -> list[str]:
-    import sys
-
     return [sys.executable, "-m", "pyinfra"]
 
 
@@ -346,17 +346,55 @@ def test_a_wrapped_secret_id_works_once(sl: SecretsLab) -> None:
     assert _snapshot(sl) == snap
 
 
-def test_vault_down_stops_the_run_before_anything_is_written(sl: SecretsLab) -> None:
-    sl.write(secrets.token_urlsafe(32))  # a deploy would change the file
-    snap = _snapshot(sl)
-    _break_sudoers(sl)
+def _stop_vault(sl: SecretsLab) -> LabState:
     state = LabState.read(sl.lab.state_dir)
     assert state and state.vault_pid
     os.kill(state.vault_pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
     while Path(f"/proc/{state.vault_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
+    return state
+
+
+def test_vault_down_in_the_middle_of_a_rotation_then_of_a_deploy(sl: SecretsLab) -> None:
+    env = {**sl.env, **sl.approle("gpunode-rotate", ROTATE_POLICY)}
+    # lab-01's service takes 3 s to start: Vault goes down while lab-01 is being restarted,
+    # after the new version was written and read for lab-01, before lab-02's read.
+    slow = "/etc/systemd/system/gpunode-demo.service.d"
+    sl.ssh("lab-01", f"mkdir -p {slow} && printf '[Service]\\nExecStartPre=/bin/sleep 3\\n' "
+           f"> {slow}/slow.conf && systemctl daemon-reload")  # fmt: skip
+    old_01 = sl.file("lab-01")[0]
+    snap_02 = _snapshot(sl)["lab-02"]
+    rotate = subprocess.Popen(
+        [sys.executable, "-m", "gpunode.cli", "rotate", INVENTORY, "demo", "--generate"],
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+        deadline = time.monotonic() + 60
+        while sl.file("lab-01")[0] == old_01:
+            assert time.monotonic() < deadline and rotate.poll() is None, "lab-01 never changed"
+            time.sleep(0.1)
+        state = _stop_vault(sl)
+        out, _ = rotate.communicate(timeout=120)
+        sl.ssh("lab-01", f"rm -rf {slow} && systemctl daemon-reload")
+        assert rotate.returncode == 1, out
+        assert re.search(r"^lab-01: version \d+: healthy: ", out, re.M), out
+        assert (
+            f"Vault at {state.vault_addr} is unreachable (ConnectionError) after 4 attempt(s); "
+            "not touched: lab-02" in out
+        ), out
+        assert "secret demo: rotation stopped: secret demo (secret/gpunode/demo#api_key" in out
+        assert _snapshot(sl)["lab-02"] == snap_02  # old file, same service process
+        assert all(sl.healthy(h) for h in HOSTS)
+
+        # A deploy now: it stops before anything is written anywhere.
+        snap = _snapshot(sl)
+        _break_sudoers(sl)
         proc = pyinfra(INVENTORY, DEPLOY, env=sl.env)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 1
@@ -369,6 +407,8 @@ def test_vault_down_stops_the_run_before_anything_is_written(sl: SecretsLab) -> 
         assert all(sl.healthy(h) for h in HOSTS)
         assert not _sudoers_present(sl)
     finally:
+        if rotate.poll() is None:
+            rotate.kill()
         gpunode("lab", "up", "--hosts", "2", env=sl.lab.env, check=True)  # seeds OpenBao anew
     pyinfra(INVENTORY, DEPLOY, env=sl.env, check=True)
     assert _sudoers_present(sl)
