@@ -70,20 +70,25 @@ def arm_rollback_command(seconds: int) -> str:
     """Save the running gpunode table as a restore script and start a timer that loads it.
 
     The script deletes gpunode's table and re-creates it as it was (or leaves it deleted
-    when there was none); it is checked with ``nft -c`` before the timer is armed.
+    when there was none); it is checked with ``nft -c`` before the timer is armed. A
+    rollback still armed by an earlier run that never confirmed keeps its saved table:
+    that one is the last confirmed ruleset, not what the unconfirmed run loaded.
     """
-    return " && ".join(
+    timer = f"{ROLLBACK_UNIT}.timer"
+    return "\n".join(
         [
-            f"systemctl stop {ROLLBACK_UNIT}.timer 2>/dev/null; "
-            f"systemctl reset-failed {ROLLBACK_UNIT}.timer {ROLLBACK_UNIT}.service "
-            "2>/dev/null; true",
-            f"{{ echo 'table inet {NFT_TABLE}'; echo 'delete table inet {NFT_TABLE}'; "
+            "set -e",
+            f"if ! systemctl is-active --quiet {timer} || [ ! -s {FIREWALL_ROLLBACK} ]; then",
+            f"  {{ echo 'table inet {NFT_TABLE}'; echo 'delete table inet {NFT_TABLE}'; "
             f"nft list table inet {NFT_TABLE} 2>/dev/null || true; }} > {FIREWALL_ROLLBACK}.tmp",
-            f"mv {FIREWALL_ROLLBACK}.tmp {FIREWALL_ROLLBACK}",
+            f"  mv {FIREWALL_ROLLBACK}.tmp {FIREWALL_ROLLBACK}",
+            "fi",
             f"nft -c -f {FIREWALL_ROLLBACK}",
+            f"systemctl stop {timer} 2>/dev/null || true",
+            f"systemctl reset-failed {timer} {ROLLBACK_UNIT}.service 2>/dev/null || true",
             f"systemd-run --quiet --unit={ROLLBACK_UNIT} --on-active={seconds}s "
             "--timer-property=AccuracySec=1s "
-            f"--description='gpunode: restore the previous firewall' "
+            "--description='gpunode: restore the previous firewall' "
             f"/usr/sbin/nft -f {FIREWALL_ROLLBACK}",
         ]
     )
