@@ -7,17 +7,21 @@ hardening, inference) plug in below, in the order they depend on each other.
 """
 
 from roles.base import base
+from roles.cuda import cuda
 from roles.firewall import firewall
 from roles.gpu_probe import gpu_probe
 from roles.hardening import hardening
 from roles.inference_systemd import inference_systemd
 from roles.monitoring import monitoring
+from roles.nvidia_driver import nvidia_driver
 from roles.provenance import provenance
 from roles.secrets import secrets
 
 base()
 firewall()
 hardening()
+nvidia_driver()
+cuda()
 gpu_probe()
 secrets()
 monitoring()
