@@ -44,9 +44,10 @@ def test_dcgm_exporter_on_gpu_nodes(host, node: Host) -> None:
         assert not service.is_running
         return
     assert service.is_enabled and service.is_running
-    assert host.socket(f"tcp://0.0.0.0:{mon.dcgm_exporter_port}").is_listening or host.socket(
-        f"tcp://:::{mon.dcgm_exporter_port}"
-    ).is_listening
+    assert (
+        host.socket(f"tcp://0.0.0.0:{mon.dcgm_exporter_port}").is_listening
+        or host.socket(f"tcp://:::{mon.dcgm_exporter_port}").is_listening
+    )
 
 
 def test_provenance_record(host) -> None:
