@@ -66,24 +66,23 @@ def commands_per_host() -> Counter[str]:
     connector sends (facts and operations) and every upload."""
     os.environ.update(ENV)
     from pyinfra.api.operations import run_ops
+    from pyinfra.connectors.ssh import SSHConnector
     from pyinfra.context import ctx_state
 
     from gpunode import drift
 
     inventory = drift.load_inventory(INVENTORY)
     counts: Counter[str] = Counter()
-    for host in inventory:
-        connector = host.connector
 
-        def counting(fn, name=host.name):
-            def wrapper(*args, **kwargs):
-                counts[name] += 1
-                return fn(*args, **kwargs)
+    def counting(method):
+        def wrapper(self, *args, **kwargs):
+            counts[self.host.name] += 1
+            return method(self, *args, **kwargs)
 
-            return wrapper
+        return wrapper
 
-        connector.run_shell_command = counting(connector.run_shell_command)  # type: ignore[method-assign]
-        connector.put_file = counting(connector.put_file)  # type: ignore[method-assign]
+    SSHConnector.run_shell_command = counting(SSHConnector.run_shell_command)  # type: ignore[method-assign]
+    SSHConnector.put_file = counting(SSHConnector.put_file)  # type: ignore[method-assign]
     state, errors = drift._prepare(inventory, REPO / DEPLOY)
     if errors.by_host:
         raise SystemExit(f"errors: {errors.by_host}")
