@@ -58,8 +58,9 @@ def test_firewall_allows_exactly_the_configured_sources(firewall_on, node: Host,
     assert len(rules) == sum(bool(a.v4) + bool(a.v6) for a in wanted)
     for allow in wanted:
         mine = [r for r in rules if r.strip().endswith(f'comment "{allow.name}"')]
-        for cidr in (*allow.v4, *allow.v6):
-            assert any(cidr in r for r in mine), (allow.name, cidr, mine)
+        for cidr in allow.cidrs:  # nft lists a single address (/32, /128) without its prefix
+            shown = str(cidr.network_address) if cidr.prefixlen == cidr.max_prefixlen else str(cidr)
+            assert any(f" {shown} " in r or f" {shown}," in r for r in mine), (allow.name, cidr)
         for port in allow.ports:
             assert all(str(port) in r and allow.proto in r for r in mine), (allow.name, mine)
     if node.config.firewall.log_drops:
