@@ -94,7 +94,15 @@ def commands_per_host() -> Counter[str]:
 
 def one_size(n: int) -> dict[str, float]:
     must("lab down", run(sys.executable, "-m", "gpunode.cli", "lab", "down"))
-    up = must("lab up", run(sys.executable, "-m", "gpunode.cli", "lab", "up", "--hosts", str(n)))
+    # `lab up` again keeps healthy hosts and rebuilds those that booted degraded (it
+    # happens on a loaded machine); the time is that of the last, successful attempt
+    for attempt in range(3):
+        up, proc = run(sys.executable, "-m", "gpunode.cli", "lab", "up", "--hosts", str(n))
+        if proc.returncode == 0:
+            break
+        print(f"   (lab up attempt {attempt + 1}: {proc.stderr.strip()[-200:]})", flush=True)
+    else:
+        must("lab up", (up, proc))
     first = must("first converge", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
     second = must("converged run", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
     check = must("drift", run(sys.executable, "-m", "gpunode.cli", "drift", INVENTORY, DEPLOY))
