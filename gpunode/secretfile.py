@@ -71,10 +71,10 @@ def secret_file(path: str, secret: SecretValue, env: str, user: str, group: str,
     current = host.get_fact(SecretFileState, path=path)
     want_mode = _mode(mode)
     if current and current["sha256"] == secret.sha256(env):
+        if current["mode"] != want_mode:  # tighten first, then hand over
+            yield StringCommand("chmod", want_mode, path)
         if (current["user"], current["group"]) != (user, group):
             yield StringCommand("chown", f"{user}:{group}", path)
-        if current["mode"] != want_mode:
-            yield StringCommand("chmod", want_mode, path)
         return
 
     directory, base = posixpath.split(path)

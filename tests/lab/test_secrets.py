@@ -328,6 +328,28 @@ def test_a_policy_that_denies_the_path_stops_the_run_before_anything_is_written(
     assert _sudoers_present(sl)
 
 
+def test_a_missing_key_stops_the_run_before_anything_is_written(
+    sl: SecretsLab, tmp_path: Path
+) -> None:
+    doc = yaml.safe_load(Path(sl.env["GPUNODE_LAB_DATA"]).read_text())
+    doc["defaults"]["secrets"]["demo"]["key"] = "no_such_key"
+    data = tmp_path / "lab.yml"
+    data.write_text(yaml.safe_dump(doc))
+    snap = _snapshot(sl)
+    _break_sudoers(sl)
+    proc = pyinfra(INVENTORY, DEPLOY, env={**sl.env, "GPUNODE_LAB_DATA": str(data)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert (
+        "secret demo (secret/gpunode/demo#no_such_key): key 'no_such_key' is missing "
+        "(keys there: api_key)"
+    ) in out, out[-3000:]
+    assert "--> Beginning operation run" not in out
+    assert _snapshot(sl) == snap and not _sudoers_present(sl)
+    pyinfra(INVENTORY, DEPLOY, env=sl.env, check=True)
+    assert _sudoers_present(sl)
+
+
 def test_a_wrapped_secret_id_works_once(sl: SecretsLab) -> None:
     wrapped = sl.root().auth.approle.generate_secret_id("gpunode", wrap_ttl="120s")
     env = {**sl.env, "VAULT_WRAPPED_SECRET_ID": wrapped["wrap_info"]["token"]}
@@ -344,6 +366,26 @@ def test_a_wrapped_secret_id_works_once(sl: SecretsLab) -> None:
     assert "vault login: unwrapping $VAULT_WRAPPED_SECRET_ID" in out
     assert "a wrapping token works once" in out
     assert _snapshot(sl) == snap
+
+
+def test_as_an_admin_user_with_sudo_no_file_is_ever_loose(sl: SecretsLab) -> None:
+    value = secrets.token_urlsafe(32)
+    sl.write(value)
+    proc = pyinfra("--user", "labadmin", "--sudo", "-vv", INVENTORY, SECRETS_ONLY, env=sl.env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert value not in out
+    for host in HOSTS:
+        lines = [ln for ln in out.splitlines() if ln.startswith(f"[{host}] >>> ")]
+        staging = next(i for i, ln in enumerate(lines) if "install -m 600 /dev/null /tmp/" in ln)
+        tmp = next(i for i, ln in enumerate(lines) if "install -m 640 -o root -g root" in ln)
+        copy = next(i for i, ln in enumerate(lines) if "sudo -H -n sh -c 'cp /tmp/" in ln)
+        assert "sudo" not in lines[staging]  # the login user's own private file
+        assert tmp < copy and staging < copy  # both exist with their modes before the copy
+        digest, perms = sl.file(host)
+        assert (digest.split()[0], perms) == (env_line_sha(value), "root root 640")
+        assert sl.ssh(host, "ls /tmp | grep -c gpunode-secret || true").strip() == "0"
+        assert sl.healthy(host)
 
 
 def _stop_vault(sl: SecretsLab) -> LabState:
