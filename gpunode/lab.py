@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -634,10 +635,35 @@ def _wait_host(settings: LabSettings, host: LabHost, timeout: float = BOOT_TIMEO
         if proc.stdout.strip() == "running":
             return
         if proc.stdout.strip() == "degraded":
-            failed = host_ssh(settings, host.name, "systemctl --failed --no-legend --plain")
-            raise LabError(f"host {host.name}: booted degraded; failed units:\n{failed.stdout}")
+            _retry_failed_units(settings, host)
+            return
         time.sleep(0.3)
     raise LabError(f"host {host.name}: not reachable over SSH within {timeout:.0f} s ({last})")
+
+
+def _retry_failed_units(settings: LabSettings, host: LabHost) -> None:
+    """Start units that failed during boot once more, or raise with their logs.
+
+    On a loaded machine (several labs booting at once) a boot-time oneshot such as
+    systemd-sysusers or systemd-remount-fs occasionally fails; a second start succeeds.
+    """
+    failed = host_ssh(settings, host.name, "systemctl --failed --no-legend --plain")
+    units = [line.split()[0] for line in failed.stdout.splitlines() if line.split()]
+    _say(f"host {host.name}: booted degraded ({', '.join(units)}); starting them again")
+    quoted = " ".join(shlex.quote(u) for u in units)
+    retry = host_ssh(
+        settings,
+        host.name,
+        f"systemctl reset-failed {quoted} && systemctl start {quoted} && "
+        "systemctl is-system-running",
+        timeout=60,
+    )
+    if retry.stdout.strip() != "running":
+        logs = host_ssh(settings, host.name, f"journalctl -b --no-pager -n 40 -u {quoted}")
+        raise LabError(
+            f"host {host.name}: booted degraded and a second start did not help; "
+            f"failed units: {', '.join(units)}\n{logs.stdout[-3000:]}"
+        )
 
 
 def host_healthy(settings: LabSettings, host: LabHost) -> bool:
