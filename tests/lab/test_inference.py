@@ -241,6 +241,14 @@ def test_a_real_request_through_the_firewall_gets_a_real_answer(
     assert status == 200 and models["data"][0]["id"] == "chat"
     status, metrics = request(lab, "lab-01", "/metrics", key=key)
     assert status == 200 and "llamacpp:prompt_tokens_total" in metrics
+    # The firewall role opened the port to network.app_cidrs (the gateway) only: the same
+    # request from the other lab host is dropped.
+    rules = sh(lab, "lab-01", f"nft list ruleset | grep 'dport {PORT} '")
+    assert f"ip saddr {lab.settings.gateway} tcp dport {PORT} accept" in rules, rules
+    blocked = lab.ssh(
+        "lab-02", f"curl -sS --max-time 3 http://{lab.address('lab-01')}:{PORT}/health"
+    )
+    assert blocked.returncode == 28, blocked.stdout + blocked.stderr  # curl: timed out
 
 
 def test_the_unit_is_hardened_on_the_host(
