@@ -87,7 +87,13 @@ def document(host_name: str, repo: str, now: float | None = None) -> dict[str, A
 
 
 def stable(doc: dict[str, Any]) -> dict[str, Any]:
+    """The record less what changes on every deploy."""
     return {k: v for k, v in doc.items() if k not in VOLATILE}
+
+
+def content(doc: dict[str, Any]) -> dict[str, Any]:
+    """The record less the deploy source (commit, dirty): what is on the host."""
+    return {k: v for k, v in stable(doc).items() if k != "repository"}
 
 
 def render(doc: dict[str, Any]) -> str:

@@ -247,22 +247,24 @@ def _jinja() -> dict[str, bool]:
 def inference_systemd() -> None:
     config = node_config(host)
     inf = config.inference
-    if not inf.services:
+    # Services listed in nomad.jobs run as Nomad jobs (gpunode nomad run), never as units too.
+    services = {n: s for n, s in inf.services.items() if n not in config.nomad.jobs}
+    if not services:
         return  # nothing declared: no fact, no operation
     assert config.distro is not None  # guaranteed by config loading
-    used = {svc.runtime for svc in inf.services.values()}
+    used = {svc.runtime for svc in services.values()}
     for path in (MODEL_STORE, SERVICES_DIR, CACHE_DIR):
         files.directory(name="Inference directory", path=path, user="root", group="root",
                         mode="755")
     installs = {rt: _install_runtime(rt, inf.runtimes[rt], config) for rt in sorted(used)}
 
     minors = (
-        host.get_fact(NvidiaGpuMinors) if any(s.gpus for s in inf.services.values()) else {}
+        host.get_fact(NvidiaGpuMinors) if any(s.gpus for s in services.values()) else {}
     )
     present = host.get_fact(StoreDigests, store=MODEL_STORE)
     switched = []
     provenance: dict[str, dict[str, object]] = {}
-    for name, svc in inf.services.items():
+    for name, svc in services.items():
         devices = gpu_devices(svc, minors)
         if devices is None:
             missing = [u for u in svc.gpus if u.startswith("GPU-") and u not in minors]

@@ -643,3 +643,23 @@ def test_rollout_stops_at_the_first_unhealthy_batch() -> None:
         f"c: FAILED: batch 1: chat: http://127.0.0.2:{port}/health not healthy after 1s"
     )
     assert report.lines()[3] == "not touched (rollout stopped): d"
+
+
+def test_a_service_run_as_a_nomad_job_gets_no_systemd_unit() -> None:
+    data = example()
+    big = {**services(data)["big"], "gpus": [H100], "tensor_parallel": 1}
+    big["model"] = {**big["model"], "uri": "https://models.example.com/llama-3.1-8b.tar"}
+    data["inference"]["services"] = {"big": big, "chat": services(data)["chat"]}
+    data["nomad"] = {
+        "enabled": True,
+        "servers": ["10.0.0.1:4647"],
+        "device_plugin": {"sha256": "a" * 64},
+        "images": {"vllm": "vllm/vllm-openai@sha256:" + "b" * 64},
+        "jobs": {"big": {}},
+    }
+    run = run_role(load_node(data))
+    assert not run.failed
+    units = [path for path, _ in run.uploads if path.startswith("/etc/systemd/system/")]
+    assert "/etc/systemd/system/gpunode-inference-big.service" not in units
+    assert "/etc/systemd/system/gpunode-inference-chat.service" in units
+    assert not any("vllm==" in c for c in run.commands)  # its runtime is not installed either
