@@ -32,7 +32,7 @@ lab-down: venv
 	$(BIN)/gpunode lab down
 
 check: venv
-	$(BIN)/ruff check gpunode roles deploys inventories tests
+	$(BIN)/ruff check gpunode roles deploys inventories tests scripts bench
 	$(BIN)/mypy
 
 unit: venv
