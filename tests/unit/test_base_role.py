@@ -299,10 +299,48 @@ class Run:
         return [c for c in self.commands if re.search(pattern, c)]
 
 
+def run_deploys(
+    config: NodeConfig,
+    responses: dict[Any, Response],
+    deploys: Iterable[Callable[[], Any]],
+    handlers: Iterable[Handler] = (),
+    connector_cls: type[RecordingFakeConnector] | None = None,
+    host_name: str = HOST,
+    state_out: list[State] | None = None,
+) -> Run:
+    """Run ``deploys`` for real through pyinfra's API on one @fake host answering ``responses``."""
+    assert not pyinfra.is_cli  # add_deploy refuses to run in CLI mode
+    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
+    inventory = Inventory(([(f"@fake/{host_name}", data)], {}))
+    for each in inventory:
+        each.connector_cls = connector_cls or RecordingFakeConnector
+    state = State(inventory, Config())
+    host = inventory.get_host(f"@fake/{host_name}")
+    connector = host.connector
+    assert isinstance(connector, RecordingFakeConnector)
+    connector.handlers = [fail_op, *handlers]
+    connect_all(state)
+    for deploy in deploys:
+        add_deploy(state, deploy)
+    try:
+        run_ops(state)
+    except PyinfraError as exc:  # the only host failed: "No hosts remaining!"
+        assert host in state.failed_hosts, exc
+    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
+    if state_out is not None:
+        state_out[:] = [state]
+    return Run(
+        commands=list(connector.executed_commands),
+        results=list(connector.results),
+        uploads=list(connector.uploads),
+        failed=host in state.failed_hosts,
+        op_labels=labels,
+    )
+
+
 def run_base(
     config: NodeConfig, os_release: str, container: str = "", handlers: Iterable[Handler] = ()
 ) -> Run:
-    assert not pyinfra.is_cli  # add_deploy refuses to run in CLI mode
     responses: dict[Any, Response] = {
         HostInfo().command(): list(host_info_output(os_release, container)),
         "command -v hostnamectl": "/usr/bin/hostnamectl",
@@ -311,29 +349,7 @@ def run_base(
             "SubState=running",
         ],
     }
-    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
-    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
-    for host in inventory:
-        host.connector_cls = RecordingFakeConnector
-    state = State(inventory, Config())
-    host = inventory.get_host(f"@fake/{HOST}")
-    connector = host.connector
-    assert isinstance(connector, RecordingFakeConnector)
-    connector.handlers = [fail_op, *handlers]
-    connect_all(state)
-    add_deploy(state, base)
-    try:
-        run_ops(state)
-    except PyinfraError as exc:  # the only host failed: "No hosts remaining!"
-        assert host in state.failed_hosts, exc
-    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
-    return Run(
-        commands=list(connector.executed_commands),
-        results=list(connector.results),
-        uploads=list(connector.uploads),
-        failed=host in state.failed_hosts,
-        op_labels=labels,
-    )
+    return run_deploys(config, responses, [base], handlers)
 
 
 def node_config(distro: str, **base_overrides: Any) -> NodeConfig:

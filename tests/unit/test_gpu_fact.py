@@ -18,15 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pyinfra
 import pytest
 from fake_nvml import recordings, sysfs_tree
-from pyinfra.api import Config, Inventory, State
-from pyinfra.api.connect import connect_all
-from pyinfra.api.deploy import add_deploy
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.operations import run_ops
-from test_base_role import RecordingFakeConnector, Run, converged, fail_op
+from test_base_role import Run, converged, run_deploys
 
 from gpunode import probe
 from gpunode.config import ConfigError, NodeConfig, load
@@ -144,31 +138,8 @@ def node_config(**gpu: Any) -> NodeConfig:
 
 
 def run_role(config: NodeConfig, fact: list[str], handlers: list[Any] | None = None) -> Run:
-    assert not pyinfra.is_cli
     responses = {GpuProbe().command(): fact}
-    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
-    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
-    for host in inventory:
-        host.connector_cls = RecordingFakeConnector
-    state = State(inventory, Config())
-    host = inventory.get_host(f"@fake/{HOST}")
-    connector = host.connector
-    assert isinstance(connector, RecordingFakeConnector)
-    connector.handlers = [fail_op, *(handlers or [])]
-    connect_all(state)
-    add_deploy(state, gpu_probe)
-    try:
-        run_ops(state)
-    except PyinfraError as exc:
-        assert host in state.failed_hosts, exc
-    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
-    return Run(
-        commands=list(connector.executed_commands),
-        results=list(connector.results),
-        uploads=list(connector.uploads),
-        failed=host in state.failed_hosts,
-        op_labels=labels,
-    )
+    return run_deploys(config, responses, [gpu_probe], handlers or [], host_name=HOST)
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pyinfra
 import pytest
-from pyinfra.api import Config, Inventory, State
-from pyinfra.api.connect import connect_all
-from pyinfra.api.deploy import add_deploy
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.operations import run_ops
 from pyinfra.facts.server import Sysctl
 from test_base_role import (
     ALL,
@@ -47,8 +41,8 @@ from test_base_role import (
     Response,
     Run,
     converged,
-    fail_op,
     host_info_output,
+    run_deploys,
 )
 
 from gpunode import hardening
@@ -386,31 +380,9 @@ def run_roles(
     handlers: Iterable[Handler] = (),
     container: str = "",
 ) -> Run:
-    assert not pyinfra.is_cli
     responses = {HostInfo().command(): list(host_info_output(distro, container)), **responses}
-    data = {"gpunode": cfg, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
-    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
-    for host in inventory:
-        host.connector_cls = SharedLogConnector
-    state = State(inventory, Config())
-    host = inventory.get_host(f"@fake/{HOST}")
-    connector = host.connector
-    assert isinstance(connector, RecordingFakeConnector)
-    connector.handlers = [fail_op, *handlers]
-    connect_all(state)
-    add_deploy(state, firewall)
-    add_deploy(state, hardening_role)
-    try:
-        run_ops(state)
-    except PyinfraError as exc:
-        assert host in state.failed_hosts, exc
-    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
-    return Run(
-        commands=list(connector.executed_commands),
-        results=list(connector.results),
-        uploads=list(connector.uploads),
-        failed=host in state.failed_hosts,
-        op_labels=labels,
+    return run_deploys(
+        cfg, responses, [firewall, hardening_role], handlers, SharedLogConnector, HOST
     )
 
 

@@ -18,15 +18,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pyinfra
 import pytest
-from pyinfra.api import Config, Inventory, State
-from pyinfra.api.connect import connect_all
-from pyinfra.api.deploy import add_deploy
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.operations import run_ops
 from pyinfra.facts.server import Os
-from test_base_role import RecordingFakeConnector, Run, fail_op, host_info_output, run_sh
+from test_base_role import (
+    Run,
+    host_info_output,
+    run_deploys,
+    run_sh,
+)
 
 from gpunode import provenance
 from gpunode.config import ConfigError, NodeConfig, load
@@ -452,36 +451,13 @@ def test_gpu_minor_fact_parses_the_driver_file() -> None:
 
 
 def run_role(config: NodeConfig, handlers: tuple = ()) -> Run:
-    assert not pyinfra.is_cli
     responses: dict[Any, Any] = {
         HostInfo().command(): list(host_info_output("debian12")),
         NvidiaGpuMinors().command(): minors_output(),
         Os().command(): "Linux",  # uname -s
         "command -v useradd || true": "/usr/sbin/useradd",  # Debian's passwd package
     }
-    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
-    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
-    for h in inventory:
-        h.connector_cls = RecordingFakeConnector
-    state = State(inventory, Config())
-    fake = inventory.get_host(f"@fake/{HOST}")
-    connector = fake.connector
-    assert isinstance(connector, RecordingFakeConnector)
-    connector.handlers = [fail_op, *handlers]
-    connect_all(state)
-    add_deploy(state, inference_systemd)
-    try:
-        run_ops(state)
-    except PyinfraError as exc:
-        assert fake in state.failed_hosts, exc
-    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
-    return Run(
-        commands=list(connector.executed_commands),
-        results=list(connector.results),
-        uploads=list(connector.uploads),
-        failed=fake in state.failed_hosts,
-        op_labels=labels,
-    )
+    return run_deploys(config, responses, [inference_systemd], handlers, host_name=HOST)
 
 
 def one_gpu_service(uuid: str = H100) -> NodeConfig:

@@ -14,22 +14,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pyinfra
 import pytest
-from pyinfra.api import Config, Inventory, State
-from pyinfra.api.connect import connect_all
-from pyinfra.api.deploy import add_deploy
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.operations import run_ops
 from test_base_role import (
     ALL,
     APT,
     DNF,
-    RecordingFakeConnector,
     Run,
     converged,
-    fail_op,
     host_info_output,
+    run_deploys,
 )
 
 from gpunode import provenance
@@ -67,33 +60,10 @@ def node_config(distro: str, **nomad: Any) -> NodeConfig:
 
 
 def run_role(config: NodeConfig, distro: str, handlers: tuple = ()) -> Run:
-    assert not pyinfra.is_cli
     responses: dict[Any, Any] = {
         HostInfo().command(): list(host_info_output(distro)),
     }
-    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
-    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
-    for h in inventory:
-        h.connector_cls = RecordingFakeConnector
-    state = State(inventory, Config())
-    fake = inventory.get_host(f"@fake/{HOST}")
-    connector = fake.connector
-    assert isinstance(connector, RecordingFakeConnector)
-    connector.handlers = [fail_op, *handlers]
-    connect_all(state)
-    add_deploy(state, nomad_client)
-    try:
-        run_ops(state)
-    except PyinfraError as exc:
-        assert fake in state.failed_hosts, exc
-    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
-    return Run(
-        commands=list(connector.executed_commands),
-        results=list(connector.results),
-        uploads=list(connector.uploads),
-        failed=fake in state.failed_hosts,
-        op_labels=labels,
-    )
+    return run_deploys(config, responses, [nomad_client], handlers, host_name=HOST)
 
 
 def nomad_running(command: str) -> Any:

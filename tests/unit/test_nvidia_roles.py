@@ -27,21 +27,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import pyinfra
 import pytest
-from pyinfra.api import Config, Inventory, State
-from pyinfra.api.connect import connect_all
-from pyinfra.api.deploy import add_deploy
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.operations import run_ops
+from pyinfra.api import State
 from test_base_role import (
     Handler,
-    RecordingFakeConnector,
     Response,
     Run,
     content_lines,
     converged,
-    fail_op,
+    run_deploys,
 )
 
 from gpunode import nvidia as nv
@@ -262,33 +256,8 @@ def run_roles(
     handlers: Iterable[Handler] = (),
     roles: tuple[Callable[[], None], ...] = (nvidia_driver, cuda),
 ) -> Run:
-    assert not pyinfra.is_cli
     responses: dict[Any, Response] = {NvidiaHost().command(): gpu_state}
-    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
-    inventory = Inventory(([(f"@fake/{HOST}", data)], {}))
-    for h in inventory:
-        h.connector_cls = RecordingFakeConnector
-    state = State(inventory, Config())
-    host = inventory.get_host(f"@fake/{HOST}")
-    connector = host.connector
-    assert isinstance(connector, RecordingFakeConnector)
-    connector.handlers = [fail_op, *handlers]
-    connect_all(state)
-    for role in roles:
-        add_deploy(state, role)
-    try:
-        run_ops(state)
-    except PyinfraError as exc:
-        assert host in state.failed_hosts, exc
-    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
-    LAST_STATE[:] = [state]
-    return Run(
-        commands=list(connector.executed_commands),
-        results=list(connector.results),
-        uploads=list(connector.uploads),
-        failed=host in state.failed_hosts,
-        op_labels=labels,
-    )
+    return run_deploys(config, responses, roles, handlers, host_name=HOST, state_out=LAST_STATE)
 
 
 def gpu_host(distro: str, nvswitch: bool, **kw: Any) -> list[str]:
