@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 
 from gpunode.inventory import node_config
 from gpunode.provenance import record
@@ -49,6 +49,10 @@ def secrets(only: str | None = None, versions: dict[str, int] | None = None) -> 
             name="Secrets directory", path=SECRETS_DIR, user="root", group="root", mode="0750"
         )
     for name, secret in wanted.items():
+        if secret.group != "root":
+            # e.g. the group of the service that reads it (root:gpunode-chat 0640), which
+            # the inference role would create only later in the deploy
+            server.group(name="Secret file group", group=secret.group, system=True)
         changed = secret_file(
             name="Secret file",
             path=secret.dest_for(name),

@@ -447,3 +447,41 @@ def test_rotation_refuses_an_empty_or_multiline_value() -> None:
         with pytest.raises(RotateError, match="must be one non-empty line"):
             rotate(_hosts(), "demo", value, say=lambda _: None)
     assert len(generate_value()) == 43 and generate_value() != generate_value()
+
+
+def test_the_secrets_role_creates_the_files_group_before_writing(
+    bao: Bao, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A secret file owned root:<service group> on a first deploy, before the inference role
+    made that group: the secrets role creates it (a system group) first."""
+    from pyinfra.facts.server import Os
+    from test_base_role import run_deploys
+
+    from gpunode import vault as vault_module
+    from roles.secrets import secrets
+
+    monkeypatch.setenv("VAULT_SECRET_ID", bao.secret_id())
+    raw = {
+        "defaults": {
+            "distro": "debian12",
+            "vault": {"addr": bao.addr, "role_id": bao.role_id, "retries": 0},
+            "secrets": {
+                "chat-key": {"path": "gpunode/demo", "key": "api_key", "group": "gpunode-chat"}
+            },
+        },
+        "hosts": {"gpu-01": {"connection": {"address": "192.0.2.10"}}},
+    }
+    config = load(raw, source="inv.yml").hosts["gpu-01"].config
+    try:
+        run = run_deploys(config, {Os().command(): "Linux"}, [secrets], host_name="gpu-01")
+    finally:
+        vault_module.close_all()
+    assert not run.failed
+    group = next(i for i, c in enumerate(run.commands) if "groupadd" in c and "gpunode-chat" in c)
+    write = next(
+        i
+        for i, c in enumerate(run.commands)
+        if c.startswith("install -m 640 -o root -g gpunode-chat")
+    )
+    assert group < write, "\n".join(run.commands)
+    assert not any("v2-value" in c for c in run.commands)  # the value never on a command line
