@@ -60,7 +60,7 @@ def gpu_gate(config: NodeConfig, state: dict[str, Any], what: str) -> bool:
             name=f"{what}: check for an NVIDIA GPU",
             message=(
                 f"host {host.name}: gpu.required: true, but no NVIDIA GPU was found "
-                "(lspci shows no 10de display device; allowed: fix the hardware, or set "
+                "(no NVIDIA device, vendor 10de, on the PCI bus; allowed: fix the hardware, or set "
                 "gpu.required: false)"
             ),
         )

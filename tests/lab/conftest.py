@@ -136,8 +136,10 @@ def require_root() -> None:
     pytest.skip("lab tests need root (they run under CI as root)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
+    """Fresh lab hosts for each test module (a few seconds with the base image cached), so no
+    module depends on what another one did to the hosts or on the order they run in."""
     require_root()
     env = dict(TEST_LAB_ENV)
     gpunode("lab", "down", env=env)  # start from fresh hosts

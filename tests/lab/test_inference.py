@@ -120,7 +120,13 @@ def write_data(
         "defaults": {
             "network": {"app_cidrs": [f"{lab.settings.gateway}/32"]},
             "secrets": {
-                "chat-key": {"path": "gpunode/demo", "key": "api_key", "env": "LLAMA_API_KEY"}
+                # readable by the service's group (made by the secrets role on a first deploy)
+                "chat-key": {
+                    "path": "gpunode/demo",
+                    "key": "api_key",
+                    "env": "LLAMA_API_KEY",
+                    "group": "gpunode-chat",
+                }
             },
             "inference": {
                 "runtimes": {
@@ -275,7 +281,8 @@ def test_the_unit_is_hardened_on_the_host(
     assert props["Restart"] == "on-failure"
     assert props["ReadWritePaths"] == "/var/cache/gpunode/inference/chat"
     assert props["EnvironmentFiles"].startswith("/etc/gpunode/secrets/chat-key.env ")
-    assert sh(lab, "lab-01", "stat -c '%a %U' /etc/gpunode/secrets/chat-key.env") == "640 root"
+    env_file = sh(lab, "lab-01", "stat -c '%a %U %G' /etc/gpunode/secrets/chat-key.env")
+    assert env_file == "640 root gpunode-chat"
     # the server runs as its own user and the key is not on its command line
     ps = sh(lab, "lab-01", "ps -o user:32=,args= -C llama-server")
     assert ps.startswith("gpunode-chat ") and api_key(lab, "lab-01") not in ps
