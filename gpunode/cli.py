@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+# Like pyinfra's own CLI: gevent patches the standard library before anything imports ssl
+# or socket (drift, rotate and rollout run pyinfra's API in this process; hvac talks TLS).
+from gevent import monkey
 
-from gpunode import __version__
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from gpunode import __version__  # noqa: E402
 
 
 def _lab(args: argparse.Namespace) -> int:
