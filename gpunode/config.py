@@ -189,6 +189,9 @@ class Connection(Model):
     known_hosts_file: str | None = None
     strict_host_key_checking: Literal["yes", "no", "accept-new"] = "yes"
     ssh_config_file: str | None = None
+    # New connections retried on a transient failure (refused, timed out, a dropped auth
+    # exchange) before the host counts as unreachable
+    connect_retries: Annotated[int, Field(ge=0, le=10)] = 2
 
     @field_validator("address")
     @classmethod
@@ -212,6 +215,7 @@ class Connection(Model):
             "ssh_port": self.port,
             "ssh_user": self.user,
             "ssh_strict_host_key_checking": self.strict_host_key_checking,
+            "ssh_connect_retries": self.connect_retries,
         }
         if self.key_file:
             data["ssh_key"] = self.key_file

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode.config import ConfigError, Inventory, NodeConfig, load, load_file
+from gpunode.config import ConfigError, Connection, Inventory, NodeConfig, load, load_file
 from gpunode.distros import DISTROS
 from gpunode.inventory import EXIT_CONFIG, from_yaml
 
@@ -192,10 +192,7 @@ BAD = [
         D + "hosts:\n  gpu-01:\n    connection: {address: 192.0.2.1, username: admin}\n",
         "host gpu-01",
         "connection.username",
-        (
-            "address, key_file, known_hosts_file, port, ssh_config_file, "
-            "strict_host_key_checking, user",
-        ),
+        (", ".join(sorted(Connection.model_fields)),),
         also=("unknown key",),
     ),
     Bad(
@@ -870,6 +867,7 @@ def test_pyinfra_groups_and_ungrouped(tmp_path: Path) -> None:
     assert data["ssh_user"] == "admin"
     assert data["ssh_key"] == "/k"
     assert data["ssh_strict_host_key_checking"] == "yes"
+    assert data["ssh_connect_retries"] == 2  # transient connect failures are retried
     assert isinstance(data["gpunode"], NodeConfig)
     assert data["gpunode"].distro == "ubuntu2404"
     _, cpu = groups["ungrouped"][0]
