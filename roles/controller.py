@@ -43,7 +43,7 @@ from gpunode.inventory import node_config
 from gpunode.operations import fail
 from gpunode.paths import REPO_ROOT, TEMPLATES
 from gpunode.provenance import SOURCE_STAMP
-from roles.monitoring import node_exporter
+from roles.monitoring import textfile_and_node_exporter
 
 T = TEMPLATES / "controller"
 HOME = "/opt/gpunode"
@@ -216,15 +216,7 @@ def controller() -> None:
             group="root",
         )
 
-    files.directory(
-        name="Drift report directory (textfile collector)",
-        path=config.monitoring.textfile_dir,
-        mode="755",
-        user="root",
-        group="root",
-    )
-    if config.monitoring.node_exporter:
-        node_exporter(config, spec)
+    textfile_and_node_exporter(config, spec)
 
     unit_args: dict[str, Any] = dict(
         repo=REPO,

@@ -43,6 +43,13 @@ def monitoring() -> None:
     config = node_config(host)
     assert config.distro is not None  # guaranteed by config loading
     spec = distros.get(config.distro)
+    textfile_and_node_exporter(config, spec)
+    _dcgm_exporter(config, spec)
+
+
+def textfile_and_node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    """The drift report's textfile directory and node_exporter reading it (nodes and
+    the controller)."""
     files.directory(
         name="Drift report directory (textfile collector)",
         path=config.monitoring.textfile_dir,
@@ -52,7 +59,6 @@ def monitoring() -> None:
     )
     if config.monitoring.node_exporter:
         node_exporter(config, spec)
-    _dcgm_exporter(config, spec)
 
 
 def node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
