@@ -69,7 +69,7 @@ def commands_per_host() -> Counter[str]:
     from pyinfra.connectors.ssh import SSHConnector
     from pyinfra.context import ctx_state
 
-    from gpunode import drift
+    from gpunode.commands import drift
 
     inventory = drift.load_inventory(INVENTORY)
     counts: Counter[str] = Counter()
@@ -93,11 +93,11 @@ def commands_per_host() -> Counter[str]:
 
 
 def one_size(n: int) -> dict[str, float]:
-    must("lab down", run(sys.executable, "-m", "gpunode.cli", "lab", "down"))
+    must("lab down", run(sys.executable, "-m", "gpunode.commands.cli", "lab", "down"))
     # `lab up` again keeps healthy hosts and rebuilds those that booted degraded (it
     # happens on a loaded machine); the time is that of the last, successful attempt
     for attempt in range(3):
-        up, proc = run(sys.executable, "-m", "gpunode.cli", "lab", "up", "--hosts", str(n))
+        up, proc = run(sys.executable, "-m", "gpunode.commands.cli", "lab", "up", "--hosts", str(n))
         if proc.returncode == 0:
             break
         print(f"   (lab up attempt {attempt + 1}: {proc.stderr.strip()[-200:]})", flush=True)
@@ -105,7 +105,9 @@ def one_size(n: int) -> dict[str, float]:
         must("lab up", (up, proc))
     first = must("first converge", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
     second = must("converged run", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
-    check = must("drift", run(sys.executable, "-m", "gpunode.cli", "drift", INVENTORY, DEPLOY))
+    check = must(
+        "drift", run(sys.executable, "-m", "gpunode.commands.cli", "drift", INVENTORY, DEPLOY)
+    )
     _, counted = run(sys.executable, __file__, "--count-only")
     per_host = [int(x) for x in counted.stdout.split()] if counted.returncode == 0 else []
     if not per_host:
@@ -149,7 +151,7 @@ def main() -> int:
         for n in args.sizes:
             results.append(one_size(n))
     finally:
-        run(sys.executable, "-m", "gpunode.cli", "lab", "down")
+        run(sys.executable, "-m", "gpunode.commands.cli", "lab", "down")
     by_size = {r["hosts"]: r for r in results}
     if 1 in by_size and 16 in by_size:
         one, sixteen = by_size[1], by_size[16]

@@ -1,6 +1,7 @@
 """gpunode's configuration: one schema, validated as a whole before any host is touched.
 
-Every default lives in this file, next to the field it belongs to. An inventory
+Every key, its type and its default are in gpunode/schema/ (docs/reference.md lists
+them all). An inventory
 YAML file has three layers of node settings that are deep-merged per host
 (lists replace, mappings merge): ``defaults`` < each of the host's ``groups``
 (in the order listed) < the host's own ``data``.
@@ -26,251 +27,28 @@ or group, the key and what is allowed.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    ValidationError,
-    field_validator,
+from pydantic import BaseModel, ValidationError
+
+from gpunode import firewall, gpus, hardening, inference, monitoring, nomad, nvidia, secrets
+from gpunode.schema.distros import DISTROS
+from gpunode.schema.node import (
+    RESERVED_GROUPS,
+    Host,
+    Inventory,
+    InventoryFile,
+    NodeConfig,
 )
+from gpunode.schema.types import HOSTNAME_RE, PATTERN_HELP, ConfigError
 
-from gpunode import gpus, hardening, inference, monitoring, nomad, nvidia, vault
-from gpunode.distros import DISTROS
-from gpunode.gpus import Gpu
-from gpunode.hardening import Firewall, Hardening
-from gpunode.inference import Inference
-from gpunode.monitoring import Monitoring
-from gpunode.nomad import Nomad
-from gpunode.nvidia import Cuda, Nvidia
-from gpunode.schema import (
-    HOSTNAME_RE,
-    PATTERN_HELP,
-    SIZE_RE,
-    Cidr,
-    ConfigError,
-    GroupName,
-    HoldPattern,
-    HostName,
-    HttpUrl,
-    Model,
-    NtpServer,
-    PackageName,
-    UserName,
-)
-from gpunode.vault import Secret, Vault
-
-# Each section module checks what needs the whole merged config (and the host's
-# connection) in its own check_host(where, config, connection) -> [problems].
-SECTION_CHECKS = (nvidia, gpus, hardening, vault, inference, nomad, monitoring)
-
-# Patterns that unattended upgrades must never touch: a kernel or NVIDIA update
-# that lands without the matching module is the classic "NVML driver/library
-# version mismatch". Entries are package-name prefixes where `*` matches
-# anything; roles/base.py hold_patterns() writes them as apt Package-Blacklist
-# regular expressions or dnf excludepkgs globs.
-DEFAULT_HOLD = (
-    "linux-image-",
-    "linux-headers-",
-    "linux-modules-",
-    "kernel",
-    "nvidia-",
-    "libnvidia-",
-    "cuda-",
-    "libcudnn",
-    "datacenter-gpu-manager",
-)
-
-RESERVED_GROUPS = frozenset({"all", "ungrouped"})  # pyinfra's own group names
-
-DEFAULT_NTP = ("0.pool.ntp.org", "1.pool.ntp.org", "2.pool.ntp.org")
-
-
-class AdminUser(Model):
-    name: UserName
-    ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = Field(
-        default_factory=list
-    )
-    sudo: bool = True
-    shell: Literal["/bin/bash", "/bin/sh", "/usr/bin/zsh"] = "/bin/bash"
-
-    @field_validator("name")
-    @classmethod
-    def _not_root(cls, value: str) -> str:
-        if value == "root":
-            raise ValueError("root is not an admin user gpunode manages (allowed: any other name)")
-        return value
-
-
-class Journald(Model):
-    system_max_use: Annotated[str, StringConstraints(pattern=SIZE_RE)] = "2G"
-    max_retention_sec: Annotated[
-        str, StringConstraints(pattern=r"^[0-9]+(s|min|h|day|week|month|year)$")
-    ] = "1month"
-    rate_limit_burst: Annotated[int, Field(ge=0)] = 10000
-
-
-class AutoUpdates(Model):
-    enabled: bool = True
-    # Packages (patterns) automatic upgrades never touch; see DEFAULT_HOLD.
-    hold: list[HoldPattern] = Field(default_factory=lambda: list(DEFAULT_HOLD))
-    security_only: bool = True
-
-
-class Base(Model):
-    hostname: HostName | None = None  # default: the inventory name, when it is a valid hostname
-    apt_proxy: HttpUrl | None = None  # Acquire::http::Proxy / dnf.conf proxy=
-    apt_mirror: HttpUrl | None = (
-        None  # apt distros only: base URL of a mirror of the distro archive
-    )
-    packages: list[PackageName] = Field(default_factory=list)  # extra packages
-    ntp_servers: list[NtpServer] = Field(default_factory=lambda: list(DEFAULT_NTP), min_length=1)
-    admin_users: list[AdminUser] = Field(default_factory=list)
-    admin_group: GroupName = "gpunode_admins"
-    sudo_nopasswd: bool = True  # admin users log in with keys and have no password
-    journald: Journald = Field(default_factory=Journald)
-    auto_updates: AutoUpdates = Field(default_factory=AutoUpdates)
-
-    @field_validator("admin_users")
-    @classmethod
-    def _unique_users(cls, users: list[AdminUser]) -> list[AdminUser]:
-        names = [u.name for u in users]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(
-                f"admin user listed twice: {', '.join(dupes)} (allowed: each name once)"
-            )
-        return users
-
-
-class Network(Model):
-    """Who may reach the node. Used by the firewall role; validated here."""
-
-    admin_cidrs: list[Cidr] = Field(default_factory=list)
-    app_cidrs: list[Cidr] = Field(default_factory=list)
-    monitoring_cidrs: list[Cidr] = Field(default_factory=list)
-    cluster_cidrs: list[Cidr] = Field(default_factory=list)  # Nomad servers and peers
-
-
-class NodeConfig(Model):
-    """Everything gpunode knows about one node, after merging the layers."""
-
-    distro: Literal[tuple(DISTROS)] | None = None  # type: ignore[valid-type]
-    base: Base = Field(default_factory=Base)
-    network: Network = Field(default_factory=Network)
-    nvidia: Nvidia = Field(default_factory=Nvidia)
-    cuda: Cuda = Field(default_factory=Cuda)
-    gpu: Gpu = Field(default_factory=Gpu)
-    firewall: Firewall = Field(default_factory=Firewall)
-    hardening: Hardening = Field(default_factory=Hardening)
-    vault: Vault = Field(default_factory=Vault)
-    secrets: dict[str, Secret] = Field(default_factory=dict)
-    inference: Inference = Field(default_factory=Inference)
-    nomad: Nomad = Field(default_factory=Nomad)
-    monitoring: Monitoring = Field(default_factory=Monitoring)
-
-    def to_json(self) -> dict[str, Any]:
-        """pyinfra's JSON hook (``pyinfra INVENTORY debug-inventory``, ``--json``)."""
-        return self.model_dump(mode="json")
-
-
-class Connection(Model):
-    address: str
-    port: Annotated[int, Field(ge=1, le=65535)] = 22
-    user: UserName = "root"
-    key_file: str | None = None
-    known_hosts_file: str | None = None
-    strict_host_key_checking: Literal["yes", "no", "accept-new"] = "yes"
-    ssh_config_file: str | None = None
-    # New connections retried on a transient failure (refused, timed out, a dropped auth
-    # exchange) before the host counts as unreachable
-    connect_retries: Annotated[int, Field(ge=0, le=10)] = 2
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-            return value
-        except ValueError:
-            pass
-        label = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
-        if len(value) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", value):
-            raise ValueError(
-                f"{value!r} is not an IP address or DNS name (allowed: e.g. 192.0.2.10, "
-                "2001:db8::10, gpu-01.example.com)"
-            )
-        return value
-
-    def pyinfra_data(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "ssh_hostname": self.address,
-            "ssh_port": self.port,
-            "ssh_user": self.user,
-            "ssh_strict_host_key_checking": self.strict_host_key_checking,
-            "ssh_connect_retries": self.connect_retries,
-        }
-        if self.key_file:
-            data["ssh_key"] = self.key_file
-        if self.known_hosts_file:
-            data["ssh_known_hosts_file"] = self.known_hosts_file
-        if self.ssh_config_file:
-            data["ssh_config_file"] = self.ssh_config_file
-        return data
-
-
-class HostEntry(Model):
-    connection: Connection
-    groups: list[GroupName] = Field(default_factory=list)
-    data: dict[str, Any] = Field(default_factory=dict)
-
-
-class GroupEntry(Model):
-    data: dict[str, Any] = Field(default_factory=dict)
-
-
-class InventoryFile(Model):
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    groups: dict[GroupName, GroupEntry] = Field(default_factory=dict)
-    hosts: dict[str, HostEntry]
-
-
-class Host(BaseModel):
-    """One validated host: inventory name, groups, connection and merged node config."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    groups: tuple[str, ...]
-    connection: Connection
-    config: NodeConfig
-
-
-class Inventory(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    source: str
-    hosts: dict[str, Host]
-    groups: dict[str, tuple[str, ...]]  # group -> host names, in inventory order
-
-    def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-        """Module-level groups for a pyinfra inventory file (``globals().update(...)``)."""
-        out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-        for group, names in self.groups.items():
-            out[group] = [(name, host_data(self.hosts[name])) for name in names]
-        return out
-
-
-def host_data(host: Host) -> dict[str, Any]:
-    return {**host.connection.pyinfra_data(), "gpunode": host.config}
-
+# Each concern checks what needs the whole merged config (and the host's connection) in
+# its own check_host(where, config, connection) -> [problems].
+SECTION_CHECKS = (nvidia, gpus, hardening, firewall, secrets, inference, nomad, monitoring)
 
 # --- loading -----------------------------------------------------------------
 

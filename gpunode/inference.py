@@ -1,44 +1,24 @@
-"""Inference services: runtime installs, model artifacts and hardened systemd units.
+"""Inference services on a node: the paths and names derived from a service, the ports it
+opens, and the checks of ``inference:`` against the rest of a node's config.
 
-Every default is here, next to its field. Runtimes are profiles (gpunode/runtimes.py);
-the role is roles/inference_systemd.py; rollouts are gpunode/rollout.py.
-
-.. code:: yaml
-
-    inference:
-      runtimes:
-        llamacpp:
-          method: artifact                    # pip | package | artifact
-          artifact:
-            uri: http://mirror.internal/gpunode/llama-server-0.3.36-linux-x86_64.tar.gz
-            sha256: 5f1c...                   # of the file at uri
-            format: tar
-      services:
-        chat:                                 # unit gpunode-inference-chat.service
-          runtime: llamacpp
-          port: 8080
-          model:
-            uri: file:///mnt/models/smollm2-135m-instruct-q4_1.gguf
-            sha256: 9a0e...
-          context_length: 4096
-          api_key_secret: chat_api_key        # secrets.chat_api_key, env LLAMA_API_KEY
-
-A node may run several services: one per GPU or GPU group, each on its own ports.
+The section (every default) is in gpunode/schema/inference.py; the role is
+roles/inference_systemd.py; rollouts are gpunode/commands/rollout.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from typing import TYPE_CHECKING, Annotated, Literal
+from dataclasses import dataclass
 
-from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
+from pyinfra.api.util import get_template
 
-from gpunode.planner import ModelFootprint, check_placement
-from gpunode.runtimes import PROFILES, InstallMethod, RuntimeName
-from gpunode.schema import PATTERN_HELP, SIZE_RE, Model, PackageName
-
-if TYPE_CHECKING:
-    from gpunode.config import Connection, NodeConfig
+from gpunode.gpus import capacity
+from gpunode.paths import TEMPLATES
+from gpunode.planner import check_placement
+from gpunode.runtimes import command_line
+from gpunode.schema.inference import ModelSpec, Service
+from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.runtimes import PROFILES
+from gpunode.schema.types import listed_twice
 
 # --- node paths (one place) ----------------------------------------------------------------
 MODEL_STORE = "/var/lib/gpunode/models"  # <MODEL_STORE>/sha256/<digest>/model
@@ -48,146 +28,6 @@ CACHE_DIR = "/var/cache/gpunode/inference"  # <CACHE_DIR>/<svc>: the unit's only
 VENV_DIR = "/opt/gpunode/venvs"  # pip installs: <VENV_DIR>/<runtime>-<sha12 of the pins>
 PROBE = "/usr/local/sbin/gpunode-probe"
 UNIT_DIR = "/etc/systemd/system"
-
-SERVICE_NAME_RE = r"^[a-z][a-z0-9-]{0,22}$"
-SHA256_RE = r"^[0-9a-f]{64}$"
-# http(s) from a mirror, or file:// on a local mirror or NFS mount. No user:password@ (it
-# would be printed with the command): mirrors that need credentials use ~/.netrc.
-URI_RE = r"^(https?://[A-Za-z0-9.-]+(:[0-9]+)?|file://)/[A-Za-z0-9._~%+/=,-]*$"
-GPU_UUID_RE = r"^(GPU|MIG)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-PIN_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+$"
-REL_PATH_RE = r"^[A-Za-z0-9_-][A-Za-z0-9._/-]*$"  # and no ".." part (_no_dotdot)
-ARG_RE = r"^[A-Za-z0-9._/=:,+@-]+$"  # extra arguments: no shell or systemd specials
-
-ServiceName = Annotated[str, StringConstraints(pattern=SERVICE_NAME_RE)]
-Sha256 = Annotated[str, StringConstraints(pattern=SHA256_RE)]
-Uri = Annotated[str, StringConstraints(pattern=URI_RE)]
-GpuUuid = Annotated[str, StringConstraints(pattern=GPU_UUID_RE)]
-Pin = Annotated[str, StringConstraints(pattern=PIN_RE)]
-
-PATTERN_HELP.update(
-    {
-        SERVICE_NAME_RE: "a-z, 0-9 and '-', starting with a letter, at most 23 characters",
-        SHA256_RE: "64 lowercase hex digits, as sha256sum prints them",
-        URI_RE: "http(s)://host[:port]/path or file:///path, with no user:password@",
-        GPU_UUID_RE: "a GPU or MIG UUID as nvidia-smi -L prints it, e.g. "
-        "GPU-9221d5d1-b60b-a624-bf14-0a1819cfda3b",
-        PIN_RE: "an exact pin name==version, e.g. vllm==0.6.3",
-        REL_PATH_RE: "a relative path: letters, digits, '.', '_', '-', '/'",
-        ARG_RE: "letters, digits and . _ / = : , + @ - (no spaces, quotes, $ or %)",
-    }
-)
-
-
-def _no_dotdot(value: str) -> str:
-    if ".." in value.split("/"):
-        raise ValueError(f"{value!r} leaves its directory (allowed: a path inside it, no '..')")
-    return value
-
-
-RelPath = Annotated[str, StringConstraints(pattern=REL_PATH_RE), AfterValidator(_no_dotdot)]
-ExtraArg = Annotated[str, StringConstraints(pattern=ARG_RE)]
-Size = Annotated[str, StringConstraints(pattern=SIZE_RE)]
-MemLimit = Annotated[str, StringConstraints(pattern=r"^([0-9]+[KMGT]?|[0-9]{1,2}%|infinity)$")]
-Port = Annotated[int, Field(ge=1024, le=65535)]
-
-
-class Artifact(Model):
-    """A file fetched onto the node by URI and verified by sha256 before use."""
-
-    uri: Uri  # http(s)://mirror/... or file:///mnt/mirror/...
-    sha256: Sha256  # of the file at uri (lowercase hex)
-    format: Literal["file", "tar"] = "file"  # tar: unpacked (.tar, .tar.gz, .tar.xz)
-
-
-class ModelSpec(Artifact):
-    """The model a service serves."""
-
-    served_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")] | None = (
-        None  # the name clients ask for; default: the service name
-    )
-    subpath: RelPath | None = None  # tar models: the path inside the archive to serve
-    # Size of the model for the capacity planner (gpunode/planner.py); unset: not checked.
-    # A GPU service's footprint is checked against the declared gpu.model at config load.
-    footprint: ModelFootprint | None = None
-
-
-class RuntimeInstall(Model):
-    """How one runtime gets onto the node."""
-
-    method: InstallMethod
-    packages: list[Pin] = Field(default_factory=list)  # pip: exact pins, e.g. vllm==0.6.3
-    python: Annotated[str, StringConstraints(pattern=r"^/[A-Za-z0-9._/-]+$")] = "/usr/bin/python3"
-    index_url: Uri | None = None  # pip: the site's package mirror
-    package: PackageName | None = None  # package: the distro package name
-    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+:~_-]+$")] | None = None
-    artifact: Artifact | None = None  # artifact: a tarball of the server (bin/, lib/)
-    binary: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]+$")] | None = (
-        None  # the server program: default from the runtime profile
-    )
-
-    @model_validator(mode="after")
-    def _method_fields(self) -> RuntimeInstall:
-        need = {"pip": "packages", "package": "package", "artifact": "artifact"}[self.method]
-        if not getattr(self, need):
-            raise ValueError(f"method {self.method} needs {need} (allowed: set {need})")
-        if self.method == "package" and not self.version:
-            raise ValueError("method package needs version (allowed: the exact package version)")
-        if self.method == "artifact" and self.artifact and self.artifact.format != "tar":
-            raise ValueError("a runtime artifact is a tarball (allowed: artifact.format: tar)")
-        return self
-
-
-class Service(Model):
-    """One inference server: one systemd unit, one model, its own ports and GPUs."""
-
-    runtime: RuntimeName
-    model: ModelSpec
-    listen: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F.:]+$")] = "0.0.0.0"  # noqa: S104
-    port: Port  # the API (and, for vLLM/llama.cpp, metrics) port; opened to network.app_cidrs
-    grpc_port: Port | None = None  # triton: default port + 1
-    metrics_port: Port | None = None  # triton: default port + 2
-    gpus: list[GpuUuid] = Field(default_factory=list)  # by UUID; empty: CPU only
-    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1  # vLLM: = len(gpus)
-    context_length: Annotated[int, Field(ge=128, le=10_000_000)] | None = None  # default: model
-    threads: Annotated[int, Field(ge=1, le=1024)] | None = None  # llama.cpp CPU threads
-    api_key_secret: str | None = None  # a name in `secrets:`; its env variable is the runtime's
-    memory_max: MemLimit = "90%"  # systemd MemoryMax= (size, percent of RAM, or infinity)
-    limit_memlock: MemLimit = "infinity"  # LimitMEMLOCK=: pinned host memory for CUDA
-    min_free_mib: Annotated[int, Field(ge=0)] = 0  # GPU units: the probe's --min-free-mib
-    extra_args: list[ExtraArg] = Field(default_factory=list)  # appended to the command line
-    health_timeout: Annotated[int, Field(ge=5, le=3600)] = 180  # seconds to become healthy
-    enabled: bool = True  # false: the unit is stopped and disabled, its files stay
-
-    @field_validator("listen")
-    @classmethod
-    def _ip(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not an IP address (allowed: 0.0.0.0, 127.0.0.1, ::, an address)"
-            ) from None
-        return value
-
-    def effective_grpc_port(self) -> int | None:
-        if self.runtime != "triton":
-            return None
-        return self.grpc_port or self.port + 1
-
-    def effective_metrics_port(self) -> int:
-        if PROFILES[self.runtime].metrics_port == "api":
-            return self.port
-        return self.metrics_port or self.port + 2
-
-
-class Inference(Model):
-    """The node's inference services."""
-
-    runtimes: dict[RuntimeName, RuntimeInstall] = Field(default_factory=dict)
-    services: dict[ServiceName, Service] = Field(default_factory=dict)
-    keep_versions: Annotated[int, Field(ge=1, le=50)] = 3  # model versions kept in the store
-    # (besides those a service's current/previous link points at)
 
 
 # --- names derived from a service name -----------------------------------------------------
@@ -263,7 +103,7 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
                     "(allowed: each GPU in one service)"
                 )
             gpus[uuid] = f"inference.services.{name}"
-        if len(set(svc.gpus)) != len(svc.gpus):
+        if listed_twice(svc.gpus):
             problems.append(f"{at}.gpus: a GPU is listed twice (allowed: each UUID once)")
         if svc.gpus and config.gpu.count is not None and len(svc.gpus) > config.gpu.count:
             problems.append(
@@ -340,8 +180,6 @@ def _check_secret(at: str, config: NodeConfig, name: str, svc: Service) -> list[
 
 def _check_footprint(at: str, config: NodeConfig, name: str, svc: Service) -> list[str]:
     """The capacity planner: the model must fit the GPUs the service is given."""
-    from gpunode.gpus import capacity
-
     footprint = svc.model.footprint
     if footprint is None or not svc.gpus:
         return []
@@ -386,3 +224,100 @@ def metrics_endpoints(config: NodeConfig) -> list[tuple[str, int, str]]:
         for name, svc in config.inference.services.items()
         if svc.enabled
     ]
+
+
+# --- the unit ----------------------------------------------------------------------------------
+
+UNIT_TEMPLATE = TEMPLATES / "inference" / "service.j2"
+JINJA_OPTIONS = {"trim_blocks": True, "lstrip_blocks": True}
+START_LIMIT_INTERVAL = 600  # seconds: Restart=on-failure gives up after BURST starts in this
+START_LIMIT_BURST = 5
+
+
+@dataclass(frozen=True)
+class Installed:
+    executable: str
+    root: str | None  # the unpacked artifact (for lib/ and backends/)
+    version: str  # for provenance: the pins, the package version or the artifact digest
+    changed: list  # the operations whose change means "restart the services using it"
+
+
+def local_url(svc: Service, path: str) -> str:
+    address = svc.listen
+    if address in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listen answers on loopback
+        address = "127.0.0.1" if address == "0.0.0.0" else "::1"  # noqa: S104
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{svc.port}{path}"
+
+
+def gpu_devices(svc: Service, minors: dict[str, int]) -> list[str] | None:
+    """DeviceAllow= entries for the service's GPUs; None when a GPU is not on the host."""
+    if not svc.gpus:
+        return []
+    devices = ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"]
+    for uuid in svc.gpus:
+        if uuid.startswith("MIG-"):
+            devices.append("char-nvidia-caps")
+            continue
+        if uuid not in minors:
+            return None
+        devices.append(f"/dev/nvidia{minors[uuid]}")
+    return sorted(set(devices))
+
+
+def render_values(
+    name: str, svc: Service, config: NodeConfig, installed: Installed
+) -> dict[str, object]:
+    """Everything the unit template needs for one service (pure: tested without a host)."""
+    profile = PROFILES[svc.runtime]
+    cache = cache_dir(name)
+    values: dict[str, object] = {
+        "model": model_path(name, svc.model),
+        "listen": svc.listen,
+        "port": svc.port,
+        "served_name": svc.model.served_name or name,
+        "tensor_parallel": svc.tensor_parallel if profile.tensor_parallel else None,
+        "context_length": svc.context_length,
+        "threads": svc.threads,
+        "gpu_layers": 999 if svc.gpus and svc.runtime == "llamacpp" else None,
+        "grpc_port": svc.effective_grpc_port(),
+        "metrics_port": svc.effective_metrics_port() if profile.metrics_port == "own" else None,
+        "runtime_root": installed.root,
+        "cache": cache,
+    }
+    argv = [installed.executable, *command_line(profile, values), *svc.extra_args]
+    environment = [(k, v.format(cache=cache)) for k, v in sorted(profile.env.items())]
+    if installed.root and profile.lib_dirs:
+        libs = ":".join(f"{installed.root}/{d}" for d in profile.lib_dirs)
+        environment.append(("LD_LIBRARY_PATH", libs))
+    if svc.gpus:
+        environment.append(("CUDA_VISIBLE_DEVICES", ",".join(svc.gpus)))
+        environment.append(("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
+    else:
+        environment.append(("CUDA_VISIBLE_DEVICES", ""))
+    return {
+        "name": name,
+        "profile": profile,
+        "user": user_name(name),
+        "service_dir": service_dir(name),
+        "cache": cache,
+        "env_file": secret_env_file(config, svc.api_key_secret) if svc.api_key_secret else None,
+        "environment": environment,
+        "gpus": svc.gpus,
+        "probe": PROBE,
+        "min_free_mib": svc.min_free_mib,
+        "exec_start": " ".join(argv),
+        "health_timeout": svc.health_timeout,
+        "memory_max": svc.memory_max,
+        "limit_memlock": svc.limit_memlock,
+        "start_limit_interval": START_LIMIT_INTERVAL,
+        "start_limit_burst": START_LIMIT_BURST,
+    }
+
+
+def render_unit(values: dict[str, object], devices: list[str]) -> str:
+    """The unit file's text (what files.template writes)."""
+    return get_template(str(UNIT_TEMPLATE), jinja_env_kwargs=JINJA_OPTIONS).render(
+        ctx=values, devices=devices
+    )

@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gpunode.config import ConfigError, Inventory, NodeConfig, load, load_file
+from gpunode.config import load, load_file
+from gpunode.schema.node import Inventory, NodeConfig
+from gpunode.schema.types import ConfigError
 
 EXIT_CONFIG = 2
 

@@ -34,12 +34,14 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpunode.inference import ModelSpec, Service
-from gpunode.nomad import NomadJob, parse_duration_ns
-from gpunode.runtimes import PROFILES, command_line
+from gpunode.runtimes import command_line
+from gpunode.schema.inference import ModelSpec, Service
+from gpunode.schema.nomad import NomadJob
+from gpunode.schema.runtimes import PROFILES
+from gpunode.schema.types import parse_duration_ns
 
 if TYPE_CHECKING:
-    from gpunode.config import NodeConfig
+    from gpunode.schema.node import NodeConfig
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""The GPU stack's config (``nvidia:`` and ``cuda:``) and its distro support, as data.
+"""The GPU stack's distro support, as data, and what a node's ``nvidia:``/``cuda:`` resolve to.
 
-Every default of the two sections is here, next to its field. The roles
+The sections themselves (every default, the driver branches) are in
+gpunode/schema/nvidia.py. The roles
 (roles/nvidia_driver.py, roles/cuda.py) never branch on distro names: they read
 the rows below for the host's declared distro and the chosen package source.
 
@@ -29,42 +30,10 @@ guide ("Getting Started": ``datacenter-gpu-manager-4-cuda<major>``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import Field, StringConstraints, field_validator
-
-from gpunode.schema import HttpUrl, Model
-
-if TYPE_CHECKING:
-    from gpunode.config import Connection, NodeConfig
-
-
-@dataclass(frozen=True)
-class DriverBranch:
-    branch: str
-    # Highest CUDA toolkit major.minor this branch's driver supports (NVIDIA's
-    # CUDA toolkit release notes, "CUDA Toolkit and Corresponding Driver Versions").
-    max_cuda: str
-    open_modules: bool  # open kernel modules are published for this branch
-    lts: bool = False
-
-
-DRIVER_BRANCHES: dict[str, DriverBranch] = {
-    row.branch: row
-    for row in (
-        DriverBranch("535", max_cuda="12.2", open_modules=True, lts=True),
-        DriverBranch("550", max_cuda="12.4", open_modules=True),
-        DriverBranch("570", max_cuda="12.8", open_modules=True),
-        DriverBranch("575", max_cuda="12.9", open_modules=True),
-        DriverBranch("580", max_cuda="13.0", open_modules=True, lts=True),
-    )
-}
-
-# CUDA toolkit releases gpunode knows (major.minor): the version a config may ask for.
-CUDA_VERSIONS = (
-    "11.5", "11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.8", "12.9",
-    "13.0",
-)  # fmt: skip
+from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.nvidia import DRIVER_BRANCHES
 
 # --- NVIDIA's repositories ----------------------------------------------------------------
 
@@ -236,82 +205,6 @@ def cuda_major_minor(version: str) -> tuple[int, int]:
 
 # --- config sections ------------------------------------------------------------------------
 
-AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\s\"';$`\\]+$")]
-DriverVersion = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+){1,2}$")]
-
-
-class ModuleSigning(Model):
-    """A Machine Owner Key already enrolled (mokutil --import) that DKMS signs modules with."""
-
-    key_file: AbsPath  # private key on the node, e.g. /var/lib/shim-signed/mok/MOK.priv
-    cert_file: AbsPath  # its DER certificate, e.g. /var/lib/shim-signed/mok/MOK.der
-
-
-class Nvidia(Model):
-    """The NVIDIA driver (roles/nvidia_driver.py)."""
-
-    # auto: only on hosts where an NVIDIA device is found (no GPU: a visible skip, or an
-    # error with gpu.required); always: also without a GPU (images, the lab); never: skip.
-    install: Literal["auto", "always", "never"] = "auto"
-    source: Literal["nvidia", "distro"] = "nvidia"  # NVIDIA's CUDA repo, or the distro's archive
-    # Base URL replacing NVIDIA's download site (source: nvidia) or the Debian archive that
-    # gets the non-free sources file (source: distro on debian12), for air-gapped mirrors.
-    mirror: HttpUrl | None = None
-    branch: str = "580"  # a key of DRIVER_BRANCHES
-    kernel_modules: Literal["open", "proprietary"] = "open"  # NVIDIA's advice for Turing+
-    version: DriverVersion | None = None  # exact driver version, e.g. 580.95.05 (apt pin)
-    # NVSwitch fabric manager: auto = where the host has NVSwitches (lspci / procfs)
-    fabricmanager: Literal["auto"] | bool = "auto"
-    # Reboot (one host at a time) when the installed module differs from the loaded one.
-    # false: a visible "reboot needed" note instead.
-    reboot: bool = False
-    reboot_timeout: Annotated[int, Field(ge=60, le=7200)] = 900  # seconds to wait for SSH
-    module_signing: ModuleSigning | None = None  # required on hosts with Secure Boot on
-
-    @field_validator("branch", mode="before")
-    @classmethod
-    def _known_branch(cls, value: Any) -> str:
-        value = str(value)
-        if value not in DRIVER_BRANCHES:
-            raise ValueError(
-                f"{value!r} is not a driver branch gpunode knows "
-                f"(allowed: {', '.join(DRIVER_BRANCHES)})"
-            )
-        return value
-
-
-class Cuda(Model):
-    """CUDA toolkit, container toolkit and DCGM (roles/cuda.py)."""
-
-    toolkit: bool = True
-    # major.minor; default: the newest the driver branch supports (source: nvidia) or the
-    # distro's own nvidia-cuda-toolkit (source: distro)
-    version: str | None = None
-    # NVIDIA Container Toolkit, its four packages pinned to this version.
-    # None: installed with source: nvidia, skipped (visibly) with source: distro.
-    container_toolkit: bool | None = None
-    container_toolkit_version: Annotated[
-        str, StringConstraints(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.~]+)?$")
-    ] = "1.17.8-1"
-    container_toolkit_mirror: HttpUrl | None = None  # replaces CONTAINER_TOOLKIT_REPO
-    # DCGM (datacenter-gpu-manager, service nvidia-dcgm) from NVIDIA's CUDA repo.
-    # None: installed with source: nvidia, skipped (visibly) with source: distro.
-    dcgm: bool | None = None
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _known_cuda(cls, value: Any) -> str | None:
-        if value is None:
-            return None
-        value = str(value)
-        if value not in CUDA_VERSIONS:
-            raise ValueError(
-                f"{value!r} is not a CUDA version gpunode knows "
-                f"(allowed: {', '.join(CUDA_VERSIONS)})"
-            )
-        return value
-
-
 # --- what the config resolves to ---------------------------------------------------------
 
 
@@ -421,3 +314,41 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
                 "or a newer nvidia.branch)"
             )
     return problems
+
+
+def driver_packages(config: NodeConfig, family: str) -> list[str]:
+    nvidia = config.nvidia
+    if nvidia.source == "distro":
+        assert config.distro
+        rows = DISTRO_ARCHIVES[config.distro].driver[nvidia.kernel_modules]
+    else:
+        rows = NVIDIA_REPO_DRIVER[(family, nvidia.kernel_modules)]
+    return [p.format(branch=nvidia.branch) for p in rows]
+
+
+def fabricmanager_packages(config: NodeConfig, family: str) -> list[str]:
+    nvidia = config.nvidia
+    if nvidia.source == "distro":
+        assert config.distro
+        rows = DISTRO_ARCHIVES[config.distro].fabricmanager
+    else:
+        rows = NVIDIA_REPO_FABRICMANAGER[family]
+    return [p.format(branch=nvidia.branch) for p in rows]
+
+
+def mirror_base(config: NodeConfig) -> str:
+    return (config.nvidia.mirror or NVIDIA_DOWNLOAD).rstrip("/")
+
+
+def toolkit(config: NodeConfig) -> tuple[list[str], str]:
+    """(packages, CUDA_HOME) of the CUDA toolkit this host gets."""
+    version = cuda_version(config)
+    if config.nvidia.source == "distro":
+        return [CUDA_TOOLKIT_DISTRO_PACKAGE], CUDA_TOOLKIT_DISTRO_HOME
+    return [f"cuda-toolkit-{version.replace('.', '-')}"], f"/usr/local/cuda-{version}"
+
+
+def container_toolkit_packages(config: NodeConfig, family: str) -> list[str]:
+    version = config.cuda.container_toolkit_version
+    join = "=" if family == "apt" else "-"
+    return [f"{p}{join}{version}" for p in CONTAINER_TOOLKIT_PACKAGES]

@@ -4,8 +4,8 @@ gpunode lab up --hosts 2
 pyinfra -y inventories/lab.py deploys/gpu_node.py
 """
 
+from gpunode.commands.lab import LabError, inventory_spec
 from gpunode.inventory import from_dict
-from gpunode.lab import LabError, inventory_spec
 
 try:
     _gpunode = from_dict(*inventory_spec())

@@ -11,8 +11,9 @@ forgets both and a rebuilt VM's new host key is accepted, not refused.
 import os
 from pathlib import Path
 
-from gpunode.config import ConfigError, read_yaml
+from gpunode.config import read_yaml
 from gpunode.inventory import fail, from_dict, yaml_path_for
+from gpunode.schema.types import ConfigError
 
 _provider = os.environ.get("GPUNODE_VAGRANT_PROVIDER", "libvirt")
 if _provider not in ("libvirt", "virtualbox"):

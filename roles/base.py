@@ -3,8 +3,8 @@
 Package source (proxy, mirror), base packages, admin users with SSH keys and
 sudo, hostname, journald limits, chrony, and automatic security updates that
 never touch the packages on the hold list (kernel, NVIDIA, CUDA). Everything it
-reads is in ``NodeConfig.base`` (gpunode/config.py); distro differences come
-from gpunode/distros.py.
+reads is in ``NodeConfig.base`` (gpunode/schema/base.py); distro differences come
+from gpunode/schema/distros.py.
 
 .. code:: python
 
@@ -19,43 +19,15 @@ from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from gpunode import distros
-from gpunode.config import NodeConfig
-from gpunode.facts import HostInfo
+from gpunode.base import hold_patterns, host_matches, security_mirror
+from gpunode.facts.server import HostInfo
 from gpunode.inventory import node_config
-from gpunode.operations import fail, notice
+from gpunode.operations.server import fail, notice
 from gpunode.paths import TEMPLATES
+from gpunode.schema import distros
+from gpunode.schema.node import NodeConfig
 
 T = TEMPLATES / "base"
-
-
-def hold_patterns(config: NodeConfig, family: distros.Family) -> list[str]:
-    """The hold list in the family's syntax.
-
-    Entries are package-name prefixes where ``*`` matches anything. apt's
-    Package-Blacklist takes regular expressions matched from the start of the
-    name: ``.`` and ``+`` are bracketed (no backslashes in apt.conf strings).
-    dnf's excludepkgs takes globs: a trailing ``*`` makes the prefix match.
-    """
-    patterns = config.base.auto_updates.hold
-    if family == "apt":
-        return [
-            "".join(f"[{c}]" if c in ".+" else ".*" if c == "*" else c for c in p) for p in patterns
-        ]
-    return [p if p.endswith("*") else f"{p}*" for p in patterns]
-
-
-def security_mirror(mirror: str, spec: distros.DistroSpec) -> str | None:
-    if not spec.apt_security_path:
-        return None
-    return mirror.rstrip("/").rsplit("/", 1)[0] + "/" + spec.apt_security_path
-
-
-def host_matches(spec: distros.DistroSpec, info: dict[str, str]) -> bool:
-    return info["id"] in spec.os_ids and (
-        info["version_id"] == spec.version_id
-        or info["version_id"].startswith(spec.version_id + ".")
-    )
 
 
 @deploy("gpunode base")

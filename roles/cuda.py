@@ -26,32 +26,19 @@ from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, systemd
 
-from gpunode import distros
 from gpunode import nvidia as nv
-from gpunode.config import NodeConfig
+from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_config
-from gpunode.nvidia_facts import NvidiaHost
-from gpunode.nvidia_ops import hold_packages
-from gpunode.operations import notice
+from gpunode.nvidia import container_toolkit_packages, toolkit
+from gpunode.operations.nvidia import hold_packages
+from gpunode.operations.server import notice
 from gpunode.paths import TEMPLATES
 from gpunode.provenance import record
+from gpunode.schema import distros
+from gpunode.schema.node import NodeConfig
 from roles.nvidia_driver import gpu_gate
 
 T = TEMPLATES / "nvidia"
-
-
-def toolkit(config: NodeConfig) -> tuple[list[str], str]:
-    """(packages, CUDA_HOME) of the CUDA toolkit this host gets."""
-    version = nv.cuda_version(config)
-    if config.nvidia.source == "distro":
-        return [nv.CUDA_TOOLKIT_DISTRO_PACKAGE], nv.CUDA_TOOLKIT_DISTRO_HOME
-    return [f"cuda-toolkit-{version.replace('.', '-')}"], f"/usr/local/cuda-{version}"
-
-
-def container_toolkit_packages(config: NodeConfig, family: str) -> list[str]:
-    version = config.cuda.container_toolkit_version
-    join = "=" if family == "apt" else "-"
-    return [f"{p}{join}{version}" for p in nv.CONTAINER_TOOLKIT_PACKAGES]
 
 
 @deploy("gpunode cuda")

@@ -24,135 +24,35 @@ ruleset by itself when the timer fires.
 
 from __future__ import annotations
 
-import time
 from io import StringIO
-from typing import Any
 
 from pyinfra import host
-from pyinfra.api import StringCommand, deploy
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.connectors.ssh import SSHConnector
-from pyinfra.connectors.sshuserclient import SSHClient
+from pyinfra.api import deploy
 from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import apt, dnf, files, python, server, systemd
 
-from gpunode import distros
-from gpunode.facts import HostInfo
-from gpunode.hardening import (
+from gpunode.base import host_matches
+from gpunode.facts.firewall import FirewallState
+from gpunode.facts.server import HostInfo
+from gpunode.firewall import (
+    CONFIRM_COMMAND,
     CONFLICTING_FIREWALLS,
     FIREWALL_ACTIVE,
     FIREWALL_CANDIDATE,
     FIREWALL_DIR,
-    FIREWALL_LIVE_SHA,
-    FIREWALL_ROLLBACK,
     FIREWALL_UNIT,
     NFT_TABLE,
-    ROLLBACK_UNIT,
+    arm_rollback_command,
     render_ruleset,
     sha1,
 )
-from gpunode.hardening_facts import FirewallState
 from gpunode.inventory import node_config
-from gpunode.operations import notice
+from gpunode.operations.firewall import confirm_new_connection
+from gpunode.operations.server import notice
 from gpunode.paths import TEMPLATES
-from roles.base import host_matches
+from gpunode.schema import distros
 
 T = TEMPLATES / "firewall"
-
-# The stateless listing of gpunode's table, hashed the same way FirewallState hashes it.
-LIVE_SHA1 = (
-    f'live=$(nft -s list table inet {NFT_TABLE}) && printf "%s\\n" "$live" | sha1sum | '
-    "cut -d' ' -f1"
-)
-
-
-def arm_rollback_command(seconds: int) -> str:
-    """Save the running gpunode table as a restore script and start a timer that loads it.
-
-    The script deletes gpunode's table and re-creates it as it was (or leaves it deleted
-    when there was none); it is checked with ``nft -c`` before the timer is armed. A
-    rollback still armed by an earlier run that never confirmed keeps its saved table:
-    that one is the last confirmed ruleset, not what the unconfirmed run loaded.
-    """
-    timer = f"{ROLLBACK_UNIT}.timer"
-    return "\n".join(
-        [
-            "set -e",
-            f"if ! systemctl is-active --quiet {timer} || [ ! -s {FIREWALL_ROLLBACK} ]; then",
-            f"  {{ echo 'table inet {NFT_TABLE}'; echo 'delete table inet {NFT_TABLE}'; "
-            f"nft list table inet {NFT_TABLE} 2>/dev/null || true; }} > {FIREWALL_ROLLBACK}.tmp",
-            f"  mv {FIREWALL_ROLLBACK}.tmp {FIREWALL_ROLLBACK}",
-            "fi",
-            f"nft -c -f {FIREWALL_ROLLBACK}",
-            f"systemctl stop {timer} 2>/dev/null || true",
-            f"systemctl reset-failed {timer} {ROLLBACK_UNIT}.service 2>/dev/null || true",
-            f"systemd-run --quiet --unit={ROLLBACK_UNIT} --on-active={seconds}s "
-            "--timer-property=AccuracySec=1s "
-            "--description='gpunode: restore the previous firewall' "
-            f"/usr/sbin/nft -f {FIREWALL_ROLLBACK}",
-        ]
-    )
-
-
-CONFIRM_COMMAND = " && ".join(
-    [
-        f"{{ systemctl is-active --quiet {ROLLBACK_UNIT}.timer || {{ echo 'gpunode: the "
-        "rollback timer fired before the new ruleset was confirmed: the node runs its "
-        "previous firewall' >&2; exit 1; }; }",
-        f"systemctl stop {ROLLBACK_UNIT}.timer",
-        f"install -m 600 {FIREWALL_CANDIDATE} {FIREWALL_ACTIVE}",
-        f"rm -f {FIREWALL_CANDIDATE}",
-        f"{LIVE_SHA1} > {FIREWALL_LIVE_SHA}",
-    ]
-)
-
-
-def confirm_new_connection(state: Any, host: Any, timeout: float) -> bool:
-    """Open a NEW connection to the host with its own connection data and run ``true``.
-
-    Over SSH: pyinfra's own SSH client and settings (key, known_hosts, strict host key
-    checking), with ``timeout`` for each attempt, retried until ``timeout`` has passed.
-    Raises with the reason when no new connection got through.
-    """
-    connector = host.connector
-    deadline = time.monotonic() + timeout
-    last: Exception | str = "no attempt"
-    while time.monotonic() < deadline:
-        remaining = max(1.0, deadline - time.monotonic())
-        try:
-            if isinstance(connector, SSHConnector):
-                _ssh_true(connector, remaining)
-            else:  # another connector (e.g. @fake in the tests): a fresh instance of it
-                fresh = type(connector)(state, host)
-                fresh.connect()
-                ok, _ = fresh.run_shell_command(StringCommand("true"))
-                if not ok:
-                    raise PyinfraError("`true` failed on the new connection")
-            return True
-        except Exception as exc:  # noqa: BLE001 - any failure is "not confirmed"
-            last = exc
-            time.sleep(1)
-    raise PyinfraError(
-        f"host {host.name}: firewall: a new SSH connection from the controller failed after "
-        f"the new ruleset was loaded ({type(last).__name__}: {last}); the node restores its "
-        "previous ruleset by itself when the rollback timer fires (check network.admin_cidrs "
-        "covers this controller)"
-    )
-
-
-def _ssh_true(connector: SSHConnector, timeout: float) -> None:
-    kwargs = connector.make_paramiko_kwargs()
-    hostname = kwargs.pop("hostname")
-    kwargs.update(timeout=timeout, banner_timeout=timeout, auth_timeout=timeout)
-    client = SSHClient()
-    try:
-        client.connect(hostname, **kwargs)
-        _, stdout, _ = client.exec_command("true", timeout=timeout)
-        status = stdout.channel.recv_exit_status()
-        if status != 0:
-            raise PyinfraError(f"`true` exited {status} on the new connection")
-    finally:
-        client.close()
 
 
 @deploy("gpunode firewall")

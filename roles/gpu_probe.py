@@ -18,30 +18,16 @@ otherwise.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, dnf, files
 
-from gpunode import distros, probe
-from gpunode.gpus import GpuProbe, sees_no_gpu
+from gpunode import probe
+from gpunode.facts.gpu import GpuProbe
+from gpunode.gpus import PROBE_SOURCE, pynvml_source, sees_no_gpu
 from gpunode.inventory import node_config
-from gpunode.operations import fail, notice
-
-PROBE_SOURCE = Path(probe.__file__)
-
-
-def pynvml_source() -> Path:
-    """The controller's pynvml.py (nvidia-ml-py is one pure-Python module)."""
-    spec = importlib.util.find_spec("pynvml")
-    if spec is None or spec.origin is None or not spec.origin.endswith("pynvml.py"):
-        raise RuntimeError(
-            "nvidia-ml-py is not installed on the controller as a single pynvml.py "
-            "(pip install gpunode's dependencies)"
-        )
-    return Path(spec.origin)
+from gpunode.operations.server import fail, notice
+from gpunode.schema import distros
 
 
 @deploy("gpunode GPU probe")

@@ -1,7 +1,7 @@
 """Hardening role: sshd, sysctl and OS controls to the dev-sec baselines' level.
 
 Every value comes from ``NodeConfig.hardening`` and the tables in
-gpunode/hardening.py (sshd options, sysctl keys, packages that must be absent,
+gpunode/schema/hardening.py (sshd options, sysctl keys, packages that must be absent,
 files with strict modes).
 
 - sshd: a drop-in that sorts first in ``/etc/ssh/sshd_config.d/`` (sshd takes the first
@@ -24,101 +24,35 @@ from __future__ import annotations
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
-from pyinfra.facts.files import File
-from pyinfra.facts.server import Sysctl
+from pyinfra.api import deploy
 from pyinfra.operations import apt, dnf, files, server
 
-from gpunode import distros
-from gpunode.config import NodeConfig
-from gpunode.facts import HostInfo
+from gpunode.base import host_matches
+from gpunode.facts.hardening import SshdState, WritableSysctls
+from gpunode.facts.server import HostInfo
+from gpunode.firewall import sha1
 from gpunode.hardening import (
-    ABSENT_PACKAGES,
     CORE_LIMITS_FILE,
     COREDUMP_DROPIN,
-    SSHD_DROPIN,
     SSHD_SERVICE,
     SSHD_STAGED,
-    STRICT_FILES,
     SYSCTL_FILE,
+    install_sshd_command,
     is_kernel_key,
     render_sshd,
     render_sysctl,
-    sha1,
     sysctl_settings,
 )
-from gpunode.hardening_facts import SshdState, WritableSysctls
 from gpunode.inventory import node_config
-from gpunode.operations import fail, notice
+from gpunode.operations.files import file_mode
+from gpunode.operations.hardening import sysctl_values
+from gpunode.operations.server import fail, notice
 from gpunode.paths import TEMPLATES
-from roles.base import host_matches
+from gpunode.schema import distros
+from gpunode.schema.hardening import ABSENT_PACKAGES, STRICT_FILES
+from gpunode.schema.node import NodeConfig
 
 T = TEMPLATES / "hardening"
-SSHD = "/usr/sbin/sshd"
-
-
-@operation()
-def sysctl_values(values: dict[str, int]):
-    """
-    Set sysctl keys to these values now (not persisted): one ``sysctl -w`` for the keys
-    whose running value differs, nothing when all match.
-
-    .. code:: python
-
-        sysctl_values(name="Network sysctls", values={"net.ipv4.tcp_syncookies": 1})
-    """
-    if not values:
-        host.noop("no sysctl to set")
-        return
-    running = host.get_fact(Sysctl, keys=sorted(values))
-    differ = {k: v for k, v in sorted(values.items()) if running.get(k) != v}
-    if not differ:
-        host.noop("every sysctl already has its value")
-        return
-    yield "sysctl -q -w " + " ".join(f"{k}={v}" for k, v in differ.items())
-
-
-@operation()
-def file_mode(path: str, user: str, group: str, mode: str):
-    """
-    Set an existing file's owner, group and mode (``000`` included, which pyinfra's
-    ``files.file`` skips); a missing file is left missing.
-
-    .. code:: python
-
-        file_mode(name="shadow", path="/etc/shadow", user="root", group="root", mode="000")
-    """
-    info = host.get_fact(File, path=path)
-    if not info:
-        host.noop(f"{path} does not exist")
-        return
-    if (info["user"], info["group"]) != (user, group):
-        yield f"chown {user}:{group} {path}"
-    if info["mode"] != int(mode):
-        yield f"chmod {mode} {path}"
-
-
-def install_sshd_command(service: str) -> str:
-    """Validate the staged drop-in alone, put it in place, validate the whole config, and
-    reload sshd only if that passed; otherwise restore the previous drop-in (or none)."""
-    previous = f"{SSHD_STAGED}.previous"
-    return "\n".join(
-        [
-            "set -e",
-            f"{SSHD} -t -f {SSHD_STAGED}",
-            f"if [ -e {SSHD_DROPIN} ]; then cp -p {SSHD_DROPIN} {previous}; "
-            f"else rm -f {previous}; fi",
-            f"install -m 600 -o root -g root {SSHD_STAGED} {SSHD_DROPIN}",
-            f"if ! {SSHD} -t; then",
-            f"  if [ -e {previous} ]; then install -m 600 {previous} {SSHD_DROPIN}; "
-            f"else rm -f {SSHD_DROPIN}; fi",
-            "  echo 'gpunode: sshd -t refused the hardened config: the previous one is back, "
-            "sshd was not reloaded' >&2",
-            "  exit 1",
-            "fi",
-            f"systemctl try-reload-or-restart {service}",
-        ]
-    )
 
 
 @deploy("gpunode hardening")

@@ -21,19 +21,19 @@ from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, systemd
 
-from gpunode import distros
-from gpunode.config import NodeConfig
+from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_config
 from gpunode.monitoring import (
     DCGM_EXPORTER_DROPIN,
     DCGM_EXPORTER_PACKAGE,
     DCGM_EXPORTER_SERVICE,
     NODE_EXPORTER,
-    NvidiaGpuCount,
 )
-from gpunode.operations import notice
+from gpunode.operations.server import notice
 from gpunode.paths import TEMPLATES
 from gpunode.provenance import record
+from gpunode.schema import distros
+from gpunode.schema.node import NodeConfig
 
 T = TEMPLATES / "monitoring"
 
@@ -97,7 +97,7 @@ def node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
 def _dcgm_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
     wanted = config.monitoring.dcgm_exporter
     if wanted is None:
-        wanted = host.get_fact(NvidiaGpuCount) > 0
+        wanted = bool(host.get_fact(NvidiaHost)["gpus"])
         if not wanted:
             notice(name="dcgm-exporter", message="no NVIDIA GPU found: dcgm-exporter skipped")
             return

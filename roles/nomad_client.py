@@ -17,65 +17,29 @@ differences are the table ``REPO`` below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from gpunode import distros
-from gpunode.config import NodeConfig
 from gpunode.inventory import node_config
-from gpunode.nomad import HTTP_PORT, RPC_PORT, SERF_PORT
+from gpunode.nomad import (
+    CONFIG_FILE,
+    HASHICORP_KEY_FINGERPRINT,
+    REPO,
+    STATE_DIR,
+    UNIT_FILE,
+    RepoSpec,
+    plugin_dir,
+)
 from gpunode.paths import TEMPLATES
 from gpunode.provenance import record
+from gpunode.schema import distros
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.nomad import HTTP_PORT, RPC_PORT, SERF_PORT
 
 T = TEMPLATES / "nomad"
-
-# HashiCorp's release signing key ("HashiCorp Security <security@hashicorp.com>"),
-# as published in HashiCorp's security page; apt verifies packages with it.
-HASHICORP_KEY_FINGERPRINT = "798AEC654E5C15428C8E42EEAA16FCBCA621E701"
-CONFIG_FILE = "nomad.hcl"
-UNIT_FILE = "/etc/systemd/system/nomad.service"
-STATE_DIR = "/var/lib/gpunode/nomad"
-
-
-@dataclass(frozen=True)
-class RepoSpec:
-    """How a package family gets HashiCorp's repository and names a pinned version."""
-
-    default_url: str
-    repo_file: str
-    template: str
-    keyring: str | None  # apt: the signed-by keyring; dnf imports gpgkey= itself
-    pin: str  # format of a pinned package: {version}
-
-    def package(self, version: str) -> str:
-        return self.pin.format(version=version)
-
-
-REPO: dict[distros.Family, RepoSpec] = {
-    "apt": RepoSpec(
-        default_url="https://apt.releases.hashicorp.com",
-        repo_file="/etc/apt/sources.list.d/hashicorp.list",
-        template="hashicorp.list.j2",
-        keyring="/usr/share/keyrings/hashicorp-archive-keyring.asc",
-        pin="nomad={version}-1",
-    ),
-    "dnf": RepoSpec(
-        default_url="https://rpm.releases.hashicorp.com",
-        repo_file="/etc/yum.repos.d/hashicorp.repo",
-        template="hashicorp.repo.j2",
-        keyring=None,
-        pin="nomad-{version}-1",
-    ),
-}
-
-
-def plugin_dir(config: NodeConfig) -> str:
-    return f"{config.nomad.data_dir}/plugins"
 
 
 @deploy("gpunode nomad client")

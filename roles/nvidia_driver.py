@@ -2,7 +2,7 @@
 
 Everything it reads is in ``NodeConfig.nvidia`` (gpunode/nvidia.py, where the defaults
 and the distro/source tables live); what it learns from the host comes from one fact
-(:class:`gpunode.nvidia_facts.NvidiaHost`).
+(:class:`gpunode.facts.nvidia.NvidiaHost`).
 
 * Hosts without an NVIDIA device: a visible skip (``nvidia.install: auto``), an error
   (``gpu.required: true``), or an install anyway (``nvidia.install: always``).
@@ -34,15 +34,16 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.rpm import RpmPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from gpunode import distros
 from gpunode import nvidia as nv
-from gpunode.config import NodeConfig
+from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_config
-from gpunode.nvidia_facts import NvidiaHost
-from gpunode.nvidia_ops import check_driver_loaded, dnf_module_stream, hold_packages
-from gpunode.operations import fail, notice
+from gpunode.nvidia import driver_packages, fabricmanager_packages, mirror_base
+from gpunode.operations.nvidia import check_driver_loaded, dnf_module_stream, hold_packages
+from gpunode.operations.server import fail, notice
 from gpunode.paths import TEMPLATES
 from gpunode.provenance import record
+from gpunode.schema import distros
+from gpunode.schema.node import NodeConfig
 
 T = TEMPLATES / "nvidia"
 
@@ -76,30 +77,6 @@ def gpu_gate(config: NodeConfig, state: dict[str, Any], what: str) -> bool:
         message="no NVIDIA GPU found: installing anyway (nvidia.install: always)",
     )
     return True
-
-
-def driver_packages(config: NodeConfig, family: str) -> list[str]:
-    nvidia = config.nvidia
-    if nvidia.source == "distro":
-        assert config.distro
-        rows = nv.DISTRO_ARCHIVES[config.distro].driver[nvidia.kernel_modules]
-    else:
-        rows = nv.NVIDIA_REPO_DRIVER[(family, nvidia.kernel_modules)]
-    return [p.format(branch=nvidia.branch) for p in rows]
-
-
-def fabricmanager_packages(config: NodeConfig, family: str) -> list[str]:
-    nvidia = config.nvidia
-    if nvidia.source == "distro":
-        assert config.distro
-        rows = nv.DISTRO_ARCHIVES[config.distro].fabricmanager
-    else:
-        rows = nv.NVIDIA_REPO_FABRICMANAGER[family]
-    return [p.format(branch=nvidia.branch) for p in rows]
-
-
-def mirror_base(config: NodeConfig) -> str:
-    return (config.nvidia.mirror or nv.NVIDIA_DOWNLOAD).rstrip("/")
 
 
 @deploy("gpunode nvidia driver")

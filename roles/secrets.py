@@ -1,11 +1,11 @@
 """Secrets role: each declared Vault secret as an env file on the node.
 
-For every entry of ``NodeConfig.secrets`` (gpunode/vault.py, where every
+For every entry of ``NodeConfig.secrets`` (gpunode/schema/vault.py, where every
 default is documented) the controller reads the value from Vault while this
 deploy runs, before any operation for the host is added: any Vault problem
 (unreachable, sealed, permission denied, path or key missing) stops the whole
 run with a message naming the secret, before anything is written anywhere.
-The file is written by :func:`gpunode.secretfile.secret_file` (atomic, owner
+The file is written by :func:`gpunode.operations.files.secret_file` (atomic, owner
 and mode first, never printed), and the services listed under ``restart`` are
 restarted only when their file changed. Versions (never values) are recorded
 for provenance.
@@ -22,10 +22,11 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 
+from gpunode.clients.vault import SecretValue, session_for
 from gpunode.inventory import node_config
+from gpunode.operations.files import secret_file
 from gpunode.provenance import record
-from gpunode.secretfile import secret_file
-from gpunode.vault import SECRETS_DIR, SecretValue, session_for
+from gpunode.schema.vault import SECRETS_DIR
 
 
 @deploy("gpunode secrets")

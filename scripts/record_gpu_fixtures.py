@@ -416,7 +416,7 @@ def run_host_checks(out: Path, recording: dict[str, Any] | None) -> dict[str, An
     driver = recording["system"].get("nvmlSystemGetDriverVersion()", {}).get("result")
     data: dict[str, Any] = {"gpu": {"required": True, "count": len(recording["devices"])}}
     sys.path.insert(0, str(REPO))  # this checkout's gpunode (its dependencies are checked above)
-    from gpunode.distros import DISTROS
+    from gpunode.schema.distros import DISTROS
 
     release = dict(
         line.split("=", 1)

@@ -15,7 +15,7 @@ from gpunode import __version__  # noqa: E402
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from gpunode import lab
+    from gpunode.commands import lab
 
     try:
         settings = lab.LabSettings.from_env()
@@ -46,21 +46,21 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from gpunode.verify import verify
+    from gpunode.commands.verify import verify
 
     return verify(args.inventory, limit=args.limit, junit=args.junit)
 
 
 def _nomad(args: argparse.Namespace) -> int:
-    from gpunode.nomad_api import command
+    from gpunode.commands.nomad import command
 
     wait, limit = not args.no_wait, args.limit
     return command(args.nomad_cmd, args.inventory, limit=limit, wait=wait, timeout=args.timeout)
 
 
 def _rollout(args: argparse.Namespace) -> int:
+    from gpunode.commands.rollout import rollout
     from gpunode.inventory import load_inventory_file
-    from gpunode.rollout import rollout
 
     inv = load_inventory_file(args.inventory)
     unknown = [h for h in args.limit or [] if h not in inv.hosts]
@@ -68,15 +68,21 @@ def _rollout(args: argparse.Namespace) -> int:
         print(f"gpunode rollout: unknown host(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
     report = rollout(
-        args.inventory, inv, deploy=args.deploy, hosts=args.limit, canary=args.canary,
-        batch_size=args.batch_size, timeout=args.timeout, revert=args.revert,
+        args.inventory,
+        inv,
+        deploy=args.deploy,
+        hosts=args.limit,
+        canary=args.canary,
+        batch_size=args.batch_size,
+        timeout=args.timeout,
+        revert=args.revert,
     )
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
 
 def _drift(args: argparse.Namespace) -> int:
-    from gpunode.drift import main as drift
+    from gpunode.commands.drift import main as drift
 
     return drift(
         args.inventory,
@@ -89,7 +95,7 @@ def _drift(args: argparse.Namespace) -> int:
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    from gpunode import rotate
+    from gpunode.commands import rotate
 
     value = rotate.generate_value() if args.generate else sys.stdin.read().rstrip("\n")
     return rotate.main(

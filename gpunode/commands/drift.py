@@ -22,7 +22,7 @@ operation); the other hosts are still checked and reported.
 
 .. code:: python
 
-    from gpunode.drift import check
+    from gpunode.commands.drift import check
     report = check("inventories/prod.py", "deploys/gpu_node.py")
     report.exit_code  # 0, 1 or 2
 """

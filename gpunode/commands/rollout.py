@@ -26,10 +26,11 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gpunode.artifacts import revert_script
-from gpunode.config import Host, Inventory
-from gpunode.inference import Service, service_dir, unit_name
-from gpunode.runtimes import PROFILES
+from gpunode.inference import service_dir, unit_name
+from gpunode.operations.artifacts import revert_script
+from gpunode.schema.inference import Service
+from gpunode.schema.node import Host, Inventory
+from gpunode.schema.runtimes import PROFILES
 
 
 def batches(hosts: list[str], canary: int = 1, batch_size: int = 1) -> list[list[str]]:

@@ -25,8 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gpunode.config import ConfigError, Host, host_data
-from gpunode.vault import Secret, Session, VaultError, session_for
+from gpunode.clients.vault import Session, VaultError, session_for
+from gpunode.schema.node import Host, host_data
+from gpunode.schema.types import ConfigError
+from gpunode.schema.vault import Secret
 
 
 class RotateError(Exception):

@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpunode.config import Host, Inventory
 from gpunode.inventory import load_inventory_file
 from gpunode.paths import HOST_TESTS
 from gpunode.provenance import PATH as PROVENANCE_PATH
 from gpunode.provenance import parse as parse_provenance
+from gpunode.schema.node import Host, Inventory
 
 
 @dataclass

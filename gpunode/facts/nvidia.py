@@ -2,7 +2,7 @@
 
 .. code:: python
 
-    from gpunode.nvidia_facts import NvidiaHost
+    from gpunode.facts.nvidia import NvidiaHost
     state = host.get_fact(NvidiaHost)
     state["gpus"], state["nvswitches"], state["loaded"]
 """
@@ -42,6 +42,10 @@ class NvidiaHost(FactBase):
             "container": "",            # e.g. "systemd-nspawn"
         }
     """
+
+    @staticmethod
+    def default() -> dict:  # no output at all: nothing known, no NVIDIA device
+        return NvidiaHost().process([])
 
     def command(self) -> str:
         return (
@@ -174,3 +178,36 @@ class DnfModule(FactBase):
             if sep and not line.startswith("["):
                 out[key.strip()] = value.strip()
         return out
+
+
+class NvidiaGpuMinors(FactBase):
+    """
+    GPU UUID -> device minor (``/dev/nvidia<minor>``), from the driver's
+    ``/proc/driver/nvidia/gpus/*/information`` files; ``{}`` without the driver.
+
+    .. code:: python
+
+        {"GPU-9221d5d1-b60b-a624-bf14-0a1819cfda3b": 5}
+    """
+
+    @staticmethod
+    def default() -> dict[str, int]:
+        return {}
+
+    def command(self) -> str:
+        return (
+            'for f in /proc/driver/nvidia/gpus/*/information; do [ -r "$f" ] && '
+            "grep -E '^(GPU UUID|Device Minor):' \"$f\"; done; true"
+        )
+
+    def process(self, output: list[str]) -> dict[str, int]:
+        minors: dict[str, int] = {}
+        uuid = None
+        for line in output:
+            key, _, value = line.partition(":")
+            if key.strip() == "GPU UUID":
+                uuid = value.strip()
+            elif key.strip() == "Device Minor" and uuid:
+                minors[uuid] = int(value.strip())
+                uuid = None
+        return minors

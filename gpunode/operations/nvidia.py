@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pyinfra import host
 from pyinfra.api import operation
 
-from gpunode.nvidia_facts import DnfModule, UnheldPackages, installed_matching
+from gpunode.facts.nvidia import DnfModule, UnheldPackages, installed_matching
 
 
 @operation(is_idempotent=True)

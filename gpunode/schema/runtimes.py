@@ -4,7 +4,8 @@ A profile says how one server program is started and checked: the executable for
 install method, its command line (tokens with ``{placeholders}`` filled from a service's
 config; a group of tokens is left out when a placeholder it needs is unset), where the
 API key comes from, and its health, model-list and metrics endpoints. The role
-(roles/inference_systemd.py) and the unit template only read these tables.
+(roles/inference_systemd.py) and the unit template only read these tables;
+gpunode/runtimes.py turns a profile into a command line.
 
 Flags are the servers' own documented ones:
 
@@ -21,7 +22,7 @@ Flags are the servers' own documented ones:
 
 .. code:: python
 
-    from gpunode.runtimes import PROFILES
+    from gpunode.schema.runtimes import PROFILES
     PROFILES["llamacpp"].health_path   # "/health"
 """
 
@@ -156,24 +157,3 @@ PROFILES: dict[str, Profile] = {
 
 RUNTIME_NAMES = tuple(PROFILES)
 assert set(RUNTIME_NAMES) == set(get_args(RuntimeName)), "RuntimeName and PROFILES differ"
-
-
-def command_line(profile: Profile, values: Mapping[str, object]) -> list[str]:
-    """The server's arguments (after the executable) for these values.
-
-    >>> command_line(PROFILES["llamacpp"], {"model": "/m", "listen": "0.0.0.0", "port": 8080})
-    ['-m', '/m', '--host', '0.0.0.0', '--port', '8080', '--metrics']
-    """
-    argv: list[str] = []
-    for arg in profile.args:
-        needed = [name for token in arg.tokens for name in _placeholders(token)]
-        if any(values.get(name) is None for name in needed):
-            continue
-        argv += [token.format(**{n: values[n] for n in needed}) for token in arg.tokens]
-    return argv
-
-
-def _placeholders(token: str) -> list[str]:
-    import string
-
-    return [name for _, name, _, _ in string.Formatter().parse(token) if name]

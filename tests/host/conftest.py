@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from gpunode import distros
-from gpunode.config import Host
 from gpunode.inventory import load_inventory_file
+from gpunode.schema import distros
+from gpunode.schema.node import Host
 
 
 @pytest.fixture(scope="session")

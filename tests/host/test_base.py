@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpunode import distros
-from gpunode.config import Host
-from roles.base import hold_patterns
+from gpunode.base import hold_patterns
+from gpunode.schema import distros
+from gpunode.schema.node import Host
 
 
 def test_distro_is_the_declared_one(host, spec: distros.DistroSpec) -> None:

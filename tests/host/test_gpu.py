@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from gpunode import probe
-from gpunode.config import Host
-from gpunode.gpus import GPU_MODELS
+from gpunode.schema.gpu import GPU_MODELS
+from gpunode.schema.node import Host
 
 PROBE = os.environ.get("GPUNODE_PROBE", probe.PROBE_PATH)
 

@@ -6,8 +6,11 @@ import json
 
 import pytest
 
-from gpunode import distros, hardening
-from gpunode.config import Host
+from gpunode import firewall as firewall_rules
+from gpunode import hardening
+from gpunode.schema import distros
+from gpunode.schema import hardening as hardening_schema
+from gpunode.schema.node import Host
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def hardening_on(node: Host) -> None:
 
 
 def _chains(as_root) -> dict[str, dict]:
-    out = as_root(f"nft -j list table inet {hardening.NFT_TABLE}")
+    out = as_root(f"nft -j list table inet {firewall_rules.NFT_TABLE}")
     assert out.rc == 0, f"gpunode's table is not loaded: {out.stderr}"
     items = json.loads(out.stdout)["nftables"]
     return {i["chain"]["name"]: i["chain"] for i in items if "chain" in i}
@@ -52,9 +55,9 @@ def test_firewall_table_is_loaded_with_drop_policies(firewall_on, as_root) -> No
 
 
 def test_firewall_allows_exactly_the_configured_sources(firewall_on, node: Host, as_root) -> None:
-    live = as_root(f"nft -s list chain inet {hardening.NFT_TABLE} input").stdout
+    live = as_root(f"nft -s list chain inet {firewall_rules.NFT_TABLE} input").stdout
     rules = [r for r in live.splitlines() if "accept comment" in r]
-    wanted = hardening.allow_rules(node.config, node.connection.port)
+    wanted = firewall_rules.allow_rules(node.config, node.connection.port)
     assert len(rules) == sum(bool(a.v4) + bool(a.v6) for a in wanted)
     for allow in wanted:
         mine = [r for r in rules if r.strip().endswith(f'comment "{allow.name}"')]
@@ -69,31 +72,31 @@ def test_firewall_allows_exactly_the_configured_sources(firewall_on, node: Host,
 
 def test_firewall_live_rules_are_the_confirmed_ones(firewall_on, as_root) -> None:
     live = as_root(
-        f'live=$(nft -s list table inet {hardening.NFT_TABLE}) && printf "%s\\n" "$live" '
+        f'live=$(nft -s list table inet {firewall_rules.NFT_TABLE}) && printf "%s\\n" "$live" '
         "| sha1sum | cut -d' ' -f1"
     ).stdout.strip()
-    assert live == as_root(f"cat {hardening.FIREWALL_LIVE_SHA}").stdout.strip()
+    assert live == as_root(f"cat {firewall_rules.FIREWALL_LIVE_SHA}").stdout.strip()
 
 
 def test_firewall_persisted_and_loaded_at_boot(firewall_on, host, node: Host, as_root) -> None:
-    active = as_root(f"cat {hardening.FIREWALL_ACTIVE}")
-    assert active.stdout == hardening.render_ruleset(node.config, node.connection.port)
-    assert host.file(hardening.FIREWALL_ACTIVE).mode == 0o600
-    assert as_root(f"nft -c -f {hardening.FIREWALL_ACTIVE}").rc == 0
-    assert host.service(hardening.FIREWALL_UNIT).is_enabled
+    active = as_root(f"cat {firewall_rules.FIREWALL_ACTIVE}")
+    assert active.stdout == firewall_rules.render_ruleset(node.config, node.connection.port)
+    assert host.file(firewall_rules.FIREWALL_ACTIVE).mode == 0o600
+    assert as_root(f"nft -c -f {firewall_rules.FIREWALL_ACTIVE}").rc == 0
+    assert host.service(firewall_rules.FIREWALL_UNIT).is_enabled
     assert (
         "flush ruleset"
-        not in host.file(f"/etc/systemd/system/{hardening.FIREWALL_UNIT}").content_string
+        not in host.file(f"/etc/systemd/system/{firewall_rules.FIREWALL_UNIT}").content_string
     )
 
 
 def test_firewall_no_rollback_pending(firewall_on, host) -> None:
-    assert not host.service(f"{hardening.ROLLBACK_UNIT}.timer").is_running
-    assert not host.file(hardening.FIREWALL_CANDIDATE).exists
+    assert not host.service(f"{firewall_rules.ROLLBACK_UNIT}.timer").is_running
+    assert not host.file(firewall_rules.FIREWALL_CANDIDATE).exists
 
 
 def test_no_conflicting_firewall_runs(firewall_on, host, spec: distros.DistroSpec) -> None:
-    for unit in hardening.CONFLICTING_FIREWALLS[spec.family]:
+    for unit in firewall_rules.CONFLICTING_FIREWALLS[spec.family]:
         assert not host.service(unit.removesuffix(".service")).is_running, unit
 
 
@@ -182,7 +185,7 @@ def test_core_dumps_off(hardening_on, host, node: Host) -> None:
 def test_legacy_services_absent(hardening_on, host, node: Host, spec: distros.DistroSpec) -> None:
     if not node.config.hardening.remove_insecure_packages:
         pytest.skip("hardening.remove_insecure_packages is false for this host")
-    names = " ".join(hardening.ABSENT_PACKAGES[spec.family])
+    names = " ".join(hardening_schema.ABSENT_PACKAGES[spec.family])
     if spec.family == "apt":  # one query for all: "name status" for those dpkg knows of
         out = host.run(f"dpkg-query -W -f '${{Package}} ${{db:Status-Status}}\\n' {names}")
         installed = [
@@ -197,6 +200,6 @@ def test_legacy_services_absent(hardening_on, host, node: Host, spec: distros.Di
 def test_strict_file_modes(hardening_on, host, node: Host, spec: distros.DistroSpec) -> None:
     if not node.config.hardening.strict_file_modes:
         pytest.skip("hardening.strict_file_modes is false for this host")
-    entries = hardening.STRICT_FILES[spec.family]
+    entries = hardening_schema.STRICT_FILES[spec.family]
     out = host.check_output(f"stat -c '%n %U %G %a' {' '.join(e.path for e in entries)}")
     assert out.splitlines() == [f"{e.path} {e.user} {e.group} {int(e.mode, 8):o}" for e in entries]

@@ -7,10 +7,11 @@ import re
 
 import pytest
 
-from gpunode import distros
-from gpunode.config import Host
-from gpunode.monitoring import DCGM_EXPORTER_SERVICE, NODE_EXPORTER, NvidiaGpuCount
+from gpunode.facts.nvidia import NvidiaHost
+from gpunode.monitoring import DCGM_EXPORTER_SERVICE, NODE_EXPORTER
 from gpunode.provenance import PATH as PROVENANCE
+from gpunode.schema import distros
+from gpunode.schema.node import Host
 
 
 def test_textfile_directory(host, node: Host) -> None:
@@ -37,7 +38,8 @@ def test_node_exporter_serves_the_textfile_collector(
 
 def test_dcgm_exporter_on_gpu_nodes(host, node: Host) -> None:
     mon = node.config.monitoring
-    gpus = NvidiaGpuCount().process(host.run(NvidiaGpuCount().command()).stdout.splitlines())
+    fact = NvidiaHost()
+    gpus = len(fact.process(host.run(fact.command()).stdout.splitlines())["gpus"])
     wanted = mon.dcgm_exporter if mon.dcgm_exporter is not None else gpus > 0
     service = host.service(DCGM_EXPORTER_SERVICE)
     if not wanted:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode.lab import LabSettings
+from gpunode.commands.lab import LabSettings
 from gpunode.paths import REPO_ROOT
 
 IN_CI = os.environ.get("CI") == "true"
@@ -70,7 +70,7 @@ def run(
 def gpunode(
     *args: str, env: dict[str, str] | None = None, **kw
 ) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "gpunode.cli", *args], env=env, **kw)
+    return run([sys.executable, "-m", "gpunode.commands.cli", *args], env=env, **kw)
 
 
 def pyinfra(

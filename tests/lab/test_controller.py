@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from gpunode.lab import inventory_spec
+from gpunode.commands.lab import inventory_spec
 from gpunode.paths import REPO_ROOT
 
 from .conftest import Lab, changes, pyinfra
@@ -130,7 +130,7 @@ def test_credentials_are_root_only_and_gpunode_runs_from_the_venv(controller: La
     version = controller.ssh(
         "lab-01",
         "cd /opt/gpunode/repo && PYTHONPATH=/opt/gpunode/repo "
-        "/opt/gpunode/venv/bin/python -m gpunode.cli --version",
+        "/opt/gpunode/venv/bin/python -m gpunode.commands.cli --version",
         check=True,
     )
     assert version.stdout.startswith("gpunode ")

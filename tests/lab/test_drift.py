@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunode.lab import inventory_spec
+from gpunode.commands.lab import inventory_spec
 from gpunode.paths import REPO_ROOT
 from gpunode.provenance import repository_state
 
@@ -87,8 +87,8 @@ def test_hand_made_drift_is_reported_exactly_then_corrected(converged: Lab, tmp_
     # nothing on a host must not page anyone).
     converged.ssh(
         "lab-01",
-        "sed -i 's/\"commit\": \"[0-9a-f]*\"/\"commit\": \"0000000\"/' "
-        "/etc/gpunode/provenance.json && grep -q '\"commit\": \"0000000\"' "
+        'sed -i \'s/"commit": "[0-9a-f]*"/"commit": "0000000"/\' '
+        '/etc/gpunode/provenance.json && grep -q \'"commit": "0000000"\' '
         "/etc/gpunode/provenance.json",
         check=True,
     )

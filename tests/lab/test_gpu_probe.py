@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from gpunode import probe
-from roles.gpu_probe import PROBE_SOURCE, pynvml_source
+from gpunode.gpus import PROBE_SOURCE, pynvml_source
 
 from .conftest import REPO_ROOT, Lab, planned_changes, pyinfra
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from gpunode import nvidia as nv
-from gpunode.nvidia_facts import UnheldPackages
+from gpunode.facts.nvidia import UnheldPackages
 from gpunode.paths import REPO_ROOT
 
 from .conftest import (

@@ -91,8 +91,16 @@ def mirror(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirro
     (root / "broken.gguf").write_bytes(BROKEN)
     gateway = lab.settings.gateway
     server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "--bind", gateway, "--directory", str(root),
-         str(MIRROR_PORT)],
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            gateway,
+            "--directory",
+            str(root),
+            str(MIRROR_PORT),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -333,7 +341,10 @@ def test_a_changed_unit_restarts_only_that_service(
 
 
 def test_a_checksum_failure_keeps_the_working_model(
-    lab: Lab, mirror: Mirror, good: dict[str, str], tmp_path: Path,
+    lab: Lab,
+    mirror: Mirror,
+    good: dict[str, str],
+    tmp_path: Path,
     rolled_out: subprocess.CompletedProcess[str],
 ) -> None:
     pid = sh(lab, "lab-01", f"systemctl show -p MainPID --value {UNIT}")

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from gpunode.lab import LabSettings, LabState, leftovers
+from gpunode.commands.lab import LabSettings, LabState, leftovers
 
 from .conftest import gpunode, lab_env, require_root
 

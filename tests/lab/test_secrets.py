@@ -28,7 +28,7 @@ import hvac
 import pytest
 import yaml
 
-from gpunode.lab import LabState
+from gpunode.commands.lab import LabState
 from gpunode.paths import REPO_ROOT
 
 from .conftest import Lab, changes, gpunode, planned_changes, pyinfra, run
@@ -408,7 +408,7 @@ def test_vault_down_in_the_middle_of_a_rotation_then_of_a_deploy(sl: SecretsLab)
     old_01 = sl.file("lab-01")[0]
     snap_02 = _snapshot(sl)["lab-02"]
     rotate = subprocess.Popen(
-        [sys.executable, "-m", "gpunode.cli", "rotate", INVENTORY, "demo", "--generate"],
+        [sys.executable, "-m", "gpunode.commands.cli", "rotate", INVENTORY, "demo", "--generate"],
         cwd=REPO_ROOT,
         env={**os.environ, **env},
         stdin=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
-"""The artifact store's shell scripts (gpunode/artifacts.py), run for real by sh, curl, tar,
-sha256sum and coreutils on a temporary directory: the same scripts pyinfra sends to a node.
-``file://`` URIs are a local mirror (curl reads them like http)."""
+"""The artifact store's shell scripts (gpunode/operations/artifacts.py), run for real by sh,
+curl, tar, sha256sum and coreutils on a temporary directory: the same scripts pyinfra sends
+to a node. ``file://`` URIs are a local mirror (curl reads them like http)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gpunode.artifacts import (
-    Links,
-    StoreDigests,
-    fetch_script,
-    prune_script,
-    revert_script,
-    switch_script,
-)
+from gpunode.facts.artifacts import Links, StoreDigests
+from gpunode.operations.artifacts import fetch_script, prune_script, revert_script, switch_script
 
 
 def sh(script: str) -> subprocess.CompletedProcess[str]:

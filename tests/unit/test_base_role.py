@@ -53,8 +53,11 @@ from pyinfra.api.util import get_file_io
 from pyinfra.connectors.fake import FakeConnector
 from pyinfra.connectors.util import CommandOutput, OutputLine
 
-from gpunode.config import DEFAULT_HOLD, ConfigError, NodeConfig, load
-from gpunode.facts import HostInfo
+from gpunode.config import load
+from gpunode.facts.server import HostInfo
+from gpunode.schema.base import DEFAULT_HOLD
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.types import ConfigError
 from roles.base import base
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -71,7 +74,7 @@ APT = ("debian12", "ubuntu2204", "ubuntu2404")
 DNF = ("rhel9", "rocky9", "alma9")
 ALL = APT + DNF
 
-# What each distro must get, written out by hand (not read from gpunode/distros.py, so a
+# What each distro must get, written out by hand (not read from gpunode/schema/distros.py, so a
 # wrong row in that table fails here).
 APT_PACKAGES = {
     "ca-certificates",
@@ -243,7 +246,7 @@ def live_file(remote: str, local: Path) -> Handler:
 
 
 def fail_op(command: str) -> Response | None:
-    """gpunode's ``fail`` operation (gpunode/operations.py): echo to stderr and exit 1."""
+    """gpunode's ``fail`` operation (gpunode/operations/server.py): echo to stderr and exit 1."""
     if re.fullmatch(r"echo '[^']*(?:'\"'\"'[^']*)*' >&2; exit 1", command):
         return run_sh(command)
     return None

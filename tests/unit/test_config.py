@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from gpunode.config import ConfigError, Connection, Inventory, NodeConfig, load, load_file
-from gpunode.distros import DISTROS
+from gpunode.config import load, load_file
 from gpunode.inventory import EXIT_CONFIG, from_yaml
+from gpunode.schema.distros import DISTROS
+from gpunode.schema.node import Connection, Inventory, NodeConfig
+from gpunode.schema.types import ConfigError
 
 DISTRO_LIST = ", ".join(DISTROS)  # debian12, ubuntu2204, ..., as the messages list them
 USER_HELP = (
@@ -639,7 +641,7 @@ def gpunode_command() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("gpunode")
-    return [found] if found else [sys.executable, "-m", "gpunode.cli"]
+    return [found] if found else [sys.executable, "-m", "gpunode.commands.cli"]
 
 
 def run_check(target: Path) -> subprocess.CompletedProcess[str]:

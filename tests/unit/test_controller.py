@@ -10,7 +10,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from roles import controller as ctl
+from gpunode import controller as ctl
+from gpunode.paths import TEMPLATES
 
 
 def render(tmp_path: Path, **overrides: object) -> tuple[Path, Path]:
@@ -32,7 +33,7 @@ def render(tmp_path: Path, **overrides: object) -> tuple[Path, Path]:
         (ctl.SERVICE, service_args),
         (ctl.TIMER, {"schedule": "hourly", "randomized_delay": "5min"}),
     ):
-        template = jinja2.Template((ctl.T / f"{name}.j2").read_text())
+        template = jinja2.Template((TEMPLATES / "controller" / f"{name}.j2").read_text())
         path = tmp_path / name
         path.write_text(template.render(**args))
         out.append(path)

@@ -1,4 +1,4 @@
-"""gpunode drift (gpunode/drift.py) through pyinfra's real API, without the lab.
+"""gpunode drift (gpunode/commands/drift.py) through pyinfra's real API, without the lab.
 
 Hosts are pyinfra's own connectors: ``@fake`` (answers every command with success, so
 every command-yielding operation "would change"), ``@local`` (this machine, for real:
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_monitoring import find_promtool
 
-from gpunode.drift import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, check
+from gpunode.commands.drift import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, check
 from gpunode.paths import REPO_ROOT
 
 # Per-host data steers which operations each host gets: host "a" has two operations
@@ -29,7 +29,7 @@ DEPLOY = """
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
-from gpunode.operations import notice
+from gpunode.operations.server import notice
 
 @deploy("demo")
 def demo():
@@ -146,7 +146,7 @@ def test_apply_corrects_then_checks_again(tmp_path: Path) -> None:
 
 def drift_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gpunode.cli", "drift", *args],
+        [sys.executable, "-m", "gpunode.commands.cli", "drift", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

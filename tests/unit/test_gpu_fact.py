@@ -23,17 +23,15 @@ from fake_nvml import recordings, sysfs_tree
 from test_base_role import Run, converged, run_deploys
 
 from gpunode import probe
-from gpunode.config import ConfigError, NodeConfig, load
-from gpunode.gpus import (
-    GPU_MODELS,
-    GpuProbe,
-    capacity,
-    capacity_from_report,
-    parse_probe_output,
-    sees_no_gpu,
-)
-from gpunode.planner import ModelFootprint, check_placement
-from roles.gpu_probe import PROBE_SOURCE, gpu_probe, pynvml_source
+from gpunode.config import load
+from gpunode.facts.gpu import GpuProbe, parse_probe_output
+from gpunode.gpus import PROBE_SOURCE, capacity, capacity_from_report, pynvml_source, sees_no_gpu
+from gpunode.planner import check_placement
+from gpunode.schema.gpu import GPU_MODELS
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.planner import ModelFootprint
+from gpunode.schema.types import ConfigError
+from roles.gpu_probe import gpu_probe
 
 HOST = "gpu-01"
 

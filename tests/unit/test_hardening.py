@@ -45,10 +45,15 @@ from test_base_role import (
     run_deploys,
 )
 
+from gpunode import firewall as firewall_rules
 from gpunode import hardening
-from gpunode.config import ConfigError, NodeConfig, load
-from gpunode.facts import HostInfo
-from gpunode.hardening_facts import FirewallState, SshdState, WritableSysctls
+from gpunode.config import load
+from gpunode.facts.firewall import FirewallState
+from gpunode.facts.hardening import SshdState, WritableSysctls
+from gpunode.facts.server import HostInfo
+from gpunode.schema import hardening as hardening_schema
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.types import ConfigError
 from roles.firewall import firewall
 from roles.hardening import hardening as hardening_role
 
@@ -132,8 +137,8 @@ def test_admin_cidrs_that_cover_the_controller_pass() -> None:
 
 
 def test_controller_source_is_the_kernels_choice() -> None:
-    assert hardening.controller_source("127.0.0.2", 22) == ipaddress.ip_address("127.0.0.1")
-    assert hardening.controller_source("no-such-host.invalid", 22) is None
+    assert firewall_rules.controller_source("127.0.0.2", 22) == ipaddress.ip_address("127.0.0.1")
+    assert firewall_rules.controller_source("no-such-host.invalid", 22) is None
 
 
 def test_permit_root_login_no_while_connecting_as_root_is_refused() -> None:
@@ -224,7 +229,7 @@ def chain(ruleset: str, name: str) -> list[str]:
 
 @pytest.mark.parametrize("containers", [False, True])
 def test_ruleset_passes_nft_check(containers: bool) -> None:
-    ruleset = hardening.render_ruleset(
+    ruleset = firewall_rules.render_ruleset(
         config(
             containers=containers,
             extra_input=[{"name": "probe", "proto": "udp", "port": 5353, "cidrs": ADMIN}],
@@ -236,12 +241,14 @@ def test_ruleset_passes_nft_check(containers: bool) -> None:
 
 
 def test_nft_check_catches_a_broken_ruleset() -> None:
-    proc = nft_check(hardening.render_ruleset(config(), 22).replace("policy drop", "policy maybe"))
+    proc = nft_check(
+        firewall_rules.render_ruleset(config(), 22).replace("policy drop", "policy maybe")
+    )
     assert proc.returncode != 0
 
 
 def test_ruleset_replaces_only_gpunode_table() -> None:
-    ruleset = hardening.render_ruleset(config(), 22)
+    ruleset = firewall_rules.render_ruleset(config(), 22)
     assert not [line for line in ruleset.splitlines() if "flush" in line and "#" not in line]
     statements = [line for line in ruleset.splitlines() if line and line[0] not in "#\t}"]
     assert statements == [
@@ -252,7 +259,7 @@ def test_ruleset_replaces_only_gpunode_table() -> None:
 
 
 def test_input_chain() -> None:
-    rules = chain(hardening.render_ruleset(config(), 2222), "input")
+    rules = chain(firewall_rules.render_ruleset(config(), 2222), "input")
     assert rules[0] == "type filter hook input priority filter; policy drop;"
     assert rules[1:4] == [
         'iifname "lo" accept',
@@ -285,11 +292,11 @@ def test_input_chain() -> None:
 
 
 def test_no_log_rule_when_logging_is_off() -> None:
-    assert "log prefix" not in hardening.render_ruleset(config(log_drops=False), 22)
+    assert "log prefix" not in firewall_rules.render_ruleset(config(log_drops=False), 22)
 
 
 def test_forward_policy_without_containers_drops_everything() -> None:
-    rules = chain(hardening.render_ruleset(config(), 22), "forward")
+    rules = chain(firewall_rules.render_ruleset(config(), 22), "forward")
     assert rules[0] == "type filter hook forward priority filter; policy drop;"
     assert [r for r in rules[1:] if "accept" in r] == []
 
@@ -299,7 +306,7 @@ def test_forward_policy_with_containers_passes_published_ports_only_from_their_s
         containers=True,
         extra_input=[{"name": "api", "port": 8000, "cidrs": ["192.0.2.0/24"]}],
     )
-    rules = chain(hardening.render_ruleset(cfg, 22), "forward")
+    rules = chain(firewall_rules.render_ruleset(cfg, 22), "forward")
     assert rules[0].endswith("policy drop;")
     assert 'iifname { "docker0", "br-*", "cni*", "nomad", "podman*" } accept' in rules
     assert (
@@ -390,7 +397,7 @@ def fresh_responses(distro: str) -> dict[Any, Response]:
     return {
         FirewallState().command(): lines("firewall-state.fresh"),
         SshdState().command(): lines("sshd-state.fresh"),
-        WritableSysctls().command(sorted(hardening.SYSCTL_KERNEL)): lines(
+        WritableSysctls().command(sorted(hardening_schema.SYSCTL_KERNEL)): lines(
             "writable-sysctls.controller"
         ),
         re.compile(r"systemctl show --all --property Id --property SubState ('\*'|firewalld)"): (
@@ -413,18 +420,20 @@ def test_fresh_host_gets_the_ruleset_checked_armed_applied_confirmed_then_kept(
     cfg = config(distro)
     run = run_roles(cfg, distro, fresh_responses(distro))
     assert not run.failed
-    assert run.files[hardening.FIREWALL_CANDIDATE] == hardening.render_ruleset(cfg, 22)
+    assert run.files[firewall_rules.FIREWALL_CANDIDATE] == firewall_rules.render_ruleset(cfg, 22)
     install = first(run, r"(apt-get|dnf) .*install.* nftables")
-    check = first(run, rf"^nft -c -f {hardening.FIREWALL_CANDIDATE}$")
+    check = first(run, rf"^nft -c -f {firewall_rules.FIREWALL_CANDIDATE}$")
     arm = first(run, r"systemd-run .*--unit=gpunode-firewall-rollback --on-active=60s")
-    load_ = first(run, rf"^nft -f {hardening.FIREWALL_CANDIDATE}$")
+    load_ = first(run, rf"^nft -f {firewall_rules.FIREWALL_CANDIDATE}$")
     confirm = first(run, r"^true$")  # the command on the NEW connection
-    keep = first(run, rf"install -m 600 {hardening.FIREWALL_CANDIDATE} {hardening.FIREWALL_ACTIVE}")
+    keep = first(
+        run, rf"install -m 600 {firewall_rules.FIREWALL_CANDIDATE} {firewall_rules.FIREWALL_ACTIVE}"
+    )
     enable = first(run, r"systemctl enable gpunode-firewall\.service")
     assert install < check < arm < load_ < confirm < keep < enable
     # the rollback saves the running table before anything is loaded, and is checked
     assert "nft list table inet gpunode" in run.commands[arm]
-    assert f"nft -c -f {hardening.FIREWALL_ROLLBACK}" in run.commands[arm]
+    assert f"nft -c -f {firewall_rules.FIREWALL_ROLLBACK}" in run.commands[arm]
     assert "systemctl stop gpunode-firewall-rollback.timer" in run.commands[keep]
     assert not run.grep(r"flush ruleset")
     if distro in DNF:
@@ -437,10 +446,10 @@ def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed() -> N
     responses = {**fresh_responses("debian12"), re.compile(r"^true$"): {"success": False}}
     run = run_roles(config(), "debian12", responses)
     assert run.failed
-    assert run.grep(rf"^nft -f {hardening.FIREWALL_CANDIDATE}$")  # it was loaded
+    assert run.grep(rf"^nft -f {firewall_rules.FIREWALL_CANDIDATE}$")  # it was loaded
     # never disarmed, never kept for boot: the timer restores the previous table
     assert not run.grep(r"systemctl stop gpunode-firewall-rollback\.timer && ")
-    assert not run.grep(rf"install -m 600 {hardening.FIREWALL_CANDIDATE}")
+    assert not run.grep(rf"install -m 600 {firewall_rules.FIREWALL_CANDIDATE}")
     # nothing after the failure
     assert not run.grep(r"try-reload|^sysctl -q -w")
     assert hardening.SSHD_STAGED not in run.files and hardening.SYSCTL_FILE not in run.files
@@ -449,13 +458,14 @@ def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed() -> N
 def test_converged_firewall_changes_nothing() -> None:
     cfg = config()
     live = lines(
-        "firewall-state.converged", active_sha1=hardening.sha1(hardening.render_ruleset(cfg, 22))
+        "firewall-state.converged",
+        active_sha1=firewall_rules.sha1(firewall_rules.render_ruleset(cfg, 22)),
     )
     run = run_roles(
         cfg, "debian12", {**fresh_responses("debian12"), FirewallState().command(): live}
     )
     assert not run.grep(r"^nft |systemd-run")
-    assert hardening.FIREWALL_CANDIDATE not in run.files
+    assert firewall_rules.FIREWALL_CANDIDATE not in run.files
 
 
 @pytest.mark.parametrize(
@@ -469,12 +479,12 @@ def test_converged_firewall_changes_nothing() -> None:
 )
 def test_firewall_drift_is_repaired(drift: dict[str, str]) -> None:
     cfg = config()
-    sha = hardening.sha1(hardening.render_ruleset(cfg, 22))
+    sha = firewall_rules.sha1(firewall_rules.render_ruleset(cfg, 22))
     live = lines("firewall-state.converged", **{"active_sha1": sha, **drift})
     run = run_roles(
         cfg, "debian12", {**fresh_responses("debian12"), FirewallState().command(): live}
     )
-    assert run.grep(rf"^nft -f {hardening.FIREWALL_CANDIDATE}$")
+    assert run.grep(rf"^nft -f {firewall_rules.FIREWALL_CANDIDATE}$")
 
 
 @pytest.mark.parametrize("distro", ALL)
@@ -494,7 +504,7 @@ def test_sshd_dropin_is_validated_before_reload(distro: str) -> None:
 def test_sshd_is_left_alone_when_the_dropin_matches() -> None:
     cfg = config()
     sshd = lines(
-        "sshd-state.converged", dropin_sha1=hardening.sha1(hardening.render_sshd(cfg, "root"))
+        "sshd-state.converged", dropin_sha1=firewall_rules.sha1(hardening.render_sshd(cfg, "root"))
     )
     run = run_roles(cfg, "debian12", {**fresh_responses("debian12"), SshdState().command(): sshd})
     assert not run.grep(r"sshd -t|try-reload")
@@ -546,10 +556,10 @@ def test_in_a_container_kernel_sysctls_are_persisted_not_applied() -> None:
     cfg = config()
     responses = {
         **fresh_responses("debian12"),
-        WritableSysctls().command(sorted(hardening.SYSCTL_KERNEL)): lines(
+        WritableSysctls().command(sorted(hardening_schema.SYSCTL_KERNEL)): lines(
             "writable-sysctls.nspawn"
         ),
-        Sysctl().command(sorted(hardening.SYSCTL_NETWORK)).get_raw_value(): lines(
+        Sysctl().command(sorted(hardening_schema.SYSCTL_NETWORK)).get_raw_value(): lines(
             "sysctl-network.converged"
         ),
     }
@@ -561,7 +571,7 @@ def test_in_a_container_kernel_sysctls_are_persisted_not_applied() -> None:
 @pytest.mark.parametrize("distro", ALL)
 def test_core_dumps_packages_and_file_modes(distro: str) -> None:
     # the files exist, with loose modes and the wrong group
-    loose = {entry.path: "x" for entry in hardening.STRICT_FILES["apt"]}
+    loose = {entry.path: "x" for entry in hardening_schema.STRICT_FILES["apt"]}
     run = run_roles(
         config(distro),
         distro,

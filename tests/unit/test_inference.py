@@ -28,19 +28,23 @@ from test_base_role import (
 )
 
 from gpunode import provenance
-from gpunode.config import ConfigError, NodeConfig, load
-from gpunode.facts import HostInfo
-from gpunode.inference import app_ports, metrics_endpoints
-from gpunode.rollout import batches, rollout
-from gpunode.runtimes import PROFILES, command_line
-from roles.inference_systemd import (
+from gpunode.commands.rollout import batches, rollout
+from gpunode.config import load
+from gpunode.facts.nvidia import NvidiaGpuMinors
+from gpunode.facts.server import HostInfo
+from gpunode.inference import (
     Installed,
-    NvidiaGpuMinors,
+    app_ports,
     gpu_devices,
-    inference_systemd,
+    metrics_endpoints,
     render_unit,
     render_values,
 )
+from gpunode.runtimes import command_line
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.runtimes import PROFILES
+from gpunode.schema.types import ConfigError
+from roles.inference_systemd import inference_systemd
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HOST = "gpu-01"
@@ -185,8 +189,7 @@ def test_no_services_open_no_ports() -> None:
         ),
         (
             lambda d: services(d)["chat"].update(port=8101),
-            "inference.services.vision.grpc_port: 8101 is already used by "
-            "inference.services.chat",
+            "inference.services.vision.grpc_port: 8101 is already used by inference.services.chat",
         ),
         (
             lambda d: services(d)["big"].update(gpus=[]),
@@ -354,7 +357,13 @@ def test_profiles_declare_their_endpoints() -> None:
         "triton": ("/v2/health/ready", "/v2/models/stats", "/metrics"),
     }
     assert command_line(PROFILES["llamacpp"], {"model": "/m", "listen": "::", "port": 1}) == [
-        "-m", "/m", "--host", "::", "--port", "1", "--metrics",
+        "-m",
+        "/m",
+        "--host",
+        "::",
+        "--port",
+        "1",
+        "--metrics",
     ]
 
 
@@ -390,8 +399,14 @@ def test_unit_exposure_is_at_most_the_threshold(name: str, kind: str, tmp_path: 
     unit = tmp_path / f"gpunode-inference-{name}.service"
     unit.write_text(unit_text(name))
     proc = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", f"--threshold={THRESHOLD[kind] * 10:.0f}",
-         "--no-pager", str(unit)],
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=true",
+            f"--threshold={THRESHOLD[kind] * 10:.0f}",
+            "--no-pager",
+            str(unit),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -407,8 +422,13 @@ def test_units_sandbox_settings() -> None:
     chat, big = unit_text("chat"), unit_text("big")
     for text in (chat, big):
         for line in (
-            "NoNewPrivileges=yes", "CapabilityBoundingSet=", "ProtectSystem=strict",
-            "ProtectHome=yes", "PrivateTmp=yes", "Restart=on-failure", "StartLimitBurst=5",
+            "NoNewPrivileges=yes",
+            "CapabilityBoundingSet=",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "Restart=on-failure",
+            "StartLimitBurst=5",
             "UMask=0077",
         ):
             assert f"\n{line}\n" in text, line
@@ -419,7 +439,10 @@ def test_units_sandbox_settings() -> None:
     assert "\nPrivateDevices=yes\n" in chat and "\nMemoryDenyWriteExecute=yes\n" in chat
     assert "DeviceAllow" not in chat and "ExecStartPre" not in chat
     assert re.findall(r"^DeviceAllow=(.*)$", big, re.M) == [
-        "/dev/nvidia-uvm rw", "/dev/nvidia-uvm-tools rw", "/dev/nvidia5 rw", "/dev/nvidia6 rw",
+        "/dev/nvidia-uvm rw",
+        "/dev/nvidia-uvm-tools rw",
+        "/dev/nvidia5 rw",
+        "/dev/nvidia6 rw",
         "/dev/nvidiactl rw",
     ]
     assert "\nPrivateDevices=no\nDevicePolicy=closed\n" in big
@@ -488,7 +511,10 @@ def test_gpu_service_on_a_fresh_host() -> None:
     assert fetch < link
     unit = dict(run.uploads)["/etc/systemd/system/gpunode-inference-big.service"]
     assert re.findall(r"^DeviceAllow=(.*)$", unit, re.M) == [
-        "/dev/nvidia-uvm rw", "/dev/nvidia-uvm-tools rw", "/dev/nvidia5 rw", "/dev/nvidiactl rw",
+        "/dev/nvidia-uvm rw",
+        "/dev/nvidia-uvm-tools rw",
+        "/dev/nvidia5 rw",
+        "/dev/nvidiactl rw",
     ]
     assert f"Environment=CUDA_VISIBLE_DEVICES={H100}\n" in unit
     assert any("systemctl daemon-reload" in c for c in run.commands)
@@ -600,8 +626,9 @@ def test_rollout_stops_at_the_first_unhealthy_batch() -> None:
             return subprocess.CompletedProcess(argv, 0, "", "")
 
         said: list[str] = []
-        report = rollout("inv.py", inv, canary=1, batch_size=2, timeout=1, runner=runner,
-                         say=said.append)
+        report = rollout(
+            "inv.py", inv, canary=1, batch_size=2, timeout=1, runner=runner, say=said.append
+        )
     finally:
         server.shutdown()
     deploys = [c for c in calls if "pyinfra" in c]

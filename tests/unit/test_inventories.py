@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from gpunode.config import Inventory, read_yaml
+from gpunode.config import read_yaml
 from gpunode.inventory import load_inventory_file
 from gpunode.paths import REPO_ROOT
+from gpunode.schema.node import Inventory
 
 INVENTORIES = REPO_ROOT / "inventories"
 DOC_NETS = [  # RFC 5737 and RFC 3849 documentation ranges

@@ -6,8 +6,8 @@ tests/unit/test_base_role.py): a fresh host answers nothing, so everything is in
 The lab runs it for real on Debian 12 (tests/lab/test_drift.py); dcgm-exporter needs
 NVIDIA's repository and a GPU, so it is covered here only.
 
-GPU answers: ``lspci -Dnn`` lines in the format gpunode/nvidia_facts.py documents for an
-H100 SXM5 (``[0302]`` 3D controller, ``[10de:2330]``) and an NVSwitch (class ``[0680]``).
+GPU answers: the PCI lines of the ``NvidiaHost`` fact (gpunode/facts/nvidia.py, the one PCI
+GPU fact) for an H100 SXM5 (class 0x0302, device 0x2330) and an NVSwitch (class 0x0680).
 
 promtool is Debian's own (package ``prometheus``, same version as the distro's Prometheus):
 the test extracts just that binary from the package (``apt-get download``, verified by apt)
@@ -32,20 +32,20 @@ from pyinfra.api.deploy import add_deploy
 from pyinfra.api.operations import run_ops
 from test_base_role import RecordingFakeConnector, host_info_output
 
-from gpunode.config import ConfigError, NodeConfig, load
-from gpunode.facts import HostInfo
-from gpunode.monitoring import NvidiaGpuCount, metrics_ports
+from gpunode.config import load
+from gpunode.facts.nvidia import NvidiaHost
+from gpunode.facts.server import HostInfo
+from gpunode.monitoring import metrics_ports
 from gpunode.paths import REPO_ROOT
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.types import ConfigError
 from roles.monitoring import monitoring
 
 MONITORING = REPO_ROOT / "monitoring"
 PROMTOOL_CACHE = Path("/var/cache/gpunode/promtool")
 
-H100 = (
-    "0000:1b:00.0 3D controller [0302]: NVIDIA Corporation GH100 [H100 SXM5 80GB] "
-    "[10de:2330] (rev a1)"
-)
-NVSWITCH = "0000:05:00.0 Bridge [0680]: NVIDIA Corporation Device [10de:22a3] (rev a1)"
+H100 = "pci=0000:1b:00.0 0x030200 0x2330"
+NVSWITCH = "pci=0000:05:00.0 0x068000 0x22a3"
 
 
 # --- promtool ------------------------------------------------------------------------------
@@ -197,22 +197,22 @@ def test_bad_monitoring_settings_fail_at_load(settings: dict[str, Any], message:
 
 
 def test_gpu_count_fact_counts_gpus_not_nvswitches() -> None:
-    fact = NvidiaGpuCount()
-    assert fact.process([H100, H100.replace("1b:00.0", "29:00.0"), NVSWITCH]) == 2
-    assert fact.process([]) == 0
-    # the command itself, run here on this machine's lspci (if any): no NVIDIA GPU
+    fact = NvidiaHost()
+    assert len(fact.process([H100, H100.replace("1b:00.0", "29:00.0"), NVSWITCH])["gpus"]) == 2
+    assert len(fact.process([])["gpus"]) == 0
+    # the command itself, run here on this machine's sysfs: no NVIDIA GPU
     out = subprocess.run(["sh", "-c", fact.command()], capture_output=True, text=True)
     assert out.returncode == 0
-    assert fact.process(out.stdout.splitlines()) == 0
+    assert len(fact.process(out.stdout.splitlines())["gpus"]) == 0
 
 
 # --- the role ------------------------------------------------------------------------------
 
 
-def run_monitoring(node: NodeConfig, lspci: list[str], os_release: str = "debian12"):
+def run_monitoring(node: NodeConfig, pci: list[str], os_release: str = "debian12"):
     assert not pyinfra.is_cli
     responses: dict[Any, Any] = {
-        NvidiaGpuCount().command(): lspci,
+        NvidiaHost().command(): pci,
         HostInfo().command(): list(host_info_output(os_release)),
     }
     data = {"gpunode": node, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
@@ -235,7 +235,7 @@ def installs(commands: list[str]) -> list[str]:
 
 
 def test_node_exporter_reads_the_textfile_directory_no_gpu_no_dcgm() -> None:
-    commands, uploads, names = run_monitoring(config(), lspci=[])
+    commands, uploads, names = run_monitoring(config(), pci=[])
     assert any("mkdir -p /var/lib/gpunode/textfile" in c for c in commands)
     assert any("chmod 755 /var/lib/gpunode/textfile" in c for c in commands)
     (install,) = installs(commands)
@@ -254,7 +254,7 @@ def test_node_exporter_reads_the_textfile_directory_no_gpu_no_dcgm() -> None:
 
 
 def test_dcgm_exporter_on_a_gpu_node() -> None:
-    commands, uploads, _ = run_monitoring(config(dcgm_exporter_port=9401), lspci=[H100, NVSWITCH])
+    commands, uploads, _ = run_monitoring(config(dcgm_exporter_port=9401), pci=[H100, NVSWITCH])
     assert any("datacenter-gpu-manager-exporter" in c for c in installs(commands))
     dropin = uploads["/etc/systemd/system/nvidia-dcgm-exporter.service.d/50-gpunode.conf"]
     assert "[Service]\nEnvironment=DCGM_EXPORTER_LISTEN=:9401" in dropin
@@ -264,15 +264,15 @@ def test_dcgm_exporter_on_a_gpu_node() -> None:
 
 
 def test_dcgm_exporter_forced_off_and_on() -> None:
-    off, _, _ = run_monitoring(config(dcgm_exporter=False), lspci=[H100])
+    off, _, _ = run_monitoring(config(dcgm_exporter=False), pci=[H100])
     assert not any("dcgm" in c for c in off)
-    on, _, _ = run_monitoring(config(dcgm_exporter=True, node_exporter=False), lspci=[])
+    on, _, _ = run_monitoring(config(dcgm_exporter=True, node_exporter=False), pci=[])
     assert any("datacenter-gpu-manager-exporter" in c for c in installs(on))
     assert not any("prometheus-node-exporter" in c for c in on)
 
 
 def test_el9_skips_node_exporter_visibly_and_installs_dcgm_with_dnf() -> None:
-    commands, uploads, names = run_monitoring(config("rocky9"), lspci=[H100], os_release="rocky9")
+    commands, uploads, names = run_monitoring(config("rocky9"), pci=[H100], os_release="rocky9")
     assert "gpunode monitoring | node_exporter" in names
     assert not any("node-exporter" in c for c in commands)
     (install,) = installs(commands)

@@ -1,4 +1,5 @@
-"""gpunode/nomad_api.py against a real local HTTP(S) server replaying Nomad's answers.
+"""gpunode/clients/nomad.py and gpunode/commands/nomad.py against a real local HTTP(S) server
+replaying Nomad's answers.
 
 No Nomad agent can run here. ``Replay`` is a real ``http.server`` on 127.0.0.1 (an
 ephemeral port, optionally TLS with a throwaway CA made by this test with the
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gpunode.nomad_api import DeploymentFailed, NomadClient, NomadError, submit
+from gpunode.clients.nomad import DeploymentFailed, NomadClient, NomadError, submit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nomad"
 TOKEN = "d7c1e5e0-gpunode-test-token-3f2a"  # noqa: S105 - a test ACL token SecretID

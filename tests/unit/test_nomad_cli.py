@@ -20,8 +20,8 @@ from test_nomad_api import Replay, Server, _serve, fixture
 from test_nomad_jobs import IMAGES, RUNTIME_INSTALLS, SECRETS, SERVICES
 from test_vault import Bao, start_bao, stop_bao
 
-from gpunode.cli import main
-from gpunode.nomad_api import command
+from gpunode.commands.cli import main
+from gpunode.commands.nomad import command
 
 TOKEN = "5a1f0c3e-cli-test-token"  # noqa: S105 - a test ACL token SecretID
 

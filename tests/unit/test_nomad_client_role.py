@@ -26,10 +26,12 @@ from test_base_role import (
 )
 
 from gpunode import provenance
-from gpunode.config import ConfigError, NodeConfig, load
-from gpunode.facts import HostInfo
-from gpunode.nomad import cluster_ports
-from roles.nomad_client import HASHICORP_KEY_FINGERPRINT, REPO, nomad_client
+from gpunode.config import load
+from gpunode.facts.server import HostInfo
+from gpunode.nomad import HASHICORP_KEY_FINGERPRINT, REPO, cluster_ports
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.types import ConfigError
+from roles.nomad_client import nomad_client
 
 HOST = "gpu-01"
 SHA = "a" * 64

@@ -22,10 +22,13 @@ from typing import Any
 
 import pytest
 
-from gpunode.config import ConfigError, NodeConfig, load
-from gpunode.nomad_api import command
+from gpunode.commands.nomad import command
+from gpunode.config import load
 from gpunode.nomad_jobs import CONTAINERS, render_job
-from gpunode.runtimes import PROFILES, command_line
+from gpunode.runtimes import command_line
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.runtimes import PROFILES
+from gpunode.schema.types import ConfigError
 
 STRUCTS = Path(__file__).parent / "fixtures" / "nomad" / "api-structs.go"
 HOST = "gpu-01"
@@ -454,15 +457,13 @@ def test_jobs_need_nomad_enabled() -> None:
     assert "nomad.jobs: services are listed but nomad.enabled is false" in message
 
 
-# --- the README's example is this renderer's output -----------------------------------------
+# --- the docs' example is this renderer's output -------------------------------------------
 
-README = Path(__file__).parents[2] / "README.md"
+NOMAD_DOC = Path(__file__).parents[2] / "docs" / "nomad.md"
 
 
 def test_readme_example_job_is_what_the_renderer_makes(tmp_path: Path) -> None:
-    text = README.read_text()
-    section = text[text.index("\n## Nomad\n") :]
-    section = section[: section.index("\n## ", 5)]
+    section = NOMAD_DOC.read_text()
     yml = re.search(r"```yaml\n(.*?)```", section, re.S)
     shown = re.search(r"```json\n(.*?)```", section, re.S)
     assert yml and shown

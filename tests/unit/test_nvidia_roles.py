@@ -39,8 +39,10 @@ from test_base_role import (
 )
 
 from gpunode import nvidia as nv
-from gpunode.config import ConfigError, NodeConfig, load
-from gpunode.nvidia_facts import DnfModule, NvidiaHost, UnheldPackages
+from gpunode.config import load
+from gpunode.facts.nvidia import DnfModule, NvidiaHost, UnheldPackages
+from gpunode.schema.node import NodeConfig
+from gpunode.schema.types import ConfigError
 from roles.cuda import cuda
 from roles.nvidia_driver import nvidia_driver
 

@@ -16,14 +16,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gpunode.planner import (
-    GIB,
-    ModelFootprint,
-    assumed_shape,
-    check_placement,
-    estimate,
-    parse_parameters,
-)
+from gpunode.planner import check_placement
+from gpunode.schema.planner import GIB, ModelFootprint, assumed_shape, estimate, parse_parameters
 
 LLAMA2_7B = 6_738_415_616
 LLAMA2_7B_ARCH = {"layers": 32, "kv_heads": 32, "head_dim": 128}

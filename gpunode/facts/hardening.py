@@ -1,0 +1,53 @@
+"""Facts for the hardening role: one cheap shell command each."""
+
+from __future__ import annotations
+
+from pyinfra.api import FactBase
+
+from gpunode.hardening import SSHD_DROPIN
+
+
+class SshdState(FactBase):
+    """
+    gpunode's sshd drop-in and whether the main sshd_config includes the drop-in directory
+    (sshd reads only the files an ``Include`` names).
+
+    .. code:: python
+
+        {"dropin_sha1": "9b1c...", "includes_dropins": True}
+    """
+
+    def command(self) -> str:
+        return (
+            f"echo dropin_sha1=$(sha1sum {SSHD_DROPIN} 2>/dev/null | cut -d' ' -f1); "
+            "grep -qiE '^[[:space:]]*Include[[:space:]]+/etc/ssh/sshd_config\\.d/\\*\\.conf' "
+            "/etc/ssh/sshd_config && echo include=yes || echo include=no"
+        )
+
+    def process(self, output: list[str]) -> dict[str, bool | str]:
+        raw = dict(line.partition("=")[::2] for line in output)
+        return {
+            "dropin_sha1": raw.get("dropin_sha1", "").strip(),
+            "includes_dropins": raw.get("include", "").strip() == "yes",
+        }
+
+
+class WritableSysctls(FactBase):
+    """
+    Which of the given sysctl keys this host can write (inside a container the kernel-wide
+    ones under /proc/sys/kernel and /proc/sys/fs are read-only).
+
+    .. code:: python
+
+        {"kernel.sysrq": False, "net.ipv4.tcp_syncookies": True}
+    """
+
+    def command(self, keys: list[str]) -> str:
+        checks = "; ".join(
+            f"test -w /proc/sys/{key.replace('.', '/')} && echo {key}=yes || echo {key}=no"
+            for key in keys
+        )
+        return checks or "true"
+
+    def process(self, output: list[str]) -> dict[str, bool]:
+        return {k: v == "yes" for k, _, v in (line.partition("=") for line in output) if k}

@@ -1,0 +1,103 @@
+"""``base:``: hostname, package sources, admin users, journald, NTP and automatic updates
+(roles/base.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, field_validator
+
+from gpunode.schema.types import (
+    GroupName,
+    HoldPattern,
+    HostName,
+    HttpUrl,
+    Model,
+    NtpServer,
+    PackageName,
+    Retention,
+    Size,
+    UserName,
+    listed_twice,
+)
+
+# Patterns that unattended upgrades must never touch: a kernel or NVIDIA update
+# that lands without the matching module is the classic "NVML driver/library
+# version mismatch". Entries are package-name prefixes where `*` matches
+# anything; roles/base.py hold_patterns() writes them as apt Package-Blacklist
+# regular expressions or dnf excludepkgs globs.
+DEFAULT_HOLD = (
+    "linux-image-",
+    "linux-headers-",
+    "linux-modules-",
+    "kernel",
+    "nvidia-",
+    "libnvidia-",
+    "cuda-",
+    "libcudnn",
+    "datacenter-gpu-manager",
+)
+
+DEFAULT_NTP = ("0.pool.ntp.org", "1.pool.ntp.org", "2.pool.ntp.org")
+
+
+class AdminUser(Model):
+    """A person who administers the node: a login with SSH keys, in the admin group."""
+
+    name: UserName
+    ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = Field(
+        default_factory=list
+    )  # the only keys left in authorized_keys
+    sudo: bool = True  # member of base.admin_group
+    shell: Literal["/bin/bash", "/bin/sh", "/usr/bin/zsh"] = "/bin/bash"
+
+    @field_validator("name")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value == "root":
+            raise ValueError("root is not an admin user gpunode manages (allowed: any other name)")
+        return value
+
+
+class Journald(Model):
+    """The persistent journal's bounds."""
+
+    system_max_use: Size = "2G"  # SystemMaxUse=
+    max_retention_sec: Retention = "1month"  # MaxRetentionSec=
+    rate_limit_burst: Annotated[int, Field(ge=0)] = 10000  # RateLimitBurst=
+
+
+class AutoUpdates(Model):
+    """Unattended upgrades (apt) / dnf-automatic."""
+
+    enabled: bool = True
+    # Packages (patterns) automatic upgrades never touch; see DEFAULT_HOLD.
+    hold: list[HoldPattern] = Field(default_factory=lambda: list(DEFAULT_HOLD))
+    security_only: bool = True
+
+
+class Base(Model):
+    """What every node gets (roles/base.py)."""
+
+    hostname: HostName | None = None  # default: the inventory name, when it is a valid hostname
+    apt_proxy: HttpUrl | None = None  # Acquire::http::Proxy / dnf.conf proxy=
+    apt_mirror: HttpUrl | None = (
+        None  # apt distros only: base URL of a mirror of the distro archive
+    )
+    packages: list[PackageName] = Field(default_factory=list)  # extra packages
+    ntp_servers: list[NtpServer] = Field(default_factory=lambda: list(DEFAULT_NTP), min_length=1)
+    admin_users: list[AdminUser] = Field(default_factory=list)
+    admin_group: GroupName = "gpunode_admins"  # group allowed to sudo
+    sudo_nopasswd: bool = True  # admin users log in with keys and have no password
+    journald: Journald = Field(default_factory=Journald)
+    auto_updates: AutoUpdates = Field(default_factory=AutoUpdates)
+
+    @field_validator("admin_users")
+    @classmethod
+    def _unique_users(cls, users: list[AdminUser]) -> list[AdminUser]:
+        dupes = listed_twice(u.name for u in users)
+        if dupes:
+            raise ValueError(
+                f"admin user listed twice: {', '.join(dupes)} (allowed: each name once)"
+            )
+        return users

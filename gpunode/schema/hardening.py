@@ -1,0 +1,214 @@
+"""``hardening:``: sshd, sysctl and OS controls (roles/hardening.py), with every default
+table: the sshd algorithms and fixed options, the sysctl keys, the packages that must be
+absent and the files with strict modes. tests/host/test_hardening.py checks them.
+
+Reference level: dev-sec's ssh-baseline and linux-baseline and the CIS benchmarks for
+Debian 12 / Ubuntu 24.04. Where they disagree the choice and the reason are next to the
+value (and in docs/hardening.md).
+
+.. code:: yaml
+
+    hardening:
+      ssh: {permit_root_login: prohibit-password}
+      sysctl: {net.ipv4.tcp_timestamps: 0}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints
+
+from gpunode.schema.types import Model, SshAlgorithm, SysctlKey, SysctlValue
+
+# --- sshd (dev-sec ssh-baseline) -------------------------------------------------------
+
+# Algorithms every supported sshd knows (OpenSSH 8.7 on EL9 is the oldest): an unknown
+# name makes `sshd -t` fail, so the role would refuse the config rather than break sshd.
+SSH_CIPHERS = (
+    "chacha20-poly1305@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-ctr",
+    "aes192-ctr",
+    "aes128-ctr",
+)
+SSH_KEX = (
+    "sntrup761x25519-sha512@openssh.com",  # post-quantum hybrid, OpenSSH >= 8.5
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group-exchange-sha256",
+)
+SSH_MACS = (
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha2-256-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-512",
+    "hmac-sha2-256",
+)
+
+# Options gpunode always sets (sshd -T names, lowercase). The ones users may change are
+# in the Ssh model below and are added by sshd_options().
+SSHD_FIXED: dict[str, str] = {
+    "passwordauthentication": "no",
+    "kbdinteractiveauthentication": "no",
+    "permitemptypasswords": "no",
+    "pubkeyauthentication": "yes",
+    "hostbasedauthentication": "no",
+    "ignorerhosts": "yes",
+    "allowtcpforwarding": "no",
+    "allowagentforwarding": "no",
+    "allowstreamlocalforwarding": "no",
+    "x11forwarding": "no",
+    "permittunnel": "no",
+    "gatewayports": "no",
+    "permituserenvironment": "no",
+    "strictmodes": "yes",
+    "usedns": "no",
+    "compression": "no",
+    "printlastlog": "yes",
+    "loglevel": "VERBOSE",
+}
+
+# --- sysctl (dev-sec linux-baseline, CIS 3.3 / 1.5) --------------------------------------
+
+# Per network namespace: writable inside the lab's containers too.
+SYSCTL_NETWORK: dict[str, int] = {
+    "net.ipv4.ip_forward": 0,  # 1 with firewall.containers (see CONTAINER_SYSCTL)
+    "net.ipv6.conf.all.forwarding": 0,
+    "net.ipv4.conf.all.accept_redirects": 0,
+    "net.ipv4.conf.default.accept_redirects": 0,
+    "net.ipv6.conf.all.accept_redirects": 0,
+    "net.ipv6.conf.default.accept_redirects": 0,
+    "net.ipv4.conf.all.secure_redirects": 0,
+    "net.ipv4.conf.default.secure_redirects": 0,
+    "net.ipv4.conf.all.send_redirects": 0,
+    "net.ipv4.conf.default.send_redirects": 0,
+    "net.ipv4.conf.all.accept_source_route": 0,
+    "net.ipv4.conf.default.accept_source_route": 0,
+    "net.ipv6.conf.all.accept_source_route": 0,
+    "net.ipv6.conf.default.accept_source_route": 0,
+    "net.ipv4.conf.all.rp_filter": 1,  # strict; 2 (loose) with firewall.containers
+    "net.ipv4.conf.default.rp_filter": 1,
+    "net.ipv4.conf.all.log_martians": 1,
+    "net.ipv4.conf.default.log_martians": 1,
+    "net.ipv4.icmp_echo_ignore_broadcasts": 1,
+    "net.ipv4.icmp_ignore_bogus_error_responses": 1,
+    "net.ipv4.tcp_syncookies": 1,
+    "net.ipv6.conf.all.accept_ra": 0,  # servers get static addresses and routes
+    "net.ipv6.conf.default.accept_ra": 0,
+}
+# Kernel-wide: read-only inside a container (persisted anyway, applied where writable).
+SYSCTL_KERNEL: dict[str, int] = {
+    "kernel.randomize_va_space": 2,  # full ASLR
+    "kernel.kptr_restrict": 2,  # no kernel pointers in /proc, not even for root
+    "kernel.dmesg_restrict": 1,
+    "kernel.sysrq": 0,
+    "fs.suid_dumpable": 0,  # no core dumps of setuid programs
+    "fs.protected_hardlinks": 1,
+    "fs.protected_symlinks": 1,
+}
+# A node that runs containers routes their traffic: forwarding on, loose reverse-path
+# filtering (container bridges are asymmetric paths for rp_filter=1).
+CONTAINER_SYSCTL: dict[str, int] = {
+    "net.ipv4.ip_forward": 1,
+    "net.ipv6.conf.all.forwarding": 1,
+    "net.ipv4.conf.all.rp_filter": 2,
+    "net.ipv4.conf.default.rp_filter": 2,
+}
+
+# --- OS: per package family ---------------------------------------------------------------
+
+# Legacy cleartext services and their clients: telnet, rsh, NIS, TFTP, inetd.
+ABSENT_PACKAGES: dict[str, tuple[str, ...]] = {
+    "apt": (
+        "telnetd",
+        "inetutils-telnetd",
+        "telnet",
+        "rsh-server",
+        "rsh-redone-server",
+        "rsh-client",
+        "rsh-redone-client",
+        "nis",
+        "tftpd",
+        "tftpd-hpa",
+        "atftpd",
+        "tftp",
+        "tftp-hpa",
+        "openbsd-inetd",
+        "inetutils-inetd",
+        "xinetd",
+    ),
+    "dnf": (
+        "telnet-server",
+        "telnet",
+        "rsh-server",
+        "rsh",
+        "ypserv",
+        "ypbind",
+        "tftp-server",
+        "tftp",
+        "xinetd",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FileMode:
+    path: str
+    user: str
+    group: str
+    mode: str  # octal digits, as ``chmod`` takes them
+
+
+# Files that must have strict owners and modes (CIS 6.1 / 5.1, dev-sec os-03..os-05, sshd-03).
+STRICT_FILES: dict[str, tuple[FileMode, ...]] = {
+    "apt": (
+        FileMode("/etc/passwd", "root", "root", "644"),
+        FileMode("/etc/group", "root", "root", "644"),
+        FileMode("/etc/shadow", "root", "shadow", "640"),
+        FileMode("/etc/gshadow", "root", "shadow", "640"),
+        FileMode("/etc/ssh/sshd_config", "root", "root", "600"),
+    ),
+    "dnf": (
+        FileMode("/etc/passwd", "root", "root", "644"),
+        FileMode("/etc/group", "root", "root", "644"),
+        FileMode("/etc/shadow", "root", "root", "000"),
+        FileMode("/etc/gshadow", "root", "root", "000"),
+        FileMode("/etc/ssh/sshd_config", "root", "root", "600"),
+    ),
+}
+
+
+class Ssh(Model):
+    """sshd options users may change; the rest are fixed (SSHD_FIXED)."""
+
+    # None: "prohibit-password" (key only) when gpunode itself connects as root, else "no"
+    permit_root_login: Literal["no", "prohibit-password"] | None = None
+    max_auth_tries: Annotated[int, Field(ge=1, le=6)] = 2  # dev-sec 2 (CIS: 4 or less)
+    login_grace_time: Annotated[int, Field(ge=5, le=60)] = 30  # seconds (CIS: 60 or less)
+    client_alive_interval: Annotated[int, Field(ge=1, le=900)] = 300  # seconds
+    client_alive_count_max: Annotated[int, Field(ge=1, le=10)] = 3
+    max_sessions: Annotated[int, Field(ge=1, le=64)] = 10
+    max_startups: Annotated[str, StringConstraints(pattern=r"^[0-9]+(:[0-9]+:[0-9]+)?$")] = (
+        "10:30:60"
+    )
+    ciphers: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_CIPHERS), min_length=1)
+    kex_algorithms: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_KEX), min_length=1)
+    macs: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_MACS), min_length=1)
+
+
+class Hardening(Model):
+    """sshd, sysctl and OS hardening (roles/hardening.py)."""
+
+    enabled: bool = True  # False: the hardening role does nothing
+    ssh: Ssh = Field(default_factory=Ssh)
+    # sysctl keys over the defaults (SYSCTL_NETWORK, SYSCTL_KERNEL): a value sets or adds
+    # the key, null drops one of the defaults
+    sysctl: dict[SysctlKey, SysctlValue | None] = Field(default_factory=dict)
+    core_dumps: bool = False  # False: hard core limit 0, systemd-coredump stores nothing
+    remove_insecure_packages: bool = True  # ABSENT_PACKAGES: telnet, rsh, NIS, TFTP, inetd
+    strict_file_modes: bool = True  # STRICT_FILES: /etc/shadow, sshd_config, ...

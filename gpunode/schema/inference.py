@@ -1,0 +1,151 @@
+"""Inference services: runtime installs, model artifacts and hardened systemd units.
+
+``inference:``: every default is here, next to its field. Runtimes are profiles
+(gpunode/schema/runtimes.py); the role is roles/inference_systemd.py; the unit and the
+node paths are gpunode/inference.py; rollouts are gpunode/commands/rollout.py.
+
+.. code:: yaml
+
+    inference:
+      runtimes:
+        llamacpp:
+          method: artifact                    # pip | package | artifact
+          artifact:
+            uri: http://mirror.internal/gpunode/llama-server-0.3.36-linux-x86_64.tar.gz
+            sha256: 5f1c...                   # of the file at uri
+            format: tar
+      services:
+        chat:                                 # unit gpunode-inference-chat.service
+          runtime: llamacpp
+          port: 8080
+          model:
+            uri: file:///mnt/models/smollm2-135m-instruct-q4_1.gguf
+            sha256: 9a0e...
+          context_length: 4096
+          api_key_secret: chat_api_key        # secrets.chat_api_key, env LLAMA_API_KEY
+
+A node may run several services: one per GPU or GPU group, each on its own ports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from gpunode.schema.planner import ModelFootprint
+from gpunode.schema.runtimes import PROFILES, InstallMethod, RuntimeName
+from gpunode.schema.types import (
+    AbsPath,
+    ExtraArg,
+    GpuUuid,
+    MemLimit,
+    Model,
+    PackageName,
+    Pin,
+    RelPath,
+    ServiceName,
+    Sha256,
+    UnprivilegedPort,
+    Uri,
+)
+
+
+class Artifact(Model):
+    """A file fetched onto the node by URI and verified by sha256 before use."""
+
+    uri: Uri  # http(s)://mirror/... or file:///mnt/mirror/...
+    sha256: Sha256  # of the file at uri (lowercase hex)
+    format: Literal["file", "tar"] = "file"  # tar: unpacked (.tar, .tar.gz, .tar.xz)
+
+
+class ModelSpec(Artifact):
+    """The model a service serves."""
+
+    served_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")] | None = (
+        None  # the name clients ask for; default: the service name
+    )
+    subpath: RelPath | None = None  # tar models: the path inside the archive to serve
+    # Size of the model for the capacity planner (gpunode/planner.py); unset: not checked.
+    # A GPU service's footprint is checked against the declared gpu.model at config load.
+    footprint: ModelFootprint | None = None
+
+
+class RuntimeInstall(Model):
+    """How one runtime gets onto the node."""
+
+    method: InstallMethod
+    packages: list[Pin] = Field(default_factory=list)  # pip: exact pins, e.g. vllm==0.6.3
+    python: AbsPath = "/usr/bin/python3"
+    index_url: Uri | None = None  # pip: the site's package mirror
+    package: PackageName | None = None  # package: the distro package name
+    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+:~_-]+$")] | None = None
+    artifact: Artifact | None = None  # artifact: a tarball of the server (bin/, lib/)
+    binary: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]+$")] | None = (
+        None  # the server program: default from the runtime profile
+    )
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> RuntimeInstall:
+        need = {"pip": "packages", "package": "package", "artifact": "artifact"}[self.method]
+        if not getattr(self, need):
+            raise ValueError(f"method {self.method} needs {need} (allowed: set {need})")
+        if self.method == "package" and not self.version:
+            raise ValueError("method package needs version (allowed: the exact package version)")
+        if self.method == "artifact" and self.artifact and self.artifact.format != "tar":
+            raise ValueError("a runtime artifact is a tarball (allowed: artifact.format: tar)")
+        return self
+
+
+class Service(Model):
+    """One inference server: one systemd unit, one model, its own ports and GPUs."""
+
+    runtime: RuntimeName
+    model: ModelSpec
+    listen: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F.:]+$")] = "0.0.0.0"  # noqa: S104
+    # the API (and, for vLLM/llama.cpp, metrics) port; opened to network.app_cidrs
+    port: UnprivilegedPort
+    grpc_port: UnprivilegedPort | None = None  # triton: default port + 1
+    metrics_port: UnprivilegedPort | None = None  # triton: default port + 2
+    gpus: list[GpuUuid] = Field(default_factory=list)  # by UUID; empty: CPU only
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1  # vLLM: = len(gpus)
+    context_length: Annotated[int, Field(ge=128, le=10_000_000)] | None = None  # default: model
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None  # llama.cpp CPU threads
+    api_key_secret: str | None = None  # a name in `secrets:`; its env variable is the runtime's
+    memory_max: MemLimit = "90%"  # systemd MemoryMax= (size, percent of RAM, or infinity)
+    limit_memlock: MemLimit = "infinity"  # LimitMEMLOCK=: pinned host memory for CUDA
+    min_free_mib: Annotated[int, Field(ge=0)] = 0  # GPU units: the probe's --min-free-mib
+    extra_args: list[ExtraArg] = Field(default_factory=list)  # appended to the command line
+    health_timeout: Annotated[int, Field(ge=5, le=3600)] = 180  # seconds to become healthy
+    enabled: bool = True  # false: the unit is stopped and disabled, its files stay
+
+    @field_validator("listen")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address (allowed: 0.0.0.0, 127.0.0.1, ::, an address)"
+            ) from None
+        return value
+
+    def effective_grpc_port(self) -> int | None:
+        if self.runtime != "triton":
+            return None
+        return self.grpc_port or self.port + 1
+
+    def effective_metrics_port(self) -> int:
+        if PROFILES[self.runtime].metrics_port == "api":
+            return self.port
+        return self.metrics_port or self.port + 2
+
+
+class Inference(Model):
+    """The node's inference services."""
+
+    runtimes: dict[RuntimeName, RuntimeInstall] = Field(default_factory=dict)
+    services: dict[ServiceName, Service] = Field(default_factory=dict)
+    keep_versions: Annotated[int, Field(ge=1, le=50)] = 3  # model versions kept in the store
+    # (besides those a service's current/previous link points at)

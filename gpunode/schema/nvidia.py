@@ -1,0 +1,113 @@
+"""``nvidia:`` and ``cuda:``: the NVIDIA driver, the CUDA toolkit, the container toolkit
+and DCGM (roles/nvidia_driver.py, roles/cuda.py), with the driver branches and CUDA
+versions gpunode knows as data. The package sources per distro are in gpunode/nvidia.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, field_validator
+
+from gpunode.schema.types import AbsPath, DriverVersion, HttpUrl, Model
+
+
+@dataclass(frozen=True)
+class DriverBranch:
+    branch: str
+    # Highest CUDA toolkit major.minor this branch's driver supports (NVIDIA's
+    # CUDA toolkit release notes, "CUDA Toolkit and Corresponding Driver Versions").
+    max_cuda: str
+    open_modules: bool  # open kernel modules are published for this branch
+    lts: bool = False
+
+
+DRIVER_BRANCHES: dict[str, DriverBranch] = {
+    row.branch: row
+    for row in (
+        DriverBranch("535", max_cuda="12.2", open_modules=True, lts=True),
+        DriverBranch("550", max_cuda="12.4", open_modules=True),
+        DriverBranch("570", max_cuda="12.8", open_modules=True),
+        DriverBranch("575", max_cuda="12.9", open_modules=True),
+        DriverBranch("580", max_cuda="13.0", open_modules=True, lts=True),
+    )
+}
+
+# CUDA toolkit releases gpunode knows (major.minor): the version a config may ask for.
+CUDA_VERSIONS = (
+    "11.5", "11.8", "12.0", "12.1", "12.2", "12.3", "12.4", "12.5", "12.6", "12.8", "12.9",
+    "13.0",
+)  # fmt: skip
+
+
+class ModuleSigning(Model):
+    """A Machine Owner Key already enrolled (mokutil --import) that DKMS signs modules with."""
+
+    key_file: AbsPath  # private key on the node, e.g. /var/lib/shim-signed/mok/MOK.priv
+    cert_file: AbsPath  # its DER certificate, e.g. /var/lib/shim-signed/mok/MOK.der
+
+
+class Nvidia(Model):
+    """The NVIDIA driver (roles/nvidia_driver.py)."""
+
+    # auto: only on hosts where an NVIDIA device is found (no GPU: a visible skip, or an
+    # error with gpu.required); always: also without a GPU (images, the lab); never: skip.
+    install: Literal["auto", "always", "never"] = "auto"
+    source: Literal["nvidia", "distro"] = "nvidia"  # NVIDIA's CUDA repo, or the distro's archive
+    # Base URL replacing NVIDIA's download site (source: nvidia) or the Debian archive that
+    # gets the non-free sources file (source: distro on debian12), for air-gapped mirrors.
+    mirror: HttpUrl | None = None
+    branch: str = "580"  # a key of DRIVER_BRANCHES
+    kernel_modules: Literal["open", "proprietary"] = "open"  # NVIDIA's advice for Turing+
+    version: DriverVersion | None = None  # exact driver version, e.g. 580.95.05 (apt pin)
+    # NVSwitch fabric manager: auto = where the host has NVSwitches (lspci / procfs)
+    fabricmanager: Literal["auto"] | bool = "auto"
+    # Reboot (one host at a time) when the installed module differs from the loaded one.
+    # false: a visible "reboot needed" note instead.
+    reboot: bool = False
+    reboot_timeout: Annotated[int, Field(ge=60, le=7200)] = 900  # seconds to wait for SSH
+    module_signing: ModuleSigning | None = None  # required on hosts with Secure Boot on
+
+    @field_validator("branch", mode="before")
+    @classmethod
+    def _known_branch(cls, value: Any) -> str:
+        value = str(value)
+        if value not in DRIVER_BRANCHES:
+            raise ValueError(
+                f"{value!r} is not a driver branch gpunode knows "
+                f"(allowed: {', '.join(DRIVER_BRANCHES)})"
+            )
+        return value
+
+
+class Cuda(Model):
+    """CUDA toolkit, container toolkit and DCGM (roles/cuda.py)."""
+
+    toolkit: bool = True
+    # major.minor; default: the newest the driver branch supports (source: nvidia) or the
+    # distro's own nvidia-cuda-toolkit (source: distro)
+    version: str | None = None
+    # NVIDIA Container Toolkit, its four packages pinned to this version.
+    # None: installed with source: nvidia, skipped (visibly) with source: distro.
+    container_toolkit: bool | None = None
+    container_toolkit_version: Annotated[
+        str, StringConstraints(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.~]+)?$")
+    ] = "1.17.8-1"
+    container_toolkit_mirror: HttpUrl | None = None  # replaces CONTAINER_TOOLKIT_REPO
+    # DCGM (datacenter-gpu-manager, service nvidia-dcgm) from NVIDIA's CUDA repo.
+    # None: installed with source: nvidia, skipped (visibly) with source: distro.
+    dcgm: bool | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _known_cuda(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        value = str(value)
+        if value not in CUDA_VERSIONS:
+            raise ValueError(
+                f"{value!r} is not a CUDA version gpunode knows "
+                f"(allowed: {', '.join(CUDA_VERSIONS)})"
+            )
+        return value

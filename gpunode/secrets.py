@@ -1,0 +1,50 @@
+"""Secrets: the checks of ``secrets:`` against the rest of a node's config.
+
+The sections are in gpunode/schema/vault.py, the Vault client in gpunode/clients/vault.py,
+the leak-proof file operation in gpunode/operations/files.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.types import SECRET_NAME_RE
+
+
+def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:
+    """Checks that need the merged config (and the host's connection); [] when fine."""
+    problems = []
+    vault = config.vault
+    if config.secrets and not vault.addr:
+        problems.append(
+            f"{where}: vault.addr: not set but secrets are declared "
+            f"({', '.join(config.secrets)}) (allowed: the Vault URL, e.g. https://vault:8200)"
+        )
+    if vault.client_key and not vault.client_cert:
+        problems.append(f"{where}: vault.client_key: set without vault.client_cert")
+    dests: dict[str, str] = {}
+    for name, secret in config.secrets.items():
+        if not re.fullmatch(SECRET_NAME_RE, name):
+            problems.append(
+                f"{where}: secrets.{name}: bad secret name (allowed: a-z, 0-9, '_' and '-', "
+                "starting with a letter or digit; it names the env file)"
+            )
+        for field_name in ("path", "key"):
+            if getattr(secret, field_name) is None:
+                problems.append(
+                    f"{where}: secrets.{name}.{field_name}: required key is missing (allowed: "
+                    + (
+                        "the KV v2 path without data/, e.g. gpunode/llm)"
+                        if field_name == "path"
+                        else "the key inside the secret, e.g. api_key)"
+                    )
+                )
+        dest = secret.dest_for(name)
+        if dest in dests:
+            problems.append(
+                f"{where}: secrets.{name}.dest: {dest} is also the file of secret "
+                f"{dests[dest]} (allowed: one file per secret)"
+            )
+        dests.setdefault(dest, name)
+    return problems
