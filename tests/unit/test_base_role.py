@@ -4,7 +4,7 @@ The lab boots debian12 only; ubuntu2204, ubuntu2404 and the EL9 family (rhel9, r
 alma9) are covered here instead: each test runs the whole ``base`` deploy through pyinfra's
 real API (``State``, ``connect_all``, ``add_deploy``, ``run_ops``) against one host of
 pyinfra's ``@fake`` connector, and asserts on the commands pyinfra sent and the files it
-uploaded.
+uploaded. The fake-host runner (``run_deploys``) and its helpers are in harness.py.
 
 What the fake host answers:
 
@@ -18,7 +18,7 @@ What the fake host answers:
 * A few systemd answers that hold on every supported host: ``hostnamectl`` exists and
   journald is running.
 * Everything else succeeds with no output: a fresh host with no packages, users or files
-  (``converged()`` below fakes a host that already has a previous run's files).
+  (harness.py's ``converged()`` fakes a host that already has a previous run's files).
 
 Sources of fixtures/os-release/* (each the distro's /usr/lib/os-release, verbatim):
 debian12: base-files 12.x of Debian 12 "bookworm" (also this machine's /etc/os-release);
@@ -32,26 +32,30 @@ docs. fixtures/dnf/dnf.conf is the stock /etc/dnf/dnf.conf of dnf 4 on EL9 (dnf-
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import shlex
-import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyinfra
 import pytest
-from pyinfra.api import Config, Inventory, State
-from pyinfra.api.connect import connect_all
-from pyinfra.api.deploy import add_deploy
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.operations import run_ops
-from pyinfra.api.util import get_file_io
-from pyinfra.connectors.fake import FakeConnector
-from pyinfra.connectors.util import CommandOutput, OutputLine
+from harness import (
+    ALL,
+    APT,
+    DNF,
+    FIXTURES,
+    HOST,
+    Handler,
+    Response,
+    Run,
+    content_lines,
+    converged,
+    host_info_output,
+    run_deploys,
+    run_sh,
+)
 
 from gpunode.config import load
 from gpunode.facts.server import HostInfo
@@ -60,19 +64,12 @@ from gpunode.schema.node import NodeConfig
 from gpunode.schema.types import ConfigError
 from roles.base import base
 
-FIXTURES = Path(__file__).parent / "fixtures"
-OS_RELEASE = FIXTURES / "os-release"
 STOCK_DNF_CONF = (FIXTURES / "dnf" / "dnf.conf").read_text()
 
-HOST = "gpu-01"
 PROXY = "http://proxy.internal.example:3142"
 OLD_PROXY = "http://old-proxy.example:3128"
 KEY_BLOB = "AAAAC3NzaC1lZDI1NTE5AAAAIGdwdW5vZGUtdGVzdC1rZXktbm90LWEtcmVhbC1vbmU"
 KEY = f"ssh-ed25519 {KEY_BLOB} alice@laptop"
-
-APT = ("debian12", "ubuntu2204", "ubuntu2404")
-DNF = ("rhel9", "rocky9", "alma9")
-ALL = APT + DNF
 
 # What each distro must get, written out by hand (not read from gpunode/schema/distros.py, so a
 # wrong row in that table fails here).
@@ -146,93 +143,6 @@ UBUNTU_SOURCES = "/etc/apt/sources.list.d/ubuntu.sources"
 
 # --- the fake host ---------------------------------------------------------------------
 
-Response = str | list[str] | dict[str, Any]
-Handler = Callable[[str], Response | None]  # a command -> its response, or None: not mine
-
-
-class RecordingFakeConnector(FakeConnector):
-    """pyinfra's fake connector, plus: the content of every upload, each command's result,
-    and handlers that compute a response from the command (tried before ``fake_responses``)."""
-
-    def __init__(self, state, host) -> None:
-        super().__init__(state, host)
-        self.uploads: list[tuple[str, str]] = []
-        self.results: list[tuple[str, bool, CommandOutput]] = []
-        self.handlers: list[Handler] = []
-
-    def _lookup_response(self, command_str: str) -> tuple[bool, CommandOutput]:
-        for handler in self.handlers:
-            response = handler(command_str)
-            if response is not None:
-                return _to_output(response)
-        return super()._lookup_response(command_str)
-
-    def run_shell_command(self, command, print_output=False, print_input=False, **arguments):
-        status, output = super().run_shell_command(command, print_output, print_input, **arguments)
-        self.results.append((self.executed_commands[-1], status, output))
-        return status, output
-
-    def put_file(
-        self,
-        filename_or_io,
-        remote_filename,
-        remote_temp_filename=None,
-        print_output=False,
-        print_input=False,
-        **arguments,
-    ) -> bool:
-        # read it the way pyinfra's real connectors do (from the start, as bytes)
-        with get_file_io(filename_or_io, "rb") as file_io:
-            self.uploads.append((remote_filename, file_io.read().decode()))
-        return super().put_file(
-            filename_or_io,
-            remote_filename,
-            remote_temp_filename,
-            print_output,
-            print_input,
-            **arguments,
-        )
-
-
-def _lines(value: Any) -> list[str]:
-    if value is None:
-        return []
-    return value.splitlines() if isinstance(value, str) else [str(v) for v in value]
-
-
-def _to_output(response: Response) -> tuple[bool, CommandOutput]:
-    if not isinstance(response, dict):
-        response = {"stdout": response}
-    lines = [OutputLine("stdout", line) for line in _lines(response.get("stdout"))]
-    lines += [OutputLine("stderr", line) for line in _lines(response.get("stderr"))]
-    return bool(response.get("success", True)), CommandOutput(lines)
-
-
-def run_sh(command: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    proc = subprocess.run(
-        ["sh", "-c", command], capture_output=True, text=True, env=env, timeout=10
-    )
-    return {"success": proc.returncode == 0, "stdout": proc.stdout, "stderr": proc.stderr}
-
-
-@functools.cache
-def host_info_output(os_release: str, container: str = "") -> tuple[str, ...]:
-    """What the HostInfo fact's command prints on a host of this distro: the real command,
-    run by sh with /etc/os-release replaced by the fixture and a systemd-detect-virt stub."""
-    command = HostInfo().command()
-    assert command.count("/etc/os-release") == 1, "HostInfo changed: update this test"
-    command = command.replace("/etc/os-release", shlex.quote(str(OS_RELEASE / os_release)))
-    with tempfile.TemporaryDirectory() as bindir:
-        stub = Path(bindir) / "systemd-detect-virt"
-        # `systemd-detect-virt --container` prints the container type, or "none" with exit
-        # status 1 outside one (man systemd-detect-virt).
-        result = f"echo {container}" if container else "echo none; exit 1"
-        stub.write_text(f'#!/bin/sh\n[ "$1" = --container ] || exit 2\n{result}\n')
-        stub.chmod(0o755)
-        out = run_sh(command, env={"PATH": f"{bindir}:/usr/bin:/bin"})
-    assert out["success"], out
-    return tuple(out["stdout"].splitlines())
-
 
 def live_file(remote: str, local: Path) -> Handler:
     """Run pyinfra's commands on ``remote`` (grep facts, echo >>, sed -i) for real, on ``local``."""
@@ -243,102 +153,6 @@ def live_file(remote: str, local: Path) -> Handler:
         return run_sh(command.replace(f" {remote}", f" {shlex.quote(str(local))}"))
 
     return handler
-
-
-def fail_op(command: str) -> Response | None:
-    """gpunode's ``fail`` operation (gpunode/operations/server.py): echo to stderr and exit 1."""
-    if re.fullmatch(r"echo '[^']*(?:'\"'\"'[^']*)*' >&2; exit 1", command):
-        return run_sh(command)
-    return None
-
-
-def converged(files: dict[str, str], modes: dict[str, str]) -> Handler:
-    """A host that already has these files (path -> content; path -> octal mode) and their
-    directories: answers pyinfra's File/Directory, Sha1File and ``cat`` facts for them."""
-    directories = {str(parent) for path in files for parent in Path(path).parents}
-
-    def handler(command: str) -> Response | None:
-        if m := re.match(r"! \(test -e (\S+) \|\| test -L \1 \) \|\| \( stat -c ", command):
-            if m[1] in files:
-                mode = "-" + _mode_string(modes.get(m[1], "644"))
-                size = len(files[m[1]].encode())
-            elif m[1] in directories:
-                mode, size = "d" + _mode_string("755"), 4096
-            else:
-                return None
-            return f"user=root group=root mode={mode} atime=0 mtime=0 ctime=0 size={size} '{m[1]}'"
-        elif m := re.match(r"test -e (\S+) && \( sha1sum \1 ", command):
-            if m[1] in files:
-                return f"{hashlib.sha1(files[m[1]].encode()).hexdigest()}  {m[1]}"  # noqa: S324
-        elif m := re.match(r"cat (\S+) 2>/dev/null \|\| true$", command):
-            if m[1] in files:
-                return files[m[1]]
-        return None
-
-    return handler
-
-
-def _mode_string(octal: str) -> str:
-    bits = "rwxrwxrwx"
-    value = int(octal, 8)
-    return "".join(c if value & (1 << (8 - i)) else "-" for i, c in enumerate(bits))
-
-
-@dataclass
-class Run:
-    """One deploy of the base role on the fake host."""
-
-    commands: list[str]
-    results: list[tuple[str, bool, CommandOutput]]
-    uploads: list[tuple[str, str]]
-    failed: bool
-    op_labels: list[str]  # every operation's names and args, as pyinfra shows them
-
-    @property
-    def files(self) -> dict[str, str]:
-        return dict(self.uploads)
-
-    def grep(self, pattern: str) -> list[str]:
-        return [c for c in self.commands if re.search(pattern, c)]
-
-
-def run_deploys(
-    config: NodeConfig,
-    responses: dict[Any, Response],
-    deploys: Iterable[Callable[[], Any]],
-    handlers: Iterable[Handler] = (),
-    connector_cls: type[RecordingFakeConnector] | None = None,
-    host_name: str = HOST,
-    state_out: list[State] | None = None,
-) -> Run:
-    """Run ``deploys`` for real through pyinfra's API on one @fake host answering ``responses``."""
-    assert not pyinfra.is_cli  # add_deploy refuses to run in CLI mode
-    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
-    inventory = Inventory(([(f"@fake/{host_name}", data)], {}))
-    for each in inventory:
-        each.connector_cls = connector_cls or RecordingFakeConnector
-    state = State(inventory, Config())
-    host = inventory.get_host(f"@fake/{host_name}")
-    connector = host.connector
-    assert isinstance(connector, RecordingFakeConnector)
-    connector.handlers = [fail_op, *handlers]
-    connect_all(state)
-    for deploy in deploys:
-        add_deploy(state, deploy)
-    try:
-        run_ops(state)
-    except PyinfraError as exc:  # the only host failed: "No hosts remaining!"
-        assert host in state.failed_hosts, exc
-    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
-    if state_out is not None:
-        state_out[:] = [state]
-    return Run(
-        commands=list(connector.executed_commands),
-        results=list(connector.results),
-        uploads=list(connector.uploads),
-        failed=host in state.failed_hosts,
-        op_labels=labels,
-    )
 
 
 def run_base(
@@ -403,12 +217,6 @@ def installed_packages(run: Run, family: str) -> set[str]:
         assert len(installs) == 1, installs
         args = installs[0].split(" install ", 1)[1].split()
     return {a for a in args if not a.startswith("-")}
-
-
-def content_lines(text: str) -> list[str]:
-    """Non-blank, non-comment lines, stripped (the templates leave blank lines behind)."""
-    stripped = (line.strip() for line in text.splitlines())
-    return [line for line in stripped if line and not line.startswith(("#", "//"))]
 
 
 def apt_hold_entries(text: str) -> list[str]:

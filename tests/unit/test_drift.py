@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_monitoring import find_promtool
+from harness import find_promtool
 
 from gpunode.commands.drift import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, check
 from gpunode.paths import REPO_ROOT

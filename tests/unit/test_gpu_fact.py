@@ -7,7 +7,7 @@ a probe that cannot start. Outputs recorded on real GPU machines
 (tests/unit/fixtures/gpu/*/fact*.out, by scripts/record_gpu_fixtures.py) are parsed too.
 
 The role runs through pyinfra's real API against the ``@fake`` connector of
-tests/unit/test_base_role.py, answered with those real fact outputs.
+tests/unit/harness.py, answered with those real fact outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from fake_nvml import recordings, sysfs_tree
-from test_base_role import Run, converged, run_deploys
+from harness import Run, converged, run_deploys
 
 from gpunode import probe
 from gpunode.config import load

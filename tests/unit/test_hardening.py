@@ -3,7 +3,7 @@
 Config checks go through gpunode's real loader. The nftables ruleset is checked by the real
 ``nft -c`` of this machine in a network namespace of its own (nothing of this machine's
 firewall is read or changed). The roles run through pyinfra's real API against one host of
-the ``@fake`` connector for every distro gpunode supports (see test_base_role.py for the
+the ``@fake`` connector for every distro gpunode supports (see harness.py for the
 harness), fed with outputs recorded on real hosts in ``fixtures/hardening/``:
 
 * ``firewall-state.converged``, ``sshd-state.converged``, ``sysctl-network.converged``,
@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyinfra.facts.server import Sysctl
-from test_base_role import (
+from harness import (
     ALL,
     APT,
     DNF,
@@ -44,6 +43,7 @@ from test_base_role import (
     host_info_output,
     run_deploys,
 )
+from pyinfra.facts.server import Sysctl
 
 from gpunode import firewall as firewall_rules
 from gpunode import hardening

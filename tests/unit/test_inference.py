@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyinfra.facts.server import Os
-from test_base_role import (
+from harness import (
     Run,
     host_info_output,
     run_deploys,
     run_sh,
 )
+from pyinfra.facts.server import Os
 
 from gpunode import provenance
 from gpunode.commands.rollout import batches, rollout
@@ -51,12 +51,12 @@ HOST = "gpu-01"
 H100 = "GPU-9221d5d1-b60b-a624-bf14-0a1819cfda3b"
 H100_B = "GPU-0f9a4b2c-1d3e-4f50-8a6b-7c8d9e0f1a2b"
 SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
-# systemd-analyze security --offline exposure, at most (measured: see test below / README)
+# systemd-analyze security --offline exposure, at most (measured: test below, docs/inference.md)
 THRESHOLD = {"cpu": 1.5, "gpu": 2.0}
 
 
 def example() -> dict[str, Any]:
-    """One service per runtime, as in the README."""
+    """One service per runtime, as in docs/inference.md."""
     return {
         "distro": "debian12",
         "gpu": {"count": 4, "model": "H100-SXM-80GB"},

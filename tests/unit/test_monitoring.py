@@ -2,7 +2,7 @@
 example Prometheus configuration and alert rules under monitoring/.
 
 The role runs through pyinfra's real API against the ``@fake`` connector (the harness of
-tests/unit/test_base_role.py): a fresh host answers nothing, so everything is installed.
+tests/unit/harness.py): a fresh host answers nothing, so everything is installed.
 The lab runs it for real on Debian 12 (tests/lab/test_drift.py); dcgm-exporter needs
 NVIDIA's repository and a GPU, so it is covered here only.
 
@@ -16,21 +16,18 @@ into /var/cache/gpunode/promtool, once.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyinfra
 import pytest
+from harness import RecordingFakeConnector, find_promtool, host_info_output
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.operations import run_ops
-from test_base_role import RecordingFakeConnector, host_info_output
 
 from gpunode.config import load
 from gpunode.facts.nvidia import NvidiaHost
@@ -42,7 +39,6 @@ from gpunode.schema.types import ConfigError
 from roles.monitoring import monitoring
 
 MONITORING = REPO_ROOT / "monitoring"
-PROMTOOL_CACHE = Path("/var/cache/gpunode/promtool")
 
 H100 = "pci=0000:1b:00.0 0x030200 0x2330"
 NVSWITCH = "pci=0000:05:00.0 0x068000 0x22a3"
@@ -54,36 +50,6 @@ NVSWITCH = "pci=0000:05:00.0 0x068000 0x22a3"
 @pytest.fixture(scope="session")
 def promtool() -> str:
     return find_promtool()
-
-
-def find_promtool() -> str:
-    """Debian's promtool: on PATH, or extracted once from the prometheus package."""
-    found = shutil.which("promtool") or (
-        str(PROMTOOL_CACHE / "usr/bin/promtool")
-        if (PROMTOOL_CACHE / "usr/bin/promtool").exists()
-        else None
-    )
-    if found:
-        return found
-    try:
-        PROMTOOL_CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=PROMTOOL_CACHE) as tmp:
-            subprocess.run(
-                ["apt-get", "download", "prometheus"],
-                cwd=tmp,
-                check=True,
-                capture_output=True,
-                timeout=300,
-            )
-            deb = next(Path(tmp).glob("prometheus_*.deb"))
-            subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True, timeout=120)
-            (PROMTOOL_CACHE / "usr/bin").mkdir(parents=True, exist_ok=True)
-            shutil.move(f"{tmp}/x/usr/bin/promtool", PROMTOOL_CACHE / "usr/bin/promtool")
-    except (OSError, subprocess.SubprocessError, StopIteration) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"promtool could not be fetched from Debian's prometheus package: {exc}")
-        pytest.skip(f"promtool not available ({exc})")
-    return str(PROMTOOL_CACHE / "usr/bin/promtool")
 
 
 def test_example_prometheus_config_is_valid(promtool: str) -> None:

@@ -1,8 +1,8 @@
 """gpunode/clients/nomad.py and gpunode/commands/nomad.py against a real local HTTP(S) server
 replaying Nomad's answers.
 
-No Nomad agent can run here. ``Replay`` is a real ``http.server`` on 127.0.0.1 (an
-ephemeral port, optionally TLS with a throwaway CA made by this test with the
+No Nomad agent can run here. ``Replay`` (in harness.py) is a real ``http.server`` on
+127.0.0.1 (an ephemeral port, optionally TLS with a throwaway CA made by this test with the
 ``cryptography`` package) that answers by method and path with the responses recorded
 in ``fixtures/nomad/`` (where each comes from: ``fixtures/nomad/SOURCES.md``) and
 records every request, so the tests assert what the client sent: the plan with
@@ -15,91 +15,24 @@ verification with the right CA and failure with a wrong one.
 from __future__ import annotations
 
 import datetime
-import json
 import ssl
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from harness import Replay, Server, _serve, fixture
 
 from gpunode.clients.nomad import DeploymentFailed, NomadClient, NomadError, submit
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nomad"
 TOKEN = "d7c1e5e0-gpunode-test-token-3f2a"  # noqa: S105 - a test ACL token SecretID
 JOB = {"ID": "my-job", "Name": "my-job", "Type": "service", "TaskGroups": []}
-
-
-def fixture(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class Replay:
-    """Routes: (method, path) -> answers served in order (the last one repeats)."""
-
-    routes: dict[tuple[str, str], list[tuple[int, Any]]] = field(default_factory=dict)
-    requests: list[Recorded] = field(default_factory=list)
-
-    def add(self, method: str, path: str, *answers: tuple[int, Any]) -> None:
-        self.routes[(method, path)] = list(answers)
-
-    def calls(self, method: str, path: str) -> list[Recorded]:
-        return [r for r in self.requests if (r.method, r.path) == (method, path)]
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        replay = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                url = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                replay.requests.append(
-                    Recorded(
-                        self.command,
-                        url.path,
-                        parse_qs(url.query),
-                        {k.lower(): v for k, v in self.headers.items()},
-                        json.loads(raw) if raw else None,
-                    )
-                )
-                answers = replay.routes.get((self.command, url.path))
-                if not answers:
-                    status, body = 404, "no route"
-                else:
-                    status, body = answers.pop(0) if len(answers) > 1 else answers[0]
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                kind = "text/plain" if isinstance(body, str) else "application/json"
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _answer
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-        return Handler
 
 
 @dataclass
@@ -208,33 +141,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     cert, key = _leaf(tmp, "server", ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH)
     client_cert, client_key = _leaf(tmp, "cli", ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
     return Pki(ca, cert, key, client_cert, client_key, other)
-
-
-@dataclass
-class Server:
-    replay: Replay
-    address: str
-
-
-def _serve(replay: Replay, context: ssl.SSLContext | None) -> Iterator[Server]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), replay.handler())
-    scheme = "http"
-    if context is not None:
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-        scheme = "https"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield Server(replay, f"{scheme}://127.0.0.1:{httpd.server_address[1]}")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    yield from _serve(Replay(), None)
 
 
 @pytest.fixture

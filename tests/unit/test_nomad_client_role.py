@@ -2,7 +2,7 @@
 
 No Nomad package or binary can be installed here (HashiCorp's repositories are not
 reachable), so the role runs through pyinfra's real API against pyinfra's ``@fake``
-connector, with the harness of test_base_role.py: the commands pyinfra would send and
+connector, with the harness of harness.py: the commands pyinfra would send and
 the files it would upload are asserted on. The HashiCorp signing-key check is run for
 real with this machine's ``gpg`` on a key file of our own (a wrong key must fail).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_base_role import (
+from harness import (
     ALL,
     APT,
     DNF,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import IMAGES, RUNTIME_INSTALLS, SECRETS, SERVICES, SHA_MODEL, SHA_TAR
 
 from gpunode.commands.nomad import command
 from gpunode.config import load
@@ -32,67 +33,7 @@ from gpunode.schema.types import ConfigError
 
 STRUCTS = Path(__file__).parent / "fixtures" / "nomad" / "api-structs.go"
 HOST = "gpu-01"
-SHA_MODEL = "9a0e" + "1" * 60
-SHA_TAR = "5f1c" + "2" * 60
-GPU = "GPU-9221d5d1-b60b-a624-bf14-0a1819cfda3b"
-GPU2 = "GPU-0b5a1d3c-7e0f-4a6b-9c2d-3e4f5a6b7c8d"
-GPU3 = "GPU-1c6b2e4d-8f10-4b7c-8d3e-4f5a6b7c8d9e"
 ANY = "0.0.0.0"  # noqa: S104 - the listen address inside the container
-IMAGES = {
-    "vllm": "docker.io/vllm/vllm-openai@sha256:" + "a" * 64,
-    "llamacpp": "ghcr.io/ggml-org/llama.cpp@sha256:" + "b" * 64,
-    "triton": "nvcr.io/nvidia/tritonserver@sha256:" + "c" * 64,
-}
-RUNTIME_INSTALLS = {
-    "vllm": {"method": "pip", "packages": ["vllm==0.6.3"]},
-    "llamacpp": {
-        "method": "artifact",
-        "artifact": {
-            "uri": "http://mirror.internal/llama.tar.gz",
-            "sha256": "d" * 64,
-            "format": "tar",
-        },
-    },
-    "triton": {
-        "method": "artifact",
-        "artifact": {
-            "uri": "http://mirror.internal/triton.tar.gz",
-            "sha256": "e" * 64,
-            "format": "tar",
-        },
-    },
-}
-SERVICES: dict[str, dict[str, Any]] = {
-    "chat": {
-        "runtime": "vllm",
-        "port": 8000,
-        "model": {"uri": "https://models.internal/llama-3-70b.tar", "sha256": SHA_TAR,
-                  "format": "tar", "served_name": "llama-3-70b"},
-        "gpus": [GPU, GPU2],
-        "tensor_parallel": 2,
-        "context_length": 8192,
-        "api_key_secret": "chat_key",
-    },
-    "small": {
-        "runtime": "llamacpp",
-        "port": 8080,
-        "model": {"uri": "https://models.internal/smollm2-135m-instruct-q4_1.gguf",
-                  "sha256": SHA_MODEL},
-        "context_length": 4096,
-        "threads": 8,
-        "api_key_secret": "small_key",
-    },
-    "vision": {
-        "runtime": "triton",
-        "port": 9000,
-        "model": {"uri": "https://models.internal/repo.tar.gz", "sha256": SHA_TAR, "format": "tar"},
-        "gpus": [GPU3],
-    },
-}  # fmt: skip
-SECRETS = {
-    "chat_key": {"path": "gpunode/chat", "key": "api_key", "env": "VLLM_API_KEY"},
-    "small_key": {"path": "gpunode/small", "key": "api_key", "env": "LLAMA_API_KEY", "version": 3},
-}
 
 
 def node_config(jobs: dict[str, Any] | None = None, **nomad: Any) -> NodeConfig:

@@ -2,7 +2,7 @@
 
 NVIDIA's repositories cannot be reached here and the machines have no GPU, so each test
 runs the roles through pyinfra's real API against one ``@fake`` host (the machinery of
-tests/unit/test_base_role.py) for every distro x {open, proprietary} x {NVSwitch, none},
+tests/unit/harness.py) for every distro x {open, proprietary} x {NVSwitch, none},
 and asserts the exact repository files, keys, packages, holds, services and reboots.
 
 What the fake host answers (fixtures/nvidia/README.md says where each came from):
@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyinfra.api import State
-from test_base_role import (
+from harness import (
     Handler,
     Response,
     Run,
@@ -37,6 +36,7 @@ from test_base_role import (
     converged,
     run_deploys,
 )
+from pyinfra.api import State
 
 from gpunode import nvidia as nv
 from gpunode.config import load

