@@ -45,11 +45,16 @@ class AdminUser(Model):
     """A person who administers the node: a login with SSH keys, in the admin group."""
 
     name: UserName
+    """The login name (not root)."""
     ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = Field(
         default_factory=list
-    )  # the only keys left in authorized_keys
-    sudo: bool = True  # member of base.admin_group
+    )
+    """Public keys, one `authorized_keys` line each (`ssh-...`, `ecdsa-...`, `sk-...`): the
+    only keys left in `authorized_keys`."""
+    sudo: bool = True
+    """Member of `base.admin_group`, so allowed to sudo."""
     shell: Literal["/bin/bash", "/bin/sh", "/usr/bin/zsh"] = "/bin/bash"
+    """The login shell."""
 
     @field_validator("name")
     @classmethod
@@ -62,35 +67,54 @@ class AdminUser(Model):
 class Journald(Model):
     """The persistent journal's bounds."""
 
-    system_max_use: Size = "2G"  # SystemMaxUse=
-    max_retention_sec: Retention = "1month"  # MaxRetentionSec=
-    rate_limit_burst: Annotated[int, Field(ge=0)] = 10000  # RateLimitBurst=
+    system_max_use: Size = "2G"
+    """The most disk space the journal uses (journald's `SystemMaxUse=`)."""
+    max_retention_sec: Retention = "1month"
+    """Journal entries older than this are removed (journald's `MaxRetentionSec=`)."""
+    rate_limit_burst: Annotated[int, Field(ge=0)] = 10000
+    """Messages a service may log per interval before journald drops the rest (journald's
+    `RateLimitBurst=`; 0: no rate limit)."""
 
 
 class AutoUpdates(Model):
     """Unattended upgrades (apt) / dnf-automatic."""
 
     enabled: bool = True
-    # Packages (patterns) automatic upgrades never touch; see DEFAULT_HOLD.
+    """Automatic upgrades on: unattended-upgrades (apt) or the dnf-automatic timer (dnf)."""
     hold: list[HoldPattern] = Field(default_factory=lambda: list(DEFAULT_HOLD))
+    """Packages (patterns) automatic upgrades never touch; see DEFAULT_HOLD. Entries are
+    package-name prefixes where `*` matches anything (apt Package-Blacklist / dnf
+    excludepkgs): a kernel or NVIDIA update without its matching module breaks the GPU
+    stack."""
     security_only: bool = True
+    """Security updates only; false: every update from the distro's archives."""
 
 
 class Base(Model):
     """What every node gets (roles/base.py)."""
 
-    hostname: HostName | None = None  # default: the inventory name, when it is a valid hostname
-    apt_proxy: HttpUrl | None = None  # Acquire::http::Proxy / dnf.conf proxy=
-    apt_mirror: HttpUrl | None = (
-        None  # apt distros only: base URL of a mirror of the distro archive
-    )
-    packages: list[PackageName] = Field(default_factory=list)  # extra packages
+    hostname: HostName | None = None
+    """The system hostname; default: the inventory name, when it is a valid hostname."""
+    apt_proxy: HttpUrl | None = None
+    """HTTP proxy for packages (apt `Acquire::http::Proxy` / dnf.conf `proxy=`)."""
+    apt_mirror: HttpUrl | None = None
+    """apt distros only: base URL of a mirror of the distro archive (rewrites the distro's
+    sources file)."""
+    packages: list[PackageName] = Field(default_factory=list)
+    """Extra packages to install."""
     ntp_servers: list[NtpServer] = Field(default_factory=lambda: list(DEFAULT_NTP), min_length=1)
+    """chrony's time sources, at least one (a name containing "pool" is written as a
+    `pool`)."""
     admin_users: list[AdminUser] = Field(default_factory=list)
-    admin_group: GroupName = "gpunode_admins"  # group allowed to sudo
-    sudo_nopasswd: bool = True  # admin users log in with keys and have no password
+    """The node's admin users, each name once."""
+    admin_group: GroupName = "gpunode_admins"
+    """The group allowed to sudo."""
+    sudo_nopasswd: bool = True
+    """sudo without a password: admin users log in with keys and have no password."""
     journald: Journald = Field(default_factory=Journald)
+    """The persistent journal's bounds."""
     auto_updates: AutoUpdates = Field(default_factory=AutoUpdates)
+    """Unattended upgrades (apt) / dnf-automatic."""
 
     @field_validator("admin_users")
     @classmethod

@@ -24,10 +24,14 @@ from gpunode.schema.types import Cidr, IfName, Model, Port, Rate, RuleName, list
 class InputRule(Model):
     """One extra port open to some sources (besides SSH, inference, metrics, cluster)."""
 
-    name: RuleName  # shows in the ruleset as a comment
+    name: RuleName
+    """The rule's name, unique in `extra_input`; shows in the ruleset as a comment."""
     proto: Literal["tcp", "udp"] = "tcp"
+    """The protocol."""
     port: Port
+    """The port opened; not the SSH port, which `network.admin_cidrs` controls."""
     cidrs: list[Cidr] = Field(min_length=1)
+    """The sources that may reach it, at least one."""
 
 
 class Firewall(Model):
@@ -39,27 +43,33 @@ class Firewall(Model):
     the Nomad ports from network.cluster_cidrs, and extra_input.
     """
 
-    # Off until an inventory turns it on: a drop-policy firewall needs admin_cidrs that
-    # match how the controller reaches each node (checked at config load).
     enabled: bool = False
-    # Load the config even when no admin CIDR covers the address this controller reaches
-    # the host from (a NAT, a jump host): the anti-lockout rollback is then the only guard.
+    """Off until an inventory turns it on: a drop-policy firewall needs admin_cidrs that
+    match how the controller reaches each node (checked at config load)."""
     force_admin_cidrs: bool = False
+    """Load the config even when no admin CIDR covers the address this controller reaches
+    the host from (a NAT, a jump host): the anti-lockout rollback is then the only guard."""
     extra_input: list[InputRule] = Field(default_factory=list)
-    # The node runs containers (Docker, Podman, Nomad, Kubernetes): forwarding is on and
-    # the forward chain lets container traffic out and lets published ports (DNAT) in from
-    # the same CIDRs as the input chain; everything else forwarded is dropped. False: the
-    # node routes nothing (forward policy drop, no exceptions).
+    """Extra ports, each rule name once."""
     containers: bool = False
+    """The node runs containers (Docker, Podman, Nomad, Kubernetes): forwarding is on and
+    the forward chain lets container traffic out and lets published ports (DNAT) in from
+    the same CIDRs as the input chain; everything else forwarded is dropped. false: the
+    node routes nothing (forward policy drop, no exceptions)."""
     container_interfaces: list[IfName] = Field(
         default_factory=lambda: ["docker0", "br-*", "cni*", "nomad", "podman*"]
     )
-    icmp_rate: Rate = "10/second"  # echo requests (IPv4 and IPv6) above it are dropped
-    log_drops: bool = True  # log dropped packets ("gpunode-drop" prefix in the kernel log)
-    log_rate: Rate = "5/minute"  # at most this many drop log lines
-    # Seconds after applying a new ruleset before the node restores the previous one by
-    # itself, unless a NEW SSH connection from the controller confirmed it in time.
+    """With `containers`: the container bridges whose traffic the forward chain lets out
+    (a trailing `*` is a wildcard)."""
+    icmp_rate: Rate = "10/second"
+    """Echo requests (IPv4 and IPv6) above this rate are dropped."""
+    log_drops: bool = True
+    """Log dropped packets ("gpunode-drop" prefix in the kernel log)."""
+    log_rate: Rate = "5/minute"
+    """At most this many drop log lines."""
     rollback_seconds: Annotated[int, Field(ge=20, le=600)] = 60
+    """Seconds after applying a new ruleset before the node restores the previous one by
+    itself, unless a NEW SSH connection from the controller confirmed it in time."""
 
     @field_validator("extra_input")
     @classmethod

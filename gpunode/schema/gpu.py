@@ -61,16 +61,25 @@ GPU_MODELS: dict[str, GpuModel] = {
 
 
 class Gpu(Model):
-    required: bool = False  # a node without an NVIDIA GPU is an error (True) or a visible skip
-    count: Annotated[int, Field(ge=0, le=64)] | None = None  # declared GPU count, checked by verify
-    model: str | None = None  # a key of GPU_MODELS; gives the planner the memory per GPU
-    # nvidia-fabricmanager must run: None = when the node has NVSwitches (seen by the probe)
+    """The GPUs a node declares. A host is declared GPU-less when `required` is false,
+    `count` is unset or 0 and no `model` is set: there, GPU roles show a visible skip and the
+    GPU host checks skip. Any other host is expected to have NVIDIA GPUs."""
+
+    required: bool = False
+    """A node without an NVIDIA GPU is an error (true) or a visible skip (false)."""
+    count: Annotated[int, Field(ge=0, le=64)] | None = None
+    """The declared GPU count, checked by verify."""
+    model: str | None = None
+    """The GPU model, a key of GPU_MODELS (gpunode/schema/gpu.py); gives the planner the
+    memory per GPU."""
     fabric_manager: bool | None = None
+    """nvidia-fabricmanager must run: null = when the node has NVSwitches (seen by the
+    probe)."""
 
     @field_validator("model", mode="before")
     @classmethod
     def _known_model(cls, value: Any) -> Any:
-        if value is not None and value not in GPU_MODELS:
+        if value is not None and str(value) not in GPU_MODELS:
             raise ValueError(
                 f"{value!r} is not a GPU model gpunode knows (allowed: {', '.join(GPU_MODELS)})"
             )

@@ -186,29 +186,47 @@ STRICT_FILES: dict[str, tuple[FileMode, ...]] = {
 class Ssh(Model):
     """sshd options users may change; the rest are fixed (SSHD_FIXED)."""
 
-    # None: "prohibit-password" (key only) when gpunode itself connects as root, else "no"
     permit_root_login: Literal["no", "prohibit-password"] | None = None
-    max_auth_tries: Annotated[int, Field(ge=1, le=6)] = 2  # dev-sec 2 (CIS: 4 or less)
-    login_grace_time: Annotated[int, Field(ge=5, le=60)] = 30  # seconds (CIS: 60 or less)
-    client_alive_interval: Annotated[int, Field(ge=1, le=900)] = 300  # seconds
+    """`PermitRootLogin`. null: "prohibit-password" (key only) when gpunode itself connects as
+    root, else "no"; "no" while gpunode connects as root is refused (it would lock itself
+    out)."""
+    max_auth_tries: Annotated[int, Field(ge=1, le=6)] = 2
+    """`MaxAuthTries`: dev-sec 2 (CIS: 4 or less)."""
+    login_grace_time: Annotated[int, Field(ge=5, le=60)] = 30
+    """`LoginGraceTime`, in seconds (CIS: 60 or less)."""
+    client_alive_interval: Annotated[int, Field(ge=1, le=900)] = 300
+    """`ClientAliveInterval`: seconds between keep-alive probes to a silent client."""
     client_alive_count_max: Annotated[int, Field(ge=1, le=10)] = 3
+    """`ClientAliveCountMax`: unanswered keep-alive probes before sshd drops the client."""
     max_sessions: Annotated[int, Field(ge=1, le=64)] = 10
+    """`MaxSessions`: sessions per connection."""
     max_startups: Annotated[str, StringConstraints(pattern=r"^[0-9]+(:[0-9]+:[0-9]+)?$")] = (
         "10:30:60"
     )
+    """`MaxStartups`: unauthenticated connections, start:rate:full (from start on, rate %
+    of new ones are refused, rising to all at full) or one number."""
     ciphers: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_CIPHERS), min_length=1)
+    """`Ciphers`, at least one (see SSH_CIPHERS; a name the node's sshd does not know makes
+    the role refuse the config)."""
     kex_algorithms: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_KEX), min_length=1)
+    """`KexAlgorithms`, at least one (see SSH_KEX)."""
     macs: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_MACS), min_length=1)
+    """`MACs`, at least one (see SSH_MACS)."""
 
 
 class Hardening(Model):
     """sshd, sysctl and OS hardening (roles/hardening.py)."""
 
-    enabled: bool = True  # False: the hardening role does nothing
+    enabled: bool = True
+    """false: the hardening role does nothing."""
     ssh: Ssh = Field(default_factory=Ssh)
-    # sysctl keys over the defaults (SYSCTL_NETWORK, SYSCTL_KERNEL): a value sets or adds
-    # the key, null drops one of the defaults
+    """sshd options users may change; the rest are fixed (SSHD_FIXED)."""
     sysctl: dict[SysctlKey, SysctlValue | None] = Field(default_factory=dict)
-    core_dumps: bool = False  # False: hard core limit 0, systemd-coredump stores nothing
-    remove_insecure_packages: bool = True  # ABSENT_PACKAGES: telnet, rsh, NIS, TFTP, inetd
-    strict_file_modes: bool = True  # STRICT_FILES: /etc/shadow, sshd_config, ...
+    """sysctl keys over the defaults (SYSCTL_NETWORK, SYSCTL_KERNEL): a value sets or adds
+    the key, null drops one of the defaults."""
+    core_dumps: bool = False
+    """false: hard core limit 0, systemd-coredump stores nothing."""
+    remove_insecure_packages: bool = True
+    """Remove ABSENT_PACKAGES: telnet, rsh, NIS, TFTP, inetd."""
+    strict_file_modes: bool = True
+    """Enforce owners and modes of STRICT_FILES: /etc/shadow, sshd_config, ..."""

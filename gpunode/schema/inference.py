@@ -55,36 +55,50 @@ from gpunode.schema.types import (
 class Artifact(Model):
     """A file fetched onto the node by URI and verified by sha256 before use."""
 
-    uri: Uri  # http(s)://mirror/... or file:///mnt/mirror/...
-    sha256: Sha256  # of the file at uri (lowercase hex)
-    format: Literal["file", "tar"] = "file"  # tar: unpacked (.tar, .tar.gz, .tar.xz)
+    uri: Uri
+    """Where the file comes from: http(s)://mirror/... or file:///mnt/mirror/..."""
+    sha256: Sha256
+    """The sha256 of the file at uri (lowercase hex)."""
+    format: Literal["file", "tar"] = "file"
+    """file: used as it is; tar: unpacked (.tar, .tar.gz, .tar.xz)."""
 
 
 class ModelSpec(Artifact):
-    """The model a service serves."""
+    """The model a service serves: a file or tarball fetched onto the node by URI and verified
+    by sha256 before use."""
 
     served_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")] | None = (
-        None  # the name clients ask for; default: the service name
+        None
     )
-    subpath: RelPath | None = None  # tar models: the path inside the archive to serve
-    # Size of the model for the capacity planner (gpunode/planner.py); unset: not checked.
-    # A GPU service's footprint is checked against the declared gpu.model at config load.
+    """The name clients ask for; default: the service name."""
+    subpath: RelPath | None = None
+    """Tar models: the path inside the archive to serve."""
     footprint: ModelFootprint | None = None
+    """Unset: not checked. A GPU service's footprint is checked against the declared
+    `gpu.model` at config load (gpunode/planner.py)."""
 
 
 class RuntimeInstall(Model):
     """How one runtime gets onto the node."""
 
     method: InstallMethod
-    packages: list[Pin] = Field(default_factory=list)  # pip: exact pins, e.g. vllm==0.6.3
+    """pip: exact pins into the runtime's own venv; package: a distro package at an exact
+    version; artifact: a tarball of the server."""
+    packages: list[Pin] = Field(default_factory=list)
+    """For method pip (required there): exact pins, e.g. vllm==0.6.3."""
     python: AbsPath = "/usr/bin/python3"
-    index_url: Uri | None = None  # pip: the site's package mirror
-    package: PackageName | None = None  # package: the distro package name
+    """For method pip: the Python the venv is made with."""
+    index_url: Uri | None = None
+    """For method pip: the site's package mirror."""
+    package: PackageName | None = None
+    """For method package (required there): the distro package name."""
     version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+:~_-]+$")] | None = None
-    artifact: Artifact | None = None  # artifact: a tarball of the server (bin/, lib/)
-    binary: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]+$")] | None = (
-        None  # the server program: default from the runtime profile
-    )
+    """For method package (required there): the exact package version."""
+    artifact: Artifact | None = None
+    """For method artifact (required there): a tarball of the server (bin/, lib/), format
+    tar."""
+    binary: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]+$")] | None = None
+    """The server program: default from the runtime profile."""
 
     @model_validator(mode="after")
     def _method_fields(self) -> RuntimeInstall:
@@ -102,23 +116,40 @@ class Service(Model):
     """One inference server: one systemd unit, one model, its own ports and GPUs."""
 
     runtime: RuntimeName
+    """The runtime profile; it needs an install entry in `inference.runtimes`."""
     model: ModelSpec
+    """The model a service serves."""
     listen: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F.:]+$")] = "0.0.0.0"  # noqa: S104
-    # the API (and, for vLLM/llama.cpp, metrics) port; opened to network.app_cidrs
+    """The IP address the server listens on (0.0.0.0 or :: for every address)."""
     port: UnprivilegedPort
-    grpc_port: UnprivilegedPort | None = None  # triton: default port + 1
-    metrics_port: UnprivilegedPort | None = None  # triton: default port + 2
-    gpus: list[GpuUuid] = Field(default_factory=list)  # by UUID; empty: CPU only
-    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1  # vLLM: = len(gpus)
-    context_length: Annotated[int, Field(ge=128, le=10_000_000)] | None = None  # default: model
-    threads: Annotated[int, Field(ge=1, le=1024)] | None = None  # llama.cpp CPU threads
-    api_key_secret: str | None = None  # a name in `secrets:`; its env variable is the runtime's
-    memory_max: MemLimit = "90%"  # systemd MemoryMax= (size, percent of RAM, or infinity)
-    limit_memlock: MemLimit = "infinity"  # LimitMEMLOCK=: pinned host memory for CUDA
-    min_free_mib: Annotated[int, Field(ge=0)] = 0  # GPU units: the probe's --min-free-mib
-    extra_args: list[ExtraArg] = Field(default_factory=list)  # appended to the command line
-    health_timeout: Annotated[int, Field(ge=5, le=3600)] = 180  # seconds to become healthy
-    enabled: bool = True  # false: the unit is stopped and disabled, its files stay
+    """The API (and, for vLLM/llama.cpp, metrics) port; opened to network.app_cidrs."""
+    grpc_port: UnprivilegedPort | None = None
+    """triton only: the gRPC port; default port + 1."""
+    metrics_port: UnprivilegedPort | None = None
+    """triton only: the metrics port; default port + 2."""
+    gpus: list[GpuUuid] = Field(default_factory=list)
+    """The service's GPUs by UUID, each in one service only; empty: CPU only."""
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    """vLLM: = len(gpus); 1 for the other runtimes."""
+    context_length: Annotated[int, Field(ge=128, le=10_000_000)] | None = None
+    """Tokens of context; default: the model's (Triton takes it from the model only)."""
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """llama.cpp only: CPU threads."""
+    api_key_secret: str | None = None
+    """A name in `secrets:`; its env variable is the runtime's."""
+    memory_max: MemLimit = "90%"
+    """systemd `MemoryMax=` (size, percent of RAM, or infinity)."""
+    limit_memlock: MemLimit = "infinity"
+    """`LimitMEMLOCK=`: pinned host memory for CUDA."""
+    min_free_mib: Annotated[int, Field(ge=0)] = 0
+    """GPU units: the probe's `--min-free-mib` (MiB free on each GPU before the unit
+    starts)."""
+    extra_args: list[ExtraArg] = Field(default_factory=list)
+    """Appended to the command line."""
+    health_timeout: Annotated[int, Field(ge=5, le=3600)] = 180
+    """Seconds to become healthy."""
+    enabled: bool = True
+    """false: the unit is stopped and disabled, its files stay."""
 
     @field_validator("listen")
     @classmethod
@@ -146,6 +177,10 @@ class Inference(Model):
     """The node's inference services."""
 
     runtimes: dict[RuntimeName, RuntimeInstall] = Field(default_factory=dict)
+    """One entry per runtime a service uses."""
     services: dict[ServiceName, Service] = Field(default_factory=dict)
-    keep_versions: Annotated[int, Field(ge=1, le=50)] = 3  # model versions kept in the store
-    # (besides those a service's current/previous link points at)
+    """Inference services by name; each is the systemd unit
+    `gpunode-inference-<name>.service` (unless it is listed in `nomad.jobs`)."""
+    keep_versions: Annotated[int, Field(ge=1, le=50)] = 3
+    """Model versions kept in the store (besides those a service's current/previous link
+    points at)."""

@@ -34,18 +34,35 @@ class NodeConfig(Model):
     """Everything gpunode knows about one node, after merging the layers."""
 
     distro: Literal[tuple(DISTROS)] | None = None  # type: ignore[valid-type]
+    """The node's distro and version, a row of gpunode/schema/distros.py. A layer may leave it
+    out, but every host must have one after merging (checked at config load)."""
     base: Base = Field(default_factory=Base)
+    """What every node gets: hostname, package sources, admin users, journald, NTP and
+    automatic updates."""
     network: Network = Field(default_factory=Network)
+    """Who may reach the node: the CIDRs the firewall opens each kind of port to."""
     nvidia: Nvidia = Field(default_factory=Nvidia)
+    """The NVIDIA driver."""
     cuda: Cuda = Field(default_factory=Cuda)
+    """The CUDA toolkit, the NVIDIA Container Toolkit and DCGM."""
     gpu: Gpu = Field(default_factory=Gpu)
+    """The GPUs the node declares."""
     firewall: Firewall = Field(default_factory=Firewall)
+    """gpunode's nftables table."""
     hardening: Hardening = Field(default_factory=Hardening)
+    """sshd, sysctl and OS hardening."""
     vault: Vault = Field(default_factory=Vault)
+    """How the controller reaches Vault to read `secrets`."""
     secrets: dict[str, Secret] = Field(default_factory=dict)
+    """Secrets by name, read from Vault by the controller and written on the node as env files.
+    A name is a-z, 0-9, '_' and '-', starting with a letter or digit, at most 63 characters
+    (checked at config load): it names the env file."""
     inference: Inference = Field(default_factory=Inference)
+    """The node's inference runtimes and services (systemd units)."""
     nomad: Nomad = Field(default_factory=Nomad)
+    """The Nomad client and the inference services it runs as jobs."""
     monitoring: Monitoring = Field(default_factory=Monitoring)
+    """Exporters, the drift report's textfile directory and the controller's drift timer."""
 
     def to_json(self) -> dict[str, Any]:
         """pyinfra's JSON hook (``pyinfra INVENTORY debug-inventory``, ``--json``)."""
@@ -53,16 +70,30 @@ class NodeConfig(Model):
 
 
 class Connection(Model):
+    """How the controller reaches the host: pyinfra's SSH connection settings."""
+
     address: str
+    """The host's IP address (IPv4 or IPv6) or DNS name, e.g. 192.0.2.10 or
+    gpu-01.example.com. Each address and port once in an inventory."""
     port: Annotated[int, Field(ge=1, le=65535)] = 22
+    """The SSH port (also the port the firewall opens to `network.admin_cidrs`)."""
     user: UserName = "root"
+    """The user gpunode logs in as: root, or an admin user with sudo."""
     key_file: str | None = None
+    """The SSH private key file on the controller (pyinfra's `ssh_key`); unset: the SSH agent
+    and the user's default keys."""
     known_hosts_file: str | None = None
+    """The known_hosts file on the controller that holds the host's key (pyinfra's
+    `ssh_known_hosts_file`); unset: pyinfra's default, `~/.ssh/known_hosts`."""
     strict_host_key_checking: Literal["yes", "no", "accept-new"] = "yes"
+    """yes: the host key must already be known; accept-new: an unknown host's key is added on
+    first connection, a changed one refused; no: host keys are not checked."""
     ssh_config_file: str | None = None
-    # New connections retried on a transient failure (refused, timed out, a dropped auth
-    # exchange) before the host counts as unreachable
+    """An OpenSSH client config file on the controller (e.g. for ProxyJump). With one set,
+    config load does not check that `network.admin_cidrs` covers this controller's address."""
     connect_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    """New connections retried on a transient failure (refused, timed out, a dropped auth
+    exchange) before the host counts as unreachable."""
 
     @field_validator("address")
     @classmethod
@@ -98,38 +129,67 @@ class Connection(Model):
 
 
 class HostEntry(Model):
+    """One host of the inventory: how to reach it, its groups and its own settings."""
+
     connection: Connection
+    """How the controller reaches the host."""
     groups: list[GroupName] = Field(default_factory=list)
+    """The groups the host is in (names defined under `groups:`), each once. Their data is
+    merged in this order, after `defaults` and before the host's own `data`."""
     data: dict[str, Any] = Field(default_factory=dict)
+    """The host's own node settings (the keys of the sections below), merged last."""
 
 
 class GroupEntry(Model):
+    """A group of hosts and the node settings they share."""
+
     data: dict[str, Any] = Field(default_factory=dict)
+    """Node settings (the keys of the sections below) for the group's hosts, merged over
+    `defaults`."""
 
 
 class InventoryFile(Model):
+    """An inventory YAML file as written: three layers of node settings and the hosts.
+
+    A host's settings are `defaults`, then each of its `groups` in the order listed, then its
+    own `data`, deep-merged (mappings merge key by key, lists replace). Each layer alone must
+    be valid node settings, and so must the merged result."""
+
     defaults: dict[str, Any] = Field(default_factory=dict)
+    """Node settings (the keys of the sections below) every host starts from."""
     groups: dict[GroupName, GroupEntry] = Field(default_factory=dict)
+    """Groups by name; `all` and `ungrouped` are pyinfra's own and not allowed."""
     hosts: dict[str, HostEntry]
+    """Hosts by inventory name. The name is also the host's default hostname
+    (`base.hostname`)."""
 
 
 class Host(BaseModel):
     """One validated host: inventory name, groups, connection and merged node config."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     name: str
+    """The host's inventory name."""
     groups: tuple[str, ...]
+    """The groups the host is in, in the order their data was merged."""
     connection: Connection
+    """How the controller reaches the host."""
     config: NodeConfig
+    """The node settings after merging defaults, the host's groups and its own data."""
 
 
 class Inventory(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """A validated inventory: every host with its merged config, and the groups."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
 
     source: str
+    """The inventory file the hosts were read from."""
     hosts: dict[str, Host]
-    groups: dict[str, tuple[str, ...]]  # group -> host names, in inventory order
+    """The hosts by inventory name, in inventory order."""
+    groups: dict[str, tuple[str, ...]]
+    """group -> host names, in inventory order (hosts in no group are in `ungrouped`)."""
 
     def pyinfra_groups(self) -> dict[str, list[tuple[str, dict[str, Any]]]]:
         """Module-level groups for a pyinfra inventory file (``globals().update(...)``)."""

@@ -53,33 +53,47 @@ class NomadTls(Model):
     """
 
     enabled: bool = True
+    """Mutual TLS for HTTP and RPC (the `tls` block); false: no `tls` block."""
     ca_file: AbsPath = "/etc/nomad.d/tls/ca.pem"
+    """The CA certificate on the node."""
     cert_file: AbsPath = "/etc/nomad.d/tls/client.pem"
+    """The client agent's certificate on the node."""
     key_file: AbsPath = "/etc/nomad.d/tls/client-key.pem"
-    verify_server_hostname: bool = True  # the server cert must be server.<region>.nomad
-    verify_https_client: bool = True  # HTTP API callers need a client certificate
+    """The client agent's private key on the node (placed through gpunode's secrets role)."""
+    verify_server_hostname: bool = True
+    """The server cert must be `server.<region>.nomad`."""
+    verify_https_client: bool = True
+    """HTTP API callers need a client certificate."""
 
 
 class AclTokenVault(Model):
     """Where the controller reads the Nomad ACL token (Vault KV v2) used to submit jobs."""
 
     mount: Name = "secret"
+    """The KV v2 mount."""
     path: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]+$")] = "gpunode/nomad"
+    """The path in the mount, without data/."""
     key: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] = "token"
+    """The key inside the secret that holds the token's SecretID."""
 
 
 class DevicePlugin(Model):
     """nomad-device-nvidia: HashiCorp's NVIDIA device plugin (a release zip)."""
 
     enabled: bool = True
+    """Install the plugin and load it in the client (`plugin "nomad-device-nvidia"`)."""
     version: Version = "1.1.0"
-    # Release zip (or a mirror of it) and its sha256; None: HashiCorp's release URL
+    """The plugin's release version."""
     url: HttpUrl | None = None
-    sha256: Sha256 | None = None  # required when enabled (checked at config load)
+    """The release zip (or a mirror of it); null: HashiCorp's release URL."""
+    sha256: Sha256 | None = None
+    """The sha256 of the release zip; required when enabled (checked at config load)."""
     fingerprint_period: Annotated[str, StringConstraints(pattern=r"^[0-9]+(s|m|h)$")] = "1m"
+    """How often the plugin fingerprints the GPUs (the plugin's `fingerprint_period`)."""
     ignored_gpu_ids: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]+$")]] = Field(
         default_factory=list
     )
+    """GPU UUIDs the plugin does not offer to Nomad (the plugin's `ignored_gpu_ids`)."""
 
     def release_url(self) -> str:
         return self.url or (
@@ -93,18 +107,37 @@ class JobPolicy(Model):
     ``reschedule`` blocks). Durations are Go durations like 30s, 5m, 1h."""
 
     canary: Annotated[int, Field(ge=0, le=10)] = 1
+    """`update.canary`: canary allocations placed for a new job version; 0: none (and no
+    auto-promotion)."""
     auto_revert: bool = True
+    """`update.auto_revert`: a failed deployment rolls back to the last stable version."""
     auto_promote: bool = True
+    """`update.auto_promote`: healthy canaries are promoted without an operator."""
     min_healthy_time: str = "30s"
-    healthy_deadline: str = "15m"  # model loading takes minutes on big models
+    """`update.min_healthy_time`: how long an allocation must be healthy to count as
+    healthy."""
+    healthy_deadline: str = "15m"
+    """`update.healthy_deadline`: model loading takes minutes on big models. It must be
+    longer than each job's service `health_timeout` (checked at config load)."""
     progress_deadline: str = "30m"
+    """`update.progress_deadline`: a deployment fails when no allocation becomes healthy
+    within it."""
     restart_attempts: Annotated[int, Field(ge=0)] = 3
+    """`restart.attempts`: restarts within `restart_interval` before the allocation
+    fails."""
     restart_interval: str = "30m"
+    """`restart.interval`."""
     restart_delay: str = "30s"
+    """`restart.delay`: the wait before a restart."""
     reschedule_delay: str = "1m"
+    """`reschedule.delay`: the first wait before a failed allocation is rescheduled
+    (exponential)."""
     reschedule_max_delay: str = "30m"
+    """`reschedule.max_delay`: the longest wait between reschedules."""
     check_interval: str = "10s"
+    """How often the health check asks the runtime's health endpoint."""
     check_timeout: str = "3s"
+    """The health check's timeout."""
 
 
 GPU_MEMORY_RE = r"^[0-9]+ (MiB|GiB)$"
@@ -115,52 +148,80 @@ class NomadJob(Model):
     (the service itself, its model, runtime, port, GPUs and API key come from
     ``inference.services.<name>``, the same entry the systemd unit is made from)."""
 
-    count: Annotated[int, Field(ge=1, le=100)] = 1  # allocations (replicas)
-    cpu: Annotated[int, Field(ge=100)] = 4000  # MHz reserved
-    memory_mb: Annotated[int, Field(ge=256)] = 32768  # RAM reserved (the model is mapped in)
-    disk_mb: Annotated[int, Field(ge=300)] = 100_000  # ephemeral disk: the model lands there
-    # Device constraints (the plugin fingerprints memory in MiB and the model name)
+    count: Annotated[int, Field(ge=1, le=100)] = 1
+    """Allocations (replicas)."""
+    cpu: Annotated[int, Field(ge=100)] = 4000
+    """MHz reserved."""
+    memory_mb: Annotated[int, Field(ge=256)] = 32768
+    """RAM reserved, in MB (the model is mapped in)."""
+    disk_mb: Annotated[int, Field(ge=300)] = 100_000
+    """Ephemeral disk, in MB: the model lands there."""
     gpu_memory_min: Annotated[str, StringConstraints(pattern=GPU_MEMORY_RE)] | None = None
+    """Device constraint: memory per GPU at least this, e.g. "16 GiB" (the plugin
+    fingerprints memory in MiB). Only for a service with GPUs."""
     gpu_model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ._-]+$")] | None = None
-    # Container image; default nomad.images.<runtime>. Pinned by digest.
+    """Device constraint: the GPU model name the plugin fingerprints. Only for a service with
+    GPUs."""
     image: Image | None = None
+    """Container image; default `nomad.images.<runtime>`. Pinned by digest."""
 
 
 class Nomad(Model):
     """Nomad client settings and the inference services it runs as jobs."""
 
-    enabled: bool = False  # install and run the Nomad client on this node
-    version: Version = "1.10.5"  # pinned: package nomad=<version>-1 (apt) / nomad-<version> (dnf)
-    # Base URL of a mirror of HashiCorp's apt/dnf repository; None: HashiCorp's own
+    enabled: bool = False
+    """Install and run the Nomad client on this node."""
+    version: Version = "1.10.5"
+    """Pinned: package `nomad=<version>-1` (apt) / `nomad-<version>` (dnf)."""
     repo_url: HttpUrl | None = None
+    """Base URL of a mirror of HashiCorp's apt/dnf repository; null: HashiCorp's own."""
     datacenter: Name = "dc1"
+    """The client's datacenter (also the jobs' datacenter)."""
     region: Name = "global"
+    """The client's region (also the jobs' region)."""
     node_pool: Name = "default"
-    servers: list[ServerAddr] = Field(default_factory=list)  # RPC addresses, host:4647
+    """The client's node pool."""
+    servers: list[ServerAddr] = Field(default_factory=list)
+    """The servers' RPC addresses, host:4647; required when enabled."""
     data_dir: AbsPath = "/opt/nomad/data"
+    """The agent's data directory (plugins go in its plugins/)."""
     config_dir: AbsPath = "/etc/nomad.d"
+    """The agent's configuration directory (nomad.hcl)."""
     bind_addr: str = "0.0.0.0"  # noqa: S104 - the firewall role limits who reaches it
-    serf: bool = False  # also open Serf 4648 (servers only; clients need not be reachable)
+    """The address the agent binds to; the firewall role limits who reaches it."""
+    serf: bool = False
+    """Also open Serf 4648 (servers only; clients need not be reachable)."""
     tls: NomadTls = Field(default_factory=NomadTls)
+    """The agent's TLS (Nomad `tls` block)."""
     device_plugin: DevicePlugin = Field(default_factory=DevicePlugin)
-    # The HTTP API the controller submits jobs to (a server, or this client's API)
+    """nomad-device-nvidia: HashiCorp's NVIDIA device plugin."""
     address: HttpUrl | None = None
+    """The HTTP API the controller submits jobs to (a server, or this client's API)."""
     namespace: Name = "default"
-    # Controller-side TLS files for the API (CA to verify the server; client cert/key)
+    """The namespace the jobs are submitted to."""
     api_ca_file: str | None = None
+    """Controller-side TLS file for the API: the CA to verify the server."""
     api_cert_file: str | None = None
+    """Controller-side TLS file for the API: the controller's client certificate."""
     api_key_file: str | None = None
+    """Controller-side TLS file for the API: the client certificate's key."""
     acl_token_vault: AclTokenVault = Field(default_factory=AclTokenVault)
-    # Vault the client agent logs workloads in to (JWT auth with their workload identity)
+    """`$NOMAD_TOKEN` overrides it."""
     vault_address: HttpUrl | None = None
+    """Vault the client agent logs workloads in to (JWT auth with their workload identity);
+    null: no `vault` block."""
     vault_jwt_auth_path: Name = "jwt-nomad"
-    # Vault role for the jobs' workload identity (Nomad >= 1.10: no Vault tokens)
+    """The JWT auth mount in that Vault (`jwt_auth_backend_path`)."""
     vault_role: Name = "gpunode-inference"
-    vault_kv_mount: Name = "secret"  # KV v2 mount the jobs' templates read from
-    # Inference services run as Nomad jobs (by name in inference.services), with their
-    # Nomad-only settings; a service listed here is not also a systemd unit.
+    """Vault role for the jobs' workload identity (Nomad >= 1.10: no Vault tokens)."""
+    vault_kv_mount: Name = "secret"
+    """KV v2 mount the jobs' templates read from (a job's API key secret must be in it)."""
     jobs: dict[Name, NomadJob] = Field(default_factory=dict)
-    # Container image per runtime (docker driver + NVIDIA container toolkit), pinned by digest,
-    # e.g. vllm: docker.io/vllm/vllm-openai@sha256:<64 hex>
+    """Inference services run as Nomad jobs (by name in inference.services), with their
+    Nomad-only settings; a service listed here is not also a systemd unit. Needs
+    `enabled`."""
     images: dict[str, Image] = Field(default_factory=dict)
+    """Container image per runtime (docker driver + NVIDIA container toolkit), pinned by
+    digest, e.g. `vllm: docker.io/vllm/vllm-openai@sha256:<64 hex>`."""
     policy: JobPolicy = Field(default_factory=JobPolicy)
+    """Scheduling policy of every rendered job."""

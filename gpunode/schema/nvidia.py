@@ -44,30 +44,38 @@ CUDA_VERSIONS = (
 class ModuleSigning(Model):
     """A Machine Owner Key already enrolled (mokutil --import) that DKMS signs modules with."""
 
-    key_file: AbsPath  # private key on the node, e.g. /var/lib/shim-signed/mok/MOK.priv
-    cert_file: AbsPath  # its DER certificate, e.g. /var/lib/shim-signed/mok/MOK.der
+    key_file: AbsPath
+    """The private key on the node, e.g. /var/lib/shim-signed/mok/MOK.priv."""
+    cert_file: AbsPath
+    """Its DER certificate, e.g. /var/lib/shim-signed/mok/MOK.der."""
 
 
 class Nvidia(Model):
     """The NVIDIA driver (roles/nvidia_driver.py)."""
 
-    # auto: only on hosts where an NVIDIA device is found (no GPU: a visible skip, or an
-    # error with gpu.required); always: also without a GPU (images, the lab); never: skip.
     install: Literal["auto", "always", "never"] = "auto"
-    source: Literal["nvidia", "distro"] = "nvidia"  # NVIDIA's CUDA repo, or the distro's archive
-    # Base URL replacing NVIDIA's download site (source: nvidia) or the Debian archive that
-    # gets the non-free sources file (source: distro on debian12), for air-gapped mirrors.
+    """auto: only on hosts where an NVIDIA device is found (no GPU: a visible skip, or an
+    error with `gpu.required`); always: also without a GPU (images, the lab); never: skip."""
+    source: Literal["nvidia", "distro"] = "nvidia"
+    """Where the driver comes from: NVIDIA's CUDA repo, or the distro's archive."""
     mirror: HttpUrl | None = None
-    branch: str = "580"  # a key of DRIVER_BRANCHES
-    kernel_modules: Literal["open", "proprietary"] = "open"  # NVIDIA's advice for Turing+
-    version: DriverVersion | None = None  # exact driver version, e.g. 580.95.05 (apt pin)
-    # NVSwitch fabric manager: auto = where the host has NVSwitches (lspci / procfs)
+    """Base URL replacing NVIDIA's download site (source: nvidia) or the Debian archive that
+    gets the non-free sources file (source: distro on debian12), for air-gapped mirrors."""
+    branch: str = "580"
+    """The driver branch, a key of DRIVER_BRANCHES (gpunode/schema/nvidia.py)."""
+    kernel_modules: Literal["open", "proprietary"] = "open"
+    """Open or proprietary kernel modules; open is NVIDIA's advice for Turing and newer."""
+    version: DriverVersion | None = None
+    """An exact driver version, e.g. 580.95.05 (an apt pin); it must be in `branch`."""
     fabricmanager: Literal["auto"] | bool = "auto"
-    # Reboot (one host at a time) when the installed module differs from the loaded one.
-    # false: a visible "reboot needed" note instead.
+    """The NVSwitch fabric manager: auto = where the host has NVSwitches (lspci / procfs)."""
     reboot: bool = False
-    reboot_timeout: Annotated[int, Field(ge=60, le=7200)] = 900  # seconds to wait for SSH
-    module_signing: ModuleSigning | None = None  # required on hosts with Secure Boot on
+    """Reboot (one host at a time) when the installed module differs from the loaded one.
+    false: a visible "reboot needed" note instead."""
+    reboot_timeout: Annotated[int, Field(ge=60, le=7200)] = 900
+    """Seconds to wait for SSH after a reboot."""
+    module_signing: ModuleSigning | None = None
+    """Required on hosts with Secure Boot on."""
 
     @field_validator("branch", mode="before")
     @classmethod
@@ -85,19 +93,25 @@ class Cuda(Model):
     """CUDA toolkit, container toolkit and DCGM (roles/cuda.py)."""
 
     toolkit: bool = True
-    # major.minor; default: the newest the driver branch supports (source: nvidia) or the
-    # distro's own nvidia-cuda-toolkit (source: distro)
+    """Install the CUDA toolkit (`/etc/profile.d/gpunode-cuda.sh` sets `CUDA_HOME` and
+    `PATH`)."""
     version: str | None = None
-    # NVIDIA Container Toolkit, its four packages pinned to this version.
-    # None: installed with source: nvidia, skipped (visibly) with source: distro.
+    """The CUDA version, major.minor (a value of CUDA_VERSIONS); default: the newest the
+    driver branch supports (source: nvidia) or the distro's own nvidia-cuda-toolkit (source:
+    distro)."""
     container_toolkit: bool | None = None
+    """The NVIDIA Container Toolkit, its four packages pinned to `container_toolkit_version`.
+    null: installed with source: nvidia, skipped (visibly) with source: distro."""
     container_toolkit_version: Annotated[
         str, StringConstraints(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.~]+)?$")
     ] = "1.17.8-1"
-    container_toolkit_mirror: HttpUrl | None = None  # replaces CONTAINER_TOOLKIT_REPO
-    # DCGM (datacenter-gpu-manager, service nvidia-dcgm) from NVIDIA's CUDA repo.
-    # None: installed with source: nvidia, skipped (visibly) with source: distro.
+    """The version the NVIDIA Container Toolkit's four packages are pinned to."""
+    container_toolkit_mirror: HttpUrl | None = None
+    """Base URL replacing CONTAINER_TOOLKIT_REPO (NVIDIA's container toolkit repository),
+    for air-gapped mirrors."""
     dcgm: bool | None = None
+    """DCGM (datacenter-gpu-manager, service nvidia-dcgm) from NVIDIA's CUDA repo.
+    null: installed with source: nvidia, skipped (visibly) with source: distro."""
 
     @field_validator("version", mode="before")
     @classmethod

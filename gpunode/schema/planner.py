@@ -35,7 +35,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from gpunode.schema.types import Model
+from gpunode.schema.types import Model, one_of
 
 GIB = 2**30
 
@@ -97,20 +97,6 @@ def parse_parameters(value: Any) -> Any:
     return value
 
 
-def _one_of(allowed: tuple[str, ...], what: str) -> Any:
-    def check(value: Any) -> str:
-        name = str(value).lower()
-        if name not in allowed:
-            raise ValueError(f"{value!r} is not {what} (allowed: {', '.join(allowed)})")
-        return name
-
-    return BeforeValidator(check)
-
-
-DtypeName = Annotated[str, _one_of(tuple(DTYPES), "a weight dtype or quantization")]
-KvDtypeName = Annotated[str, _one_of(KV_DTYPES, "a KV-cache dtype")]
-
-
 @dataclass(frozen=True)
 class Estimate:
     weights: int
@@ -165,18 +151,29 @@ class ModelFootprint(Model):
     """How big a served model is, for the planner (embedded in an inference service's
     model config). Defaults here are the planner's defaults."""
 
-    parameters: Annotated[int, BeforeValidator(parse_parameters), Field(ge=1)]  # "7B" or 7e9
-    dtype: DtypeName  # weight precision or quantization (a key of planner.DTYPES)
-    context_length: Annotated[int, Field(ge=1, le=10_000_000)] = 4096  # tokens per sequence
-    batch: Annotated[int, Field(ge=1, le=65_536)] = 1  # sequences held at full context at once
-    # Architecture (config.json: num_hidden_layers, num_key_value_heads, head_dim); all three
-    # or none: without them a Llama-2-shaped multi-head model is assumed (an upper bound).
+    parameters: Annotated[int, BeforeValidator(parse_parameters), Field(ge=1)]
+    """The parameter count: "7B" or 7e9."""
+    dtype: Annotated[str, one_of(tuple(DTYPES), "a weight dtype or quantization")]
+    """Weight precision or quantization (a key of planner.DTYPES)."""
+    context_length: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
+    """Tokens per sequence (a service's own `context_length` replaces it)."""
+    batch: Annotated[int, Field(ge=1, le=65_536)] = 1
+    """Sequences held at full context at once."""
     layers: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Architecture: layers (config.json num_hidden_layers). All three of layers, kv_heads
+    and head_dim or none: without them a Llama-2-shaped multi-head model is assumed (an
+    upper bound)."""
     kv_heads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Architecture: KV heads (config.json num_key_value_heads); with layers and head_dim."""
     head_dim: Annotated[int, Field(ge=1, le=4096)] | None = None
-    kv_dtype: KvDtypeName = "fp16"  # KV-cache element type (vLLM kv_cache_dtype, llama.cpp -ctk)
-    overhead_fraction: Annotated[float, Field(ge=0, le=1)] = 0.10  # activations, allocator slack
-    overhead_gib_per_gpu: Annotated[float, Field(ge=0, le=64)] = 1.0  # CUDA context, runtime
+    """Architecture: dimension per head (config.json head_dim, or hidden_size /
+    num_attention_heads); with layers and kv_heads."""
+    kv_dtype: Annotated[str, one_of(KV_DTYPES, "a KV-cache dtype")] = "fp16"
+    """KV-cache element type (vLLM kv_cache_dtype, llama.cpp -ctk)."""
+    overhead_fraction: Annotated[float, Field(ge=0, le=1)] = 0.10
+    """Activations, allocator slack: this fraction of weights + KV cache on top."""
+    overhead_gib_per_gpu: Annotated[float, Field(ge=0, le=64)] = 1.0
+    """CUDA context, runtime: GiB per GPU on top."""
 
     @model_validator(mode="after")
     def _architecture_all_or_none(self) -> ModelFootprint:

@@ -30,7 +30,7 @@ class ConfigError(Exception):
 class Model(BaseModel):
     """A config section: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 # --- patterns -------------------------------------------------------------------------------
@@ -115,6 +115,18 @@ def listed_twice(names: Iterable[str]) -> list[str]:
     for name in names:
         (twice if name in seen else seen).add(name)
     return sorted(twice)
+
+
+def one_of(allowed: tuple[str, ...], what: str) -> BeforeValidator:
+    """A validator for a name from a table (case-insensitive, stored lowercase)."""
+
+    def check(value: Any) -> str:
+        name = str(value).lower()
+        if name not in allowed:
+            raise ValueError(f"{value!r} is not {what} (allowed: {', '.join(allowed)})")
+        return name
+
+    return BeforeValidator(check)
 
 
 def parse_duration_ns(value: str) -> int:

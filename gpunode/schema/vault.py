@@ -31,32 +31,54 @@ SECRETS_DIR = "/etc/gpunode/secrets"  # node path: <SECRETS_DIR>/<secret name>.e
 class Vault(Model):
     """How the controller reaches Vault. Every default is here."""
 
-    addr: HttpUrl | None = None  # Vault/OpenBao URL; required as soon as secrets are declared
-    auth: Literal["approle", "token"] = "approle"  # token: taken from $<token_env> only
+    addr: HttpUrl | None = None
+    """The Vault/OpenBao URL; required as soon as secrets are declared."""
+    auth: Literal["approle", "token"] = "approle"
+    """How the controller logs in: AppRole, or a token taken from `$<token_env>` only."""
     approle_mount: KvPath = "approle"
-    role_id: str | None = None  # AppRole role_id; $<role_id_env> wins when set
+    """The path the AppRole auth method is mounted at."""
+    role_id: str | None = None
+    """The AppRole role_id (it names the role, it does not log in alone); `$<role_id_env>`
+    wins when set."""
     role_id_env: EnvName = "VAULT_ROLE_ID"
-    # secret_id, first found wins: $<wrapped_secret_id_env> (a response-wrapping token,
-    # unwrapped once), $<secret_id_env>, then secret_id_file (root-only: owner root, 0600/0400).
+    """The environment variable whose value, when set, is the role_id."""
     wrapped_secret_id_env: EnvName = "VAULT_WRAPPED_SECRET_ID"  # noqa: S105 - a variable name
+    """The environment variable holding a response-wrapping token for the secret_id
+    (unwrapped once). The secret_id is the first found of: `$<wrapped_secret_id_env>`,
+    `$<secret_id_env>`, then `secret_id_file`."""
     secret_id_env: EnvName = "VAULT_SECRET_ID"  # noqa: S105 - a variable name
+    """The environment variable holding the secret_id; used when `$<wrapped_secret_id_env>`
+    is not set."""
     secret_id_file: AbsPath | None = None
+    """A file on the controller holding the secret_id, used when neither variable is set;
+    it must be root-only (owner root, mode 0600 or 0400)."""
     token_env: EnvName = "VAULT_TOKEN"  # noqa: S105 - a variable name
-    namespace: str | None = None  # Vault Enterprise / OpenBao namespace
-    ca_cert: AbsPath | None = None  # CA bundle for the server's certificate
-    tls_verify: bool = True  # false only for a lab; never in production
-    client_cert: AbsPath | None = None  # TLS client certificate (and key) if Vault asks for one
+    """The environment variable holding the token with `auth: token`."""
+    namespace: str | None = None
+    """The Vault Enterprise / OpenBao namespace."""
+    ca_cert: AbsPath | None = None
+    """The CA bundle for the server's certificate."""
+    tls_verify: bool = True
+    """Verify the server's certificate: false only for a lab; never in production."""
+    client_cert: AbsPath | None = None
+    """TLS client certificate (and key) if Vault asks for one."""
     client_key: AbsPath | None = None
-    timeout: Annotated[float, Field(gt=0, le=300)] = 10.0  # seconds per request
-    retries: Annotated[int, Field(ge=0, le=10)] = 3  # on connection errors and 5xx (sealed)
-    backoff: Annotated[float, Field(ge=0, le=30)] = 0.5  # seconds, doubled after each retry
+    """The TLS client certificate's private key; only with `client_cert`."""
+    timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """Seconds per request."""
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    """Retries on connection errors and 5xx (sealed)."""
+    backoff: Annotated[float, Field(ge=0, le=30)] = 0.5
+    """Seconds before the first retry, doubled after each retry."""
 
 
 class Service(Model):
     """A systemd unit restarted when the secret file changes, and how to tell it is healthy."""
 
     name: UnitName
-    health_url: HttpUrl | None = None  # fetched on the node with curl; 2xx = healthy
+    """The systemd unit, e.g. gpunode-inference-chat.service."""
+    health_url: HttpUrl | None = None
+    """Fetched on the node with curl (by `gpunode rotate`); 2xx = healthy."""
 
 
 def _service(value: Any) -> Any:
@@ -66,20 +88,36 @@ def _service(value: Any) -> Any:
 class Secret(Model):
     """One secret: where it comes from in Vault and where it goes on the node."""
 
-    mount: KvPath = "secret"  # the KV v2 mount
-    # Both required on the merged config (check_host), so a group or host may override
-    # a single field (a pinned version, say) without repeating them.
-    path: KvPath | None = None  # path in the mount, without data/ (e.g. gpunode/llm)
+    mount: KvPath = "secret"
+    """The KV v2 mount."""
+    path: KvPath | None = None
+    """The path in the mount, without data/ (e.g. gpunode/llm). Required on the merged config
+    (checked at config load), so a group or host may override a single field (a pinned
+    version, say) without repeating it."""
     key: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
-    version: Annotated[int, Field(ge=1)] | None = None  # pin a version; default: the latest
-    env: EnvName | None = None  # variable name in the env file; default: KEY upper-cased
-    dest: AbsPath | None = None  # default: /etc/gpunode/secrets/<name>.env
+    """The key inside the secret (e.g. api_key). Required on the merged config, like
+    `path`."""
+    version: Annotated[int, Field(ge=1)] | None = None
+    """Pin a version; default: the latest."""
+    env: EnvName | None = None
+    """The variable name in the env file; default: `key` upper-cased (other characters
+    than letters, digits and '_' become '_')."""
+    dest: AbsPath | None = None
+    """The file on the node, one per secret; default: `/etc/gpunode/secrets/<name>.env`."""
     owner: UserName = "root"
+    """The file's owner."""
     group: UserName = "root"
-    mode: SecretMode = "0640"  # never readable by others (last digit 0)
+    """The file's group (created as a system group when it is not root)."""
+    mode: SecretMode = "0640"
+    """The file's mode: never readable by others (last digit 0)."""
     restart: list[Annotated[Service, BeforeValidator(_service)]] = Field(default_factory=list)
-    health_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0  # seconds, per host in rotation
-    rollback: bool = True  # rotation: put a host whose health check fails back on the old version
+    """The units to restart: each a unit name, or a mapping with its `name` and
+    `health_url`."""
+    health_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    """`gpunode rotate`: seconds, per host, for the `restart` services to be active and
+    healthy."""
+    rollback: bool = True
+    """`gpunode rotate`: put a host whose health check fails back on the old version."""
 
     def env_name(self) -> str:
         return self.env or re.sub(r"[^A-Za-z0-9_]", "_", self.key or "").upper()
