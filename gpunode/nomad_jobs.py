@@ -32,16 +32,14 @@ from __future__ import annotations
 import posixpath
 import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gpunode.runtimes import command_line
 from gpunode.schema.inference import ModelSpec, Service
+from gpunode.schema.node import NodeConfig
 from gpunode.schema.nomad import NomadJob
 from gpunode.schema.runtimes import PROFILES
 from gpunode.schema.types import parse_duration_ns
-
-if TYPE_CHECKING:
-    from gpunode.schema.node import NodeConfig
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any
 
 from pyinfra import host
 
+from gpunode import __version__
+
 _RECORDS: dict[str, dict[str, Any]] = {}
 
 
@@ -73,8 +75,6 @@ def repository_state(repo: str) -> dict[str, Any]:
 def document(host_name: str, repo: str, now: float | None = None) -> dict[str, Any]:
     """The provenance record for one host: the deploy source, gpunode's version and
     what the roles recorded (versions, digests, secret versions; never values)."""
-    from gpunode import __version__
-
     stamp = datetime.datetime.fromtimestamp(
         time.time() if now is None else now, tz=datetime.UTC
     ).strftime("%Y-%m-%dT%H:%M:%SZ")

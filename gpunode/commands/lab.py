@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpunode.config import read_yaml
 from gpunode.paths import REPO_ROOT
 
 BASE_SUITE = "bookworm"
@@ -904,8 +905,6 @@ def inventory_spec(
     Each lab host joins every group defined in lab.yml; the lab adds its proxy and an
     admin user ``labadmin`` that logs in with the lab key.
     """
-    from gpunode.config import read_yaml
-
     settings = settings or LabSettings.from_env()
     data_file = data_file or Path(
         os.environ.get("GPUNODE_LAB_DATA") or REPO_ROOT / "inventories" / "lab.yml"

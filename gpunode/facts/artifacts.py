@@ -8,7 +8,9 @@ import shlex
 
 from pyinfra.api import FactBase
 
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+from gpunode.schema.types import SHA256_RE
+
+DIGEST = re.compile(SHA256_RE)
 
 
 class StoreDigests(FactBase):
@@ -29,7 +31,7 @@ class StoreDigests(FactBase):
         return f"ls -1t {shlex.quote(store + '/sha256')} 2>/dev/null || true"
 
     def process(self, output: list[str]) -> list[str]:
-        return [line.strip() for line in output if DIGEST_RE.match(line.strip())]
+        return [line.strip() for line in output if DIGEST.match(line.strip())]
 
 
 class Links(FactBase):

@@ -23,12 +23,12 @@ import shlex
 
 from pyinfra.api import operation
 
-from gpunode.facts.artifacts import DIGEST_RE
+from gpunode.facts.artifacts import DIGEST
 
 
 def fetch_script(store: str, uri: str, sha256: str, entry: str, unpack: bool) -> str:
     """The shell script that fetches one artifact (see the module docstring)."""
-    assert DIGEST_RE.match(sha256), sha256
+    assert DIGEST.match(sha256), sha256
     q = shlex.quote
     base = f"{store}/sha256"
     final = f"{base}/{sha256}"
