@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gpunode.config import load, load_file
+from gpunode.schema.distros import DISTROS, DistroSpec
 from gpunode.schema.node import Inventory, NodeConfig
 from gpunode.schema.types import ConfigError
 
@@ -82,3 +83,12 @@ def node_config(host: Any) -> NodeConfig:
             "gpunode.inventory.from_yaml, see inventories/example.py)"
         )
     return config
+
+
+def node_and_distro(host: Any) -> tuple[NodeConfig, DistroSpec]:
+    """The opening lines of every role: the host's NodeConfig and its distro's row
+    (gpunode/schema/distros.py). Config loading guarantees that the distro is set."""
+    config = node_config(host)
+    if config.distro is None:
+        raise ConfigError(f"host {host.name}: distro: not set (allowed: {', '.join(DISTROS)})")
+    return config, DISTROS[config.distro]

@@ -21,7 +21,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from gpunode.base import hold_patterns, host_matches, security_mirror
 from gpunode.facts.server import HostInfo
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.operations.server import fail, notice
 from gpunode.paths import TEMPLATES
 from gpunode.schema import distros
@@ -32,9 +32,7 @@ T = TEMPLATES / "base"
 
 @deploy("gpunode base")
 def base() -> None:
-    config = node_config(host)
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
+    config, spec = node_and_distro(host)
     info = host.get_fact(HostInfo)
     if not host_matches(spec, info):
         fail(

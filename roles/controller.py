@@ -49,10 +49,9 @@ from gpunode.controller import (
     requirements,
     wheelhouse,
 )
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.operations.server import fail
 from gpunode.paths import TEMPLATES
-from gpunode.schema import distros
 from roles.monitoring import textfile_and_node_exporter
 
 T = TEMPLATES / "controller"
@@ -60,11 +59,9 @@ T = TEMPLATES / "controller"
 
 @deploy("gpunode controller")
 def controller() -> None:
-    config = node_config(host)
-    assert config.distro is not None
-    spec = distros.get(config.distro)
+    config, spec = node_and_distro(host)
     drift = config.monitoring.drift
-    python = CONTROLLER_PYTHON.get(config.distro)
+    python = CONTROLLER_PYTHON.get(spec.key)
     if python is None:
         fail(
             name="Check the controller's distro",

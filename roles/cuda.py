@@ -28,7 +28,7 @@ from pyinfra.operations import apt, dnf, files, systemd
 
 from gpunode import nvidia as nv
 from gpunode.facts.nvidia import NvidiaHost
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.nvidia import container_toolkit_packages, toolkit
 from gpunode.operations.nvidia import hold_packages
 from gpunode.operations.server import notice
@@ -43,9 +43,7 @@ T = TEMPLATES / "nvidia"
 
 @deploy("gpunode cuda")
 def cuda() -> None:
-    config = node_config(host)
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
+    config, spec = node_and_distro(host)
     state = host.get_fact(NvidiaHost)
     if not gpu_gate(config, state, "CUDA"):
         return

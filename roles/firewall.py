@@ -46,7 +46,7 @@ from gpunode.firewall import (
     render_ruleset,
     sha1,
 )
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.operations.firewall import confirm_new_connection
 from gpunode.operations.server import notice
 from gpunode.paths import TEMPLATES
@@ -57,10 +57,8 @@ T = TEMPLATES / "firewall"
 
 @deploy("gpunode firewall")
 def firewall() -> None:
-    config = node_config(host)
+    config, spec = node_and_distro(host)
     fw = config.firewall
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
     if not host_matches(spec, host.get_fact(HostInfo)):
         return  # roles/base.py has failed this host with the reason
     if not fw.enabled:

@@ -25,16 +25,13 @@ from pyinfra.operations import apt, dnf, files
 from gpunode import probe
 from gpunode.facts.gpu import GpuProbe
 from gpunode.gpus import PROBE_SOURCE, pynvml_source, sees_no_gpu
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.operations.server import fail, notice
-from gpunode.schema import distros
 
 
 @deploy("gpunode GPU probe")
 def gpu_probe() -> None:
-    config = node_config(host)
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
+    config, spec = node_and_distro(host)
     packages = apt.packages if spec.family == "apt" else dnf.packages
     packages(name="python3 for the GPU probe", packages=["python3"])
     files.directory(

@@ -43,7 +43,7 @@ from gpunode.hardening import (
     render_sysctl,
     sysctl_settings,
 )
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.operations.files import file_mode
 from gpunode.operations.hardening import sysctl_values
 from gpunode.operations.server import fail, notice
@@ -57,9 +57,7 @@ T = TEMPLATES / "hardening"
 
 @deploy("gpunode hardening")
 def hardening() -> None:
-    config = node_config(host)
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
+    config, spec = node_and_distro(host)
     if not host_matches(spec, host.get_fact(HostInfo)):
         return  # roles/base.py has failed this host with the reason
     if not config.hardening.enabled:

@@ -48,13 +48,13 @@ from gpunode.inference import (
     unit_name,
     user_name,
 )
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.operations.artifacts import fetch, prune, switch
 from gpunode.operations.server import fail
 from gpunode.operations.systemd import restart_unit, start_unit, wait_healthy
 from gpunode.paths import TEMPLATES
 from gpunode.provenance import record, recorded
-from gpunode.schema import distros
+from gpunode.schema.distros import DistroSpec
 from gpunode.schema.inference import RuntimeInstall, Service
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.runtimes import PROFILES
@@ -64,19 +64,18 @@ T = TEMPLATES / "inference"
 
 @deploy("gpunode inference")
 def inference_systemd() -> None:
-    config = node_config(host)
+    config, spec = node_and_distro(host)
     inf = config.inference
     # Services listed in nomad.jobs run as Nomad jobs (gpunode nomad run), never as units too.
     services = {n: s for n, s in inf.services.items() if n not in config.nomad.jobs}
     if not services:
         return  # nothing declared: no fact, no operation
-    assert config.distro is not None  # guaranteed by config loading
     used = {svc.runtime for svc in services.values()}
     for path in (MODEL_STORE, SERVICES_DIR, CACHE_DIR):
         files.directory(
             name="Inference directory", path=path, user="root", group="root", mode="755"
         )
-    installs = {rt: _install_runtime(rt, inf.runtimes[rt], config) for rt in sorted(used)}
+    installs = {rt: _install_runtime(rt, inf.runtimes[rt], spec) for rt in sorted(used)}
 
     minors = host.get_fact(NvidiaGpuMinors) if any(s.gpus for s in services.values()) else {}
     present = host.get_fact(StoreDigests, store=MODEL_STORE)
@@ -113,7 +112,7 @@ def inference_systemd() -> None:
     record("inference", provenance)
 
 
-def _install_runtime(runtime: str, install: RuntimeInstall, config: NodeConfig) -> Installed:
+def _install_runtime(runtime: str, install: RuntimeInstall, spec: DistroSpec) -> Installed:
     profile = PROFILES[runtime]
     binary = install.binary or profile.executable[install.method]
     if install.method == "artifact":
@@ -147,7 +146,6 @@ def _install_runtime(runtime: str, install: RuntimeInstall, config: NodeConfig) 
         )
         return Installed(f"{venv}/{binary}", None, " ".join(pins), [made, op])
     assert install.package and install.version
-    spec = distros.get(config.distro or "")
     if spec.family == "apt":
         op = apt.packages(name="Runtime package", packages=[f"{install.package}={install.version}"])
     else:

@@ -22,7 +22,7 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, systemd
 
 from gpunode.facts.nvidia import NvidiaHost
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.monitoring import (
     DCGM_EXPORTER_DROPIN,
     DCGM_EXPORTER_PACKAGE,
@@ -40,9 +40,7 @@ T = TEMPLATES / "monitoring"
 
 @deploy("gpunode monitoring")
 def monitoring() -> None:
-    config = node_config(host)
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
+    config, spec = node_and_distro(host)
     textfile_and_node_exporter(config, spec)
     _dcgm_exporter(config, spec)
 
@@ -69,7 +67,7 @@ def node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
         notice(
             name="node_exporter",
             message="no node_exporter package in this distro's repositories: "
-            "install it from EPEL or upstream (see README, Verification and drift)",
+            "install it from EPEL or upstream (see docs/verification.md)",
         )
         return
     if exporter.package not in host.get_fact(DebPackages):

@@ -23,7 +23,7 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 from pyinfra.operations.util import any_changed
 
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.nomad import (
     CONFIG_FILE,
     HASHICORP_KEY_FINGERPRINT,
@@ -44,11 +44,9 @@ T = TEMPLATES / "nomad"
 
 @deploy("gpunode nomad client")
 def nomad_client() -> None:
-    config = node_config(host)
+    config, spec = node_and_distro(host)
     if not config.nomad.enabled:
         return
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
     repo = REPO[spec.family]
     repo_url = (config.nomad.repo_url or repo.default_url).rstrip("/")
 

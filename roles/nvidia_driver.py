@@ -36,7 +36,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from gpunode import nvidia as nv
 from gpunode.facts.nvidia import NvidiaHost
-from gpunode.inventory import node_config
+from gpunode.inventory import node_and_distro
 from gpunode.nvidia import driver_packages, fabricmanager_packages, mirror_base
 from gpunode.operations.nvidia import check_driver_loaded, dnf_module_stream, hold_packages
 from gpunode.operations.server import fail, notice
@@ -81,9 +81,7 @@ def gpu_gate(config: NodeConfig, state: dict[str, Any], what: str) -> bool:
 
 @deploy("gpunode nvidia driver")
 def nvidia_driver() -> None:
-    config = node_config(host)
-    assert config.distro is not None  # guaranteed by config loading
-    spec = distros.get(config.distro)
+    config, spec = node_and_distro(host)
     family = spec.family
     nvidia = config.nvidia
     state = host.get_fact(NvidiaHost)

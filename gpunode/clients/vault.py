@@ -137,7 +137,7 @@ class Session:
             except hx.Forbidden:
                 raise VaultError(
                     f"{what}: permission denied by Vault (allowed: a policy on this login that "
-                    "grants the capability on the path, see README 'Secrets')"
+                    "grants the capability on the path, see docs/secrets.md)"
                 ) from None
             except hx.InvalidPath:
                 raise VaultError(f"{what}: not found in Vault") from None
@@ -223,15 +223,7 @@ class Session:
             client = self.login()
         except VaultError as exc:
             raise VaultError(f"{what}: {exc}") from None
-        resp = self._call(
-            what,
-            lambda: client.secrets.kv.v2.read_secret_version(
-                path=secret.path,
-                version=version,
-                mount_point=secret.mount,
-                raise_on_deleted_version=True,
-            ),
-        )
+        resp = self._read_version(client, what, secret, version)
         data = (resp.get("data") or {}).get("data") or {}
         meta = (resp.get("data") or {}).get("metadata") or {}
         if secret.key not in data:
@@ -243,6 +235,20 @@ class Session:
                 f"{what}: the value is not a one-line string (allowed: one line of text)"
             )
         return SecretValue(name=name, version=int(meta.get("version") or 0), value=value)
+
+    def _read_version(
+        self, client: hvac.Client, what: str, secret: Secret, version: int | None
+    ) -> dict[str, Any]:
+        """One version of a KV v2 secret (the latest for None); a deleted one is an error."""
+        return self._call(
+            what,
+            lambda: client.secrets.kv.v2.read_secret_version(
+                path=secret.path,
+                version=version,
+                mount_point=secret.mount,
+                raise_on_deleted_version=True,
+            ),
+        )
 
     def metadata(self, name: str, secret: Secret) -> dict[str, Any]:
         client = self.login()
@@ -258,15 +264,7 @@ class Session:
         """Write ``value`` under ``secret.key`` as a new version (check-and-set); its number."""
         client = self.login()
         what = f"secret {name} ({secret.where()})"
-        current = self._call(
-            what,
-            lambda: client.secrets.kv.v2.read_secret_version(
-                path=secret.path,
-                version=cas,
-                mount_point=secret.mount,
-                raise_on_deleted_version=True,
-            ),
-        )
+        current = self._read_version(client, what, secret, cas)
         data = dict((current.get("data") or {}).get("data") or {})
         data[secret.key] = value  # the other keys of the secret stay as they are
         try:
