@@ -1,7 +1,7 @@
 """What a node's GPUs are: capacity from the declared ``gpu`` section or the probe's report.
 
 The section and the GPU models are in gpunode/schema/gpu.py; the probe fact in
-gpunode/facts/gpu.py.
+gpunode/facts/nvidia.py.
 
 A node declares its GPUs in config (``gpu.required``, ``gpu.count``, ``gpu.model``);
 the probe (gpunode/probe.py, installed on the node as ``/usr/local/sbin/gpunode-probe``)

@@ -23,7 +23,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt, dnf, files
 
 from gpunode import probe
-from gpunode.facts.gpu import GpuProbe
+from gpunode.facts.nvidia import GpuProbe
 from gpunode.gpus import PROBE_SOURCE, pynvml_source, sees_no_gpu
 from gpunode.inventory import node_and_distro
 from gpunode.operations.server import fail, notice

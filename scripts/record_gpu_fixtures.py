@@ -18,7 +18,7 @@ never stops the others. What it writes, under ``gpu-fixtures/<gpu-name-slug>/``
 - ``probe-inprocess.json``: the probe's report from that same recorded NVML session.
 - ``probe.out`` / ``probe-check*.out``: ``python3 gpunode/probe.py [--check ...]`` stdout
   (exit codes and stderr in the manifest).
-- ``fact.out``: the exact shell command of the pyinfra fact ``gpunode.gpus.GpuProbe``
+- ``fact.out``: the exact shell command of the pyinfra fact ``gpunode.facts.nvidia.GpuProbe``
   (probe.FACT_COMMAND), run against a copy of the probe installed in a temporary folder.
 - ``nvidia-smi-q.xml``, ``nvidia-smi-query*.csv``, ``nvidia-smi-L.out``,
   ``proc-driver-version.out``, ``dev-nvidia.out``, ``nvswitch-devices.out``, ``lspci.out``,

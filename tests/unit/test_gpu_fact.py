@@ -24,7 +24,7 @@ from harness import Run, converged, run_deploys
 
 from gpunode import probe
 from gpunode.config import load
-from gpunode.facts.gpu import GpuProbe, parse_probe_output
+from gpunode.facts.nvidia import GpuProbe, parse_probe_output
 from gpunode.gpus import PROBE_SOURCE, capacity, capacity_from_report, pynvml_source, sees_no_gpu
 from gpunode.planner import check_placement
 from gpunode.schema.gpu import GPU_MODELS

@@ -202,3 +202,12 @@ def test_the_checks_above_would_see_a_cycle_and_a_duplicate(tmp_path: Path) -> N
     assert "gpunode.schema.node" in edges["gpunode.config"]
     names = [name for _, name, _, _ in _definitions()]
     assert "AbsPath" in names and "ABS_PATH_RE" in names
+
+
+def test_facts_and_operations_mirror_each_other() -> None:
+    """As pyinfra/facts/ and pyinfra/operations/: a concern's facts sit beside its operations
+    (operations may stand alone where pyinfra's own facts serve them, e.g. systemd)."""
+    facts = {p.stem for p in (PACKAGE / "facts").glob("*.py")} - {"__init__"}
+    operations = {p.stem for p in (PACKAGE / "operations").glob("*.py")} - {"__init__"}
+    assert facts, "no facts found"
+    assert facts <= operations, f"facts without operations: {sorted(facts - operations)}"
