@@ -1,6 +1,6 @@
 """``gpunode drift``: which operations of a deploy would change, per host.
 
-A drift check is a pyinfra dry run through pyinfra's API: the inventory file is
+A drift check is a pyinfra dry run through gpunode.commands.run: the inventory file is
 loaded the way the CLI loads it, the deploy file is executed for every
 connected host (facts are read, nothing is changed), and each operation whose
 ``will_change`` is set is drift. ``--apply`` executes the prepared run (the real
@@ -39,16 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gevent
-import pyinfra
-from pyinfra.api import BaseStateCallback, Config, State
-from pyinfra.api.connect import connect_all, disconnect_all
-from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.host import Host
-from pyinfra.api.inventory import Inventory
-from pyinfra.api.operations import run_ops
-from pyinfra.api.state import StateStage
-from pyinfra.context import ctx_config, ctx_host, ctx_state
+from gpunode.commands import run
+from gpunode.commands.run import RunError, load_inventory
+
+__all__ = ["DriftError", "Report", "check", "load_inventory", "main"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -177,167 +171,11 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-class _Errors(BaseStateCallback):
-    """Collects per-host connection and operation errors (pyinfra only logs them)."""
-
-    def __init__(self) -> None:
-        self.by_host: dict[str, str] = {}
-
-    def host_connect_error(self, state: State, host: Host, error: Any) -> None:  # type: ignore[override]
-        message = error.args[0] if getattr(error, "args", None) else str(error)
-        self.by_host.setdefault(host.name, f"cannot connect: {message}")
-
-    def operation_host_error(  # type: ignore[override]
-        self, state: State, host: Host, op_hash: str, *args: Any, **kw: Any
-    ) -> None:
-        names = _host_op_names(state, host).get(op_hash, "?")
-        self.by_host.setdefault(host.name, f"operation failed: {names}")
-
-
-# --- loading ------------------------------------------------------------------------
-
-
-def load_inventory(path: str, limit: Iterable[str] | None = None) -> Inventory:
-    """An inventory file loaded the way ``pyinfra INVENTORY ...`` loads it, then limited
-    to the named hosts and groups (a clear error for an unknown name)."""
-    from pyinfra_cli.inventory import make_inventory
-
-    if not Path(path).is_file():
-        raise DriftError(f"{path}: no such inventory file")
-    _add_repo_to_path(Path(path))
-    try:
-        with ctx_state.use(State()):  # the CLI's loader notes the file it runs on a state
-            inventory = make_inventory(path)
-    except SystemExit as exc:  # gpunode's config loader has printed the problems
-        raise DriftError(f"{path}: invalid inventory (exit status {exc.code})") from None
-    except Exception as exc:  # noqa: BLE001 - pyinfra wraps errors in the user's file
-        cause = getattr(exc, "exception", exc)  # pyinfra_cli's UnexpectedExternalError
-        raise DriftError(f"{path}: cannot load the inventory: {cause}") from None
-    if not limit:
-        return inventory
-    keep: list[str] = []
-    for item in limit:
-        group = inventory.get_group(item, None)
-        if group:
-            keep += [h.name for h in group]
-        elif inventory.get_host(item, None) is not None:
-            keep.append(item)
-        else:
-            allowed = ", ".join([*(h.name for h in inventory), *inventory.groups])
-            raise DriftError(f"--limit {item}: no such host or group (allowed: {allowed})")
-    names = list(dict.fromkeys(keep))
-    hosts = [(name, dict(inventory.get_host(name).data.dict())) for name in names]
-    return Inventory((hosts, {}))
-
-
-def _add_repo_to_path(path: Path) -> None:
-    # Deploy files import roles/ like pyinfra's CLI lets them: from the working directory
-    # and from the repository the file lives in.
-    for candidate in (Path.cwd(), path.resolve().parent.parent):
-        if str(candidate) not in sys.path:
-            sys.path.insert(0, str(candidate))
-
-
-def _exec_deploy(deploy: Path, code: Any) -> None:
-    exec(code, {"__file__": str(deploy), "__name__": "__gpunode_deploy__"})  # noqa: S102
-
-
-class DriftError(Exception):
+class DriftError(RunError):
     """Bad input for a drift run (unknown file, host or group)."""
 
 
 # --- one run ------------------------------------------------------------------------
-
-
-def _prepare(inventory: Inventory, deploy: Path) -> tuple[State, _Errors]:
-    """Connect and plan the deploy on every host (a dry run); nothing changes on hosts."""
-    if pyinfra.is_cli:
-        raise DriftError("gpunode drift cannot run inside a pyinfra CLI run")
-    errors = _Errors()
-    config = Config(CONNECT_TIMEOUT=10)
-    state = State(inventory, config)
-    state.add_callback_handler(errors)
-    state.set_stage(StateStage.Connect)
-    try:
-        connect_all(state)
-    except PyinfraError:  # "No hosts remaining!": every host failed to connect
-        pass
-    for host in state.failed_hosts:
-        errors.by_host.setdefault(host.name, "cannot connect")
-    state.set_stage(StateStage.Prepare)
-    code = compile(deploy.read_text(encoding="utf-8"), str(deploy), "exec")
-    _add_repo_to_path(deploy)
-
-    def prepare_host(host: Host) -> None:
-        try:
-            with ctx_config.use(state.config.copy()), ctx_host.use(host):
-                _exec_deploy(deploy, code)
-        except Exception as exc:  # noqa: BLE001 - one host's failure is reported, others go on
-            errors.by_host.setdefault(host.name, f"planning failed: {exc}")
-
-    with ctx_state.use(state):
-        greenlets = [state.pool.spawn(prepare_host, h) for h in list(state.active_hosts)]
-        gevent.joinall(greenlets)
-    for host in list(state.failed_hosts):
-        errors.by_host.setdefault(host.name, "a fact failed while planning")
-    return state, errors
-
-
-def _host_op_names(state: State, host: Host) -> dict[str, str]:
-    """op hash -> this host's own name of the operation (with its deploy prefix)."""
-    out: dict[str, str] = {}
-    for op_hash, data in state.ops.get(host, {}).items():
-        given = data.global_arguments.get("name")
-        names = state.op_meta[op_hash].names
-        if given:
-            # the shared meta holds "<deploy> | <name>" for the names of every host
-            mine = sorted(n for n in names if n == given or n.endswith(f" | {given}"))
-            out[op_hash] = mine[0] if len(mine) == 1 else given
-        else:
-            # unnamed operations are named after their function ("files.put")
-            out[op_hash] = " / ".join(sorted(names))
-    return out
-
-
-def _planned(state: State) -> dict[str, tuple[int, list[str]]]:
-    """host -> (operations planned, names of those that would change), in deploy order."""
-    order = state.get_op_order()
-    result: dict[str, tuple[int, list[str]]] = {}
-    for host in state.inventory:
-        if host not in state.activated_hosts:
-            continue
-        ops = state.ops.get(host, {})
-        names = _host_op_names(state, host)
-        changing = [
-            names[h]
-            for h in order
-            if h in ops
-            # handlers (`_if=other_op.did_change`) follow the operation they depend on,
-            # which is reported itself; pyinfra's plan calls them "conditional changes"
-            and not ops[h].global_arguments.get("_if")
-            and ops[h].operation_meta.will_change
-        ]
-        result[host.name] = (len(ops), changing)
-    return result
-
-
-def _executed_changes(state: State) -> dict[str, list[str]]:
-    result: dict[str, list[str]] = {}
-    for host in state.activated_hosts:
-        ops = state.ops.get(host, {})
-        names = _host_op_names(state, host)
-        result[host.name] = [
-            names[h]
-            for h in state.get_op_order()
-            if h in ops
-            and ops[h].operation_meta.is_complete()
-            and ops[h].operation_meta.did_change()
-        ]
-    return result
-
-
-def _did_change(meta: Any) -> bool:
-    return bool(meta.is_complete() and meta.did_change())
 
 
 def check(
@@ -357,44 +195,44 @@ def check(
     for host in inventory:
         report.hosts[host.name] = HostDrift(name=host.name)
 
-    state, errors = _prepare(inventory, deploy)
-    for name, (count, changing) in _planned(state).items():
-        report.hosts[name].checked = count
-        report.hosts[name].drifted = changing
-    drifted = [n for n, h in report.hosts.items() if h.drifted and n not in errors.by_host]
-    if apply and drifted:
-        with ctx_state.use(state):
-            try:
-                run_ops(state)
-            except PyinfraError:  # every host failed
-                pass
-        for name, changed in _executed_changes(state).items():
-            report.hosts[name].corrected = changed
-            report.hosts[name].applied = name in drifted
-        for host in state.failed_hosts:
-            errors.by_host.setdefault(host.name, "the deploy failed")
-    _disconnect(state)
+    errors: dict[str, str] = {}
+    with run.prepare(inventory, deploy) as planned:  # a dry run: changes detected
+        for name, result in planned.results().items():
+            report.hosts[name].checked = result.planned
+            report.hosts[name].drifted = result.changes
+        errors.update(planned.errors)
+        drifted = [n for n, h in report.hosts.items() if h.drifted and n not in errors]
+        if apply and drifted:
+            for name, result in planned.execute().items():
+                if result.ran:
+                    report.hosts[name].corrected = result.executed
+                    report.hosts[name].applied = name in drifted
+            errors.update(planned.errors)
 
     if apply and drifted:
-        again_names = [n for n in drifted if n not in errors.by_host]
+        again_names = [n for n in drifted if n not in errors]
         if again_names:
-            again, again_errors = _prepare(load_inventory(inventory_path, again_names), deploy)
-            for name, (_, changing) in _planned(again).items():
-                report.hosts[name].remaining = changing
-            for name, message in again_errors.by_host.items():
-                errors.by_host.setdefault(name, f"re-check: {message}")
-            _disconnect(again)
+            again = run.run(load_inventory(inventory_path, again_names), deploy)
+            for name, result in again.items():
+                report.hosts[name].remaining = result.changes
+                if result.error:
+                    errors.setdefault(name, f"re-check: {result.error}")
 
-    for name, message in errors.by_host.items():
+    for name, message in errors.items():
         report.hosts[name].error = message
     report.duration_s = time.time() - started
     return report
 
 
-def _disconnect(state: State) -> None:
-    state.set_stage(StateStage.Disconnect)
-    with ctx_state.use(state):
-        disconnect_all(state)
+def _prepare(inventory: Any, deploy: Path) -> tuple[Any, Any]:
+    """The connected, planned state and its errors (``.by_host``) for bench/converge.py,
+    which executes and disconnects (:func:`_disconnect`) itself; new code: run.prepare()."""
+    planned = run.prepare(inventory, deploy)
+    return planned.state, planned._errors
+
+
+def _disconnect(state: Any) -> None:
+    run.disconnect(state)
 
 
 # --- output -------------------------------------------------------------------------
@@ -426,7 +264,7 @@ def main(
     started = time.time()
     try:
         report = check(inventory, deploy, limit=limit, apply=apply)
-    except DriftError as exc:
+    except RunError as exc:  # a DriftError, or bad input found by run.py
         print(f"gpunode drift: {exc}", file=sys.stderr)
         report = Report(inventory=inventory, deploy=deploy, apply=apply, started_at=started)
         report.hosts["-"] = HostDrift(name="-", error=str(exc))

@@ -1,7 +1,9 @@
 """Rollouts: deploy to a few hosts at a time, canary first, and stop at the first failure.
 
 ``gpunode rollout INVENTORY`` runs the deploy (default ``deploys/gpu_node.py``) on the
-canary host(s) first, then on the other hosts in batches. After each batch it waits, from
+canary host(s) first, then on the other hosts in batches, in this process through
+gpunode.commands.run (as ``pyinfra -y INVENTORY DEPLOY --limit ...`` would: a planning
+error on any host of a batch runs nothing there). After each batch it waits, from
 the controller, until every inference service of every host in the batch answers its
 health endpoint (through the firewall's allowed port, as clients would), up to a timeout.
 On a failure (the deploy failed on a host, or a service is not healthy in time) it stops:
@@ -26,6 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gpunode.commands import run
 from gpunode.inference import service_dir, unit_name
 from gpunode.operations.artifacts import revert_script
 from gpunode.schema.inference import Service
@@ -113,13 +116,51 @@ def wait_healthy(url: str, timeout: float, interval: float = 1.0) -> str | None:
         time.sleep(interval)
 
 
+# Runs one command for the rollout: an ssh argv, or a DeployRequest.
 Runner = Callable[[list[str]], subprocess.CompletedProcess[str]]
 
 
+class DeployRequest(list[str]):
+    """One batch's deploy, as the argv of the pyinfra command it is equivalent to
+    (``python -m pyinfra -y INVENTORY DEPLOY --limit HOST ...``), which is what a runner
+    is given. The default runner executes it in this process through
+    gpunode.commands.run; a runner given instead (tests) may record it or run that argv."""
+
+    def __init__(self, inventory_file: str, deploy: str, hosts: list[str]) -> None:
+        limits = [arg for name in hosts for arg in ("--limit", name)]
+        super().__init__([sys.executable, "-m", "pyinfra", "-y", inventory_file, deploy, *limits])
+        self.inventory_file = inventory_file
+        self.deploy = deploy
+        self.hosts = list(hosts)
+
+
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    if isinstance(argv, DeployRequest):
+        return _deploy(argv)
     return subprocess.run(
         argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=3600
     )
+
+
+def _deploy(request: DeployRequest) -> subprocess.CompletedProcess[str]:
+    """Run the deploy on the batch through gpunode.commands.run (like ``pyinfra -y``: a
+    planning error on any host runs nothing anywhere). The result reads like pyinfra's
+    CLI output: exit status 1 when a host failed, its errors on lines prefixed
+    ``[host]``, with gpunode's own messages (``gpunode: ...``) from the failed operation."""
+    try:
+        inventory = run.load_inventory(request.inventory_file, request.hosts)
+        results = run.run(inventory, request.deploy, apply=True)
+    except Exception as exc:  # noqa: BLE001 - the run failed as a whole, as the CLI's exit 1
+        return subprocess.CompletedProcess(request, 1, "", f"pyinfra error: {exc}\n")
+    lines: list[str] = []
+    for name, result in results.items():
+        if result.error is None:
+            continue
+        ours = [ln.strip() for ln in result.output if ln.strip().startswith("gpunode:")]
+        lines += [f"[{name}] {ln}" for ln in ours]
+        lines.append(f"[{name}] Error: {result.error}")
+    stderr = "".join(f"{ln}\n" for ln in lines)
+    return subprocess.CompletedProcess(request, 1 if lines else 0, "", stderr)
 
 
 def current_links(host: Host, runner: Runner = _run) -> dict[str, str]:
@@ -157,8 +198,7 @@ def rollout(
         label = "canary" if index == 0 and canary else f"batch {index}"
         say(f"rollout: {label}: {', '.join(batch)}")
         before = {h: current_links(inventory.hosts[h], runner) for h in batch}
-        limits = [arg for name in batch for arg in ("--limit", name)]
-        proc = runner([sys.executable, "-m", "pyinfra", "-y", inventory_file, deploy, *limits])
+        proc = runner(DeployRequest(inventory_file, deploy, batch))
         failed = False
         for name in batch:
             host = inventory.hosts[name]

@@ -5,10 +5,11 @@
 
 1. Write the new value as a new KV v2 version with check-and-set on the current
    version (the other keys of the secret are kept; a concurrent writer makes it fail).
-2. For each batch of hosts (``--batch N``, default 1) run the secrets role for this
-   secret at the new version (gpunode's leak-proof file operation; dependent
-   services restart when their file changed), then wait until every service in
-   the secret's ``restart`` list is active and its ``health_url`` answers 2xx.
+2. For each batch of hosts (``--batch N``, default 1) run deploys/rotate_secrets.py
+   (the secrets role) for this secret at the new version, through gpunode.commands.run
+   (gpunode's leak-proof file operation; dependent services restart when their file
+   changed), then wait until every service in the secret's ``restart`` list is active
+   and its ``health_url`` answers 2xx.
 3. A host that fails (deploy or health) stops the rollout: it is reported, put back
    on the previous version when the secret's ``rollback`` is true (``--rollback`` /
    ``--no-rollback`` override), and no further host is touched. Exit status 1.
@@ -25,10 +26,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pyinfra.api import StringCommand
+
 from gpunode.clients.vault import Session, VaultError, session_for
+from gpunode.commands import run
+from gpunode.inventory import load_inventory_file
+from gpunode.paths import REPO_ROOT
 from gpunode.schema.node import Host, host_data
 from gpunode.schema.types import ConfigError
 from gpunode.schema.vault import Secret
+
+# The secrets role alone, for one secret at one version (see the file).
+ROTATE_DEPLOY = REPO_ROOT / "deploys" / "rotate_secrets.py"
 
 
 class RotateError(Exception):
@@ -154,45 +163,32 @@ def rotate(
 
 
 def _roll_out(group: list[Host], name: str, secret: Secret, version: int) -> list[HostResult]:
-    """Deploy ``version`` of the secret to ``group`` and wait for their services' health."""
-    from pyinfra.api import Config, Inventory, State
-    from pyinfra.api.connect import connect_all, disconnect_all
-    from pyinfra.api.deploy import add_deploy
-    from pyinfra.api.exceptions import PyinfraError
-    from pyinfra.api.operations import run_ops
+    """Deploy ``version`` of the secret to ``group`` and wait for their services' health.
 
-    from roles.secrets import secrets as secrets_role
-
-    inventory = Inventory(([(h.name, host_data(h)) for h in group], {}))
-    state = State(inventory, Config())
+    deploys/rotate_secrets.py runs through gpunode.commands.run with the secret's name and
+    version as host data (no value: the deploy reads it from Vault). A Vault error while
+    planning is raised (nothing was deployed in this group); the hosts stay connected for
+    the health checks."""
+    inventory = run.inventory_from((h.name, host_data(h)) for h in group)
+    data = {"gpunode_secret": name, "gpunode_secret_version": version}
     results: dict[str, HostResult] = {}
-    try:
-        connect_all(state)
-        add_deploy(state, secrets_role, only=name, versions={name: version})
-        run_ops(state)
-    except PyinfraError as exc:
-        if isinstance(exc, VaultError):
-            raise
+    with run.session(inventory, ROTATE_DEPLOY, apply=True, data=data) as deploy:
+        for planned in deploy.results().values():
+            if isinstance(planned.exception, VaultError):
+                raise planned.exception
+        outcome = deploy.execute(all_or_nothing=True)
         for h in group:
-            results.setdefault(h.name, HostResult(h.name, version, False, str(exc)))
-    try:
-        for node in inventory:
-            if node.name in results:
+            error = outcome[h.name].error
+            if error is None:
+                results[h.name] = _wait_healthy(deploy.host(h.name), secret, version)
                 continue
-            if node in state.failed_hosts:
-                results[node.name] = HostResult(
-                    node.name, version, False, "the deploy failed (file or service restart)"
-                )
-                continue
-            results[node.name] = _wait_healthy(node, secret, version)
-    finally:
-        disconnect_all(state)
+            if error.startswith("operation failed") or error == "the deploy failed":
+                error = "the deploy failed (file or service restart)"
+            results[h.name] = HostResult(h.name, version, False, error)
     return [results[h.name] for h in group]
 
 
 def _wait_healthy(host, secret: Secret, version: int) -> HostResult:  # noqa: ANN001
-    from pyinfra.api import StringCommand
-
     if not secret.restart:
         return HostResult(host.name, version, True, "file written (no service to check)")
     checks = []
@@ -241,8 +237,6 @@ def _wait_healthy(host, secret: Secret, version: int) -> HostResult:  # noqa: AN
 
 def main(inventory: str, name: str, value: str, **kwargs) -> int:  # noqa: ANN003
     """CLI entry: 0 when every host is healthy on the new version, 1 otherwise."""
-    from gpunode.inventory import load_inventory_file
-
     inv = load_inventory_file(inventory)
     try:
         rotation = rotate(list(inv.hosts.values()), name, value, **kwargs)
