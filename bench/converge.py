@@ -65,13 +65,11 @@ def commands_per_host() -> Counter[str]:
     through pyinfra's API (as gpunode drift --apply does), counting every command the
     connector sends (facts and operations) and every upload."""
     os.environ.update(ENV)
-    from pyinfra.api.operations import run_ops
     from pyinfra.connectors.ssh import SSHConnector
-    from pyinfra.context import ctx_state
 
-    from gpunode.commands import drift
+    from gpunode.commands import run
 
-    inventory = drift.load_inventory(INVENTORY)
+    inventory = run.load_inventory(INVENTORY)
     counts: Counter[str] = Counter()
 
     def counting(method):
@@ -83,12 +81,11 @@ def commands_per_host() -> Counter[str]:
 
     SSHConnector.run_shell_command = counting(SSHConnector.run_shell_command)  # type: ignore[method-assign]
     SSHConnector.put_file = counting(SSHConnector.put_file)  # type: ignore[method-assign]
-    state, errors = drift._prepare(inventory, REPO / DEPLOY)
-    if errors.by_host:
-        raise SystemExit(f"errors: {errors.by_host}")
-    with ctx_state.use(state):
-        run_ops(state)
-    drift._disconnect(state)
+    with run.prepare(inventory, REPO / DEPLOY) as planned:
+        errors = {name: r.error for name, r in planned.results().items() if r.error}
+        if errors:
+            raise SystemExit(f"errors: {errors}")
+        planned.execute()
     return counts
 
 

@@ -37,13 +37,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpunode import firewall, gpus, hardening, inference, monitoring, nomad, nvidia, secrets
 from gpunode.schema.distros import DISTROS
-from gpunode.schema.node import (
-    RESERVED_GROUPS,
-    Host,
-    Inventory,
-    InventoryFile,
-    NodeConfig,
-)
+from gpunode.schema.node import RESERVED_GROUPS, Host, Inventory, InventoryFile, NodeConfig
 from gpunode.schema.types import HOSTNAME_RE, PATTERN_HELP, ConfigError
 
 # Each concern checks what needs the whole merged config (and the host's connection) in

@@ -6,12 +6,7 @@ Every default and table is in gpunode/schema/hardening.py.
 from __future__ import annotations
 
 from gpunode.render import environment
-from gpunode.schema.hardening import (
-    CONTAINER_SYSCTL,
-    SSHD_FIXED,
-    SYSCTL_KERNEL,
-    SYSCTL_NETWORK,
-)
+from gpunode.schema.hardening import CONTAINER_SYSCTL, SSHD_FIXED, SYSCTL_KERNEL, SYSCTL_NETWORK
 from gpunode.schema.node import Connection, NodeConfig
 
 SSHD_DROPIN = "/etc/ssh/sshd_config.d/00-gpunode.conf"  # first match wins: sorts first

@@ -23,11 +23,9 @@ from gpunode.base import hold_patterns, host_matches, security_mirror
 from gpunode.facts.server import HostInfo
 from gpunode.inventory import node_and_distro
 from gpunode.operations.server import fail, notice
-from gpunode.paths import TEMPLATES
+from gpunode.paths import template
 from gpunode.schema import distros
 from gpunode.schema.node import NodeConfig
-
-T = TEMPLATES / "base"
 
 
 @deploy("gpunode base")
@@ -61,7 +59,7 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
     if config.base.apt_proxy:
         files.template(
             name="apt proxy",
-            src=str(T / "apt-proxy.conf.j2"),
+            src=template("base/apt-proxy.conf.j2"),
             dest="/etc/apt/apt.conf.d/01gpunode-proxy",
             mode="644",
             proxy=config.base.apt_proxy,
@@ -72,10 +70,10 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
         )
     if config.base.apt_mirror:
         assert spec.apt_sources_path
-        template = "ubuntu.sources.j2" if spec.apt_sources_format == "deb822" else "sources.list.j2"
+        sources = "ubuntu.sources.j2" if spec.apt_sources_format == "deb822" else "sources.list.j2"
         files.template(
             name="apt sources from the mirror",
-            src=str(T / template),
+            src=template("base", sources),
             dest=spec.apt_sources_path,
             mode="644",
             spec=spec,
@@ -126,7 +124,7 @@ def _admin_users(config: NodeConfig, spec: distros.DistroSpec) -> None:
         )
     files.template(
         name="sudo for the admin group",
-        src=str(T / "sudoers.j2"),
+        src=template("base/sudoers.j2"),
         dest="/etc/sudoers.d/90-gpunode-admins",
         mode="440",
         user="root",
@@ -139,7 +137,7 @@ def _admin_users(config: NodeConfig, spec: distros.DistroSpec) -> None:
 def _journald(config: NodeConfig) -> None:
     conf = files.template(
         name="journald limits",
-        src=str(T / "journald.conf.j2"),
+        src=template("base/journald.conf.j2"),
         dest="/etc/systemd/journald.conf.d/50-gpunode.conf",
         mode="644",
         journald=config.base.journald,
@@ -158,7 +156,7 @@ def _journald(config: NodeConfig) -> None:
 def _chrony(config: NodeConfig, spec: distros.DistroSpec, in_container: bool) -> None:
     conf = files.template(
         name="chrony time sources",
-        src=str(T / "chrony.conf.j2"),
+        src=template("base/chrony.conf.j2"),
         dest=spec.chrony_conf,
         mode="644",
         servers=config.base.ntp_servers,
@@ -186,14 +184,14 @@ def _auto_updates(config: NodeConfig, spec: distros.DistroSpec) -> None:
     if spec.family == "apt":
         files.template(
             name="Automatic updates schedule",
-            src=str(T / "apt-auto-upgrades.j2"),
+            src=template("base/apt-auto-upgrades.j2"),
             dest="/etc/apt/apt.conf.d/20auto-upgrades",
             mode="644",
             auto=auto,
         )
         files.template(
             name="Automatic updates hold list",
-            src=str(T / "apt-unattended-upgrades.j2"),
+            src=template("base/apt-unattended-upgrades.j2"),
             dest="/etc/apt/apt.conf.d/52gpunode-unattended-upgrades",
             mode="644",
             auto=auto,
@@ -202,7 +200,7 @@ def _auto_updates(config: NodeConfig, spec: distros.DistroSpec) -> None:
         return
     files.template(
         name="Automatic updates (dnf-automatic)",
-        src=str(T / "dnf-automatic.conf.j2"),
+        src=template("base/dnf-automatic.conf.j2"),
         dest="/etc/dnf/automatic.conf",
         mode="644",
         auto=auto,

@@ -32,13 +32,11 @@ from gpunode.inventory import node_and_distro
 from gpunode.nvidia import container_toolkit_packages, toolkit
 from gpunode.operations.nvidia import hold_packages
 from gpunode.operations.server import notice
-from gpunode.paths import TEMPLATES
+from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.schema import distros
 from gpunode.schema.node import NodeConfig
 from roles.nvidia_driver import gpu_gate
-
-T = TEMPLATES / "nvidia"
 
 
 @deploy("gpunode cuda")
@@ -83,7 +81,7 @@ def cuda() -> None:
     if cuda_home:
         files.template(
             name="CUDA on PATH",
-            src=str(T / "cuda-profile.sh.j2"),
+            src=template("nvidia/cuda-profile.sh.j2"),
             dest=nv.CUDA_PROFILE,
             mode="644",
             cuda_home=cuda_home,
@@ -134,7 +132,7 @@ def _container_toolkit_repo(config: NodeConfig, spec: distros.DistroSpec) -> lis
             ),
             files.template(
                 name="NVIDIA Container Toolkit repository",
-                src=str(T / "nvidia-container-toolkit.list.j2"),
+                src=template("nvidia/nvidia-container-toolkit.list.j2"),
                 dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list",
                 mode="644",
                 base=base,
@@ -143,7 +141,7 @@ def _container_toolkit_repo(config: NodeConfig, spec: distros.DistroSpec) -> lis
         ]
     files.template(
         name="NVIDIA Container Toolkit repository",
-        src=str(T / "nvidia-container-toolkit.repo.j2"),
+        src=template("nvidia/nvidia-container-toolkit.repo.j2"),
         dest="/etc/yum.repos.d/nvidia-container-toolkit.repo",
         mode="644",
         base=base,

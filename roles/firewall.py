@@ -31,28 +31,15 @@ from pyinfra.api import deploy
 from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import apt, dnf, files, python, server, systemd
 
+from gpunode import firewall as rules
 from gpunode.base import host_matches
 from gpunode.facts.firewall import FirewallState
 from gpunode.facts.server import HostInfo
-from gpunode.firewall import (
-    CONFIRM_COMMAND,
-    CONFLICTING_FIREWALLS,
-    FIREWALL_ACTIVE,
-    FIREWALL_CANDIDATE,
-    FIREWALL_DIR,
-    FIREWALL_UNIT,
-    NFT_TABLE,
-    arm_rollback_command,
-    render_ruleset,
-    sha1,
-)
 from gpunode.inventory import node_and_distro
 from gpunode.operations.firewall import confirm_new_connection
 from gpunode.operations.server import notice
-from gpunode.paths import TEMPLATES
+from gpunode.paths import template
 from gpunode.schema import distros
-
-T = TEMPLATES / "firewall"
 
 
 @deploy("gpunode firewall")
@@ -72,28 +59,30 @@ def firewall() -> None:
     _stop_conflicting_firewalls(spec)
 
     ssh_port = int(host.data.get("ssh_port") or 22)
-    ruleset = render_ruleset(config, ssh_port)
-    files.directory(name="Firewall directory", path=FIREWALL_DIR, mode="700")
+    ruleset = rules.render_ruleset(config, ssh_port)
+    files.directory(name="Firewall directory", path=rules.FIREWALL_DIR, mode="700")
     now = host.get_fact(FirewallState)
     converged = (
-        now["active_sha1"] == sha1(ruleset)
+        now["active_sha1"] == rules.sha1(ruleset)
         and now["loaded"]
         and now["live_matches"]
         and not now["rollback_armed"]
     )
     if converged:  # a candidate left by a run that failed to confirm has been rolled back
-        files.file(name="No leftover candidate ruleset", path=FIREWALL_CANDIDATE, present=False)
+        files.file(
+            name="No leftover candidate ruleset", path=rules.FIREWALL_CANDIDATE, present=False
+        )
     else:
         _apply(ruleset, fw.rollback_seconds)
     unit = files.put(
         name="Firewall boot unit",
-        src=str(T / FIREWALL_UNIT),
-        dest=f"/etc/systemd/system/{FIREWALL_UNIT}",
+        src=template("firewall", rules.FIREWALL_UNIT),
+        dest=f"/etc/systemd/system/{rules.FIREWALL_UNIT}",
         mode="644",
     )
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
     systemd.service(
-        name="Firewall loaded at boot", service=FIREWALL_UNIT, running=None, enabled=True
+        name="Firewall loaded at boot", service=rules.FIREWALL_UNIT, running=None, enabled=True
     )
 
 
@@ -102,31 +91,31 @@ def _apply(ruleset: str, rollback_seconds: int) -> None:
     files.put(
         name="Firewall ruleset candidate",
         src=StringIO(ruleset),
-        dest=FIREWALL_CANDIDATE,
+        dest=rules.FIREWALL_CANDIDATE,
         mode="600",
     )
     server.shell(
         name="Check the candidate ruleset (nft -c)",
-        commands=[f"nft -c -f {FIREWALL_CANDIDATE}"],
+        commands=[f"nft -c -f {rules.FIREWALL_CANDIDATE}"],
     )
     server.shell(
         name="Arm the firewall rollback timer",
-        commands=[arm_rollback_command(rollback_seconds)],
+        commands=[rules.arm_rollback_command(rollback_seconds)],
     )
-    server.shell(name="Load the candidate ruleset", commands=[f"nft -f {FIREWALL_CANDIDATE}"])
+    server.shell(name="Load the candidate ruleset", commands=[f"nft -f {rules.FIREWALL_CANDIDATE}"])
     python.call(
         name="Confirm a new SSH connection gets in",
         function=confirm_new_connection,
         timeout=min(15.0, rollback_seconds / 2),
     )
     server.shell(
-        name="Disarm the rollback and keep the ruleset for boot", commands=[CONFIRM_COMMAND]
+        name="Disarm the rollback and keep the ruleset for boot", commands=[rules.CONFIRM_COMMAND]
     )
 
 
 def _stop_conflicting_firewalls(spec: distros.DistroSpec) -> None:
     units = host.get_fact(SystemdStatus)
-    for unit in CONFLICTING_FIREWALLS[spec.family]:
+    for unit in rules.CONFLICTING_FIREWALLS[spec.family]:
         if unit in units:
             systemd.service(
                 name="Stop a firewall that conflicts with gpunode's",
@@ -141,13 +130,13 @@ def _disabled() -> None:
     if now["loaded"]:
         server.shell(
             name="Remove gpunode's nftables table (firewall disabled)",
-            commands=[f"nft delete table inet {NFT_TABLE}"],
+            commands=[f"nft delete table inet {rules.NFT_TABLE}"],
         )
     systemd.service(
         name="Firewall not loaded at boot (disabled)",
-        service=FIREWALL_UNIT,
+        service=rules.FIREWALL_UNIT,
         running=None,
         enabled=False,
     )
-    files.file(name="No firewall ruleset (disabled)", path=FIREWALL_ACTIVE, present=False)
+    files.file(name="No firewall ruleset (disabled)", path=rules.FIREWALL_ACTIVE, present=False)
     notice(name="Firewall", message="firewall.enabled is false: gpunode's table is not loaded")

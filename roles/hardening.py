@@ -27,32 +27,19 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, dnf, files, server
 
+from gpunode import hardening as rules
 from gpunode.base import host_matches
 from gpunode.facts.hardening import SshdState, WritableSysctls
 from gpunode.facts.server import HostInfo
 from gpunode.firewall import sha1
-from gpunode.hardening import (
-    CORE_LIMITS_FILE,
-    COREDUMP_DROPIN,
-    SSHD_SERVICE,
-    SSHD_STAGED,
-    SYSCTL_FILE,
-    install_sshd_command,
-    is_kernel_key,
-    render_sshd,
-    render_sysctl,
-    sysctl_settings,
-)
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import file_mode
 from gpunode.operations.hardening import sysctl_values
 from gpunode.operations.server import fail, notice
-from gpunode.paths import TEMPLATES
+from gpunode.paths import template
 from gpunode.schema import distros
 from gpunode.schema.hardening import ABSENT_PACKAGES, STRICT_FILES
 from gpunode.schema.node import NodeConfig
-
-T = TEMPLATES / "hardening"
 
 
 @deploy("gpunode hardening")
@@ -83,27 +70,29 @@ def _sshd(config: NodeConfig, spec: distros.DistroSpec) -> None:
             ),
         )
         return
-    wanted = render_sshd(config, str(host.data.get("ssh_user") or "root"))
+    wanted = rules.render_sshd(config, str(host.data.get("ssh_user") or "root"))
     if state["dropin_sha1"] == sha1(wanted):
         return
     files.directory(name="sshd staging directory", path="/etc/gpunode/sshd", mode="700")
-    files.put(name="sshd hardening (staged)", src=StringIO(wanted), dest=SSHD_STAGED, mode="600")
+    files.put(
+        name="sshd hardening (staged)", src=StringIO(wanted), dest=rules.SSHD_STAGED, mode="600"
+    )
     server.shell(
         name="Validate and install the sshd hardening, reload sshd",
-        commands=[install_sshd_command(SSHD_SERVICE[spec.family])],
+        commands=[rules.install_sshd_command(rules.SSHD_SERVICE[spec.family])],
     )
 
 
 def _sysctl(config: NodeConfig) -> None:
-    values = sysctl_settings(config)
+    values = rules.sysctl_settings(config)
     files.put(
         name="sysctl hardening (persisted)",
-        src=StringIO(render_sysctl(config)),
-        dest=SYSCTL_FILE,
+        src=StringIO(rules.render_sysctl(config)),
+        dest=rules.SYSCTL_FILE,
         mode="644",
     )
-    network = {k: v for k, v in values.items() if not is_kernel_key(k)}
-    kernel = {k: v for k, v in values.items() if is_kernel_key(k)}
+    network = {k: v for k, v in values.items() if not rules.is_kernel_key(k)}
+    kernel = {k: v for k, v in values.items() if rules.is_kernel_key(k)}
     writable = host.get_fact(WritableSysctls, keys=sorted(kernel))
     read_only = sorted(k for k in kernel if not writable.get(k))
     sysctl_values(name="Network sysctls", values=network)
@@ -115,26 +104,28 @@ def _sysctl(config: NodeConfig) -> None:
             name="Kernel sysctls",
             message=(
                 f"read-only here (a container?): {', '.join(read_only)} persisted in "
-                f"{SYSCTL_FILE}, not applied"
+                f"{rules.SYSCTL_FILE}, not applied"
             ),
         )
 
 
 def _core_dumps(config: NodeConfig) -> None:
     if config.hardening.core_dumps:
-        files.file(name="Core dump limit (none)", path=CORE_LIMITS_FILE, present=False)
-        files.file(name="systemd-coredump (distro default)", path=COREDUMP_DROPIN, present=False)
+        files.file(name="Core dump limit (none)", path=rules.CORE_LIMITS_FILE, present=False)
+        files.file(
+            name="systemd-coredump (distro default)", path=rules.COREDUMP_DROPIN, present=False
+        )
         return
     files.put(
         name="Core dump limit",
-        src=str(T / "core-limits.conf"),
-        dest=CORE_LIMITS_FILE,
+        src=template("hardening/core-limits.conf"),
+        dest=rules.CORE_LIMITS_FILE,
         mode="644",
     )
     files.put(
         name="systemd-coredump stores nothing",
-        src=str(T / "coredump.conf"),
-        dest=COREDUMP_DROPIN,
+        src=template("hardening/coredump.conf"),
+        dest=rules.COREDUMP_DROPIN,
         mode="644",
     )
 

@@ -28,38 +28,18 @@ from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import apt, dnf, files, pip, server, systemd
 from pyinfra.operations.util import any_changed
 
+from gpunode import inference as units
 from gpunode.facts.artifacts import Links, StoreDigests
 from gpunode.facts.nvidia import NvidiaGpuMinors
-from gpunode.inference import (
-    CACHE_DIR,
-    JINJA_OPTIONS,
-    MODEL_STORE,
-    RUNTIME_STORE,
-    SERVICES_DIR,
-    UNIT_DIR,
-    UNIT_TEMPLATE,
-    VENV_DIR,
-    Installed,
-    cache_dir,
-    gpu_devices,
-    local_url,
-    render_values,
-    service_dir,
-    unit_name,
-    user_name,
-)
 from gpunode.inventory import node_and_distro
 from gpunode.operations.artifacts import fetch, prune, switch
 from gpunode.operations.server import fail
 from gpunode.operations.systemd import restart_unit, start_unit, wait_healthy
-from gpunode.paths import TEMPLATES
 from gpunode.provenance import record, recorded
 from gpunode.schema.distros import DistroSpec
 from gpunode.schema.inference import RuntimeInstall, Service
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.runtimes import PROFILES
-
-T = TEMPLATES / "inference"
 
 
 @deploy("gpunode inference")
@@ -71,18 +51,18 @@ def inference_systemd() -> None:
     if not services:
         return  # nothing declared: no fact, no operation
     used = {svc.runtime for svc in services.values()}
-    for path in (MODEL_STORE, SERVICES_DIR, CACHE_DIR):
+    for path in (units.MODEL_STORE, units.SERVICES_DIR, units.CACHE_DIR):
         files.directory(
             name="Inference directory", path=path, user="root", group="root", mode="755"
         )
     installs = {rt: _install_runtime(rt, inf.runtimes[rt], spec) for rt in sorted(used)}
 
     minors = host.get_fact(NvidiaGpuMinors) if any(s.gpus for s in services.values()) else {}
-    present = host.get_fact(StoreDigests, store=MODEL_STORE)
+    present = host.get_fact(StoreDigests, store=units.MODEL_STORE)
     switched = []
     provenance: dict[str, dict[str, object]] = {}
     for name, svc in services.items():
-        devices = gpu_devices(svc, minors)
+        devices = units.gpu_devices(svc, minors)
         if devices is None:
             missing = [u for u in svc.gpus if u.startswith("GPU-") and u not in minors]
             fail(
@@ -99,44 +79,46 @@ def inference_systemd() -> None:
             "runtime_version": installs[svc.runtime].version,
             "model_uri": svc.model.uri,
             "model_sha256": svc.model.sha256,
-            "unit": unit_name(name),
+            "unit": units.unit_name(name),
         }
     if switched:
         prune(
             name="Keep the newest model versions",
-            store=MODEL_STORE,
-            link_globs=[f"{SERVICES_DIR}/*/current", f"{SERVICES_DIR}/*/previous"],
+            store=units.MODEL_STORE,
+            link_globs=[f"{units.SERVICES_DIR}/*/current", f"{units.SERVICES_DIR}/*/previous"],
             keep=inf.keep_versions,
             _if=any_changed(*switched),
         )
     record("inference", provenance)
 
 
-def _install_runtime(runtime: str, install: RuntimeInstall, spec: DistroSpec) -> Installed:
+def _install_runtime(runtime: str, install: RuntimeInstall, spec: DistroSpec) -> units.Installed:
     profile = PROFILES[runtime]
     binary = install.binary or profile.executable[install.method]
     if install.method == "artifact":
         assert install.artifact is not None
         art = install.artifact
         files.directory(
-            name="Runtime store", path=RUNTIME_STORE, user="root", group="root", mode="755"
+            name="Runtime store", path=units.RUNTIME_STORE, user="root", group="root", mode="755"
         )
         op = fetch(
             name="Fetch the runtime",
-            store=RUNTIME_STORE,
+            store=units.RUNTIME_STORE,
             uri=art.uri,
             sha256=art.sha256,
-            present=host.get_fact(StoreDigests, store=RUNTIME_STORE),
+            present=host.get_fact(StoreDigests, store=units.RUNTIME_STORE),
             entry="root",
             unpack=True,
         )
-        root = f"{RUNTIME_STORE}/sha256/{art.sha256}/root"
-        return Installed(f"{root}/{binary}", root, f"sha256:{art.sha256}", [op])
+        root = f"{units.RUNTIME_STORE}/sha256/{art.sha256}/root"
+        return units.Installed(f"{root}/{binary}", root, f"sha256:{art.sha256}", [op])
     if install.method == "pip":
         pins = sorted(install.packages)
         key = json.dumps([pins, install.python, install.index_url]).encode()
-        venv = f"{VENV_DIR}/{runtime}-{hashlib.sha256(key).hexdigest()[:12]}"
-        files.directory(name="Runtime venvs", path=VENV_DIR, user="root", group="root", mode="755")
+        venv = f"{units.VENV_DIR}/{runtime}-{hashlib.sha256(key).hexdigest()[:12]}"
+        files.directory(
+            name="Runtime venvs", path=units.VENV_DIR, user="root", group="root", mode="755"
+        )
         made = pip.virtualenv(name="Runtime venv", path=venv, python=install.python, venv=True)
         op = pip.packages(
             name="Runtime packages (pinned)",
@@ -144,25 +126,25 @@ def _install_runtime(runtime: str, install: RuntimeInstall, spec: DistroSpec) ->
             virtualenv=venv,
             extra_install_args=f"--index-url {install.index_url}" if install.index_url else None,
         )
-        return Installed(f"{venv}/{binary}", None, " ".join(pins), [made, op])
+        return units.Installed(f"{venv}/{binary}", None, " ".join(pins), [made, op])
     assert install.package and install.version
     if spec.family == "apt":
         op = apt.packages(name="Runtime package", packages=[f"{install.package}={install.version}"])
     else:
         op = dnf.packages(name="Runtime package", packages=[f"{install.package}-{install.version}"])
-    return Installed(binary, None, f"{install.package} {install.version}", [op])
+    return units.Installed(binary, None, f"{install.package} {install.version}", [op])
 
 
 def _service(
     name: str,
     svc: Service,
     config: NodeConfig,
-    installed: Installed,
+    installed: units.Installed,
     devices: list[str],
     present: list[str],
 ):
-    user = user_name(name)
-    unit = unit_name(name)
+    user = units.user_name(name)
+    unit = units.unit_name(name)
     server.group(name="Service group", group=user, system=True)
     server.user(  # noqa: S604 - `shell` is the login shell, not a subprocess flag
         name="Service user",
@@ -170,22 +152,26 @@ def _service(
         group=user,
         system=True,
         shell="/usr/sbin/nologin",
-        home=cache_dir(name),
+        home=units.cache_dir(name),
         ensure_home=False,
     )
     files.directory(
-        name="Service directory", path=service_dir(name), user="root", group="root", mode="755"
+        name="Service directory",
+        path=units.service_dir(name),
+        user="root",
+        group="root",
+        mode="755",
     )
     files.directory(
         name="Service cache (its only writable path)",
-        path=cache_dir(name),
+        path=units.cache_dir(name),
         user=user,
         group=user,
         mode="750",
     )
     fetch(
         name="Fetch the model",
-        store=MODEL_STORE,
+        store=units.MODEL_STORE,
         uri=svc.model.uri,
         sha256=svc.model.sha256,
         present=present,
@@ -194,19 +180,19 @@ def _service(
     )
     sw = switch(
         name="Switch the model link",
-        directory=service_dir(name),
-        target=f"{MODEL_STORE}/sha256/{svc.model.sha256}",
-        links=host.get_fact(Links, directory=service_dir(name)),
+        directory=units.service_dir(name),
+        target=f"{units.MODEL_STORE}/sha256/{svc.model.sha256}",
+        links=host.get_fact(Links, directory=units.service_dir(name)),
     )
-    values = render_values(name, svc, config, installed)
+    values = units.render_values(name, svc, config, installed)
     unit_op = files.template(
         name="Inference unit",
-        src=str(UNIT_TEMPLATE),
-        dest=f"{UNIT_DIR}/{unit}",
+        src=str(units.UNIT_TEMPLATE),
+        dest=f"{units.UNIT_DIR}/{unit}",
         mode="644",
         user="root",
         group="root",
-        jinja_env_kwargs=JINJA_OPTIONS,
+        jinja_env_kwargs=units.JINJA_OPTIONS,
         ctx=values,
         devices=devices,
     )
@@ -219,7 +205,7 @@ def _service(
             files.put(
                 name="Secret version the service runs with",
                 src=io.StringIO(f"{svc.api_key_secret} {version}\n"),
-                dest=f"{service_dir(name)}/secret.version",
+                dest=f"{units.service_dir(name)}/secret.version",
                 mode="644",
             )
         )
@@ -240,7 +226,7 @@ def _service(
     )
     wait_healthy(
         name="Wait until the service is healthy",
-        url=local_url(svc, PROFILES[svc.runtime].health_path),
+        url=units.local_url(svc, PROFILES[svc.runtime].health_path),
         timeout=svc.health_timeout,
         unit=unit,
         _if=any_changed(start, restart),

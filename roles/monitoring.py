@@ -21,21 +21,14 @@ from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, systemd
 
+from gpunode import monitoring as exporters
 from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_and_distro
-from gpunode.monitoring import (
-    DCGM_EXPORTER_DROPIN,
-    DCGM_EXPORTER_PACKAGE,
-    DCGM_EXPORTER_SERVICE,
-    NODE_EXPORTER,
-)
 from gpunode.operations.server import notice
-from gpunode.paths import TEMPLATES
+from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.schema import distros
 from gpunode.schema.node import NodeConfig
-
-T = TEMPLATES / "monitoring"
 
 
 @deploy("gpunode monitoring")
@@ -62,7 +55,7 @@ def textfile_and_node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> 
 def node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
     """node_exporter from the distro, reading the textfile directory (also used by
     deploys/controller.py)."""
-    exporter = NODE_EXPORTER.get(spec.family)
+    exporter = exporters.NODE_EXPORTER.get(spec.family)
     if exporter is None:
         notice(
             name="node_exporter",
@@ -75,7 +68,7 @@ def node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
     apt.packages(name="node_exporter package", packages=[exporter.package], no_recommends=True)
     conf = files.template(
         name="node_exporter flags",
-        src=str(T / "prometheus-node-exporter.default.j2"),
+        src=template("monitoring/prometheus-node-exporter.default.j2"),
         dest=exporter.defaults_file,
         mode="644",
         monitoring=config.monitoring,
@@ -103,25 +96,30 @@ def _dcgm_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
         return
     if spec.family == "apt":
         apt.packages(
-            name="dcgm-exporter package", packages=[DCGM_EXPORTER_PACKAGE], no_recommends=True
+            name="dcgm-exporter package",
+            packages=[exporters.DCGM_EXPORTER_PACKAGE],
+            no_recommends=True,
         )
     else:
-        dnf.packages(name="dcgm-exporter package", packages=[DCGM_EXPORTER_PACKAGE])
+        dnf.packages(name="dcgm-exporter package", packages=[exporters.DCGM_EXPORTER_PACKAGE])
     dropin = files.template(
         name="dcgm-exporter listen address",
-        src=str(T / "dcgm-exporter.conf.j2"),
-        dest=DCGM_EXPORTER_DROPIN,
+        src=template("monitoring/dcgm-exporter.conf.j2"),
+        dest=exporters.DCGM_EXPORTER_DROPIN,
         mode="644",
         monitoring=config.monitoring,
     )
     systemd.daemon_reload(name="Reload systemd units (dcgm-exporter)", _if=dropin.did_change)
     systemd.service(
-        name="dcgm-exporter running", service=DCGM_EXPORTER_SERVICE, running=True, enabled=True
+        name="dcgm-exporter running",
+        service=exporters.DCGM_EXPORTER_SERVICE,
+        running=True,
+        enabled=True,
     )
     systemd.service(
         name="Restart dcgm-exporter",
-        service=DCGM_EXPORTER_SERVICE,
+        service=exporters.DCGM_EXPORTER_SERVICE,
         restarted=True,
         _if=dropin.did_change,
     )
-    record("monitoring", {"dcgm_exporter": DCGM_EXPORTER_PACKAGE})
+    record("monitoring", {"dcgm_exporter": exporters.DCGM_EXPORTER_PACKAGE})

@@ -23,23 +23,13 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 from pyinfra.operations.util import any_changed
 
+from gpunode import nomad as hashicorp
 from gpunode.inventory import node_and_distro
-from gpunode.nomad import (
-    CONFIG_FILE,
-    HASHICORP_KEY_FINGERPRINT,
-    REPO,
-    STATE_DIR,
-    UNIT_FILE,
-    RepoSpec,
-    plugin_dir,
-)
-from gpunode.paths import TEMPLATES
+from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.schema import distros
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.nomad import HTTP_PORT, RPC_PORT, SERF_PORT
-
-T = TEMPLATES / "nomad"
 
 
 @deploy("gpunode nomad client")
@@ -47,7 +37,7 @@ def nomad_client() -> None:
     config, spec = node_and_distro(host)
     if not config.nomad.enabled:
         return
-    repo = REPO[spec.family]
+    repo = hashicorp.REPO[spec.family]
     repo_url = (config.nomad.repo_url or repo.default_url).rstrip("/")
 
     if spec.family == "apt":
@@ -55,7 +45,7 @@ def nomad_client() -> None:
     else:
         files.template(
             name="HashiCorp dnf repository",
-            src=str(T / repo.template),
+            src=template("nomad", repo.template),
             dest=repo.repo_file,
             mode="644",
             repo=repo_url,
@@ -65,23 +55,23 @@ def nomad_client() -> None:
     _device_plugin(config)
     conf = files.template(
         name="Nomad client configuration",
-        src=str(T / "client.hcl.j2"),
-        dest=f"{config.nomad.config_dir}/{CONFIG_FILE}",
+        src=template("nomad/client.hcl.j2"),
+        dest=f"{config.nomad.config_dir}/{hashicorp.CONFIG_FILE}",
         mode="640",
         user="root",
         group="root",
         nomad=config.nomad,
-        plugin_dir=plugin_dir(config),
+        plugin_dir=hashicorp.plugin_dir(config),
         ports={"http": HTTP_PORT, "rpc": RPC_PORT, "serf": SERF_PORT},
     )
     files.directory(name="Nomad data directory", path=config.nomad.data_dir, mode="711")
     unit = files.template(
         name="Nomad systemd unit (hardened)",
-        src=str(T / "nomad.service.j2"),
-        dest=UNIT_FILE,
+        src=template("nomad/nomad.service.j2"),
+        dest=hashicorp.UNIT_FILE,
         mode="644",
         config_dir=config.nomad.config_dir,
-        config_file=f"{config.nomad.config_dir}/{CONFIG_FILE}",
+        config_file=f"{config.nomad.config_dir}/{hashicorp.CONFIG_FILE}",
         data_dir=config.nomad.data_dir,
     )
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
@@ -104,7 +94,9 @@ def nomad_client() -> None:
     )
 
 
-def _apt_repo(config: NodeConfig, spec: distros.DistroSpec, repo: RepoSpec, repo_url: str) -> None:
+def _apt_repo(
+    config: NodeConfig, spec: distros.DistroSpec, repo: hashicorp.RepoSpec, repo_url: str
+) -> None:
     assert repo.keyring is not None
     key = files.download(
         name="HashiCorp signing key",
@@ -117,15 +109,15 @@ def _apt_repo(config: NodeConfig, spec: distros.DistroSpec, repo: RepoSpec, repo
         name="Check the HashiCorp signing key fingerprint",
         commands=[
             f"gpg --show-keys --with-colons {repo.keyring} | "
-            f"grep -q '^fpr:::::::::{HASHICORP_KEY_FINGERPRINT}:' || "
+            f"grep -q '^fpr:::::::::{hashicorp.HASHICORP_KEY_FINGERPRINT}:' || "
             f"{{ rm -f {repo.keyring}; echo 'gpunode: {repo.keyring} is not HashiCorp key "
-            f"{HASHICORP_KEY_FINGERPRINT}' >&2; exit 1; }}"
+            f"{hashicorp.HASHICORP_KEY_FINGERPRINT}' >&2; exit 1; }}"
         ],
         _if=key.did_change,
     )
     sources = files.template(
         name="HashiCorp apt repository",
-        src=str(T / repo.template),
+        src=template("nomad", repo.template),
         dest=repo.repo_file,
         mode="644",
         repo=repo_url,
@@ -150,9 +142,9 @@ def _device_plugin(config: NodeConfig) -> None:
     if not plugin.enabled:
         return
     assert plugin.sha256 is not None  # checked at config load
-    zip_path = f"{STATE_DIR}/nomad-device-nvidia_{plugin.version}.zip"
-    files.directory(name="gpunode Nomad state directory", path=STATE_DIR, mode="700")
-    files.directory(name="Nomad plugin directory", path=plugin_dir(config), mode="755")
+    zip_path = f"{hashicorp.STATE_DIR}/nomad-device-nvidia_{plugin.version}.zip"
+    files.directory(name="gpunode Nomad state directory", path=hashicorp.STATE_DIR, mode="700")
+    files.directory(name="Nomad plugin directory", path=hashicorp.plugin_dir(config), mode="755")
     download = files.download(
         name="NVIDIA device plugin release",
         src=plugin.release_url(),
@@ -162,12 +154,12 @@ def _device_plugin(config: NodeConfig) -> None:
     )
     server.shell(
         name="Unpack the NVIDIA device plugin",
-        commands=[f"unzip -o -q {zip_path} nomad-device-nvidia -d {plugin_dir(config)}"],
+        commands=[f"unzip -o -q {zip_path} nomad-device-nvidia -d {hashicorp.plugin_dir(config)}"],
         _if=download.did_change,
     )
     files.file(
         name="NVIDIA device plugin binary",
-        path=f"{plugin_dir(config)}/nomad-device-nvidia",
+        path=f"{hashicorp.plugin_dir(config)}/nomad-device-nvidia",
         mode="755",
         user="root",
         group="root",

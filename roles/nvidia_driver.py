@@ -40,12 +40,10 @@ from gpunode.inventory import node_and_distro
 from gpunode.nvidia import driver_packages, fabricmanager_packages, mirror_base
 from gpunode.operations.nvidia import check_driver_loaded, dnf_module_stream, hold_packages
 from gpunode.operations.server import fail, notice
-from gpunode.paths import TEMPLATES
+from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.schema import distros
 from gpunode.schema.node import NodeConfig
-
-T = TEMPLATES / "nvidia"
 
 
 def gpu_gate(config: NodeConfig, state: dict[str, Any], what: str) -> bool:
@@ -126,7 +124,7 @@ def _module_signing(config: NodeConfig) -> None:
     if signing:
         files.template(
             name="DKMS module signing key",
-            src=str(T / "dkms-signing.conf.j2"),
+            src=template("nvidia/dkms-signing.conf.j2"),
             dest=nv.DKMS_SIGNING_CONF,
             mode="644",
             signing=signing,
@@ -148,7 +146,7 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any]:
         return [
             files.template(
                 name="apt sources for the distro's NVIDIA packages",
-                src=str(T / "distro-components.sources.j2"),
+                src=template("nvidia/distro-components.sources.j2"),
                 dest=nv.DEBIAN_NONFREE_SOURCES,
                 mode="644",
                 spec=spec,
@@ -169,7 +167,7 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any]:
         ops.append(
             files.template(
                 name="NVIDIA CUDA repository",
-                src=str(T / "cuda.list.j2"),
+                src=template("nvidia/cuda.list.j2"),
                 dest=repo.list_file,
                 mode="644",
                 keyring=nv.CUDA_KEYRING,
@@ -202,7 +200,7 @@ def _version_pin(config: NodeConfig, family: str) -> None:
     if version:
         files.template(
             name="Pin the NVIDIA driver version",
-            src=str(T / "apt-pin.j2"),
+            src=template("nvidia/apt-pin.j2"),
             dest=nv.APT_PIN_FILE,
             mode="644",
             version=version,
@@ -286,7 +284,7 @@ def _holds(family: str, driver: Any) -> None:
 def _nouveau(family: str, in_container: bool) -> None:
     blacklist = files.put(
         name="Blacklist nouveau",
-        src=str(T / "blacklist-nouveau.conf"),
+        src=template("nvidia/blacklist-nouveau.conf"),
         dest=nv.NOUVEAU_BLACKLIST,
         mode="644",
     )

@@ -224,17 +224,6 @@ def check(
     return report
 
 
-def _prepare(inventory: Any, deploy: Path) -> tuple[Any, Any]:
-    """The connected, planned state and its errors (``.by_host``) for bench/converge.py,
-    which executes and disconnects (:func:`_disconnect`) itself; new code: run.prepare()."""
-    planned = run.prepare(inventory, deploy)
-    return planned.state, planned._errors
-
-
-def _disconnect(state: Any) -> None:
-    run.disconnect(state)
-
-
 # --- output -------------------------------------------------------------------------
 
 

@@ -172,7 +172,7 @@ def _roll_out(group: list[Host], name: str, secret: Secret, version: int) -> lis
     inventory = run.inventory_from((h.name, host_data(h)) for h in group)
     data = {"gpunode_secret": name, "gpunode_secret_version": version}
     results: dict[str, HostResult] = {}
-    with run.session(inventory, ROTATE_DEPLOY, apply=True, data=data) as deploy:
+    with run.prepare(inventory, ROTATE_DEPLOY, data=data, detect_changes=False) as deploy:
         for planned in deploy.results().values():
             if isinstance(planned.exception, VaultError):
                 raise planned.exception

@@ -53,8 +53,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,28 +343,10 @@ def run(
 ) -> dict[str, HostRun]:
     """Plan ``deploy`` on every host (a dry run: what would change), or with ``apply``
     execute it (``pyinfra -y``: no change detection first), then disconnect."""
-    with session(inventory, deploy, apply=apply, kwargs=kwargs, data=data) as planned:
+    with prepare(inventory, deploy, kwargs=kwargs, data=data, detect_changes=not apply) as planned:
         if apply:
             return planned.execute(all_or_nothing=all_or_nothing)
         return planned.results()
-
-
-@contextmanager
-def session(
-    inventory: Inventory,
-    deploy: Deploy,
-    *,
-    apply: bool = False,
-    kwargs: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
-) -> Iterator[Run]:
-    """:func:`prepare` for a dry run (``apply`` false: changes detected) or for applying
-    (``pyinfra -y``), as a ``with`` block that disconnects at its end."""
-    planned = prepare(inventory, deploy, kwargs=kwargs, data=data, detect_changes=not apply)
-    try:
-        yield planned
-    finally:
-        planned.close()
 
 
 def _deploy_body(deploy: Deploy, kwargs: dict[str, Any]) -> Callable[[], None]:

@@ -25,16 +25,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
-from gpunode.schema.types import (
-    AbsPath,
-    HttpUrl,
-    Image,
-    Model,
-    Name,
-    ServerAddr,
-    Sha256,
-    Version,
-)
+from gpunode.schema.types import AbsPath, HttpUrl, Image, Model, Name, ServerAddr, Sha256, Version
 
 # Ports of a Nomad agent (Nomad docs, "Ports used"): HTTP API 4646/tcp; RPC 4647/tcp
 # (client agents <-> servers); Serf WAN 4648/tcp+udp, used by servers to gossip,

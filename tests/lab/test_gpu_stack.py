@@ -19,16 +19,7 @@ from gpunode import nvidia as nv
 from gpunode.facts.nvidia import UnheldPackages
 from gpunode.paths import REPO_ROOT
 
-from .conftest import (
-    Lab,
-    changes,
-    dry,
-    gpunode,
-    lab_env,
-    planned_changes,
-    pyinfra,
-    require_root,
-)
+from .conftest import Lab, changes, dry, gpunode, lab_env, planned_changes, pyinfra, require_root
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_stack.py"

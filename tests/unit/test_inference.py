@@ -19,12 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import (
-    Run,
-    host_info_output,
-    run_deploys,
-    run_sh,
-)
+from harness import Run, host_info_output, run_deploys, run_sh
 from pyinfra.facts.server import Os
 
 from gpunode import provenance

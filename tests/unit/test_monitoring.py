@@ -52,26 +52,20 @@ def promtool() -> str:
     return find_promtool()
 
 
-def test_example_prometheus_config_is_valid(promtool: str) -> None:
-    proc = subprocess.run(
-        [promtool, "check", "config", "prometheus.yml"],
-        cwd=MONITORING,
-        capture_output=True,
-        text=True,
-        timeout=60,
+def run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool, *args], cwd=MONITORING, capture_output=True, text=True, timeout=60
     )
+
+
+def test_example_prometheus_config_is_valid(promtool: str) -> None:
+    proc = run_promtool(promtool, "check", "config", "prometheus.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 rule files found" in proc.stdout
 
 
 def test_alert_rules_are_valid_and_fire_when_they_should(promtool: str) -> None:
-    check = subprocess.run(
-        [promtool, "check", "rules", "gpunode-alerts.yml"],
-        cwd=MONITORING,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    check = run_promtool(promtool, "check", "rules", "gpunode-alerts.yml")
     assert check.returncode == 0, check.stdout + check.stderr
     names = re.findall(
         r"^\s+- alert: (\S+)$", (MONITORING / "gpunode-alerts.yml").read_text(), re.M
@@ -95,13 +89,7 @@ def test_alert_rules_are_valid_and_fire_when_they_should(promtool: str) -> None:
         "DriftRunStale",
     ):
         assert tests.count(f"alertname: {wanted}") >= 1, wanted
-    run = subprocess.run(
-        [promtool, "test", "rules", "tests/alerts-test.yml"],
-        cwd=MONITORING,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_promtool(promtool, "test", "rules", "tests/alerts-test.yml")
     assert run.returncode == 0, run.stdout + run.stderr
 
 

@@ -15,15 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import (
-    ALL,
-    APT,
-    DNF,
-    Run,
-    converged,
-    host_info_output,
-    run_deploys,
-)
+from harness import ALL, APT, DNF, Run, converged, host_info_output, run_deploys
 
 from gpunode import provenance
 from gpunode.config import load

@@ -28,14 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import (
-    Handler,
-    Response,
-    Run,
-    content_lines,
-    converged,
-    run_deploys,
-)
+from harness import Handler, Response, Run, content_lines, converged, run_deploys
 from pyinfra.api import State
 
 from gpunode import nvidia as nv

@@ -9,9 +9,9 @@ fake NVML replays.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +25,9 @@ from gpunode import probe
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "record_gpu_fixtures.py"
 
 
-def recorder_module() -> Any:
-    spec = importlib.util.spec_from_file_location("record_gpu_fixtures", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def from_recorder(name: str) -> Any:
+    """A name defined by the recorder script (run as a module, not as the main program)."""
+    return runpy.run_path(str(SCRIPT), run_name="record_gpu_fixtures")[name]
 
 
 def test_recorder_on_a_machine_without_nvml(tmp_path: Path) -> None:
@@ -74,7 +71,7 @@ def _seconds(folder: Path) -> Any:
 @pytest.mark.parametrize("folder", recordings(), ids=lambda p: p.name)
 def test_recording_proxy_round_trips_a_real_recording(folder: Path, tmp_path: Path) -> None:
     recording = load(folder)
-    recorder = recorder_module().RecordingNvml(FakeNvml(recording))
+    recorder = from_recorder("RecordingNvml")(FakeNvml(recording))
     report = probe.collect(recorder, str(tmp_path / "no-sysfs"))
     assert report["gpu_count"] == len(recording["devices"])
     assert recorder.system == {k: recording["system"][k] for k in recorder.system}
