@@ -131,6 +131,8 @@ class Connection(Model):
 class HostEntry(Model):
     """One host of the inventory: how to reach it, its groups and its own settings."""
 
+    RAW_LAYERS = frozenset({"data"})
+
     connection: Connection
     """How the controller reaches the host."""
     groups: list[GroupName] = Field(default_factory=list)
@@ -143,6 +145,8 @@ class HostEntry(Model):
 class GroupEntry(Model):
     """A group of hosts and the node settings they share."""
 
+    RAW_LAYERS = frozenset({"data"})
+
     data: dict[str, Any] = Field(default_factory=dict)
     """Node settings (the keys of the sections below) for the group's hosts, merged over
     `defaults`."""
@@ -154,6 +158,8 @@ class InventoryFile(Model):
     A host's settings are `defaults`, then each of its `groups` in the order listed, then its
     own `data`, deep-merged (mappings merge key by key, lists replace). Each layer alone must
     be valid node settings, and so must the merged result."""
+
+    RAW_LAYERS = frozenset({"defaults"})
 
     defaults: dict[str, Any] = Field(default_factory=dict)
     """Node settings (the keys of the sections below) every host starts from."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
-from typing import Annotated, Any
+from collections.abc import Iterable, Iterator, Mapping
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -20,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
 )
 
 
@@ -28,9 +31,59 @@ class ConfigError(Exception):
 
 
 class Model(BaseModel):
-    """A config section: unknown keys are errors, values are immutable."""
+    """A config section: unknown keys are errors, values are immutable, and no string in it
+    (a value, a list item, a mapping key) holds a control character."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    # Fields that hold raw node config layers (validated as NodeConfig on their own, where
+    # errors name the exact key): not scanned here.
+    RAW_LAYERS: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _printable(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name in cls.RAW_LAYERS or _is_section(cls, info.field_name):
+            return value
+        for text in _strings(value):
+            bad = _CONTROL.search(text)
+            if bad:
+                raise ValueError(
+                    f"{text[:40]!r} holds the control character {bad.group()!r} (allowed: "
+                    "printable text: no newline, tab, NUL, escape or other control character)"
+                )
+        return value
+
+
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: a consumer
+# (a shell, an ssh_config, an ini file, a log line) may read any of them as a line break.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _is_section(model: type[BaseModel], field: str | None) -> bool:
+    """The field holds a nested section (a model, or None): that model checks its own."""
+    annotation = model.model_fields[field].annotation if field else None
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+    return any(
+        isinstance(option, type) and issubclass(option, BaseModel)
+        for option in (annotation, *options)
+    )
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings a field holds itself: the value, its list items, its mapping keys and
+    values. A nested mapping is a nested section: its own model checks it (and names it)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(key)
+            if not isinstance(item, Mapping):
+                yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if not isinstance(item, Mapping):
+                yield from _strings(item)
 
 
 # --- patterns -------------------------------------------------------------------------------
@@ -50,7 +103,7 @@ SECRET_NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"  # noqa: S105 - a pattern
 # http(s) from a mirror, or file:// on a local mirror or NFS mount. No user:password@ (it
 # would be printed with the command): mirrors that need credentials use ~/.netrc.
 URI_RE = r"^(https?://[A-Za-z0-9.-]+(:[0-9]+)?|file://)/[A-Za-z0-9._~%+/=,-]*$"
-HTTP_URL_RE = r"^https?://[^\s\"';]+$"
+HTTP_URL_RE = r"^https?://[^\s\"';\\]+$"
 GPU_UUID_RE = r"^(GPU|MIG)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 PIN_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+$"
 ARG_RE = r"^[A-Za-z0-9._/=:,+@-]+$"  # command-line arguments: no shell or systemd specials
@@ -74,7 +127,7 @@ PATTERN_HELP: dict[str, str] = {
     REL_PATH_RE: "a relative path: letters, digits, '.', '_', '-', '/'",
     SERVICE_NAME_RE: "a-z, 0-9 and '-', starting with a letter, at most 23 characters",
     URI_RE: "http(s)://host[:port]/path or file:///path, with no user:password@",
-    HTTP_URL_RE: "an http:// or https:// URL with no spaces, quotes or ';'",
+    HTTP_URL_RE: "an http:// or https:// URL with no spaces, quotes, ';' or backslash",
     GPU_UUID_RE: "a GPU or MIG UUID as nvidia-smi -L prints it, e.g. "
     "GPU-9221d5d1-b60b-a624-bf14-0a1819cfda3b",
     PIN_RE: "an exact pin name==version, e.g. vllm==0.6.3",
