@@ -28,6 +28,7 @@ or group, the key and what is allowed.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -215,9 +216,27 @@ def _deep_merge(left: Mapping[str, Any], right: Mapping[str, Any]) -> dict[str, 
     return out
 
 
+# At most this many problems per layer, each showing at most SHOWN characters of its value:
+# a hostile file (a YAML alias bomb, say) still gets a short, readable error.
+MAX_PROBLEMS = 30
+SHOWN = 80
+
+
+_REPR = reprlib.Repr()  # Python 3.11's Repr takes its limits as attributes
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = SHOWN
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a value, bounded in size and in the time it takes."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOWN else f"{text[: SHOWN - 3]}..."
+
+
 def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel]) -> str:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_PROBLEMS]:
         loc = tuple(err["loc"])
         here = where
         if model is InventoryFile and len(loc) >= 2 and loc[0] in ("hosts", "groups"):
@@ -230,7 +249,8 @@ def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel
             msg = f"unknown key (allowed: {', '.join(allowed)})"
         elif err["type"] == "string_pattern_mismatch":
             pattern = err.get("ctx", {}).get("pattern", "")
-            msg = f"{err['input']!r} is not allowed (allowed: {PATTERN_HELP.get(pattern, pattern)})"
+            help_ = PATTERN_HELP.get(pattern, pattern)
+            msg = f"{_shown(err['input'])} is not allowed (allowed: {help_})"
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
@@ -239,8 +259,10 @@ def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel
             if hint and "allowed:" not in msg:
                 msg = f"{msg} (allowed: {hint})"
             if err["type"] not in ("value_error", "assertion_error") and "input" in err:
-                msg = f"{err['input']!r}: {msg}"
+                msg = f"{_shown(err['input'])}: {msg}"
         lines.append(f"{source}: {here}: {key or '(top level)'}: {msg}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"{source}: {where}: ... and {len(errors) - MAX_PROBLEMS} more problems")
     return "\n".join(lines)
 
 

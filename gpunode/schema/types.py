@@ -78,12 +78,10 @@ def _strings(value: Any) -> Iterator[str]:
     elif isinstance(value, Mapping):
         for key, item in value.items():
             yield from _strings(key)
-            if not isinstance(item, Mapping):
+            if isinstance(item, (str, list, tuple)):
                 yield from _strings(item)
     elif isinstance(value, (list, tuple)):
-        for item in value:
-            if not isinstance(item, Mapping):
-                yield from _strings(item)
+        yield from (item for item in value if isinstance(item, str))
 
 
 # --- patterns -------------------------------------------------------------------------------

@@ -888,3 +888,34 @@ def test_defaults_apply_and_hostname_override(tmp_path: Path) -> None:
     assert config.nvidia.branch == "580"  # a YAML integer is accepted as the branch name
     assert config.base.ntp_servers  # defaults from the schema
     assert "nvidia-" in config.base.auto_updates.hold
+
+
+def test_a_yaml_alias_bomb_ends_in_a_short_error(tmp_path: Path) -> None:
+    """Nested aliases expand to millions of items: the error stays short and names the key
+    (values are shown cut short, problems per layer are capped)."""
+    levels = ['&a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcde", "bcdef", strict=True):
+        levels.append(f"&{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "bomb.yml"
+    path.write_text(
+        "defaults:\n  distro: debian12\n  base:\n    packages: [" + ", ".join(levels) + "]\n"
+        "hosts:\n  gpu-01: {connection: {address: 192.0.2.10}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_file(path)
+    message = str(err.value)
+    assert len(message) < 5000, len(message)
+    assert message.startswith(f"{path}: defaults: base.packages[0]: ['x', 'x', 'x'")
+    assert "Input should be a valid string" in message
+
+
+def test_problems_per_layer_are_capped() -> None:
+    raw = {
+        "defaults": {"distro": "debian12", "base": {"packages": [[]] * 100}},
+        "hosts": {"gpu-01": {"connection": {"address": "192.0.2.10"}}},
+    }
+    with pytest.raises(ConfigError) as err:
+        load(raw, "inv.yml")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 31
+    assert lines[-1] == "inv.yml: defaults: ... and 70 more problems"
