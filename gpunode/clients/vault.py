@@ -4,7 +4,7 @@ The ``vault:`` and ``secrets:`` sections are in gpunode/schema/vault.py.
 
 The controller reads secrets from Vault (or OpenBao) while the deploy file runs,
 before any operation for the host is added; the values travel only inside
-:mod:`gpunode.secretfile`'s operation. Any Vault problem (unreachable, sealed,
+:func:`gpunode.operations.files.secret_file`. Any Vault problem (unreachable, sealed,
 permission denied, path or key missing) raises :class:`VaultError` naming the
 secret, and the run stops before anything is written.
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
 import pytest
 
 from gpunode import controller as ctl
-from gpunode.paths import TEMPLATES
+from gpunode.paths import REPO_ROOT, TEMPLATES
 
 
 def render(tmp_path: Path, **overrides: object) -> tuple[Path, Path]:
@@ -88,3 +89,22 @@ def test_run_is_locked_logged_and_confined(tmp_path: Path, systemd_analyze: str)
     assert level, proc.stdout + proc.stderr
     # a root service with no capabilities, read-only system, own /tmp, no devices
     assert float(level[1]) <= 5.0, proc.stdout
+
+
+def test_the_timer_runs_a_module_that_exists_and_parses_its_arguments(tmp_path: Path) -> None:
+    """The unit's ``python -m MODULE drift ...`` names gpunode's real command line (a module
+    moved without its unit would fail every run on the controller)."""
+    service, _ = render(tmp_path)
+    (exec_start,) = re.findall(r"^ExecStart=(.*)$", service.read_text(), re.M)
+    command = exec_start.split(" -m ", 1)[1].split()
+    module, args = command[0], command[1:]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, args[0], "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in proc.stdout, (flag, proc.stdout)
