@@ -222,7 +222,6 @@ ExtraArg = Annotated[str, StringConstraints(pattern=ARG_RE)]
 
 Size = Annotated[str, StringConstraints(pattern=SIZE_RE)]
 MemLimit = Annotated[str, StringConstraints(pattern=r"^([0-9]+[KMGT]?|[0-9]{1,2}%|infinity)$")]
-Duration = Annotated[str, StringConstraints(pattern=DURATION_RE)]
 Span = Annotated[str, StringConstraints(pattern=SPAN_RE)]
 Retention = Annotated[str, StringConstraints(pattern=RETENTION_RE)]
 
