@@ -36,29 +36,82 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gpunode import base as base_checks
 from gpunode import firewall, gpus, hardening, inference, monitoring, nomad, nvidia, secrets
 from gpunode.schema.distros import DISTROS
-from gpunode.schema.node import RESERVED_GROUPS, Host, Inventory, InventoryFile, NodeConfig
+from gpunode.schema.node import (
+    RESERVED_GROUPS,
+    Connection,
+    Host,
+    Inventory,
+    InventoryFile,
+    NodeConfig,
+)
 from gpunode.schema.types import HOSTNAME_RE, PATTERN_HELP, ConfigError
 
 # Each concern checks what needs the whole merged config (and the host's connection) in
 # its own check_host(where, config, connection) -> [problems].
-SECTION_CHECKS = (nvidia, gpus, hardening, firewall, secrets, inference, nomad, monitoring)
+SECTION_CHECKS = (
+    base_checks,
+    nvidia,
+    gpus,
+    hardening,
+    firewall,
+    secrets,
+    inference,
+    nomad,
+    monitoring,
+)
 
 # --- loading -----------------------------------------------------------------
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently)."""
+# Bounds on an inventory file, checked before and while it is parsed, so that a hostile or
+# broken file ends in an error naming it, in bounded time and memory: its size in bytes
+# (the example inventory is 5 kB; a fleet of a thousand hosts stays well under 1 MB) and
+# how deep mappings and lists nest (an inventory needs fewer than 10 levels).
+MAX_FILE_BYTES = 4 * 2**20
+MAX_DEPTH = 64
+
+
+class _InventoryLoader(yaml.SafeLoader):
+    """A SafeLoader (no Python tags) that refuses what YAML allows but an inventory must not
+    hold: a key twice in one mapping (PyYAML keeps the last silently), a key that is not a
+    string, and nesting deeper than MAX_DEPTH. Merge keys (``<<: *base``) still work, and a
+    key written next to them overrides the merged one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"mappings and lists nest more than {MAX_DEPTH} levels deep (allowed: at "
+                    f"most {MAX_DEPTH})",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(
-    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+    loader: _InventoryLoader, node: yaml.MappingNode, deep: bool = False
 ) -> dict:
-    loader.flatten_mapping(node)
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<`: flatten_mapping merges it; the keys written here win
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if not isinstance(key, str):
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"the key {_shown(key)} is a {type(key).__name__}, not a string (allowed: "
+                "string keys; quote a key that YAML reads as a number, a boolean or null)",
+                key_node.start_mark,
+            )
         if key in seen:
             first = seen[key].start_mark
             raise yaml.constructor.ConstructorError(
@@ -72,21 +125,96 @@ def _construct_mapping(
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(
+_InventoryLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _construct_mapping,  # type: ignore[arg-type]
 )
 
 
+def _check_depth(root: yaml.Node | None) -> None:
+    """Aliases nest too: ``a2: &a2 [*a1]``, ``a3: &a3 [*a2]``, ... builds a deep value from a
+    flat file, and ``&a [*a]`` a value that holds itself. Refuse both before constructing."""
+    depth: dict[int, int] = {}  # id(node) -> levels below it (itself included)
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)] if root is not None else []
+    while stack:
+        node, done = stack.pop()
+        children = _children(node)
+        if done:
+            open_nodes.discard(id(node))
+            depth[id(node)] = 1 + max((depth[id(c)] for c in children), default=0)
+            if depth[id(node)] > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"mappings and lists nest more than {MAX_DEPTH} levels deep, counting "
+                    f"aliases (allowed: at most {MAX_DEPTH})",
+                    node.start_mark,
+                )
+            continue
+        if id(node) in depth:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    "an alias refers to a node that contains it (allowed: aliases of "
+                    "complete nodes, no cycles)",
+                    child.start_mark,
+                )
+            if id(child) not in depth:
+                stack.append((child, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 def read_yaml(path: str | Path) -> Any:
+    """One YAML document from a file: at most MAX_FILE_BYTES of UTF-8, safe tags only, each
+    key once, nested at most MAX_DEPTH levels. Anything else raises ConfigError naming the
+    file."""
     path = Path(path)
     try:
-        with path.open(encoding="utf-8") as stream:  # a named stream: marks name the file
-            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)  # a FIFO or /dev/zero reads no further
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read inventory data: {exc.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"{path}: the file is larger than {MAX_FILE_BYTES // 2**20} MiB (allowed: an "
+            f"inventory of at most {MAX_FILE_BYTES} bytes)"
+        )
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: the file is UTF-16 (allowed: UTF-8 text)")
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: byte {raw[exc.start]:#04x} is not UTF-8 (allowed: UTF-8 text)"
+        ) from None
+    loader = _InventoryLoader(text)
+    loader.name = str(path)  # marks (line, column) name the file
+    try:
+        node = loader.get_single_node()
+        _check_depth(node)
+        data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML error: {exc}") from None
+    except RecursionError:  # a bound above should stop it first: never a traceback
+        raise ConfigError(
+            f"{path}: YAML error: nested too deeply (allowed: at most {MAX_DEPTH} levels)"
+        ) from None
+    finally:
+        loader.dispose()
     if data is None:
         raise ConfigError(
             f"{path}: the file is empty (allowed: a mapping with keys defaults, groups, hosts)"
@@ -160,6 +288,7 @@ def load(raw: Any, source: str) -> Inventory:
             problems.append(_format(source, f"host {hname} (merged)", exc, NodeConfig))
             continue
         problems += _check_host(source, hname, config)
+        problems += _check_listeners(f"{source}: host {hname}", config, entry.connection)
         for section in SECTION_CHECKS:
             problems += section.check_host(f"{source}: host {hname}", config, entry.connection)
         hosts[hname] = Host(
@@ -206,6 +335,49 @@ def _check_host(source: str, hname: str, config: NodeConfig) -> list[str]:
     return problems
 
 
+def listeners(config: NodeConfig, connection: Connection) -> list[tuple[str, int]]:
+    """(key, port) of every TCP/UDP port something gpunode sets up listens on, on one node:
+    SSH, the exporters, the Nomad agent and the inference services (a firewall rule in
+    `firewall.extra_input` opens a port, it does not listen on one)."""
+    found = [("connection.port", connection.port)]
+    mon = config.monitoring
+    if mon.node_exporter:
+        found.append(("monitoring.node_exporter_port", mon.node_exporter_port))
+    if mon.dcgm_exporter is not False:
+        found.append(("monitoring.dcgm_exporter_port", mon.dcgm_exporter_port))
+    for port in sorted({port for _, port in nomad.cluster_ports(config)}):
+        found.append((f"nomad.enabled (the Nomad agent's port {port})", port))
+    for name, svc in config.inference.services.items():
+        at = f"inference.services.{name}"
+        found.append((f"{at}.port", svc.port))
+        if (grpc := svc.effective_grpc_port()) is not None:
+            found.append((f"{at}.grpc_port", grpc))
+        if svc.effective_metrics_port() != svc.port:
+            found.append((f"{at}.metrics_port", svc.effective_metrics_port()))
+    return found
+
+
+def _check_listeners(where: str, config: NodeConfig, connection: Connection) -> list[str]:
+    """Two listeners on one port: refused, naming both keys. Ports of one concern among
+    themselves are that concern's check_host (its messages say more)."""
+    problems = []
+    seen: dict[int, str] = {}
+    for key, port in listeners(config, connection):
+        other = seen.setdefault(port, key)
+        if other == key or other.split(".")[0] == key.split(".")[0]:
+            continue
+        if other == "connection.port":
+            problems.append(
+                f"{where}: {key}: {port} is the SSH port (connection.port; allowed: any other port)"
+            )
+        else:
+            problems.append(
+                f"{where}: {key}: {port} is already used by {other} (allowed: a port no other "
+                "listener on the node uses)"
+            )
+    return problems
+
+
 def _deep_merge(left: Mapping[str, Any], right: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(left)
     for key, value in right.items():
@@ -240,7 +412,7 @@ def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel
         loc = tuple(err["loc"])
         here = where
         if model is InventoryFile and len(loc) >= 2 and loc[0] in ("hosts", "groups"):
-            here = f"{str(loc[0])[:-1]} {loc[1]}"  # "host gpu-01" / "group gpu_nodes"
+            here = f"{str(loc[0])[:-1]} {_part(loc[1])}"  # "host gpu-01" / "group gpu_nodes"
             key = _loc(loc[2:])
         else:
             key = _loc(loc)
@@ -260,10 +432,21 @@ def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel
                 msg = f"{msg} (allowed: {hint})"
             if err["type"] not in ("value_error", "assertion_error") and "input" in err:
                 msg = f"{_shown(err['input'])}: {msg}"
-        lines.append(f"{source}: {here}: {key or '(top level)'}: {msg}")
+        lines.append(f"{source}: {here}: {key or '(top level)'}: {_cut(msg)}")
     if len(errors) > MAX_PROBLEMS:
         lines.append(f"{source}: {where}: ... and {len(errors) - MAX_PROBLEMS} more problems")
     return "\n".join(lines)
+
+
+def _cut(msg: str) -> str:
+    """A validator's message bounded in size: a check that quotes the whole value it refuses
+    (100 kB, say) keeps its start and its "(allowed: ...)" clause."""
+    limit = 600
+    if len(msg) <= limit:
+        return msg
+    allowed = msg.rfind("(allowed:")
+    tail = msg[allowed:] if 0 <= allowed and len(msg) - allowed < limit // 2 else ""
+    return f"{msg[: limit - len(tail) - 4]}... {tail}"
 
 
 def _allowed_hint(err: Any) -> str | None:
@@ -281,6 +464,8 @@ def _allowed_hint(err: Any) -> str | None:
         }
         limit = next(iter(ctx.values()), "?")
         return f"a number {bounds[kind]} {limit}"
+    if kind == "string_too_long":
+        return f"a string of at most {ctx.get('max_length', '?')} characters"
     if kind in ("too_short", "too_long"):
         word = "at least" if kind == "too_short" else "at most"
         count = ctx.get("min_length" if kind == "too_short" else "max_length", "?")
@@ -290,6 +475,8 @@ def _allowed_hint(err: Any) -> str | None:
         "int_type": "an integer",
         "bool_parsing": "true or false",
         "bool_type": "true or false",
+        "float_type": "a number",
+        "float_parsing": "a number",
         "list_type": "a list, e.g. [a, b]",
         "dict_type": "a mapping of key: value",
         "model_type": "a mapping of key: value",
@@ -308,8 +495,15 @@ def _loc(loc: Iterable[int | str]) -> str:
         elif part == "[key]":
             out += ".(name)" if out else "(name)"  # the mapping key itself is what is wrong
         else:
-            out += f".{part}" if out else str(part)
+            out += f".{_part(part)}" if out else _part(part)
     return out
+
+
+def _part(part: int | str) -> str:
+    """A key as a message shows it: as written when it is plain, else quoted and cut short
+    (a hostile key must not add a line, a terminal escape or 100 kB to the message)."""
+    text = str(part)
+    return text if re.fullmatch(r"[A-Za-z0-9_.:/@+-]{1,80}", text) else _shown(text)
 
 
 _PYDANTIC_BRANCHES = {"int", "str", "list", "IPv4Network", "IPv6Network", "constrained-str"}

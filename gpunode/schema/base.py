@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field, field_validator
 
 from gpunode.schema.types import (
+    PACKAGE_USERS,
+    SERVICE_USER_PREFIX,
     GroupName,
     HoldPattern,
     HostName,
@@ -17,8 +19,11 @@ from gpunode.schema.types import (
     PackageName,
     Retention,
     Size,
+    SshPublicKey,
     UserName,
     listed_twice,
+    system_group,
+    system_user,
 )
 
 # Patterns that unattended upgrades must never touch: a kernel or NVIDIA update
@@ -46,9 +51,7 @@ class AdminUser(Model):
 
     name: UserName
     """The login name (not root)."""
-    ssh_keys: list[Annotated[str, StringConstraints(pattern=r"^(ssh|ecdsa|sk)-[^\n]+$")]] = Field(
-        default_factory=list
-    )
+    ssh_keys: list[SshPublicKey] = Field(default_factory=list)
     """Public keys, one `authorized_keys` line each (`ssh-...`, `ecdsa-...`, `sk-...`): the
     only keys left in `authorized_keys`."""
     sudo: bool = True
@@ -61,6 +64,17 @@ class AdminUser(Model):
     def _not_root(cls, value: str) -> str:
         if value == "root":
             raise ValueError("root is not an admin user gpunode manages (allowed: any other name)")
+        if system_user(value) or value in PACKAGE_USERS:
+            raise ValueError(
+                f"{value!r} is a system account or the user of a package gpunode installs "
+                "(gpunode/schema/types.py SYSTEM_USERS, PACKAGE_USERS; allowed: a person's "
+                "login name, not starting with 'systemd-' or '_')"
+            )
+        if value.startswith(SERVICE_USER_PREFIX):
+            raise ValueError(
+                f"{value!r}: {SERVICE_USER_PREFIX}<name> is the user of inference service <name> "
+                f"(allowed: a name not starting with {SERVICE_USER_PREFIX!r})"
+            )
         return value
 
 
@@ -115,6 +129,17 @@ class Base(Model):
     """The persistent journal's bounds."""
     auto_updates: AutoUpdates = Field(default_factory=AutoUpdates)
     """Unattended upgrades (apt) / dnf-automatic."""
+
+    @field_validator("admin_group")
+    @classmethod
+    def _own_group(cls, value: str) -> str:
+        if system_group(value) and value not in ("sudo", "wheel"):
+            raise ValueError(
+                f"{value!r} is a system group (gpunode/schema/types.py SYSTEM_GROUPS): its "
+                "members would all get sudo (allowed: a group of its own such as "
+                "gpunode_admins, or sudo / wheel, which already mean 'may sudo')"
+            )
+        return value
 
     @field_validator("admin_users")
     @classmethod

@@ -24,7 +24,14 @@ from gpunode.schema.monitoring import Monitoring
 from gpunode.schema.network import Network
 from gpunode.schema.nomad import Nomad
 from gpunode.schema.nvidia import Cuda, Nvidia
-from gpunode.schema.types import GroupName, Model, UserName
+from gpunode.schema.types import (
+    ControllerPath,
+    GroupName,
+    InventoryName,
+    Model,
+    SecretName,
+    UserName,
+)
 from gpunode.schema.vault import Secret, Vault
 
 RESERVED_GROUPS = frozenset({"all", "ungrouped"})  # pyinfra's own group names
@@ -53,7 +60,7 @@ class NodeConfig(Model):
     """sshd, sysctl and OS hardening."""
     vault: Vault = Field(default_factory=Vault)
     """How the controller reaches Vault to read `secrets`."""
-    secrets: dict[str, Secret] = Field(default_factory=dict)
+    secrets: dict[SecretName, Secret] = Field(default_factory=dict)
     """Secrets by name, read from Vault by the controller and written on the node as env files.
     A name is a-z, 0-9, '_' and '-', starting with a letter or digit, at most 63 characters
     (checked at config load): it names the env file."""
@@ -74,21 +81,23 @@ class Connection(Model):
 
     address: str
     """The host's IP address (IPv4 or IPv6) or DNS name, e.g. 192.0.2.10 or
-    gpu-01.example.com. Each address and port once in an inventory."""
+    gpu-01.example.com, stored in one spelling (IP addresses as Python's ipaddress writes
+    them, DNS names lowercase without a trailing dot). Each address and port once in an
+    inventory."""
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     """The SSH port (also the port the firewall opens to `network.admin_cidrs`)."""
     user: UserName = "root"
     """The user gpunode logs in as: root, or an admin user with sudo."""
-    key_file: str | None = None
+    key_file: ControllerPath | None = None
     """The SSH private key file on the controller (pyinfra's `ssh_key`); unset: the SSH agent
     and the user's default keys."""
-    known_hosts_file: str | None = None
+    known_hosts_file: ControllerPath | None = None
     """The known_hosts file on the controller that holds the host's key (pyinfra's
     `ssh_known_hosts_file`); unset: pyinfra's default, `~/.ssh/known_hosts`."""
     strict_host_key_checking: Literal["yes", "no", "accept-new"] = "yes"
     """yes: the host key must already be known; accept-new: an unknown host's key is added on
     first connection, a changed one refused; no: host keys are not checked."""
-    ssh_config_file: str | None = None
+    ssh_config_file: ControllerPath | None = None
     """An OpenSSH client config file on the controller (e.g. for ProxyJump). With one set,
     config load does not check that `network.admin_cidrs` covers this controller's address."""
     connect_retries: Annotated[int, Field(ge=0, le=10)] = 2
@@ -98,18 +107,34 @@ class Connection(Model):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
+        """One spelling per address: 2001:DB8:0::1 is 2001:db8::1, GPU-01.Example.com. is
+        gpu-01.example.com, and 192.0.2.010 is refused."""
         try:
-            ipaddress.ip_address(value)
-            return value
+            address = ipaddress.ip_address(value)
         except ValueError:
             pass
+        else:
+            if getattr(address, "scope_id", None):
+                raise ValueError(
+                    f"{value!r} has a zone index (allowed: an address without %zone: ssh "
+                    "reads '%' as one of its tokens)"
+                )
+            return str(address)
         label = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
         if len(value) > 253 or not re.fullmatch(rf"{label}(\.{label})*\.?", value):
             raise ValueError(
                 f"{value!r} is not an IP address or DNS name (allowed: e.g. 192.0.2.10, "
                 "2001:db8::10, gpu-01.example.com)"
             )
-        return value
+        name = value.lower().removesuffix(".")
+        if name.rpartition(".")[2].isdigit():
+            # 192.0.2.010, 2130706433: not a DNS name (no top-level domain is numeric), and
+            # inet_aton would read it as another spelling of an IP address
+            raise ValueError(
+                f"{value!r} is neither an IP address nor a DNS name (allowed: an IPv4 address "
+                "as four decimal numbers without leading zeros, e.g. 192.0.2.10, or a DNS name)"
+            )
+        return name
 
     def pyinfra_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -165,9 +190,10 @@ class InventoryFile(Model):
     """Node settings (the keys of the sections below) every host starts from."""
     groups: dict[GroupName, GroupEntry] = Field(default_factory=dict)
     """Groups by name; `all` and `ungrouped` are pyinfra's own and not allowed."""
-    hosts: dict[str, HostEntry]
-    """Hosts by inventory name. The name is also the host's default hostname
-    (`base.hostname`)."""
+    hosts: dict[InventoryName, HostEntry]
+    """Hosts by inventory name: letters, digits, '.', '_' and '-', starting with a letter or
+    digit. The name is also the host's default hostname (`base.hostname`), when it is a
+    valid one."""
 
 
 class Host(BaseModel):

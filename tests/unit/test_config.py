@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +66,10 @@ class Bad:
     xfail_allowed: str | None = None  # reason, where the message does not say what is allowed
 
 
-D = "defaults: {distro: debian12}\n"
+# The firewall is on by default and then needs network CIDRs for every service: the cases
+# here are about other keys, so their hosts run without it.
+NO_FW = "firewall: {enabled: false}"
+D = f"defaults: {{distro: debian12, {NO_FW}}}\n"
 
 BAD = [
     # --- YAML level -------------------------------------------------------
@@ -243,7 +246,7 @@ BAD = [
     ),
     Bad(
         "distro_not_set_anywhere",
-        host(),
+        f"defaults: {{{NO_FW}}}\n" + host(),
         "host gpu-01",
         "distro",
         (DISTRO_LIST,),
@@ -343,7 +346,8 @@ BAD = [
     ),
     Bad(
         "apt_mirror_on_dnf_distro",
-        "defaults: {distro: rhel9, base: {apt_mirror: 'http://mirror.example.net/'}}\n" + host(),
+        f"defaults: {{distro: rhel9, {NO_FW}, base: {{apt_mirror: 'http://mirror.example.net/'}}}}\n"
+        + host(),
         "host gpu-01",
         "base.apt_mirror",
         ("unset it",),
@@ -411,7 +415,8 @@ BAD = [
     ),
     Bad(
         "nvidia_version_outside_branch",
-        "defaults: {distro: debian12, nvidia: {branch: '570', version: 580.65.06}}\n" + host(),
+        f"defaults: {{distro: debian12, {NO_FW}, nvidia: {{branch: '570', version: 580.65.06}}}}\n"
+        + host(),
         "host gpu-01",  # checked on the merged config only: the branch may come later
         "nvidia.version",
         ("570.x versions, or change nvidia.branch",),
@@ -419,7 +424,7 @@ BAD = [
     ),
     Bad(
         "nvidia_version_outside_branch_after_merge",
-        "defaults: {distro: debian12, nvidia: {version: '580.82.07'}}\n"
+        f"defaults: {{distro: debian12, {NO_FW}, nvidia: {{version: '580.82.07'}}}}\n"
         + host(extra="    data: {nvidia: {branch: '570'}}\n"),
         "host gpu-01",
         "nvidia.version",
@@ -814,6 +819,7 @@ def test_merge_order_defaults_groups_in_order_then_host(tmp_path: Path) -> None:
         tmp_path,
         "defaults:\n"
         "  distro: debian12\n"
+        f"  {NO_FW}\n"
         "  nvidia: {branch: '535', kernel_modules: proprietary}\n"
         "  base: {journald: {system_max_use: 1G, max_retention_sec: 1week}}\n"
         "groups:\n"
@@ -836,7 +842,7 @@ def test_merge_order_defaults_groups_in_order_then_host(tmp_path: Path) -> None:
 def test_lists_replace_rather_than_append(tmp_path: Path) -> None:
     inv = load_text(
         tmp_path,
-        "defaults:\n  distro: debian12\n"
+        f"defaults:\n  distro: debian12\n  {NO_FW}\n"
         "  base: {ntp_servers: [a.example.net, b.example.net], admin_users: [{name: alice}]}\n"
         "groups:\n  gpu_nodes:\n    data: {base: {admin_users: [{name: bob}]}}\n"
         "hosts:\n  gpu-01:\n    connection: {address: 192.0.2.1}\n    groups: [gpu_nodes]\n"
@@ -850,7 +856,7 @@ def test_lists_replace_rather_than_append(tmp_path: Path) -> None:
 def test_pyinfra_groups_and_ungrouped(tmp_path: Path) -> None:
     inv = load_text(
         tmp_path,
-        "defaults: {distro: ubuntu2404}\n"
+        f"defaults: {{distro: ubuntu2404, {NO_FW}}}\n"
         "groups:\n  gpu_nodes: {}\n  empty_group: {}\n"
         "hosts:\n"
         "  gpu-01:\n    connection: {address: 192.0.2.1, port: 2222, user: admin,"
@@ -879,7 +885,7 @@ def test_pyinfra_groups_and_ungrouped(tmp_path: Path) -> None:
 def test_defaults_apply_and_hostname_override(tmp_path: Path) -> None:
     inv = load_text(
         tmp_path,
-        "defaults: {distro: rocky9, nvidia: {branch: 580, version: 580.82.07}}\n"
+        f"defaults: {{distro: rocky9, {NO_FW}, nvidia: {{branch: 580, version: 580.82.07}}}}\n"
         "hosts:\n  GPU_01:\n    connection: {address: 192.0.2.1}\n"
         "    data: {base: {hostname: gpu-01}}\n",
     )
@@ -919,3 +925,175 @@ def test_problems_per_layer_are_capped() -> None:
     lines = str(err.value).splitlines()
     assert len(lines) == 31
     assert lines[-1] == "inv.yml: defaults: ... and 70 more problems"
+
+
+# --- malformed files, strict types, one spelling per address, collisions ----------------
+
+
+def _deep(tmp: Path) -> str:
+    return "defaults: " + "[" * 10_000 + "]" * 10_000 + "\nhosts: {}\n"
+
+
+def _alias_chain(tmp: Path) -> str:
+    chain = "".join(f"    x{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 2000))
+    return "defaults:\n  base:\n    x0: &a0 [1]\n" + chain + "hosts: {}\n"
+
+
+MALFORMED: dict[str, tuple[bytes | Callable[[Path], str], str]] = {
+    "utf16": ("defaults: {}\n".encode("utf-16"), "the file is UTF-16 (allowed: UTF-8 text)"),
+    "not-utf8": (b"defaults:\n  distro: deb\xffian12\n", "line 2: byte 0xff is not UTF-8"),
+    "deep-list": (_deep, "nest more than 64 levels deep (allowed: at most 64)"),
+    "alias-chain": (_alias_chain, "counting aliases (allowed: at most 64)"),
+    "alias-cycle": (b"defaults: &a {x: *a}\nhosts: {}\n", "an alias refers to a node"),
+    "python-tag": (
+        b"defaults: !!python/object/apply:os.system [id]\nhosts: {}\n",
+        "could not determine a constructor for the tag",
+    ),
+    "duplicate-key": (b"defaults: {distro: debian12, distro: rocky9}\n", "duplicate key"),
+    "number-key": (b"defaults: {80: x}\nhosts: {}\n", "the key 80 is a int, not a string"),
+    "list-key": (b"defaults: {? [a]: x}\nhosts: {}\n", "is a list, not a string"),
+    "top-level-list": (b"- a\n- b\n", "must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_file_ends_in_a_clear_error_naming_it(case: str, tmp_path: Path) -> None:
+    content, expected = MALFORMED[case]
+    path = tmp_path / "inv.yml"
+    if callable(content):
+        path.write_text(content(tmp_path), encoding="utf-8")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_file(path)
+    assert str(err.value).startswith(f"{path}: "), str(err.value)
+    assert expected in str(err.value)
+    assert len(str(err.value)) < 2000
+
+
+def test_a_file_over_the_size_limit_is_refused_before_parsing(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yml"
+    with path.open("wb") as out:  # 100 MB of one comment: parsing it would take minutes
+        out.write(b"# " + b"x" * (100 * 2**20) + b"\n")
+    with pytest.raises(ConfigError, match=r"larger than 4 MiB \(allowed: an inventory of at most"):
+        load_file(path)
+
+
+def test_merge_keys_with_overrides_still_work(tmp_path: Path) -> None:
+    inv = load_text(
+        tmp_path,
+        f"defaults: &d\n  distro: debian12\n  {NO_FW}\n"
+        "hosts:\n  gpu-01:\n    connection: {address: 192.0.2.1}\n"
+        "    data:\n      <<: *d\n      distro: rocky9\n",
+    )
+    assert inv.hosts["gpu-01"].config.distro == "rocky9"
+
+
+def test_a_utf8_bom_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "inv.yml"
+    path.write_bytes(b"\xef\xbb\xbf" + render(D + host()).encode())
+    assert load_file(path).hosts["gpu-01"].config.distro == "debian12"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "allowed"),
+    [
+        ("defaults: {gpu: {required: 1}}", "defaults: gpu.required: 1:", "true or false"),
+        ("defaults: {nomad: {enabled: 'yes'}}", "defaults: nomad.enabled: 'yes':", "true or false"),
+        ("defaults: {monitoring: {node_exporter_port: true}}",
+         "defaults: monitoring.node_exporter_port: True:", "an integer"),
+        ("defaults: {vault: {timeout: '10'}}", "defaults: vault.timeout: '10':", "a number"),
+        ("defaults: {gpu: {count: '8'}}", "defaults: gpu.count: '8':", "an integer"),
+    ],
+)  # fmt: skip
+def test_types_are_strict(yaml_text: str, key: str, allowed: str, tmp_path: Path) -> None:
+    """A boolean is not a number, a number is not a boolean, a string is neither."""
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, yaml_text + "\n" + render(host()))
+    assert f"inv.yml: {key}" in str(err.value)
+    assert f"(allowed: {allowed})" in str(err.value)
+
+
+def test_a_port_as_a_string_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"host gpu-01: connection.port: '22': .*an integer"):
+        load_text(
+            tmp_path, D + "hosts:\n  gpu-01: {connection: {address: 192.0.2.1, port: '22'}}\n"
+        )
+    inv = load_text(tmp_path, D + "hosts:\n  gpu-01: {connection: {address: 192.0.2.1}}\n"
+                    "  gpu-02: {connection: {address: 192.0.2.1, port: 2222}}\n")  # fmt: skip
+    assert inv.hosts["gpu-01"].config.vault.timeout == 10.0  # an int where a float goes is fine
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shown"),
+    [
+        ("2001:db8::10", "'2001:DB8:0::10'", "2001:db8::10:22"),
+        ("gpu-01.example.com", "GPU-01.Example.COM.", "gpu-01.example.com:22"),
+        ("192.0.2.10", "192.0.2.10", "192.0.2.10:22"),
+    ],
+)
+def test_two_spellings_of_one_address_are_one_host(
+    first: str, second: str, shown: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, D + f"hosts:\n  a: {{connection: {{address: {first}}}}}\n"
+                  f"  b: {{connection: {{address: {second}}}}}\n")  # fmt: skip
+    assert f"host b: connection.address: {shown} is already host a" in str(err.value)
+
+
+@pytest.mark.parametrize("address", ["192.0.2.010", "2130706433", "fe80::1%eth0", "-x.example"])
+def test_an_address_with_another_meaning_is_refused(address: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="host a: connection.address: "):
+        load_text(tmp_path, D + f"hosts:\n  a: {{connection: {{address: '{address}'}}}}\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("base: {admin_users: [{name: daemon}]}", "base.admin_users[0].name: 'daemon' is a system"),
+        ("base: {admin_users: [{name: systemd-x}]}", "'systemd-x' is a system account"),
+        ("base: {admin_users: [{name: nomad}]}",
+         "'nomad' is a system account or the user of a package"),
+        ("base: {admin_users: [{name: gpunode-chat}]}", "gpunode-<name> is the user of inference"),
+        ("base: {admin_group: shadow}", "base.admin_group: 'shadow' is a system group"),
+        ("secrets: {k: {path: p, key: k, owner: nobody}}", "secrets.k.owner: 'nobody' is a system"),
+        ("secrets: {k: {path: p, key: k, group: disk}}",
+         "secrets.k.group: 'disk' is a system group"),
+    ],
+)  # fmt: skip
+def test_a_name_that_is_a_system_account_is_refused(
+    data: str, message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, f"defaults: {{distro: debian12, {NO_FW}, {data}}}\n" + render(host()))
+    assert message in str(err.value)
+
+
+def test_sudo_and_wheel_stay_allowed_as_the_admin_group(tmp_path: Path) -> None:
+    text = f"defaults: {{distro: rocky9, {NO_FW}, base: {{admin_group: wheel}}}}\n"
+    inv = load_text(tmp_path, text + render(host()))
+    assert inv.hosts["gpu-01"].config.base.admin_group == "wheel"
+
+
+@pytest.mark.parametrize(
+    ("data", "port", "message"),
+    [
+        ("monitoring: {node_exporter_port: 2222}", 2222,
+         "monitoring.node_exporter_port: 2222 is the SSH port (connection.port"),
+        ("monitoring: {dcgm_exporter_port: 2222}", 2222,
+         "monitoring.dcgm_exporter_port: 2222 is the SSH port (connection.port"),
+        ("nomad: {enabled: true, servers: ['10.0.0.1:4647'], device_plugin: {enabled: false}},"
+         " monitoring: {node_exporter_port: 4646}", 22,
+         "nomad.enabled (the Nomad agent's port 4646): 4646 is already used by "
+         "monitoring.node_exporter_port (allowed: a port no other listener on the node uses)"),
+    ],
+)  # fmt: skip
+def test_two_listeners_on_one_port_are_refused(
+    data: str, port: int, message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, f"defaults: {{distro: debian12, {NO_FW}, {data}}}\n"
+                  f"hosts:\n  gpu-01: {{connection: {{address: 192.0.2.1, port: {port}}}}}\n"
+                  )  # fmt: skip
+    assert f"host gpu-01: {message}" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1, str(err.value)

@@ -110,9 +110,12 @@ def test_the_loader_names_file_host_and_key() -> None:
     assert "control character '\\n'" in str(err.value)
 
 
-def test_printable_unicode_is_still_text() -> None:
-    config = NodeConfig.model_validate({"vault": {"namespace": "équipe-ml/ünit"}})
-    assert config.vault.namespace == "équipe-ml/ünit"
+def test_look_alike_letters_are_refused() -> None:
+    """A Cyrillic 'а' reads as a Latin 'a' in a review: every string is ASCII."""
+    with pytest.raises(ValidationError, match=r"non-ASCII character 'а' \(U\+0430\)"):
+        NodeConfig.model_validate({"vault": {"namespace": "tаem-ml"}})
+    config = NodeConfig.model_validate({"vault": {"namespace": "team-ml/unit"}})
+    assert config.vault.namespace == "team-ml/unit"
 
 
 def test_urls_refuse_a_backslash() -> None:
@@ -120,13 +123,17 @@ def test_urls_refuse_a_backslash() -> None:
 
     def with_proxy(url: str) -> dict[str, Any]:
         return {
-            "defaults": {"distro": "rocky9", "base": {"apt_proxy": url}},
+            "defaults": {
+                "distro": "rocky9",
+                "firewall": {"enabled": False},
+                "base": {"apt_proxy": url},
+            },
             "hosts": {"gpu-01": {"connection": {"address": "192.0.2.1"}}},
         }
 
     with pytest.raises(ConfigError) as err:
         load(with_proxy("http://proxy.example.com:3128\\"), "inv.yml")
     assert str(err.value).startswith("inv.yml: defaults: base.apt_proxy: ")
-    assert "no spaces, quotes, ';' or backslash" in str(err.value)
+    assert "no user:password@, spaces, quotes, backslash" in str(err.value)
     good = load(with_proxy("http://proxy.example.com:3128"), "inv.yml")
     assert good.hosts["gpu-01"].config.base.apt_proxy == "http://proxy.example.com:3128"
