@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gpunode import firewall, inference
 from gpunode.config import load, load_file
 from gpunode.schema.distros import DISTROS, DistroSpec
 from gpunode.schema.node import Inventory, NodeConfig
@@ -29,6 +30,32 @@ EXIT_CONFIG = 2
 def fail(exc: ConfigError) -> NoReturn:
     print(f"gpunode: invalid configuration\n{exc}", file=sys.stderr)
     raise SystemExit(EXIT_CONFIG)
+
+
+# Warnings already printed in this process: each distinct one once per run.
+_REPORTED: set[str] = set()
+
+
+def report(inventory: Inventory) -> Inventory:
+    """Print the loaded config's warnings to stderr (insecure transport settings, say), each
+    distinct one once per run, naming its hosts. Every command that loads an inventory
+    (pyinfra through inventories/*.py, every `gpunode` command) comes through here."""
+    hosts: dict[str, list[str]] = {}
+    for name, host in inventory.hosts.items():
+        config = host.config
+        for warning in (
+            *config.vault.warnings(),
+            *config.nomad.warnings(),
+            *firewall.warnings(config),
+            *inference.warnings(config),
+        ):
+            hosts.setdefault(warning, []).append(name)
+    for warning, names in hosts.items():
+        line = f"gpunode: warning: {warning} (hosts: {', '.join(names)})"
+        if line not in _REPORTED:
+            _REPORTED.add(line)
+            print(line, file=sys.stderr)
+    return inventory
 
 
 def yaml_path_for(inventory_py: str | Path) -> Path:
@@ -43,14 +70,14 @@ def yaml_path_for(inventory_py: str | Path) -> Path:
 def from_yaml(inventory_py: str | Path) -> Inventory:
     """Validate the YAML beside an inventory .py file; exit 2 with the message if it is bad."""
     try:
-        return load_file(yaml_path_for(inventory_py))
+        return report(load_file(yaml_path_for(inventory_py)))
     except ConfigError as exc:
         fail(exc)
 
 
 def from_dict(raw: Any, source: str) -> Inventory:
     try:
-        return load(raw, source)
+        return report(load(raw, source))
     except ConfigError as exc:
         fail(exc)
 

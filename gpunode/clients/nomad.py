@@ -13,7 +13,9 @@ Only the endpoints gpunode needs, as documented in Nomad's API docs
 
 Mutual TLS (CA, client certificate and key), the ACL token in the ``X-Nomad-Token``
 header, timeouts, and retries with backoff for connection errors, 429 and 5xx. The
-token never appears in an error message or a ``repr``.
+token never appears in an error message or a ``repr``. The token goes to the address's
+origin only: ``http://`` only to a loopback address or with ``insecure_http``, and a
+redirect elsewhere is an error (gpunode/clients/redirects.py).
 
 .. code:: python
 
@@ -33,6 +35,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from gpunode.clients.redirects import CrossOriginRedirect, SameOriginRedirects
+from gpunode.schema.vault import credential_url
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 DEPLOYMENT_DONE = frozenset({"successful", "failed", "cancelled"})
@@ -126,18 +131,31 @@ class NomadClient:
     timeout: float = 10.0
     retries: int = 3
     backoff: float = 0.5
+    insecure_http: bool = False
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
 
     def __post_init__(self) -> None:
         self.address = self.address.rstrip("/")
         scheme = urllib.parse.urlsplit(self.address).scheme
         if scheme not in ("http", "https"):
-            raise NomadError(f"{self.address!r} is not a Nomad address (allowed: http(s)://...)")
+            raise NomadError(
+                f"{urllib.parse.urlsplit(self.address).hostname or 'the address'} is not a "
+                "Nomad address (allowed: http(s)://...)"
+            )
+        try:
+            credential_url(self.address, self.insecure_http, "nomad.insecure_http")
+        except ValueError as exc:
+            raise NomadError(f"Nomad address {exc}") from None
         self._context: ssl.SSLContext | None = None
         if scheme == "https":
             self._context = ssl.create_default_context(cafile=self.ca_file)
             if self.cert_file:
                 self._context.load_cert_chain(self.cert_file, self.key_file)
+        # The token's transport: TLS as above, redirects only within the address's origin.
+        self._opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=self._context),
+            SameOriginRedirects(self.address),
+        )
 
     # --- the endpoints ----------------------------------------------------------------
 
@@ -209,11 +227,14 @@ class NomadClient:
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
             try:
-                with urllib.request.urlopen(  # noqa: S310 - http(s) only, checked above
-                    request, timeout=self.timeout, context=self._context
-                ) as response:
+                with self._opener.open(request, timeout=self.timeout) as response:
                     payload = response.read()
                 return json.loads(payload) if payload.strip() else None
+            except CrossOriginRedirect as exc:
+                raise NomadError(
+                    f"{what}: {exc} (allowed: redirects within {exc.start}; set nomad.address "
+                    "to the server that answers)"
+                ) from None
             except urllib.error.HTTPError as exc:
                 text = exc.read().decode(errors="replace").strip()[:300]
                 if exc.code in RETRY_STATUS and attempt < self.retries:

@@ -51,6 +51,7 @@ def client_for(config: NodeConfig, environ: Mapping[str, str]) -> NomadClient:
         key_file=nomad.api_key_file or environ.get("NOMAD_CLIENT_KEY"),
         namespace=nomad.namespace,
         region=nomad.region,
+        insecure_http=nomad.insecure_http,
     )
 
 

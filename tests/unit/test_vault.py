@@ -258,7 +258,9 @@ def test_env_line_quotes_for_systemd(value: str, line: str) -> None:
 
 def _inv(secrets_yaml: str, vault_yaml: str = "vault: {addr: 'http://127.0.0.1:8200'}") -> str:
     return (
-        f"defaults:\n  distro: debian12\n  {vault_yaml}\n  secrets:\n{secrets_yaml}"
+        # the firewall (on by default) is the firewall role's: not these tests' concern
+        f"defaults:\n  distro: debian12\n  firewall: {{enabled: false}}\n  {vault_yaml}\n"
+        f"  secrets:\n{secrets_yaml}"
         "hosts:\n  gpu-01:\n    connection: {address: 192.0.2.1}\n"
     )
 
@@ -292,39 +294,39 @@ def test_config_defaults() -> None:
         ),
         (
             "    llm: {path: gpunode/llm, key: k, mode: '0644'}\n",
-            "vault: {addr: 'http://v:8200'}",
+            "vault: {addr: 'https://v:8200'}",
             "inv.yml: defaults: secrets.llm.mode: '0644' is not allowed",
         ),
         (
             "    Bad.Name: {path: gpunode/llm, key: k}\n",
-            "vault: {addr: 'http://v:8200'}",
-            "inv.yml: host gpu-01: secrets.Bad.Name: bad secret name",
+            "vault: {addr: 'https://v:8200'}",
+            "inv.yml: defaults: secrets.Bad.Name.(name): 'Bad.Name' is not allowed",
         ),
         (
             "    a: {path: p, key: k, dest: /etc/x.env}\n"
             "    b: {path: p, key: k, dest: /etc/x.env}\n",
-            "vault: {addr: 'http://v:8200'}",
+            "vault: {addr: 'https://v:8200'}",
             "inv.yml: host gpu-01: secrets.b.dest: /etc/x.env is also the file of secret a",
         ),
         (
             "    a: {path: 'p/../x', key: k}\n",
-            "vault: {addr: 'http://v:8200'}",
+            "vault: {addr: 'https://v:8200'}",
             "inv.yml: defaults: secrets.a.path: 'p/../x' is not allowed",
         ),
         (
             "    a: {path: p, key: k, restart: ['nginx; rm -rf /']}\n",
-            "vault: {addr: 'http://v:8200'}",
+            "vault: {addr: 'https://v:8200'}",
             "inv.yml: defaults: secrets.a.restart[0].name: 'nginx; rm -rf /' is not allowed",
         ),
         (
             "    a: {path: p}\n",
-            "vault: {addr: 'http://v:8200'}",
+            "vault: {addr: 'https://v:8200'}",
             "inv.yml: host gpu-01: secrets.a.key: required key is missing (allowed: the key "
             "inside the secret, e.g. api_key)",
         ),
         (
             "    a: {path: p, key: k}\n",
-            "vault: {addr: 'http://v:8200', auth: kerberos}",
+            "vault: {addr: 'https://v:8200', auth: kerberos}",
             "inv.yml: defaults: vault.auth: 'kerberos': Input should be 'approle' or 'token'",
         ),
     ],
@@ -342,7 +344,8 @@ def test_bad_secret_config_is_refused_at_load(
 
 def _hosts(extra_host_data: str = ""):
     text = (
-        "defaults:\n  distro: debian12\n  vault: {addr: 'http://127.0.0.1:1'}\n"
+        "defaults:\n  distro: debian12\n  firewall: {enabled: false}\n"
+        "  vault: {addr: 'http://127.0.0.1:1'}\n"
         "  secrets:\n    demo: {path: gpunode/demo, key: api_key}\n"
         "hosts:\n  gpu-01:\n    connection: {address: 192.0.2.1}\n"
         "  gpu-02:\n    connection: {address: 192.0.2.2}\n" + extra_host_data
@@ -398,6 +401,7 @@ def test_the_secrets_role_creates_the_files_group_before_writing(
     raw = {
         "defaults": {
             "distro": "debian12",
+            "firewall": {"enabled": False},  # on by default: the firewall role's concern
             "vault": {"addr": bao.addr, "role_id": bao.role_id, "retries": 0},
             "secrets": {
                 "chat-key": {"path": "gpunode/demo", "key": "api_key", "group": "gpunode-chat"}
