@@ -69,9 +69,17 @@ def cluster_ports(config: NodeConfig) -> list[tuple[str, int]]:
     return ports
 
 
-# HashiCorp's release signing key ("HashiCorp Security <security@hashicorp.com>"),
-# as published in HashiCorp's security page; apt verifies packages with it.
-HASHICORP_KEY_FINGERPRINT = "798AEC654E5C15428C8E42EEAA16FCBCA621E701"
+# HashiCorp's package signing key, pinned: the primary keys <repo>/gpg must hold, exactly
+# (apt trusts every key of a signed-by file; dnf imports every key of a gpgkey= file). The
+# file is read with gpg on every run (gpunode/facts/keys.py); one holding anything else stops
+# the run for that host before the repository file is written.
+# "HashiCorp Security (HashiCorp Package Signing) <security+packaging@hashicorp.com>", used
+# since 2023-01-23 for apt.releases.hashicorp.com and rpm.releases.hashicorp.com. Source:
+# HashiCorp's install instructions ("The fingerprint must match 798A EC65 4E5C 1542 8C8E 42EE
+# AA16 FCBC A621 E701, which can also be verified at https://www.hashicorp.com/security
+# under 'Linux Package Checksum Verification'").
+HASHICORP_KEY_FINGERPRINTS = ("798AEC654E5C15428C8E42EEAA16FCBCA621E701",)
+HASHICORP_KEY = "gpg"  # <repo>/gpg, on both repositories
 
 
 CONFIG_FILE = "nomad.hcl"
@@ -90,7 +98,9 @@ class RepoSpec:
     default_url: str
     repo_file: str
     template: str
-    keyring: str | None  # apt: the signed-by keyring; dnf imports gpgkey= itself
+    # where the pinned key is kept: apt's signed-by keyring; dnf's gpgkey=file:// (dnf
+    # imports it from there, never from the network)
+    keyring: str
     pin: str  # format of a pinned package: {version}
 
     def package(self, version: str) -> str:
@@ -109,7 +119,7 @@ REPO: dict[distros.Family, RepoSpec] = {
         default_url="https://rpm.releases.hashicorp.com",
         repo_file="/etc/yum.repos.d/hashicorp.repo",
         template="hashicorp.repo.j2",
-        keyring=None,
+        keyring="/etc/pki/rpm-gpg/RPM-GPG-KEY-gpunode-hashicorp",
         pin="nomad-{version}-1",
     ),
 }

@@ -16,7 +16,7 @@ Package sources
 
 Sources of the package names and repository layouts (checked 2026-11):
 NVIDIA CUDA Installation Guide for Linux and NVIDIA Driver Installation Guide
-(docs.nvidia.com: "Network Repository Installation", cuda-keyring_1.1-1_all.deb,
+(docs.nvidia.com: "Network Repository Installation" (the signing keys: see NVIDIA_KEYS),
 ``dnf module install nvidia-driver:<stream>``, ``cuda-toolkit-X-Y``, fabric
 manager packages), NVIDIA Container Toolkit install guide (the
 libnvidia-container apt list / dnf .repo file and its four packages), DCGM user
@@ -46,16 +46,49 @@ CONTAINER_TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container"
 # EPEL (for dkms on RHEL 9): Fedora's documented install RPM.
 EPEL_RELEASE_RPM = "https://dl.fedoraproject.org/pub/epel/epel-release-latest-9.noarch.rpm"
 
-CUDA_KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"  # installs the archive key + the .list file
-CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
-CUDA_RPM_KEY = "D42D0685.pub"  # RPM signing key of the CUDA repos since 2022
 CONTAINER_TOOLKIT_PACKAGES = (  # pinned to one version together
     "nvidia-container-toolkit",
     "nvidia-container-toolkit-base",
     "libnvidia-container-tools",
     "libnvidia-container1",
 )
+
+# --- NVIDIA's signing keys, pinned ----------------------------------------------------------
+#
+# Each key file NVIDIA publishes (next to a CUDA repository, or at the container toolkit's
+# base URL) with the fingerprints of the primary keys the file must hold: exactly these, no
+# other key (apt trusts every key in a signed-by file, dnf imports every key of a gpgkey=
+# file). The file is read with gpg on every run (gpunode/facts/keys.py); a file holding
+# anything else stops the run for that host before a repository file or package uses it.
+NVIDIA_KEYS: dict[str, tuple[str, ...]] = {
+    # The CUDA apt repositories' key (debian12, ubuntu2204, ubuntu2404: <repo>/3bf863cc.pub),
+    # "cudatools <cudatools@nvidia.com>", since 2022. Source: NVIDIA's own
+    # https://github.com/NVIDIA/cuda-repo-management/blob/main/SIGNATURES.md
+    # ("Primary key fingerprint: EB69 3B30 35CD 5710 E231 E123 A4B4 6996 3BF8 63CC").
+    "3bf863cc.pub": ("EB693B3035CD5710E231E123A4B469963BF863CC",),
+    # The CUDA dnf repositories' key (rhel9: <repo>/D42D0685.pub), same page ("Importing GPG
+    # key 0xD42D0685 ... Fingerprint: 610C 7B14 E068 A878 070D A4E9 9CD0 A493 D42D 0685").
+    "D42D0685.pub": ("610C7B14E068A878070DA4E99CD0A493D42D0685",),
+    # The container toolkit's key (<base>/gpgkey, apt and dnf alike), "NVIDIA CORPORATION
+    # (Open Source Projects) <cudatools@nvidia.com>": read with gpg --show-keys from the
+    # gpgkey file of https://github.com/NVIDIA/nvidia-docker (served as
+    # https://nvidia.github.io/nvidia-docker/gpgkey; NVIDIA's container toolkit install guide
+    # fetches the same key from https://nvidia.github.io/libnvidia-container/gpgkey).
+    "gpgkey": ("C95B321B61E88C1809C4F759DDCAE044F796ECB0",),
+}
+CUDA_APT_KEY = "3bf863cc.pub"
+CUDA_RPM_KEY = "D42D0685.pub"  # RPM signing key of the CUDA repos since 2022
+CONTAINER_TOOLKIT_KEY = "gpgkey"
+# Where gpunode keeps them on a host. The apt keyrings are the armored files as published
+# (.asc: apt reads armored signed-by files by that extension); cuda-keyring's own
+# /usr/share/keyrings/cuda-archive-keyring.gpg is not used (gpunode removes that package).
+CUDA_KEYRING = "/usr/share/keyrings/gpunode-nvidia-cuda.asc"
+CUDA_RPM_KEYRING = "/etc/pki/rpm-gpg/RPM-GPG-KEY-gpunode-nvidia-cuda"
 CONTAINER_TOOLKIT_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.asc"
+CONTAINER_TOOLKIT_RPM_KEYRING = "/etc/pki/rpm-gpg/RPM-GPG-KEY-gpunode-nvidia-container-toolkit"
+# NVIDIA's package that used to carry the CUDA apt key (installed by gpunode before
+# 2026-12): removed, so no package-owned file competes with the pinned keyring.
+CUDA_KEYRING_PACKAGE = "cuda-keyring"
 
 
 @dataclass(frozen=True)
@@ -71,8 +104,20 @@ class CudaRepo:
         return f"{base.rstrip('/')}/cuda/repos/{self.path}/x86_64"
 
     @property
+    def key(self) -> str:
+        """The signing key file NVIDIA publishes next to the repository (a key of
+        :data:`NVIDIA_KEYS`)."""
+        return CUDA_APT_KEY if self.family == "apt" else CUDA_RPM_KEY
+
+    @property
+    def keyring(self) -> str:
+        """Where gpunode keeps that key on the host (apt: signed-by; dnf: gpgkey=file://)."""
+        return CUDA_KEYRING if self.family == "apt" else CUDA_RPM_KEYRING
+
+    @property
     def list_file(self) -> str:
-        """apt: the sources file cuda-keyring installs (gpunode writes the same one)."""
+        """apt: the sources file NVIDIA's cuda-keyring package installs (gpunode writes the
+        same one, pointing at its pinned keyring)."""
         return f"/etc/apt/sources.list.d/cuda-{self.path}-x86_64.list"
 
     @property

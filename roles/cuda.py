@@ -12,6 +12,9 @@ repository for ``nvidia.source: nvidia``). Everything it reads is in
   toolkit are not in distro archives (skipped with a notice unless asked for).
 * ``/etc/profile.d/gpunode-cuda.sh`` puts the toolkit on PATH (CUDA_HOME).
 * Everything installed is held like the driver (apt-mark hold / dnf versionlock).
+* The container toolkit's signing key is pinned (``gpunode.nvidia.NVIDIA_KEYS``) and its
+  keyring checked on every run: one with any other key stops the host before the
+  repository file is written.
 
 .. code:: python
 
@@ -30,6 +33,7 @@ from gpunode import nvidia as nv
 from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_and_distro
 from gpunode.nvidia import container_toolkit_packages, toolkit
+from gpunode.operations.keys import pinned_keyring
 from gpunode.operations.nvidia import hold_packages
 from gpunode.operations.server import notice
 from gpunode.paths import template
@@ -48,6 +52,8 @@ def cuda() -> None:
     gpu_present = bool(state["gpus"]) and not state["container"]
     installs = []
     repo = _container_toolkit_repo(config, spec) if nv.wants_container_toolkit(config) else []
+    if repo is None:
+        return  # the container toolkit's keyring holds keys other than the pinned one: failed
     packages: list[str] = []
     version = nv.cuda_version(config)
     cuda_home = None
@@ -120,23 +126,38 @@ def cuda() -> None:
     )
 
 
-def _container_toolkit_repo(config: NodeConfig, spec: distros.DistroSpec) -> list:
+def _container_toolkit_repo(config: NodeConfig, spec: distros.DistroSpec) -> list | None:
+    """The container toolkit's repository and its pinned key; returns the operations whose
+    change needs an apt update, or None when the host failed (the keyring on it holds keys
+    other than the pinned one)."""
     base = (config.cuda.container_toolkit_mirror or nv.CONTAINER_TOOLKIT_REPO).rstrip("/")
-    if spec.family == "apt":
+    if base.startswith("http://"):
+        notice(
+            name="Warning: NVIDIA Container Toolkit mirror over plain http "
+            "(cuda.container_toolkit_mirror_allow_http)",
+            message="packages are checked against the pinned key; the transport is not private",
+        )
+    apt_family = spec.family == "apt"
+    keyring = nv.CONTAINER_TOOLKIT_KEYRING if apt_family else nv.CONTAINER_TOOLKIT_RPM_KEYRING
+    key = pinned_keyring(
+        what="NVIDIA Container Toolkit repository key",
+        src=f"{base}/{nv.CONTAINER_TOOLKIT_KEY}",
+        path=keyring,
+        fingerprints=nv.NVIDIA_KEYS[nv.CONTAINER_TOOLKIT_KEY],
+        family=spec.family,
+    )
+    if key is None:
+        return None
+    if apt_family:
         return [
-            files.download(
-                name="NVIDIA Container Toolkit repository key",
-                src=f"{base}/gpgkey",
-                dest=nv.CONTAINER_TOOLKIT_KEYRING,
-                mode="644",
-            ),
+            key,
             files.template(
                 name="NVIDIA Container Toolkit repository",
                 src=template("nvidia/nvidia-container-toolkit.list.j2"),
                 dest="/etc/apt/sources.list.d/nvidia-container-toolkit.list",
                 mode="644",
                 base=base,
-                keyring=nv.CONTAINER_TOOLKIT_KEYRING,
+                keyring=keyring,
             ),
         ]
     files.template(
@@ -145,5 +166,6 @@ def _container_toolkit_repo(config: NodeConfig, spec: distros.DistroSpec) -> lis
         dest="/etc/yum.repos.d/nvidia-container-toolkit.repo",
         mode="644",
         base=base,
+        gpgkey=f"file://{keyring}",
     )
     return []

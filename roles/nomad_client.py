@@ -1,7 +1,9 @@
 """Nomad client role: the Nomad agent that runs inference services as Nomad jobs.
 
-HashiCorp's package repository (or a mirror of it) with its signing key checked by
-fingerprint; Nomad pinned to ``nomad.version``; the NVIDIA device plugin
+HashiCorp's package repository (or a mirror of it) with its signing key pinned: the
+keyring must hold exactly the key in ``gpunode.nomad.HASHICORP_KEY_FINGERPRINTS``,
+checked on every run (a keyring with another key stops the host before the repository
+file is written); Nomad pinned to ``nomad.version``; the NVIDIA device plugin
 (``nomad-device-nvidia``) from its release zip checked by sha256; the client config
 (datacenter, servers, mutual TLS, ACLs, Vault for workload identity, plugins); a
 hardened systemd unit in place of the package's. Its ports are opened to
@@ -25,6 +27,8 @@ from pyinfra.operations.util import any_changed
 
 from gpunode import nomad as hashicorp
 from gpunode.inventory import node_and_distro
+from gpunode.operations.keys import pinned_keyring
+from gpunode.operations.server import notice
 from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.schema import distros
@@ -40,6 +44,21 @@ def nomad_client() -> None:
     repo = hashicorp.REPO[spec.family]
     repo_url = (config.nomad.repo_url or repo.default_url).rstrip("/")
 
+    if repo_url.startswith("http://"):
+        notice(
+            name="Warning: HashiCorp repository over plain http (nomad.repo_url_allow_http)",
+            message="packages are checked against the pinned key; the transport is not private",
+        )
+    # HashiCorp's signing key, pinned: a keyring holding any other key stops the host here.
+    key = pinned_keyring(
+        what="HashiCorp signing key",
+        src=f"{repo_url}/{hashicorp.HASHICORP_KEY}",
+        path=repo.keyring,
+        fingerprints=hashicorp.HASHICORP_KEY_FINGERPRINTS,
+        family=spec.family,
+    )
+    if key is None:
+        return
     if spec.family == "apt":
         _apt_repo(config, spec, repo, repo_url)
     else:
@@ -49,6 +68,7 @@ def nomad_client() -> None:
             dest=repo.repo_file,
             mode="644",
             repo=repo_url,
+            gpgkey=f"file://{repo.keyring}",
         )
         dnf.packages(name="Nomad (pinned)", packages=["unzip", repo.package(config.nomad.version)])
 
@@ -97,24 +117,6 @@ def nomad_client() -> None:
 def _apt_repo(
     config: NodeConfig, spec: distros.DistroSpec, repo: hashicorp.RepoSpec, repo_url: str
 ) -> None:
-    assert repo.keyring is not None
-    key = files.download(
-        name="HashiCorp signing key",
-        src=f"{repo_url}/gpg",
-        dest=repo.keyring,
-        mode="644",
-    )
-    # Trust the key only if it is HashiCorp's: its fingerprint must match.
-    server.shell(
-        name="Check the HashiCorp signing key fingerprint",
-        commands=[
-            f"gpg --show-keys --with-colons {repo.keyring} | "
-            f"grep -q '^fpr:::::::::{hashicorp.HASHICORP_KEY_FINGERPRINT}:' || "
-            f"{{ rm -f {repo.keyring}; echo 'gpunode: {repo.keyring} is not HashiCorp key "
-            f"{hashicorp.HASHICORP_KEY_FINGERPRINT}' >&2; exit 1; }}"
-        ],
-        _if=key.did_change,
-    )
     sources = files.template(
         name="HashiCorp apt repository",
         src=template("nomad", repo.template),

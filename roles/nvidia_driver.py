@@ -6,9 +6,12 @@ and the distro/source tables live); what it learns from the host comes from one 
 
 * Hosts without an NVIDIA device: a visible skip (``nvidia.install: auto``), an error
   (``gpu.required: true``), or an install anyway (``nvidia.install: always``).
-* Source ``nvidia``: NVIDIA's CUDA network repository (cuda-keyring on apt, the .repo
-  file and a dnf module stream on EL9, EPEL for dkms); ``distro``: the distribution's
-  archive (Debian 12 gets a ``non-free`` sources file).
+* Source ``nvidia``: NVIDIA's CUDA network repository with its signing key pinned (the
+  key file next to the repository, checked by fingerprint on every run: a keyring with
+  any other key stops the host before the repository file is written; NVIDIA's
+  cuda-keyring .deb is not used, and removed where an earlier gpunode installed it), a
+  dnf module stream on EL9, EPEL for dkms; ``distro``: the distribution's archive
+  (Debian 12 gets a ``non-free`` sources file).
 * Installed NVIDIA packages are held (apt-mark hold / dnf versionlock); an exact
   ``nvidia.version`` is pinned with an apt preferences file.
 * Kernel headers for the running kernel and dkms; nouveau blacklisted, the initramfs
@@ -38,10 +41,12 @@ from gpunode import nvidia as nv
 from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_and_distro
 from gpunode.nvidia import driver_packages, fabricmanager_packages, mirror_base
+from gpunode.operations.keys import pinned_keyring
 from gpunode.operations.nvidia import check_driver_loaded, dnf_module_stream, hold_packages
 from gpunode.operations.server import fail, notice
 from gpunode.paths import template
 from gpunode.provenance import record
+from gpunode.render import shell_value
 from gpunode.schema import distros
 from gpunode.schema.node import NodeConfig
 
@@ -101,6 +106,8 @@ def nvidia_driver() -> None:
     _module_signing(config)
 
     sources_changed = _sources(config, spec)
+    if sources_changed is None:
+        return  # a keyring on the host holds keys other than the pinned ones: failed
     _version_pin(config, family)
     driver = _packages(config, spec, state, sources_changed)
     _holds(family, driver)
@@ -128,15 +135,22 @@ def _module_signing(config: NodeConfig) -> None:
             dest=nv.DKMS_SIGNING_CONF,
             mode="644",
             signing=signing,
+            sh=shell_value,  # DKMS sources the file as shell
         )
     else:
         files.file(name="DKMS module signing (none)", path=nv.DKMS_SIGNING_CONF, present=False)
 
 
-def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any]:
-    """Set up the package source; returns the operations whose change needs an apt update."""
+def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any] | None:
+    """Set up the package source; returns the operations whose change needs an apt update,
+    or None when the host failed (a keyring on it holds keys other than the pinned ones)."""
     nvidia = config.nvidia
     assert config.distro
+    if nvidia.mirror and nvidia.mirror.startswith("http://"):
+        notice(
+            name="Warning: NVIDIA mirror over plain http (nvidia.mirror_allow_http)",
+            message="packages are still signature-checked; the transport is not private",
+        )
     if nvidia.source == "distro":
         archive = nv.DISTRO_ARCHIVES[config.distro]
         if not archive.components or config.base.apt_mirror:
@@ -157,24 +171,36 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any]:
         ]
     repo = nv.CUDA_REPOS[config.distro]
     url = repo.url(mirror_base(config))
+    # NVIDIA's signing key, fetched from next to the repository and pinned: a keyring
+    # holding any other key stops the host here, before the repository file is written.
+    key = pinned_keyring(
+        what="NVIDIA CUDA repository key",
+        src=f"{url}/{repo.key}",
+        path=repo.keyring,
+        fingerprints=nv.NVIDIA_KEYS[repo.key],
+        family=repo.family,
+    )
+    if key is None:
+        return None
     if repo.family == "apt":
-        ops = []
-        if "cuda-keyring" not in host.get_fact(DebPackages):
-            keyring = apt.deb(
-                name="NVIDIA CUDA repository keyring", src=f"{url}/{nv.CUDA_KEYRING_DEB}"
+        # NVIDIA's cuda-keyring .deb (gpunode installed it before 2026-12) would keep a
+        # second, package-owned copy of the key and rewrite the sources file on upgrade.
+        if nv.CUDA_KEYRING_PACKAGE in host.get_fact(DebPackages):
+            apt.packages(
+                name="Remove NVIDIA's cuda-keyring package (the key is pinned instead)",
+                packages=[nv.CUDA_KEYRING_PACKAGE],
+                present=False,
+                purge=True,
             )
-            ops.append(keyring)
-        ops.append(
-            files.template(
-                name="NVIDIA CUDA repository",
-                src=template("nvidia/cuda.list.j2"),
-                dest=repo.list_file,
-                mode="644",
-                keyring=nv.CUDA_KEYRING,
-                url=url,
-            )
+        listing = files.template(
+            name="NVIDIA CUDA repository",
+            src=template("nvidia/cuda.list.j2"),
+            dest=repo.list_file,
+            mode="644",
+            keyring=repo.keyring,
+            url=url,
         )
-        return ops
+        return [key, listing]
     # EPEL (for dkms): its release RPM by URL, or the package in the distro's extras.
     # Checked by name first: dnf.rpm would download the URL again on every run.
     if repo.epel and "epel-release" not in host.get_fact(RpmPackages):
@@ -188,7 +214,7 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any]:
         baseurl=url,
         description=repo.repo_id,
         gpgcheck=True,
-        gpgkey=f"{url}/{nv.CUDA_RPM_KEY}",
+        gpgkey=f"file://{repo.keyring}",  # the pinned copy: dnf imports it from there
     )
     return []
 

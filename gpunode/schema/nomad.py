@@ -23,9 +23,30 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, ValidationInfo, field_validator
 
-from gpunode.schema.types import AbsPath, HttpUrl, Image, Model, Name, ServerAddr, Sha256, Version
+from gpunode.schema.nvidia import repository_url
+from gpunode.schema.runtimes import RuntimeName
+from gpunode.schema.types import (
+    AbsPath,
+    Duration,
+    GpuId,
+    GpuMemory,
+    GpuName,
+    HttpUrl,
+    Image,
+    IpAddress,
+    KvPath,
+    Model,
+    Name,
+    Period,
+    SecretKey,
+    ServerAddr,
+    Sha256,
+    Uri,
+    Version,
+)
+from gpunode.schema.vault import credential_url
 
 # Ports of a Nomad agent (Nomad docs, "Ports used"): HTTP API 4646/tcp; RPC 4647/tcp
 # (client agents <-> servers); Serf WAN 4648/tcp+udp, used by servers to gossip,
@@ -62,9 +83,9 @@ class AclTokenVault(Model):
 
     mount: Name = "secret"
     """The KV v2 mount."""
-    path: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]+$")] = "gpunode/nomad"
+    path: KvPath = "gpunode/nomad"
     """The path in the mount, without data/."""
-    key: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+$")] = "token"
+    key: SecretKey = "token"
     """The key inside the secret that holds the token's SecretID."""
 
 
@@ -79,11 +100,9 @@ class DevicePlugin(Model):
     """The release zip (or a mirror of it); null: HashiCorp's release URL."""
     sha256: Sha256 | None = None
     """The sha256 of the release zip; required when enabled (checked at config load)."""
-    fingerprint_period: Annotated[str, StringConstraints(pattern=r"^[0-9]+(s|m|h)$")] = "1m"
+    fingerprint_period: Period = "1m"
     """How often the plugin fingerprints the GPUs (the plugin's `fingerprint_period`)."""
-    ignored_gpu_ids: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9-]+$")]] = Field(
-        default_factory=list
-    )
+    ignored_gpu_ids: list[GpuId] = Field(default_factory=list)
     """GPU UUIDs the plugin does not offer to Nomad (the plugin's `ignored_gpu_ids`)."""
 
     def release_url(self) -> str:
@@ -104,34 +123,31 @@ class JobPolicy(Model):
     """`update.auto_revert`: a failed deployment rolls back to the last stable version."""
     auto_promote: bool = True
     """`update.auto_promote`: healthy canaries are promoted without an operator."""
-    min_healthy_time: str = "30s"
+    min_healthy_time: Duration = "30s"
     """`update.min_healthy_time`: how long an allocation must be healthy to count as
     healthy."""
-    healthy_deadline: str = "15m"
+    healthy_deadline: Duration = "15m"
     """`update.healthy_deadline`: model loading takes minutes on big models. It must be
     longer than each job's service `health_timeout` (checked at config load)."""
-    progress_deadline: str = "30m"
+    progress_deadline: Duration = "30m"
     """`update.progress_deadline`: a deployment fails when no allocation becomes healthy
     within it."""
     restart_attempts: Annotated[int, Field(ge=0)] = 3
     """`restart.attempts`: restarts within `restart_interval` before the allocation
     fails."""
-    restart_interval: str = "30m"
+    restart_interval: Duration = "30m"
     """`restart.interval`."""
-    restart_delay: str = "30s"
+    restart_delay: Duration = "30s"
     """`restart.delay`: the wait before a restart."""
-    reschedule_delay: str = "1m"
+    reschedule_delay: Duration = "1m"
     """`reschedule.delay`: the first wait before a failed allocation is rescheduled
     (exponential)."""
-    reschedule_max_delay: str = "30m"
+    reschedule_max_delay: Duration = "30m"
     """`reschedule.max_delay`: the longest wait between reschedules."""
-    check_interval: str = "10s"
+    check_interval: Duration = "10s"
     """How often the health check asks the runtime's health endpoint."""
-    check_timeout: str = "3s"
+    check_timeout: Duration = "3s"
     """The health check's timeout."""
-
-
-GPU_MEMORY_RE = r"^[0-9]+ (MiB|GiB)$"
 
 
 class NomadJob(Model):
@@ -147,10 +163,10 @@ class NomadJob(Model):
     """RAM reserved, in MB (the model is mapped in)."""
     disk_mb: Annotated[int, Field(ge=300)] = 100_000
     """Ephemeral disk, in MB: the model lands there."""
-    gpu_memory_min: Annotated[str, StringConstraints(pattern=GPU_MEMORY_RE)] | None = None
+    gpu_memory_min: GpuMemory | None = None
     """Device constraint: memory per GPU at least this, e.g. "16 GiB" (the plugin
     fingerprints memory in MiB). Only for a service with GPUs."""
-    gpu_model: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ._-]+$")] | None = None
+    gpu_model: GpuName | None = None
     """Device constraint: the GPU model name the plugin fingerprints. Only for a service with
     GPUs."""
     image: Image | None = None
@@ -164,8 +180,13 @@ class Nomad(Model):
     """Install and run the Nomad client on this node."""
     version: Version = "1.10.5"
     """Pinned: package `nomad=<version>-1` (apt) / `nomad-<version>` (dnf)."""
-    repo_url: HttpUrl | None = None
-    """Base URL of a mirror of HashiCorp's apt/dnf repository; null: HashiCorp's own."""
+    repo_url_allow_http: bool = False
+    """Accept an `http://` `repo_url`; every run warns while one is used. Packages are still
+    checked against HashiCorp's pinned signing key."""
+    repo_url: HttpUrl | Uri | None = None
+    """Base URL of a mirror of HashiCorp's apt/dnf repository; null: HashiCorp's own.
+    `https://` or `file:///`; `http://` only with `repo_url_allow_http`. Its signing key
+    (`<repo_url>/gpg`) is checked against the fingerprint pinned in gpunode/nomad.py."""
     datacenter: Name = "dc1"
     """The client's datacenter (also the jobs' datacenter)."""
     region: Name = "global"
@@ -178,7 +199,7 @@ class Nomad(Model):
     """The agent's data directory (plugins go in its plugins/)."""
     config_dir: AbsPath = "/etc/nomad.d"
     """The agent's configuration directory (nomad.hcl)."""
-    bind_addr: str = "0.0.0.0"  # noqa: S104 - the firewall role limits who reaches it
+    bind_addr: IpAddress = "0.0.0.0"  # noqa: S104 - the firewall role limits who reaches it
     """The address the agent binds to; the firewall role limits who reaches it."""
     serf: bool = False
     """Also open Serf 4648 (servers only; clients need not be reachable)."""
@@ -186,15 +207,23 @@ class Nomad(Model):
     """The agent's TLS (Nomad `tls` block)."""
     device_plugin: DevicePlugin = Field(default_factory=DevicePlugin)
     """nomad-device-nvidia: HashiCorp's NVIDIA device plugin."""
+    insecure_http: bool = False
+    """Allow an `http://` `address` (or `$NOMAD_ADDR`) that is not a loopback address: the
+    ACL token then crosses the network unencrypted. Set it in the same inventory layer as
+    `address`; every run warns while it is true."""
     address: HttpUrl | None = None
-    """The HTTP API the controller submits jobs to (a server, or this client's API)."""
+    """The HTTP API the controller submits jobs to (a server, or this client's API);
+    null: `$NOMAD_ADDR`. `https://`, or `http://` only to a loopback address (127.0.0.0/8,
+    ::1, localhost) or with `insecure_http`; no `user:password@`. The client follows a
+    redirect only within this origin (scheme, host, port): one to anywhere else is an
+    error."""
     namespace: Name = "default"
     """The namespace the jobs are submitted to."""
-    api_ca_file: str | None = None
+    api_ca_file: AbsPath | None = None
     """Controller-side TLS file for the API: the CA to verify the server."""
-    api_cert_file: str | None = None
+    api_cert_file: AbsPath | None = None
     """Controller-side TLS file for the API: the controller's client certificate."""
-    api_key_file: str | None = None
+    api_key_file: AbsPath | None = None
     """Controller-side TLS file for the API: the client certificate's key."""
     acl_token_vault: AclTokenVault = Field(default_factory=AclTokenVault)
     """`$NOMAD_TOKEN` overrides it."""
@@ -211,8 +240,28 @@ class Nomad(Model):
     """Inference services run as Nomad jobs (by name in inference.services), with their
     Nomad-only settings; a service listed here is not also a systemd unit. Needs
     `enabled`."""
-    images: dict[str, Image] = Field(default_factory=dict)
+    images: dict[RuntimeName, Image] = Field(default_factory=dict)
     """Container image per runtime (docker driver + NVIDIA container toolkit), pinned by
     digest, e.g. `vllm: docker.io/vllm/vllm-openai@sha256:<64 hex>`."""
     policy: JobPolicy = Field(default_factory=JobPolicy)
     """Scheduling policy of every rendered job."""
+
+    @field_validator("repo_url")
+    @classmethod
+    def _repo_transport(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allow = info.data.get("repo_url_allow_http", False)
+        return repository_url(value, allow, "nomad.repo_url_allow_http")
+
+    @field_validator("address")
+    @classmethod
+    def _transport(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return credential_url(value, info.data.get("insecure_http", False), "nomad.insecure_http")
+
+    def warnings(self) -> list[str]:
+        """What every run prints about this config's transport (see gpunode/inventory.py)."""
+        if not self.insecure_http:
+            return []
+        return [
+            "nomad.insecure_http is true: the Nomad ACL token may cross the network "
+            f"unencrypted (nomad.address {self.address or '$NOMAD_ADDR'})"
+        ]

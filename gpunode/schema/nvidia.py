@@ -8,9 +8,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field, StringConstraints, ValidationInfo, field_validator
 
-from gpunode.schema.types import AbsPath, DriverVersion, HttpUrl, Model
+from gpunode.schema.types import AbsPath, DriverVersion, HttpUrl, Model, Uri
+
+
+def repository_url(url: str | None, allow_http: bool, flag: str) -> str | None:
+    """The rule for a package repository (or mirror) URL: ``https://`` or ``file:///``;
+    ``http://`` only with ``flag`` (the section's allow-http flag) set beside it. Packages
+    are checked against the pinned signing keys either way; over http an observer sees
+    what a node installs and a man in the middle can hold back updates."""
+    if url is not None and url.startswith("http://") and not allow_http:
+        raise ValueError(
+            f"{url!r} is plain http (allowed: https:// or file:///, or {flag}: true beside it "
+            "for a mirror that only speaks http, warned about on every run)"
+        )
+    return url
 
 
 @dataclass(frozen=True)
@@ -58,9 +71,15 @@ class Nvidia(Model):
     error with `gpu.required`); always: also without a GPU (images, the lab); never: skip."""
     source: Literal["nvidia", "distro"] = "nvidia"
     """Where the driver comes from: NVIDIA's CUDA repo, or the distro's archive."""
-    mirror: HttpUrl | None = None
+    mirror_allow_http: bool = False
+    """Accept an `http://` `mirror`; every run warns while one is used. Packages are still
+    checked against the pinned signing keys."""
+    mirror: HttpUrl | Uri | None = None
     """Base URL replacing NVIDIA's download site (source: nvidia) or the Debian archive that
-    gets the non-free sources file (source: distro on debian12), for air-gapped mirrors."""
+    gets the non-free sources file (source: distro on debian12), for air-gapped mirrors:
+    `https://` or `file:///` (`file://` needs curl on the node); `http://` only with
+    `mirror_allow_http`. NVIDIA's signing keys are fetched from it and checked against
+    the fingerprints pinned in gpunode/nvidia.py."""
     branch: str = "580"
     """The driver branch, a key of DRIVER_BRANCHES (gpunode/schema/nvidia.py)."""
     kernel_modules: Literal["open", "proprietary"] = "open"
@@ -76,6 +95,13 @@ class Nvidia(Model):
     """Seconds to wait for SSH after a reboot."""
     module_signing: ModuleSigning | None = None
     """Required on hosts with Secure Boot on."""
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_transport(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return repository_url(
+            value, info.data.get("mirror_allow_http", False), "nvidia.mirror_allow_http"
+        )
 
     @field_validator("branch", mode="before")
     @classmethod
@@ -106,12 +132,25 @@ class Cuda(Model):
         str, StringConstraints(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.~]+)?$")
     ] = "1.17.8-1"
     """The version the NVIDIA Container Toolkit's four packages are pinned to."""
-    container_toolkit_mirror: HttpUrl | None = None
+    container_toolkit_mirror_allow_http: bool = False
+    """Accept an `http://` `container_toolkit_mirror`; every run warns while one is used.
+    Packages are still checked against the pinned signing key."""
+    container_toolkit_mirror: HttpUrl | Uri | None = None
     """Base URL replacing CONTAINER_TOOLKIT_REPO (NVIDIA's container toolkit repository),
-    for air-gapped mirrors."""
+    for air-gapped mirrors: `https://` or `file:///`; `http://` only with
+    `container_toolkit_mirror_allow_http`. The key (`<base>/gpgkey`) is checked against the
+    fingerprint pinned in gpunode/nvidia.py."""
     dcgm: bool | None = None
     """DCGM (datacenter-gpu-manager, service nvidia-dcgm) from NVIDIA's CUDA repo.
     null: installed with source: nvidia, skipped (visibly) with source: distro."""
+
+    @field_validator("container_toolkit_mirror")
+    @classmethod
+    def _mirror_transport(cls, value: str | None, info: ValidationInfo) -> str | None:
+        flag = "cuda.container_toolkit_mirror_allow_http"
+        return repository_url(
+            value, info.data.get("container_toolkit_mirror_allow_http", False), flag
+        )
 
     @field_validator("version", mode="before")
     @classmethod

@@ -3,8 +3,10 @@
 No Nomad package or binary can be installed here (HashiCorp's repositories are not
 reachable), so the role runs through pyinfra's real API against pyinfra's ``@fake``
 connector, with the harness of harness.py: the commands pyinfra would send and
-the files it would upload are asserted on. The HashiCorp signing-key check is run for
-real with this machine's ``gpg`` on a key file of our own (a wrong key must fail).
+the files it would upload are asserted on. HashiCorp's signing key is pinned: the
+commands that read a keyring on the host (the ``Keyring`` fact, the check right after a
+download) run for real with this machine's ``gpg`` on keyrings made by tests/unit/gpgkeys.py,
+with the pin pointed at the throwaway key (a keyring with it plus another key must fail).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ALL, APT, DNF, Run, converged, host_info_output, run_deploys
+from gpgkeys import Keyrings, make_keyrings, run_real
+from harness import ALL, APT, DNF, Handler, Run, converged, host_info_output, run_deploys
 
+from gpunode import nomad as hashicorp
 from gpunode import provenance
 from gpunode.config import load
 from gpunode.facts.server import HostInfo
-from gpunode.nomad import HASHICORP_KEY_FINGERPRINT, REPO, cluster_ports
+from gpunode.nomad import REPO, cluster_ports
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.types import ConfigError
 from roles.nomad_client import nomad_client
@@ -33,6 +37,8 @@ UNIT = "/etc/systemd/system/nomad.service"
 APT_LIST = "/etc/apt/sources.list.d/hashicorp.list"
 DNF_REPO = "/etc/yum.repos.d/hashicorp.repo"
 KEYRING = "/usr/share/keyrings/hashicorp-archive-keyring.asc"
+RPM_KEY = "/etc/pki/rpm-gpg/RPM-GPG-KEY-gpunode-hashicorp"
+HASHICORP = "798AEC654E5C15428C8E42EEAA16FCBCA621E701"  # written out: a wrong pin fails here
 CODENAMES = {"debian12": "bookworm", "ubuntu2204": "jammy", "ubuntu2404": "noble"}
 
 
@@ -47,7 +53,8 @@ def node_config(distro: str, **nomad: Any) -> NodeConfig:
     }
     settings.update(nomad)
     raw = {
-        "defaults": {"distro": distro, "nomad": settings},
+        # the firewall (on by default) is the firewall role's: not this role's concern
+        "defaults": {"distro": distro, "nomad": settings, "firewall": {"enabled": False}},
         "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
     }
     return load(raw, source="test_nomad_client_role").hosts[HOST].config
@@ -110,6 +117,17 @@ def hcl_value(text: str, key: str) -> str:
     return m[1].strip()
 
 
+def key_checks(run: Run, path: str) -> list[str]:
+    """Commands that check the keyring at ``path`` with gpg on the host (not the fact that
+    reads it at plan time)."""
+    return [c for c in run.commands if "gpg " in c and path in c and not c.startswith("if [")]
+
+
+def chmod_of(run: Run, path: str) -> int:
+    """Where a file the role writes lands in the command sequence (its chmod follows it)."""
+    return run.commands.index(f"chmod 644 {path}")
+
+
 @pytest.mark.parametrize("distro", APT)
 def test_apt_repository_key_and_pinned_package(distro: str) -> None:
     run = run_role(node_config(distro), distro)
@@ -118,11 +136,18 @@ def test_apt_repository_key_and_pinned_package(distro: str) -> None:
     assert lines == [
         f"deb [signed-by={KEYRING}] https://apt.releases.hashicorp.com {CODENAMES[distro]} main"
     ]
-    # the key is downloaded from the repository and checked by fingerprint
-    assert run.grep(r"https://apt\.releases\.hashicorp\.com/gpg")
-    assert run.grep(rf"gpg --show-keys --with-colons {KEYRING} .*{HASHICORP_KEY_FINGERPRINT}")
-    installs = run.grep(r"apt-get .*install")
+    assert hashicorp.HASHICORP_KEY_FINGERPRINTS == (HASHICORP,)
+    # gpg first, then the key from the repository, checked on the host (exactly HashiCorp's
+    # key) before the repository file is written and anything is installed from it
+    (gpg,) = run.grep(r"apt-get .*install.* gpg$")
+    (download,) = run.grep(r"curl -sSLf https://apt\.releases\.hashicorp\.com/gpg -o ")
+    (check,) = key_checks(run, KEYRING)
+    assert HASHICORP in check
+    order = [run.commands.index(c) for c in (gpg, download, check)]
+    assert order == sorted(order) and order[-1] < chmod_of(run, APT_LIST)
+    installs = run.grep(r"apt-get .*install .*nomad")
     assert len(installs) == 1 and "nomad=1.10.5-1" in installs[0].split()
+    assert run.commands.index(check) < run.commands.index(installs[0])
     assert run.grep(r"apt-get .*update")  # the new repository is read before installing
 
 
@@ -132,19 +157,48 @@ def test_dnf_repository_and_pinned_package(distro: str) -> None:
     assert not run.failed
     repo = run.files[DNF_REPO]
     assert "baseurl=https://rpm.releases.hashicorp.com/RHEL/$releasever/$basearch/stable" in repo
-    assert "gpgcheck=1" in repo and "gpgkey=https://rpm.releases.hashicorp.com/gpg" in repo
-    installs = run.grep(r"^dnf .*install")
+    # dnf imports the key from gpunode's pinned copy, never from a URL (trust on first use)
+    assert "gpgcheck=1" in repo and f"gpgkey=file://{RPM_KEY}" in repo
+    assert "gpgkey=http" not in repo
+    (download,) = run.grep(r"curl -sSLf https://rpm\.releases\.hashicorp\.com/gpg -o ")
+    (check,) = key_checks(run, RPM_KEY)
+    assert HASHICORP in check
+    assert run.commands.index(download) < run.commands.index(check) < chmod_of(run, DNF_REPO)
+    installs = run.grep(r"^dnf .*install.*nomad")
     assert len(installs) == 1 and "nomad-1.10.5-1" in installs[0].split()
     assert not run.grep("apt-get")
 
 
 @pytest.mark.parametrize("distro", ["debian12", "rocky9"])
 def test_mirror_url_replaces_hashicorp(distro: str) -> None:
-    run = run_role(node_config(distro, repo_url="http://mirror.internal/hashicorp/"), distro)
+    config = node_config(
+        distro, repo_url="http://mirror.internal/hashicorp/", repo_url_allow_http=True
+    )
+    run = run_role(config, distro)
     text = "\n".join([*run.files.values(), *run.commands])
     assert "hashicorp//" not in text  # the trailing slash is dropped
     assert "http://mirror.internal/hashicorp/" in text
+    assert run.grep(r"curl -sSLf http://mirror\.internal/hashicorp/gpg -o ")  # still pinned
     assert "releases.hashicorp.com" not in "\n".join(run.files.values())
+    # plain http is allowed by the flag and said on every run
+    assert any("HashiCorp repository over plain http" in label for label in run.op_labels)
+
+
+def test_file_mirror_is_accepted_without_a_flag() -> None:
+    run = run_role(node_config("debian12", repo_url="file:///srv/mirror/hashicorp"), "debian12")
+    assert not run.failed
+    assert run.grep(r"curl -sSLf file:///srv/mirror/hashicorp/gpg -o ")
+    assert not any("plain http" in label for label in run.op_labels)
+
+
+def test_plain_http_mirror_needs_its_flag() -> None:
+    with pytest.raises(ConfigError) as err:
+        node_config("debian12", repo_url="http://mirror.internal/hashicorp")
+    assert str(err.value) == (
+        "test_nomad_client_role: defaults: nomad.repo_url: 'http://mirror.internal/hashicorp' "
+        "is plain http (allowed: https:// or file:///, or nomad.repo_url_allow_http: true "
+        "beside it for a mirror that only speaks http, warned about on every run)"
+    )
 
 
 @pytest.mark.parametrize("distro", ALL)
@@ -207,26 +261,60 @@ def test_hardened_unit_started_and_enabled(distro: str) -> None:
     assert run.grep(r"^systemctl enable nomad\.service$")
 
 
-def test_converged_host_changes_nothing() -> None:
+@pytest.fixture(scope="module")
+def keyrings(tmp_path_factory: pytest.TempPathFactory) -> Keyrings:
+    return make_keyrings(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def pinned(keyrings: Keyrings, monkeypatch: pytest.MonkeyPatch) -> Keyrings:
+    """HashiCorp's pin pointed at the throwaway key A (the old name too: the regression test
+    below also runs against the code before the pin table)."""
+    monkeypatch.setattr(hashicorp, "HASHICORP_KEY_FINGERPRINTS", (keyrings.pinned,), raising=False)
+    monkeypatch.setattr(hashicorp, "HASHICORP_KEY_FINGERPRINT", keyrings.pinned, raising=False)
+    return keyrings
+
+
+def keyring_on_host(path: str, local: Path) -> Handler:
+    """A host whose keyring ``path`` is the local file: every command that reads it with gpg
+    (the Keyring fact, the check) runs for real on that file."""
+
+    def handler(command: str) -> Any:
+        if "gpg " in command and path in command:
+            proc = run_real(command, path, local)
+            return {"success": proc.returncode == 0, "stdout": proc.stdout, "stderr": proc.stderr}
+        return None
+
+    return handler
+
+
+def converged_debian(keyring: Path) -> tuple:
     first = run_role(node_config("debian12"), "debian12")
     modes = {m[2]: m[1] for c in first.commands if (m := re.match(r"chmod (\d+) (\S+)$", c))}
     host = converged(first.files, modes)
     on_disk = downloaded({ZIP: ("600", SHA), KEYRING: ("644", "-"), PLUGIN: ("755", "-")})
-    debs = dpkg_installed({"nomad": "1.10.5-1", "unzip": "6.0-28"})
-    again = run_role(
-        node_config("debian12"), "debian12", handlers=(on_disk, debs, host, nomad_running)
-    )
+    debs = dpkg_installed({"nomad": "1.10.5-1", "unzip": "6.0-28", "gpg": "2.2.40-1.1"})
+    return (keyring_on_host(KEYRING, keyring), on_disk, debs, host, nomad_running)
+
+
+def test_converged_host_changes_nothing(pinned: Keyrings) -> None:
+    handlers = converged_debian(pinned.files["exact"])
+    again = run_role(node_config("debian12"), "debian12", handlers=handlers)
+    assert not again.failed
     assert again.uploads == []
     assert not again.grep(r"systemctl (daemon-reload|restart|start|enable)")
-    assert not again.grep(r"curl|wget|^unzip|^gpg ")  # downloads are checked, not repeated
+    assert not again.grep(r"curl|wget|^unzip")  # downloads are checked, not repeated
     assert not again.grep(r"apt-get")  # no list refresh, no install
+    # the keyring was read (a fact: no change), and found to be exactly the pinned key
+    (read,) = [c for c in again.commands if "gpg " in c and KEYRING in c]
+    assert read.startswith(f"if [ -e {KEYRING} ]")
 
 
 def test_version_change_refreshes_lists_and_installs_the_pin() -> None:
     debs = dpkg_installed({"nomad": "1.10.4-1", "unzip": "6.0-28"})
     run = run_role(node_config("debian12", version="1.10.5"), "debian12", handlers=(debs,))
     assert run.grep(r"apt-get .*update")
-    (install,) = run.grep(r"apt-get .*install")
+    (install,) = run.grep(r"apt-get .*install .*nomad")
     assert "nomad=1.10.5-1" in install.split() and "--allow-downgrades" in install
 
 
@@ -248,7 +336,10 @@ def test_disabled_does_nothing() -> None:
 
 
 def test_labels_carry_no_config_values() -> None:
-    run = run_role(node_config("debian12", repo_url="http://mirror.secret.example/hc"), "debian12")
+    config = node_config(
+        "debian12", repo_url="http://mirror.secret.example/hc", repo_url_allow_http=True
+    )
+    run = run_role(config, "debian12")
     leaks = [
         label
         for label in run.op_labels
@@ -267,33 +358,50 @@ def test_provenance_records_versions_not_secrets() -> None:
     }
 
 
-# --- the key check, for real -----------------------------------------------------------------
+# --- the signing key, pinned: the checks on the host, with real gpg ---------------------------
 
 
-def test_key_fingerprint_check_rejects_another_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name, accepted", [("exact", True), ("extra", False), ("other", False)])
+def test_downloaded_key_is_checked_for_exactly_the_pinned_key(
+    pinned: Keyrings, tmp_path: Path, name: str, accepted: bool
+) -> None:
+    """Finding 7: the check after the download refuses HashiCorp's key plus another one
+    (apt would trust every key in the file), removing the file."""
     run = run_role(node_config("debian12"), "debian12")
-    (check,) = run.grep(r"^gpg --show-keys")
-    home = tmp_path / "gnupg"
-    home.mkdir(mode=0o700)
-    subprocess.run(
-        ["gpg", "--homedir", str(home), "--batch", "--passphrase", "", "--quick-gen-key",
-         "Not HashiCorp <nobody@example.com>", "ed25519", "sign", "never"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    key = tmp_path / "key.asc"
-    exported = subprocess.run(
-        ["gpg", "--homedir", str(home), "--armor", "--export"], check=True, capture_output=True
+    checks = [c for c in run.commands if "gpg " in c and KEYRING in c and pinned.pinned in c]
+    assert len(checks) == 1, run.commands
+    local = tmp_path / "keyring.asc"
+    local.write_bytes(pinned.files[name].read_bytes())
+    proc = run_real(checks[0], KEYRING, local)
+    assert (proc.returncode == 0) is accepted, proc.stderr
+    assert local.exists() is accepted  # a refused key is removed: apt never reads it
+
+
+def test_keyring_with_an_extra_key_stops_the_run_before_the_repository(pinned: Keyrings) -> None:
+    """Finding 7, every run: a keyring already on the host (the fact reads it on every run,
+    not only after a download) with another key beside HashiCorp's fails the host before
+    the repository file is written or anything is installed."""
+    handlers = converged_debian(pinned.files["extra"])
+    run = run_role(node_config("debian12"), "debian12", handlers=handlers)
+    assert run.failed
+    (failure,) = [out for _cmd, ok, out in run.results if not ok]
+    found = ", ".join(sorted([pinned.pinned, pinned.other]))
+    assert failure.stderr.strip() == (
+        f"gpunode: host @fake/{HOST}: {KEYRING} holds primary keys {found}; expected exactly "
+        f"{pinned.pinned} (allowed: a keyring with only the pinned keys: remove the file and "
+        "run again to download it, or fix the pin in gpunode's tables if the publisher "
+        "rotated its key)"
     )
-    key.write_bytes(exported.stdout)
-    proc = subprocess.run(
-        ["sh", "-c", check.replace(KEYRING, str(key))],
-        capture_output=True,
-        text=True,
-        env={"GNUPGHOME": str(home), "PATH": "/usr/bin:/bin"},
+    assert run.uploads == []
+    assert not run.grep(r"apt-get|curl|wget|systemctl|unzip|chmod")
+
+
+def test_keyring_on_a_dnf_host_is_checked_the_same_way(pinned: Keyrings) -> None:
+    run = run_role(
+        node_config("rocky9"), "rocky9", handlers=(keyring_on_host(RPM_KEY, pinned.files["other"]),)
     )
-    assert proc.returncode == 1
-    assert f"is not HashiCorp key {HASHICORP_KEY_FINGERPRINT}" in proc.stderr
-    assert not key.exists()  # a wrong key is removed, apt never trusts it
+    assert run.failed
+    assert run.uploads == [] and not run.grep(r"^dnf |curl")
 
 
 # --- config errors and ports ------------------------------------------------------------------

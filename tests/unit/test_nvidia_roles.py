@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gpgkeys import Keyrings, make_keyrings, run_real
 from harness import Handler, Response, Run, content_lines, converged, run_deploys
 from pyinfra.api import State
 
@@ -236,7 +237,13 @@ def test_dnf_module_fact_reads_the_module_state_file() -> None:
 
 def node_config(distro: str, nvidia: dict | None = None, **sections: Any) -> NodeConfig:
     raw = {
-        "defaults": {"distro": distro, "nvidia": nvidia or {}, **sections},
+        # the firewall (on by default) is the firewall role's: not these roles' concern
+        "defaults": {
+            "distro": distro,
+            "nvidia": nvidia or {},
+            "firewall": {"enabled": False},
+            **sections,
+        },
         "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
     }
     return load(raw, source="test_nvidia_roles").hosts[HOST].config
@@ -259,12 +266,15 @@ def gpu_host(distro: str, nvswitch: bool, **kw: Any) -> list[str]:
     return nvidia_host_output(HGX if nvswitch else VM, KERNEL[distro], **kw)
 
 
+GPG_INSTALL = re.compile(r" install (.* )?(gpg|gnupg2)$")  # gpg, which reads the keyrings
+
+
 def install_commands(run: Run) -> list[str]:
-    """Package installs, in order (not apt.deb's `apt-get install -f`: a .deb's dependencies)."""
+    """Package installs, in order (not gpg's, which comes with each repository key)."""
     return [
         c
         for c in run.grep(r"(apt-get|^dnf).* install ")
-        if not c.endswith(" install -f") and " module " not in c
+        if " module " not in c and not GPG_INSTALL.search(c)
     ]
 
 
@@ -304,38 +314,73 @@ def fresh(distro: str, modules: str, nvswitch: bool) -> Run:
 # --- NVIDIA's repository, per distro ------------------------------------------------------------
 
 
+# The pins, written out (not read from gpunode/nvidia.py): a wrong table row fails here.
+CUDA_APT_KEY = ("3bf863cc.pub", "EB693B3035CD5710E231E123A4B469963BF863CC")
+CUDA_RPM_KEY = ("D42D0685.pub", "610C7B14E068A878070DA4E99CD0A493D42D0685")
+CTK_KEY = ("gpgkey", "C95B321B61E88C1809C4F759DDCAE044F796ECB0")
+KEYRINGS = {
+    "apt": ("/usr/share/keyrings/gpunode-nvidia-cuda.asc",
+            "/usr/share/keyrings/nvidia-container-toolkit-keyring.asc"),
+    "dnf": ("/etc/pki/rpm-gpg/RPM-GPG-KEY-gpunode-nvidia-cuda",
+            "/etc/pki/rpm-gpg/RPM-GPG-KEY-gpunode-nvidia-container-toolkit"),
+}  # fmt: skip
+
+
+def key_check(run: Run, path: str) -> str:
+    """The check of the keyring at ``path`` right after its download (not the fact)."""
+    (check,) = [c for c in run.commands if "gpg " in c and path in c and not c.startswith("if [")]
+    return check
+
+
+def written_at(run: Run, path: str) -> int:
+    """Where a file the role writes lands in the command sequence (its chmod follows it)."""
+    return run.commands.index(f"chmod 644 {path}")
+
+
 @pytest.mark.parametrize("distro, modules, nvswitch", MATRIX)
 def test_repository_files_and_keys(distro: str, modules: str, nvswitch: bool) -> None:
     run = fresh(distro, modules, nvswitch)
     assert not run.failed
     repo = f"{NVIDIA_SITE}/cuda/repos/{CUDA_REPO_DIR[distro]}/x86_64"
+    family = "apt" if distro in APT else "dnf"
+    cuda_keyring, ctk_keyring = KEYRINGS[family]
+    cuda_key = CUDA_APT_KEY if family == "apt" else CUDA_RPM_KEY
+    # each key fetched from beside its repository and checked for exactly the pinned key
+    # before its repository file is written
+    for url, keyring, fingerprint, repo_file in (
+        (f"{repo}/{cuda_key[0]}", cuda_keyring, cuda_key[1],
+         f"/etc/apt/sources.list.d/cuda-{CUDA_REPO_DIR[distro]}-x86_64.list"
+         if family == "apt" else "/etc/yum.repos.d/cuda-rhel9-x86_64.repo"),
+        (f"{CTK_SITE}/{CTK_KEY[0]}", ctk_keyring, CTK_KEY[1],
+         "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
+         if family == "apt" else "/etc/yum.repos.d/nvidia-container-toolkit.repo"),
+    ):  # fmt: skip
+        (download,) = run.grep(rf"curl -sSLf {re.escape(url)} -o ")
+        temp = download.split(" -o ", 1)[1].split()[0]
+        moved = run.commands.index(f"mv {temp} {keyring}")
+        check = key_check(run, keyring)
+        assert fingerprint in check
+        assert run.commands.index(download) < moved < run.commands.index(check)
+        assert run.commands.index(check) < written_at(run, repo_file)
+    # NVIDIA's cuda-keyring .deb (maintainer scripts run as root, trusted on first use) is gone
+    assert not run.grep(r"cuda-keyring|dpkg .*-i ")
     if distro in APT:
-        # cuda-keyring_1.1-1_all.deb downloaded from the repo and installed with dpkg
-        assert run.grep(rf"{re.escape(repo)}/cuda-keyring_1\.1-1_all\.deb")
-        assert run.grep(r"dpkg --force-confdef --force-confold -i ")
         listfile = f"/etc/apt/sources.list.d/cuda-{CUDA_REPO_DIR[distro]}-x86_64.list"
-        assert content_lines(run.files[listfile]) == [
-            f"deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] {repo}/ /"
-        ]
+        assert content_lines(run.files[listfile]) == [f"deb [signed-by={cuda_keyring}] {repo}/ /"]
         assert content_lines(
             run.files["/etc/apt/sources.list.d/nvidia-container-toolkit.list"]
-        ) == [
-            "deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.asc] "
-            f"{CTK_SITE}/stable/deb/$(ARCH) /"
-        ]
-        (download,) = run.grep(rf"curl -sSLf {re.escape(CTK_SITE)}/gpgkey -o ")
-        temp = download.split(" -o ", 1)[1].split()[0]
-        assert run.grep(rf"^mv {temp} /usr/share/keyrings/nvidia-container-toolkit-keyring\.asc$")
+        ) == [f"deb [signed-by={ctk_keyring}] {CTK_SITE}/stable/deb/$(ARCH) /"]
         assert not [f for f in run.files if f.startswith("/etc/yum.repos.d/")]
     else:
         repo_file = run.files["/etc/yum.repos.d/cuda-rhel9-x86_64.repo"]
+        # dnf imports each key from gpunode's pinned copy, never from a URL on first use
         assert content_lines(repo_file) == [
             "[cuda-rhel9-x86_64]",
             "name=cuda-rhel9-x86_64",
             f"baseurl={repo}",
             "enabled=1",
             "gpgcheck=1",
-            f"gpgkey={repo}/D42D0685.pub",
+            f"gpgkey=file://{cuda_keyring}",
         ]
         assert content_lines(run.files["/etc/yum.repos.d/nvidia-container-toolkit.repo"]) == [
             "[nvidia-container-toolkit]",
@@ -344,7 +389,7 @@ def test_repository_files_and_keys(distro: str, modules: str, nvswitch: bool) ->
             "repo_gpgcheck=1",
             "gpgcheck=0",
             "enabled=1",
-            f"gpgkey={CTK_SITE}/gpgkey",
+            f"gpgkey=file://{ctk_keyring}",
         ]
         if distro == "rhel9":  # EPEL's own release RPM; Rocky/Alma ship epel-release
             assert run.grep(r"epel-release-latest-9\.noarch\.rpm")
@@ -366,7 +411,8 @@ def test_driver_packages(distro: str, modules: str, nvswitch: bool) -> None:
         assert all("--no-install-recommends" in c for c in install_commands(run))
         # lists refreshed after the repository was added, before the first install
         update = run.commands.index("apt-get update")
-        assert run.commands.index(run.grep(r"^dpkg .* -i ")[-1]) < update
+        listfile = f"/etc/apt/sources.list.d/cuda-{CUDA_REPO_DIR[distro]}-x86_64.list"
+        assert written_at(run, listfile) < update
         assert update < run.commands.index(install_commands(run)[0])
     else:
         assert installs(run)[-3] == {
@@ -455,19 +501,49 @@ def _package_lines(run: Run, family: str) -> list[str]:
             if package.startswith(f"{pkg}=") or package.startswith(f"{pkg}-1."):
                 name, version = pkg, package[len(pkg) + 1 :]
         versions[name] = version
+    versions["gpg" if family == "apt" else "gnupg2"] = "2.2.40-1.1"
     if family == "apt":
-        versions["cuda-keyring"] = "1.1-1"
         # `dpkg -l` lines (format as recorded in fixtures/nvidia/dpkg-l-*.txt), held: "hi"
         return [f"hi  {n:<40} {v:<12} amd64   -" for n, v in sorted(versions.items())]
     versions["epel-release"] = "9-8.el9"
     return [f"{n} {v}" for n, v in sorted(versions.items())]
 
 
-def converged_host(distro: str, modules: str, first: Run) -> list[Handler]:
+@pytest.fixture(scope="module")
+def keyrings(tmp_path_factory: pytest.TempPathFactory) -> Keyrings:
+    return make_keyrings(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def pinned(keyrings: Keyrings, monkeypatch: pytest.MonkeyPatch) -> Keyrings:
+    """Every NVIDIA key pinned to the throwaway key A (its keyrings: tests/unit/gpgkeys.py)."""
+    names = ("3bf863cc.pub", "D42D0685.pub", "gpgkey")  # raising=False: runs on older code too
+    monkeypatch.setattr(nv, "NVIDIA_KEYS", {n: (keyrings.pinned,) for n in names}, raising=False)
+    return keyrings
+
+
+def keyrings_on_host(served: dict[str, Path]) -> Handler:
+    """A host whose keyrings (host path -> local file) are these files: every command that
+    reads one with gpg (the Keyring fact, the check after a download) runs for real."""
+
+    def handler(command: str) -> Response | None:
+        for path, local in served.items():
+            if "gpg " in command and path in command:
+                proc = run_real(command, path, local)
+                return {"success": proc.returncode == 0, "stdout": proc.stdout,
+                        "stderr": proc.stderr}  # fmt: skip
+        return None
+
+    return handler
+
+
+def converged_host(distro: str, modules: str, first: Run, keyring: Path) -> list[Handler]:
+    """The host ``first`` left behind, its keyrings holding the file ``keyring``."""
     family = "apt" if distro in APT else "dnf"
     packages = _package_lines(first, family)
     files = dict(first.files)
-    files[nv.CONTAINER_TOOLKIT_KEYRING] = "-----BEGIN PGP PUBLIC KEY BLOCK-----\n"
+    for path in KEYRINGS[family]:
+        files[path] = keyring.read_text(errors="replace")
 
     def answer(command: str) -> Response | None:
         if "( dpkg -l )" in command and family == "apt":
@@ -494,7 +570,8 @@ def converged_host(distro: str, modules: str, first: Run) -> list[Handler]:
         return None
 
     modes = {path: "644" for path in files}
-    return [answer, converged(files, modes)]
+    served = keyrings_on_host({path: keyring for path in KEYRINGS[family]})
+    return [served, answer, converged(files, modes)]
 
 
 CONVERGED = [
@@ -505,18 +582,25 @@ CONVERGED = [
 
 
 @pytest.mark.parametrize("distro, modules", CONVERGED)
-def test_converged_host_changes_nothing_and_is_not_rebooted(distro: str, modules: str) -> None:
+def test_converged_host_changes_nothing_and_is_not_rebooted(
+    distro: str, modules: str, pinned: Keyrings
+) -> None:
     first = fresh(distro, modules, True)
     config = node_config(distro, {"kernel_modules": modules, "reboot": True})
     state = gpu_host(distro, True, loaded="580.95.05", on_disk="580.95.05")
-    run = run_roles(config, state, handlers=converged_host(distro, modules, first))
+    handlers = converged_host(distro, modules, first, pinned.files["exact"])
+    run = run_roles(config, state, handlers=handlers)
     assert not run.failed
     assert run.uploads == []
     changes = run.grep(
         r"apt-get|dnf -y|^dnf install|apt-mark hold|versionlock add|reboot|update-initramfs"
-        r"|dracut|systemctl (start|enable|restart)|dpkg .*-i |curl -sSLf|wget -q"
+        r"|dracut|systemctl (start|enable|restart)|dpkg .*-i |curl -sSLf|wget -q|rm -f"
     )
     assert changes == []
+    # both keyrings were read by the fact (a read, no change) and held exactly the pin
+    family = "apt" if distro in APT else "dnf"
+    read = {p for p in KEYRINGS[family] for c in run.commands if c.startswith(f"if [ -e {p} ]")}
+    assert read == set(KEYRINGS[family])
 
 
 @pytest.mark.parametrize("distro", ["ubuntu2404", "rhel9"])
@@ -541,12 +625,15 @@ def test_reboot_policy_reboots_one_host_at_a_time_and_checks_the_driver(
     assert check == names.index("gpunode nvidia driver | Reboot into the new NVIDIA driver") + 1
 
 
-def test_stale_loaded_driver_is_rebooted_even_when_packages_are_converged() -> None:
+def test_stale_loaded_driver_is_rebooted_even_when_packages_are_converged(
+    pinned: Keyrings,
+) -> None:
     first = fresh("ubuntu2204", "open", True)
     config = node_config("ubuntu2204", {"reboot": True})
     # an earlier run installed 580.95.05; the kernel still runs 580.82.07
     state = gpu_host("ubuntu2204", True, loaded="580.82.07", on_disk="580.95.05")
-    run = run_roles(config, state, handlers=converged_host("ubuntu2204", "open", first))
+    handlers = converged_host("ubuntu2204", "open", first, pinned.files["exact"])
+    run = run_roles(config, state, handlers=handlers)
     assert run.grep(r"\breboot\b")
     assert not run.grep(r"apt-get .*install")
 
@@ -600,6 +687,8 @@ def test_debian12_distro_source_adds_non_free_and_installs_nvidia_driver() -> No
         {"nvidia-cuda-toolkit"},
     ]
     assert not run.grep(r"nvidia\.github\.io|developer\.download|cuda-keyring|dcgm")
+    # the lab's path: Debian's own keyring signs non-free; no NVIDIA key is read or fetched
+    assert not run.grep(r"gpg|keyrings/gpunode|curl")
     assert content_lines(run.files["/etc/profile.d/gpunode-cuda.sh"])[0] == (
         "export CUDA_HOME=/usr/lib/nvidia-cuda-toolkit"
     )
@@ -636,16 +725,133 @@ def test_mirror_replaces_nvidia_download_site() -> None:
     mirror = "http://mirror.internal.example/nvidia"
     config = node_config(
         "ubuntu2204",
-        {"mirror": mirror},
-        cuda={"container_toolkit_mirror": "http://mirror.internal.example/libnvidia-container"},
+        {"mirror": mirror, "mirror_allow_http": True},
+        cuda={
+            "container_toolkit_mirror": "https://mirror.internal.example/libnvidia-container",
+        },
     )
     run = run_roles(config, gpu_host("ubuntu2204", False))
     listfile = run.files["/etc/apt/sources.list.d/cuda-ubuntu2204-x86_64.list"]
     assert f"{mirror}/cuda/repos/ubuntu2204/x86_64/ /" in listfile
-    assert run.grep(
-        rf"{re.escape(mirror)}/cuda/repos/ubuntu2204/x86_64/cuda-keyring_1\.1-1_all\.deb"
+    # the keys come from the mirror too, and are held to the same pins
+    (download,) = run.grep(
+        rf"curl -sSLf {re.escape(mirror)}/cuda/repos/ubuntu2204/x86_64/3bf863cc\.pub"
     )
+    assert CUDA_APT_KEY[1] in key_check(run, KEYRINGS["apt"][0])
+    assert run.grep(r"curl -sSLf https://mirror\.internal\.example/libnvidia-container/gpgkey")
+    assert CTK_KEY[1] in key_check(run, KEYRINGS["apt"][1])
     assert not run.grep(r"developer\.download\.nvidia\.com|nvidia\.github\.io")
+    # plain http, allowed by its flag, is said on every run; the https one is not
+    labels = " ".join(run.op_labels)
+    assert "NVIDIA mirror over plain http" in labels
+    assert "Container Toolkit mirror over plain http" not in labels
+
+
+@pytest.mark.parametrize(
+    "section, key, flag",
+    [
+        ("nvidia", "mirror", "mirror_allow_http"),
+        ("cuda", "container_toolkit_mirror", "container_toolkit_mirror_allow_http"),
+    ],
+)
+def test_plain_http_mirror_needs_its_flag(section: str, key: str, flag: str) -> None:
+    url = "http://mirror.internal.example/nvidia"
+    with pytest.raises(ConfigError) as err:
+        node_config("ubuntu2204", **{section: {key: url}})  # type: ignore[arg-type]
+    assert str(err.value) == (
+        f"test_nvidia_roles: defaults: {section}.{key}: {url!r} is plain http (allowed: "
+        f"https:// or file:///, or {section}.{flag}: true beside it for a mirror that only "
+        "speaks http, warned about on every run)"
+    )
+    for good in ("https://mirror.internal.example/nvidia", "file:///srv/mirror/nvidia"):
+        node_config("ubuntu2204", **{section: {key: good}})  # type: ignore[arg-type]
+    node_config("ubuntu2204", **{section: {key: url, flag: True}})  # type: ignore[arg-type]
+
+
+# --- keyrings already on the host: checked on every run -----------------------------------------
+
+
+@pytest.mark.parametrize("distro", ["ubuntu2404", "rhel9"])
+@pytest.mark.parametrize("bad", ["extra", "other"])
+def test_cuda_keyring_with_another_key_stops_the_host_before_the_repository(
+    distro: str, bad: str, pinned: Keyrings
+) -> None:
+    """Finding 8: NVIDIA's key is pinned, and a keyring on the host that holds anything but
+    the pinned key (the key plus another, or another key) fails the host at plan time:
+    no repository file, no package from NVIDIA's repository."""
+    family = "apt" if distro in APT else "dnf"
+    cuda_keyring = KEYRINGS[family][0]
+    handler = keyrings_on_host({cuda_keyring: pinned.files[bad]})
+    run = run_roles(node_config(distro), gpu_host(distro, False), handlers=[handler])
+    assert run.failed
+    (failure,) = [out for _cmd, ok, out in run.results if not ok]
+    found = {"extra": ", ".join(sorted([pinned.pinned, pinned.other])), "other": pinned.other}
+    assert failure.stderr.strip().startswith(
+        f"gpunode: host @fake/{HOST}: {cuda_keyring} holds primary keys {found[bad]}; "
+        f"expected exactly {pinned.pinned} (allowed: "
+    )
+    assert not [f for f in run.files if "/sources.list.d/" in f or "/yum.repos.d/" in f]
+    assert install_commands(run) == [] and not run.grep(r"apt-get update|curl -sSLf|module install")
+
+
+def test_container_toolkit_keyring_with_another_key_stops_the_cuda_role(pinned: Keyrings) -> None:
+    ctk_keyring = KEYRINGS["apt"][1]
+    handler = keyrings_on_host({ctk_keyring: pinned.files["extra"]})
+    run = run_roles(node_config("debian12"), gpu_host("debian12", False), handlers=[handler])
+    assert run.failed
+    (failure,) = [out for _cmd, ok, out in run.results if not ok]
+    assert f"{ctk_keyring} holds primary keys" in failure.stderr
+    assert "/etc/apt/sources.list.d/nvidia-container-toolkit.list" not in run.files
+    assert not [c for c in install_commands(run) if "nvidia-container-toolkit" in c]
+
+
+def test_downloaded_key_with_another_key_is_removed_and_fails(
+    pinned: Keyrings, tmp_path: Path
+) -> None:
+    """A fresh download is checked on the host right away: the real check on a keyring that
+    came back with an extra key removes it, and the host fails before the list is written."""
+    local = tmp_path / "cuda.asc"
+    local.write_bytes(pinned.files["extra"].read_bytes())
+    cuda_keyring = KEYRINGS["apt"][0]
+    served = keyrings_on_host({cuda_keyring: local})
+
+    def fresh_then_served(command: str) -> Response | None:
+        if command.startswith(f"if [ -e {cuda_keyring} ]"):
+            return None  # the Keyring fact at plan time: no file yet
+        return served(command)
+
+    run = run_roles(
+        node_config("debian12"), gpu_host("debian12", False), handlers=[fresh_then_served],
+        roles=(nvidia_driver,),
+    )  # fmt: skip
+    assert run.failed and not local.exists()
+    (failure,) = [out for _cmd, ok, out in run.results if not ok]
+    assert "holds primary keys" in failure.stderr and "(the file was removed)" in failure.stderr
+    # the failure came right after the download: nothing after it ran
+    assert run.commands[-1] == key_check(run, cuda_keyring)
+    assert install_commands(run) == []
+
+
+def test_host_with_nvidias_cuda_keyring_package_moves_to_the_pinned_key(pinned: Keyrings) -> None:
+    """A host converged by an older gpunode has NVIDIA's cuda-keyring .deb: it is purged
+    (with its package-owned keyring and sources file) before gpunode writes the sources
+    file that points at the pinned keyring."""
+    first = fresh("ubuntu2404", "open", False)
+    lines = _package_lines(first, "apt") + [f"ii  {'cuda-keyring':<40} {'1.1-1':<12} all   -"]
+
+    def dpkg(command: str) -> Response | None:
+        return lines if "( dpkg -l )" in command else None
+
+    run = run_roles(
+        node_config("ubuntu2404"), gpu_host("ubuntu2404", False),
+        handlers=[dpkg, keyrings_on_host({p: pinned.files["exact"] for p in KEYRINGS["apt"]})],
+        roles=(nvidia_driver,),
+    )  # fmt: skip
+    assert not run.failed
+    (purge,) = run.grep(r"apt-get .* purge cuda-keyring$")
+    listfile = "/etc/apt/sources.list.d/cuda-ubuntu2404-x86_64.list"
+    assert run.commands.index(purge) < written_at(run, listfile)
+    assert f"signed-by={KEYRINGS['apt'][0]}" in run.files[listfile]
 
 
 # --- hosts without a GPU, Secure Boot --------------------------------------------------------
@@ -793,7 +999,9 @@ def test_unknown_cuda_version_is_refused_with_the_known_ones() -> None:
 
 def test_operation_labels_carry_no_config_values() -> None:
     mirror = "http://mirror.secret.example/nvidia"
-    config = node_config("ubuntu2204", {"mirror": mirror, "version": "580.95.05"})
+    config = node_config(
+        "ubuntu2204", {"mirror": mirror, "mirror_allow_http": True, "version": "580.95.05"}
+    )
     run = run_roles(config, gpu_host("ubuntu2204", True))
     leaks = [
         label
