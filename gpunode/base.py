@@ -4,8 +4,23 @@ distro (roles/base.py applies them)."""
 
 from __future__ import annotations
 
+from gpunode.render import environment, ini_value
 from gpunode.schema import distros
-from gpunode.schema.node import NodeConfig
+from gpunode.schema.distros import DISTROS
+from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.types import ConfigError
+
+DNF_CONF = "/etc/dnf/dnf.conf"
+ADMIN_SUDOERS = "/etc/sudoers.d/90-gpunode-admins"
+
+
+def render_admin_sudoers(config: NodeConfig) -> str:
+    """The admin group's sudoers drop-in (the group name is a checked GroupName)."""
+    return (
+        environment("base")
+        .get_template("sudoers.j2")
+        .render(admin_group=config.base.admin_group, nopasswd=config.base.sudo_nopasswd)
+    )
 
 
 def hold_patterns(config: NodeConfig, family: distros.Family) -> list[str]:
@@ -35,3 +50,15 @@ def host_matches(spec: distros.DistroSpec, info: dict[str, str]) -> bool:
         info["version_id"] == spec.version_id
         or info["version_id"].startswith(spec.version_id + ".")
     )
+
+
+def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:
+    """Checks that need the merged config; [] when fine."""
+    problems: list[str] = []
+    proxy = config.base.apt_proxy
+    if proxy and config.distro and DISTROS[config.distro].family == "dnf":
+        try:
+            ini_value(proxy, f"{where}: base.apt_proxy ({DNF_CONF} proxy=)")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems

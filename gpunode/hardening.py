@@ -5,12 +5,16 @@ Every default and table is in gpunode/schema/hardening.py.
 
 from __future__ import annotations
 
-from gpunode.render import environment
+import re
+
+from gpunode.render import environment, sudoers_value
 from gpunode.schema.hardening import CONTAINER_SYSCTL, SSHD_FIXED, SYSCTL_KERNEL, SYSCTL_NETWORK
 from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.types import GROUPNAME_RE, USERNAME_RE
 
 SSHD_DROPIN = "/etc/ssh/sshd_config.d/00-gpunode.conf"  # first match wins: sorts first
 SSHD_STAGED = "/etc/gpunode/sshd/00-gpunode.conf"  # validated here before it goes live
+SUDO_DROPIN = "/etc/sudoers.d/99-gpunode-hardening"  # read last: its Defaults win
 SYSCTL_FILE = "/etc/sysctl.d/60-gpunode-hardening.conf"
 CORE_LIMITS_FILE = "/etc/security/limits.d/60-gpunode-core.conf"
 COREDUMP_DROPIN = "/etc/systemd/coredump.conf.d/60-gpunode.conf"
@@ -57,12 +61,48 @@ SSHD_KEYWORDS = {
 }
 
 
-def render_sshd(config: NodeConfig, connection_user: str) -> str:
+def allow_groups(config: NodeConfig, connection_group: str) -> list[str]:
+    """sshd's AllowGroups: the admin group, the connection user's primary group (as the
+    host reports it: ``connection_group``), the own group of each admin user without sudo,
+    and ``hardening.ssh.allow_groups``; each once, in that order. A group name the host
+    reports that is not a plain name (sshd would read ``*?!,`` as a pattern) is refused."""
+    if not any(re.fullmatch(p, connection_group) for p in (GROUPNAME_RE, USERNAME_RE)):
+        raise ValueError(
+            f"the connection user's primary group {connection_group!r} is not a plain group "
+            "name (allowed: letters, digits, '_' and '-')"
+        )
+    base = config.base
+    groups = [
+        base.admin_group,
+        connection_group,
+        *(u.name for u in base.admin_users if not u.sudo),
+        *config.hardening.ssh.allow_groups,
+    ]
+    return list(dict.fromkeys(groups))
+
+
+def render_sshd(config: NodeConfig, connection_user: str, connection_group: str) -> str:
     options = sshd_options(config, connection_user)
     return (
         environment("hardening")
         .get_template("sshd.conf.j2")
-        .render(options=[(SSHD_KEYWORDS[k], v) for k, v in options.items()])
+        .render(
+            options=[(SSHD_KEYWORDS[k], v) for k, v in options.items()],
+            allow_groups=allow_groups(config, connection_group),
+        )
+    )
+
+
+def render_sudo_defaults(config: NodeConfig) -> str:
+    """The sudoers drop-in with sudo's hardened defaults (every value quoted for sudoers)."""
+    sudo = config.hardening.sudo
+    return (
+        environment("hardening")
+        .get_template("sudoers.j2")
+        .render(
+            use_pty=sudo.use_pty,
+            logfile=sudoers_value(sudo.logfile, "hardening.sudo.logfile") if sudo.logfile else None,
+        )
     )
 
 

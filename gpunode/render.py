@@ -1,16 +1,29 @@
-"""Config files gpunode renders with jinja2 from ``templates/`` (no HTML: no autoescape)."""
+"""Config files gpunode renders, and the renderers that put one inventory value into one file
+format safely (every value is hostile: each renderer escapes it for its format, or refuses
+what the format cannot represent with a :class:`ConfigError` that says what is allowed).
+
+- :func:`environment`: jinja2 over ``templates/`` (no HTML: no autoescape).
+- :func:`shell_value`: a POSIX shell word, for files a shell sources (DKMS's framework.conf).
+- :func:`ssh_config_value` / :func:`ssh_config_line`: one ssh_config(5) argument.
+- :func:`ini_value`: one value of an ini file read by libdnf (dnf.conf).
+- :func:`sudoers_value`: one sudoers(5) ``Defaults`` string value.
+"""
 
 from __future__ import annotations
+
+import re
+import shlex
 
 import jinja2
 
 from gpunode.paths import TEMPLATES
+from gpunode.schema.types import ConfigError
 
 
 def environment(*subdirs: str) -> jinja2.Environment:
     """A jinja2 environment over ``templates/<subdir>`` for each subdir; undefined
-    variables are errors."""
-    return jinja2.Environment(
+    variables are errors. Filters: ``sh`` (:func:`shell_value`)."""
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([TEMPLATES / d for d in subdirs]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -18,3 +31,136 @@ def environment(*subdirs: str) -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,  # noqa: S701 - nftables, sshd and sysctl text, not HTML
     )
+    env.filters["sh"] = shell_value
+    return env
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _no_control(value: str, where: str) -> None:
+    if _CONTROL.search(value):
+        raise ConfigError(
+            f"{where}: {value!r} holds a control character (newline, tab, NUL, escape, ...) "
+            "(allowed: printable characters only)"
+        )
+
+
+# --- POSIX shell ------------------------------------------------------------------------
+
+
+def shell_value(value: str, where: str = "value") -> str:
+    """``value`` as one shell word that expands to exactly ``value`` (``shlex.quote``): for
+    ``NAME=<word>`` lines in files a shell sources. Control characters are refused (a
+    quoted newline is safe for sh, but not for every tool that greps such files)."""
+    _no_control(value, where)
+    return shlex.quote(value)
+
+
+# --- ssh_config(5) ----------------------------------------------------------------------
+
+# Keywords whose arguments expand %-tokens (ssh_config(5) TOKENS); "%" is written "%%".
+SSH_TOKEN_KEYWORDS = frozenset(
+    {
+        "certificatefile",
+        "controlpath",
+        "identityagent",
+        "identityfile",
+        "knownhostscommand",
+        "localforward",
+        "remotecommand",
+        "remoteforward",
+        "userknownhostsfile",
+        "hostname",
+        "localcommand",
+        "proxycommand",
+        "proxyjump",
+    }
+)
+# Keywords whose arguments expand ${VAR} (ssh_config(5) ENVIRONMENT VARIABLES): there is no
+# escape for "${", so such a value is refused.
+SSH_ENV_KEYWORDS = frozenset(
+    {
+        "certificatefile",
+        "controlpath",
+        "identityagent",
+        "identityfile",
+        "knownhostscommand",
+        "userknownhostsfile",
+        "localforward",
+        "remoteforward",
+    }
+)
+# Keywords whose arguments are patterns (Host) or glob(7) wildcards (Include): a literal
+# pattern character cannot be written, so it is refused.
+SSH_PATTERN_KEYWORDS = {"host": "*?!,", "include": "*?["}
+
+
+def ssh_config_value(keyword: str, value: str, where: str = "value") -> str:
+    """One ssh_config(5) argument that ssh reads back as exactly ``value``.
+
+    Arguments are split on whitespace unless double-quoted, and ssh_config has no escape for
+    a double quote inside quotes, so: a value with a space, ``#`` or ``=`` is double-quoted;
+    ``"``, ``\\``, ``'`` and control characters are refused; ``%`` is doubled for keywords
+    that expand tokens; ``${`` is refused for keywords that expand environment variables;
+    pattern and glob characters are refused for ``Host`` and ``Include``.
+    """
+    kw = keyword.lower()
+    _no_control(value, where)
+    allowed = "(allowed: printable characters except \" \\ '"
+    if not value or any(c in value for c in "\"\\'"):
+        raise ConfigError(
+            f"{where}: {value!r} cannot be written to ssh_config as one {keyword} argument "
+            f"{allowed}, not empty)"
+        )
+    if kw in SSH_ENV_KEYWORDS and "${" in value:
+        raise ConfigError(
+            f"{where}: {value!r}: ssh expands '${{...}}' in {keyword} and has no escape for it "
+            f"{allowed} and '${{')"
+        )
+    special = SSH_PATTERN_KEYWORDS.get(kw, "") + (" " if kw == "host" else "")
+    bad = [c for c in special if c in value]
+    if bad:
+        raise ConfigError(
+            f"{where}: {value!r}: ssh reads {''.join(bad)!r} in {keyword} as a pattern "
+            f"{allowed} and {special!r})"
+        )
+    if kw in SSH_TOKEN_KEYWORDS:
+        value = value.replace("%", "%%")
+    if any(c in value for c in " #="):
+        value = f'"{value}"'
+    return value
+
+
+def ssh_config_line(keyword: str, value: str | int, where: str = "value") -> str:
+    """``Keyword argument``, the argument rendered by :func:`ssh_config_value`."""
+    return f"{keyword} {ssh_config_value(keyword, str(value), where)}"
+
+
+# --- ini files read by libdnf (dnf.conf) -----------------------------------------------
+
+
+def ini_value(value: str, where: str = "value") -> str:
+    """A ``key=value`` value for dnf.conf. libdnf's ini parser takes the rest of the line,
+    stripped, and reads a following line that starts with a space as its continuation: a
+    control character (a newline would start a new key) and leading or trailing whitespace
+    (it would be lost) are refused; nothing is quoted (quotes would be part of the value)."""
+    _no_control(value, where)
+    if value != value.strip():
+        raise ConfigError(
+            f"{where}: {value!r} starts or ends with whitespace (allowed: a value without "
+            "leading or trailing whitespace)"
+        )
+    return value
+
+
+# --- sudoers(5) ---------------------------------------------------------------------------
+
+
+def sudoers_value(value: str, where: str = "value") -> str:
+    """A sudoers ``Defaults name="value"`` string: double-quoted, with ``"`` and ``\\``
+    backslash-escaped (sudoers(5): "Other special characters ... escaped with a backslash");
+    control characters are refused."""
+    _no_control(value, where)
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -19,10 +19,19 @@ from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 
-from gpunode.base import hold_patterns, host_matches, security_mirror
+from gpunode.base import (
+    ADMIN_SUDOERS,
+    DNF_CONF,
+    hold_patterns,
+    host_matches,
+    render_admin_sudoers,
+    security_mirror,
+)
 from gpunode.facts.server import HostInfo
 from gpunode.inventory import node_and_distro
+from gpunode.operations.ini import ini_value
 from gpunode.operations.server import fail, notice
+from gpunode.operations.sudo import sudoers_dropin
 from gpunode.paths import template
 from gpunode.schema import distros
 from gpunode.schema.node import NodeConfig
@@ -83,17 +92,15 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
 
 
 def _dnf_sources(config: NodeConfig) -> None:
-    if config.base.apt_proxy:
-        files.line(
-            name="dnf proxy",
-            path="/etc/dnf/dnf.conf",
-            line=r"^proxy=.*$",
-            replace=f"proxy={config.base.apt_proxy}",
-        )
-    else:
-        files.line(
-            name="dnf proxy (none)", path="/etc/dnf/dnf.conf", line=r"^proxy=.*$", present=False
-        )
+    # dnf.conf is an ini file: one key in [main] set through a parser (gpunode/facts/ini.py),
+    # never a line appended or matched by a regex.
+    ini_value(
+        name="dnf proxy",
+        path=DNF_CONF,
+        section="main",
+        key="proxy",
+        value=config.base.apt_proxy,
+    )
 
 
 def _packages(config: NodeConfig, spec: distros.DistroSpec) -> None:
@@ -122,15 +129,8 @@ def _admin_users(config: NodeConfig, spec: distros.DistroSpec) -> None:
             delete_keys=True,
             create_home=True,
         )
-    files.template(
-        name="sudo for the admin group",
-        src=template("base/sudoers.j2"),
-        dest="/etc/sudoers.d/90-gpunode-admins",
-        mode="440",
-        user="root",
-        group="root",
-        admin_group=group,
-        nopasswd=config.base.sudo_nopasswd,
+    sudoers_dropin(  # takes effect only once visudo accepts it
+        name="sudo for the admin group", path=ADMIN_SUDOERS, content=render_admin_sudoers(config)
     )
 
 

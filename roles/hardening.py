@@ -7,7 +7,11 @@ files with strict modes).
 - sshd: a drop-in that sorts first in ``/etc/ssh/sshd_config.d/`` (sshd takes the first
   value it reads). It is checked with ``sshd -t -f`` on its own, then in place with
   ``sshd -t``; if that fails the previous drop-in is put back and sshd is not reloaded,
-  so sshd never runs (or restarts into) a broken config.
+  so sshd never runs (or restarts into) a broken config. ``AllowGroups`` lets in the admin
+  group and the connection user's primary group (read from the host), so gpunode keeps
+  its own way in.
+- sudo: ``use_pty`` and a log file in a sudoers drop-in that takes effect only once
+  ``visudo`` accepts it (gpunode/operations/sudo.py).
 - sysctl: all keys persisted in ``/etc/sysctl.d/60-gpunode-hardening.conf``; network
   keys applied now; kernel-wide keys applied where writable (inside a container they
   are read-only: skipped with a visible notice).
@@ -29,13 +33,14 @@ from pyinfra.operations import apt, dnf, files, server
 
 from gpunode import hardening as rules
 from gpunode.base import host_matches
-from gpunode.facts.hardening import SshdState, WritableSysctls
+from gpunode.facts.hardening import PrimaryGroup, SshdState, WritableSysctls
 from gpunode.facts.server import HostInfo
 from gpunode.firewall import sha1
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import file_mode
 from gpunode.operations.hardening import sysctl_values
 from gpunode.operations.server import fail, notice
+from gpunode.operations.sudo import sudoers_dropin
 from gpunode.paths import template
 from gpunode.schema import distros
 from gpunode.schema.hardening import ABSENT_PACKAGES, STRICT_FILES
@@ -51,6 +56,11 @@ def hardening() -> None:
         notice(name="Hardening", message="hardening.enabled is false: skipped")
         return
     _sshd(config, spec)
+    sudoers_dropin(
+        name="sudo defaults (use_pty, log file)",
+        path=rules.SUDO_DROPIN,
+        content=rules.render_sudo_defaults(config),
+    )
     _sysctl(config)
     _core_dumps(config)
     _packages(config, spec)
@@ -70,7 +80,16 @@ def _sshd(config: NodeConfig, spec: distros.DistroSpec) -> None:
             ),
         )
         return
-    wanted = rules.render_sshd(config, str(host.data.get("ssh_user") or "root"))
+    user = str(host.data.get("ssh_user") or "root")
+    group = host.get_fact(PrimaryGroup, user=user)
+    try:
+        wanted = rules.render_sshd(config, user, group or "")
+    except ValueError as exc:
+        fail(
+            name="Check the connection user's group",
+            message=f"host {host.name}: hardening: sshd AllowGroups: {exc}",
+        )
+        return
     if state["dropin_sha1"] == sha1(wanted):
         return
     files.directory(name="sshd staging directory", path="/etc/gpunode/sshd", mode="700")

@@ -22,7 +22,9 @@ from gpunode.inventory import load_inventory_file
 from gpunode.paths import HOST_TESTS
 from gpunode.provenance import PATH as PROVENANCE_PATH
 from gpunode.provenance import parse as parse_provenance
+from gpunode.render import ssh_config_line, ssh_config_value
 from gpunode.schema.node import Host, Inventory
+from gpunode.schema.types import ConfigError
 
 
 @dataclass
@@ -50,28 +52,43 @@ class HostResult:
 
 
 def ssh_config_for(inventory: Inventory) -> str:
+    """The ssh_config testinfra and ``ssh`` use: one ``Host`` block per inventory host, every
+    value through :func:`gpunode.render.ssh_config_line` (quoted, %-tokens escaped; what
+    ssh_config cannot represent is a ConfigError naming the host and key)."""
     lines = []
     for host in inventory.hosts.values():
         c = host.connection
+        where = f"host {host.name}: connection."
         lines += [
-            f"Host {host.name}",
-            f"  HostName {c.address}",
-            f"  Port {c.port}",
-            f"  User {c.user}",
+            ssh_config_line("Host", host.name, f"host {host.name}: the inventory name"),
+            "  " + ssh_config_line("HostName", c.address, where + "address"),
+            "  " + ssh_config_line("Port", c.port, where + "port"),
+            "  " + ssh_config_line("User", c.user, where + "user"),
         ]
         if c.key_file:
-            lines += [f"  IdentityFile {c.key_file}", "  IdentitiesOnly yes"]
+            lines += [
+                "  " + ssh_config_line("IdentityFile", c.key_file, where + "key_file"),
+                "  IdentitiesOnly yes",
+            ]
         if c.known_hosts_file:
-            lines.append(f"  UserKnownHostsFile {c.known_hosts_file}")
+            lines.append(
+                "  "
+                + ssh_config_line(
+                    "UserKnownHostsFile", c.known_hosts_file, where + "known_hosts_file"
+                )
+            )
         lines += [
-            f"  StrictHostKeyChecking {c.strict_host_key_checking}",
+            "  StrictHostKeyChecking "
+            + ssh_config_value("StrictHostKeyChecking", c.strict_host_key_checking),
             "  BatchMode yes",
             "  ConnectTimeout 10",
             "  LogLevel ERROR",
-            "",
         ]
         if c.ssh_config_file:
-            lines.insert(len(lines) - 1, f"  Include {c.ssh_config_file}")
+            lines.append(
+                "  " + ssh_config_line("Include", c.ssh_config_file, where + "ssh_config_file")
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -183,7 +200,10 @@ def verify(inventory_path: str, limit: list[str] | None = None, junit: str | Non
     with tempfile.TemporaryDirectory(prefix="gpunode-verify-") as tmp:
         workdir = Path(tmp)
         ssh_config = workdir / "ssh_config"
-        ssh_config.write_text(ssh_config_for(inventory))
+        try:
+            ssh_config.write_text(ssh_config_for(inventory))
+        except ConfigError as exc:
+            raise SystemExit(f"gpunode verify: {inventory_path}: {exc}") from None
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(hosts)))) as pool:
             results = list(
                 pool.map(lambda h: _run_host(inventory_path, h, ssh_config, workdir), hosts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra.api import FactBase
 
 from gpunode.hardening import SSHD_DROPIN
@@ -51,3 +53,20 @@ class WritableSysctls(FactBase):
 
     def process(self, output: list[str]) -> dict[str, bool]:
         return {k: v == "yes" for k, _, v in (line.partition("=") for line in output) if k}
+
+
+class PrimaryGroup(FactBase):
+    """
+    The name of a user's primary group (``id -gn``); ``None`` when there is no such user.
+
+    .. code:: python
+
+        host.get_fact(PrimaryGroup, user="root")
+        "root"
+    """
+
+    def command(self, user: str) -> str:
+        return f"id -gn -- {shlex.quote(user)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() if output else None

@@ -20,7 +20,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from gpunode.schema.types import Model, SshAlgorithm, SysctlKey, SysctlValue
+from gpunode.schema.types import (
+    AbsPath,
+    GroupName,
+    Model,
+    SshAlgorithm,
+    SysctlKey,
+    SysctlValue,
+)
 
 # --- sshd (dev-sec ssh-baseline) -------------------------------------------------------
 
@@ -212,6 +219,23 @@ class Ssh(Model):
     """`KexAlgorithms`, at least one (see SSH_KEX)."""
     macs: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_MACS), min_length=1)
     """`MACs`, at least one (see SSH_MACS)."""
+    allow_groups: list[GroupName] = Field(default_factory=list)
+    """`AllowGroups`: groups allowed to log in over SSH besides those always allowed:
+    `base.admin_group`, the primary group of the user gpunode connects as (`root` for
+    root) and the own group of each `base.admin_users` entry with `sudo: false` (useradd
+    gives each user a group of its name). Everyone else is refused by sshd."""
+
+
+class Sudo(Model):
+    """sudo's defaults (a sudoers drop-in checked with `visudo` before it takes effect)."""
+
+    use_pty: bool = True
+    """`Defaults use_pty`: commands run in a pseudo-terminal of their own, so a command
+    left in the background cannot read or inject into the admin's terminal (CIS 5.3.2);
+    false: the distro's default."""
+    logfile: AbsPath | None = "/var/log/sudo.log"
+    """`Defaults logfile=`: every sudo command (who, where, as whom, what) is also written
+    to this file (CIS 5.3.3), besides syslog/the journal; null: syslog only."""
 
 
 class Hardening(Model):
@@ -221,6 +245,8 @@ class Hardening(Model):
     """false: the hardening role does nothing."""
     ssh: Ssh = Field(default_factory=Ssh)
     """sshd options users may change; the rest are fixed (SSHD_FIXED)."""
+    sudo: Sudo = Field(default_factory=Sudo)
+    """A pseudo-terminal per command and a log file."""
     sysctl: dict[SysctlKey, SysctlValue | None] = Field(default_factory=dict)
     """sysctl keys over the defaults (SYSCTL_NETWORK, SYSCTL_KERNEL): a value sets or adds
     the key, null drops one of the defaults."""

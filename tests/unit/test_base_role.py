@@ -12,8 +12,9 @@ What the fake host answers:
   command is run by ``sh`` here against the distro's verbatim ``/etc/os-release`` in
   ``fixtures/os-release/`` with a ``systemd-detect-virt`` stub on PATH that behaves like the
   real one (``none`` + exit status 1 on bare metal, the container type in a container).
-* ``/etc/dnf/dnf.conf`` (EL9) is a real file in ``tmp_path``: pyinfra's ``grep``/``echo``/
-  ``sed`` commands for it run for real on that copy, so the tests check the file that results.
+* ``/etc/dnf/dnf.conf`` (EL9) is a real file in ``tmp_path``: gpunode's ini parser
+  (gpunode/facts/ini.py, ``python3 -c``) runs for real on that copy, for the fact and the edit,
+  so the tests check the file that results.
 * gpunode's ``fail`` operation (``echo ... >&2; exit 1``) runs for real too.
 * A few systemd answers that hold on every supported host: ``hostnamectl`` exists and
   journald is running.
@@ -32,6 +33,7 @@ docs. fixtures/dnf/dnf.conf is the stock /etc/dnf/dnf.conf of dnf 4 on EL9 (dnf-
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import shlex
 import tempfile
@@ -59,6 +61,7 @@ from harness import (
 
 from gpunode.config import load
 from gpunode.facts.server import HostInfo
+from gpunode.facts.sudo import SudoersDropin
 from gpunode.schema.base import DEFAULT_HOLD
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.types import ConfigError
@@ -135,6 +138,7 @@ APT_PERIODIC_FILE = "/etc/apt/apt.conf.d/20auto-upgrades"
 APT_HOLD_FILE = "/etc/apt/apt.conf.d/52gpunode-unattended-upgrades"
 DNF_AUTOMATIC_FILE = "/etc/dnf/automatic.conf"
 SUDOERS_FILE = "/etc/sudoers.d/90-gpunode-admins"
+SUDOERS_STAGED = "/etc/sudoers.d/.90-gpunode-admins.gpunode-new"  # sudo skips names with a "."
 JOURNALD_FILE = "/etc/systemd/journald.conf.d/50-gpunode.conf"
 KEYS_FILE = "/home/alice/.ssh/authorized_keys"
 SOURCES_LIST = "/etc/apt/sources.list"
@@ -145,12 +149,13 @@ UBUNTU_SOURCES = "/etc/apt/sources.list.d/ubuntu.sources"
 
 
 def live_file(remote: str, local: Path) -> Handler:
-    """Run pyinfra's commands on ``remote`` (grep facts, echo >>, sed -i) for real, on ``local``."""
+    """Run gpunode's ini parser (``python3 -c SCRIPT get|set|unset PATH ...``) on ``remote``
+    for real, on ``local``."""
 
     def handler(command: str) -> Response | None:
-        if f" {remote}" not in command or not command.startswith(("grep ", "echo ", "sed ")):
+        if f" {remote} " not in command or not command.startswith("python3 -c "):
             return None
-        return run_sh(command.replace(f" {remote}", f" {shlex.quote(str(local))}"))
+        return run_sh(command.replace(f" {remote} ", f" {shlex.quote(str(local))} "))
 
     return handler
 
@@ -186,7 +191,8 @@ def node_config(distro: str, **base_overrides: Any) -> NodeConfig:
     }
     base_config.update(base_overrides)
     raw = {
-        "defaults": {"distro": distro, "base": base_config},
+        # the firewall (on by default) is not this role's: off, so no admin_cidrs are needed
+        "defaults": {"distro": distro, "base": base_config, "firewall": {"enabled": False}},
         "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
     }
     return load(raw, source="test_base_role").hosts[HOST].config
@@ -305,7 +311,7 @@ def test_packages(distro: str) -> None:
 @pytest.mark.parametrize("distro", ALL)
 def test_files_written(distro: str) -> None:
     run, expect = fresh(distro), EXPECT[distro]
-    common = {KEYS_FILE, SUDOERS_FILE, JOURNALD_FILE, expect.chrony_conf}
+    common = {KEYS_FILE, SUDOERS_STAGED, JOURNALD_FILE, expect.chrony_conf}
     if expect.family == "apt":
         wanted = common | {APT_PROXY_FILE, APT_PERIODIC_FILE, APT_HOLD_FILE}
     else:
@@ -353,27 +359,67 @@ def test_no_apt_proxy_removes_the_file(distro: str) -> None:
         ),
         pytest.param(STOCK_DNF_CONF + f"proxy={OLD_PROXY}\n", None, STOCK_DNF_CONF, id="remove"),
         pytest.param(STOCK_DNF_CONF, None, STOCK_DNF_CONF, id="none"),
+        pytest.param(  # an earlier run's drift: the key twice, one of them a continued value
+            f"[main]\nproxy={OLD_PROXY}\n  sslverify=0\ngpgcheck=1\nproxy={PROXY}\n"
+            f"[other]\nproxy={OLD_PROXY}\n",
+            PROXY,
+            f"[main]\nproxy={PROXY}\ngpgcheck=1\n[other]\nproxy={OLD_PROXY}\n",
+            id="duplicates-in-main-only",
+        ),
+        pytest.param(
+            "# comment kept\n[main]\n; another\ngpgcheck=1\n\n[updates]\nenabled=1\n",
+            PROXY,
+            f"# comment kept\n[main]\n; another\ngpgcheck=1\nproxy={PROXY}\n\n[updates]\n"
+            "enabled=1\n",
+            id="comments-and-sections",
+        ),
     ],
 )
 @pytest.mark.parametrize("distro", DNF)
-def test_dnf_proxy_line(
+def test_dnf_proxy_set_through_the_ini_parser(
     distro: str, before: str, proxy: str | None, after: str, tmp_path: Path
 ) -> None:
     conf = tmp_path / "dnf.conf"
     conf.write_text(before)
+    conf.chmod(0o640)
+    handlers = [live_file("/etc/dnf/dnf.conf", conf)]
 
-    run = run_base(
-        node_config(distro, apt_proxy=proxy),
-        distro,
-        handlers=[live_file("/etc/dnf/dnf.conf", conf)],
-    )
+    run = run_base(node_config(distro, apt_proxy=proxy), distro, handlers=handlers)
 
     assert conf.read_text() == after
-    edits = run.grep(r"^(echo|sed) .*/etc/dnf/dnf\.conf")
+    edits = run.grep(r"(?s)^python3 -c .* (set|unset) /etc/dnf/dnf\.conf main proxy")
     assert len(edits) == (before != after)
-    assert "/etc/dnf/dnf.conf" not in run.files  # edited in place, never replaced
-    # only the [main] section exists, so an appended line lands in it
-    assert conf.read_text().count("[") == 1
+    assert not run.grep(r"^(echo|sed) .*/etc/dnf/dnf\.conf")  # no line appended or sed-edited
+    assert "/etc/dnf/dnf.conf" not in run.files  # edited in place, never uploaded whole
+    assert conf.stat().st_mode & 0o777 == 0o640  # the file's mode is kept
+
+    # converged: the next run finds the value through the parser and changes nothing
+    again = run_base(node_config(distro, apt_proxy=proxy), distro, handlers=handlers)
+    assert not again.grep(r"(?s)^python3 -c .* (set|unset) ")
+    assert again.grep(r"(?s)^python3 -c .* get /etc/dnf/dnf\.conf main proxy$")
+    assert conf.read_text() == after
+
+
+HOSTILE_PROXY = "http://proxy.example.com:3128\nsslverify=0"
+
+
+@pytest.mark.parametrize("distro", DNF)
+def test_a_hostile_dnf_proxy_cannot_add_a_key(distro: str, tmp_path: Path) -> None:
+    # at config load: refused, naming the key
+    with pytest.raises(ConfigError, match=r"base\.apt_proxy"):
+        node_config(distro, apt_proxy=HOSTILE_PROXY)
+    # past config load (a config built in code, not loaded): the operation refuses it before
+    # any command runs, and dnf.conf is as it was
+    conf = tmp_path / "dnf.conf"
+    conf.write_text(STOCK_DNF_CONF)
+    good = node_config(distro)
+    hostile = good.model_copy(
+        update={"base": good.base.model_copy(update={"apt_proxy": HOSTILE_PROXY})}
+    )
+    with pytest.raises(ConfigError, match="control character"):
+        run_base(hostile, distro, handlers=[live_file("/etc/dnf/dnf.conf", conf)])
+    assert conf.read_text() == STOCK_DNF_CONF
+    assert "sslverify" not in conf.read_text()
 
 
 @pytest.mark.parametrize("distro", ALL)
@@ -396,9 +442,10 @@ def test_chrony(distro: str) -> None:
 @pytest.mark.parametrize("distro", ALL)
 def test_admin_group_sudo_and_user(distro: str) -> None:
     run = fresh(distro)
-    assert content_lines(run.files[SUDOERS_FILE]) == ["%gpuadmins ALL=(ALL:ALL) NOPASSWD: ALL"]
-    assert run.grep(rf"^chmod 440 {SUDOERS_FILE}$")
-    assert run.grep(rf"^chown root:root {SUDOERS_FILE}$")
+    assert content_lines(run.files[SUDOERS_STAGED]) == ["%gpuadmins ALL=(ALL:ALL) NOPASSWD: ALL"]
+    assert SUDOERS_FILE not in run.files  # never written in place
+    (create,) = run.grep(rf"^install .* {re.escape(SUDOERS_STAGED)}$")
+    assert create == f"install -m 440 -o root -g root /dev/null {SUDOERS_STAGED}"
     assert run.grep(r"^groupadd gpuadmins$")
     (useradd,) = run.grep(r"^useradd ")
     assert re.search(r"(^| )-G gpuadmins( |$)", useradd) and useradd.endswith(" alice")
@@ -408,7 +455,46 @@ def test_admin_group_sudo_and_user(distro: str) -> None:
 
 def test_sudo_with_password() -> None:
     run = run_base(node_config("rhel9", sudo_nopasswd=False), "rhel9")
-    assert content_lines(run.files[SUDOERS_FILE]) == ["%gpuadmins ALL=(ALL:ALL) ALL"]
+    assert content_lines(run.files[SUDOERS_STAGED]) == ["%gpuadmins ALL=(ALL:ALL) ALL"]
+
+
+@pytest.mark.parametrize("distro", ["debian12", "rhel9"])
+def test_sudoers_is_checked_by_visudo_before_it_takes_effect(distro: str) -> None:
+    run = fresh(distro)
+    (script,) = run.grep(rf"visudo -c -f {re.escape(SUDOERS_STAGED)}")
+    steps = script.splitlines()
+    check = steps.index(f"if ! /usr/sbin/visudo -c -f {SUDOERS_STAGED} >/dev/null; then")
+    move = steps.index(f"mv -f {SUDOERS_STAGED} {SUDOERS_FILE}")
+    whole = steps.index("if ! /usr/sbin/visudo -c >/dev/null; then")
+    assert check < move < whole
+    assert steps[check + 1] == f"  rm -f {SUDOERS_STAGED}"  # refused: the staged file goes
+    assert steps[check + 3] == "  exit 1"  # ... and the op fails before the move
+    # the empty file with its final owner and mode comes first, then content, then the check
+    create = run.commands.index(f"install -m 440 -o root -g root /dev/null {SUDOERS_STAGED}")
+    assert create < run.commands.index(script)
+
+
+def sudoers_host(files: dict[str, str]) -> Handler:
+    """A host that has these sudoers drop-ins, root:root 0440 (the SudoersDropin fact)."""
+
+    def handler(command: str) -> Response | None:
+        for path, content in files.items():
+            if command == SudoersDropin().command(path):
+                digest = hashlib.sha256(content.encode()).hexdigest()
+                return ["root root 440", f"{digest}  {path}"]
+        return None
+
+    return handler
+
+
+def test_converged_sudoers_is_left_alone() -> None:
+    content = fresh("debian12").files[SUDOERS_STAGED]
+    live = sudoers_host({SUDOERS_FILE: content})
+    run = run_base(node_config("debian12"), "debian12", handlers=[live])
+    assert not run.grep("visudo") and SUDOERS_STAGED not in run.files
+    changed = run_base(node_config("debian12", sudo_nopasswd=False), "debian12", handlers=[live])
+    assert content_lines(changed.files[SUDOERS_STAGED]) == ["%gpuadmins ALL=(ALL:ALL) ALL"]
+    assert changed.grep("visudo -c -f")
 
 
 @pytest.mark.parametrize("distro", ALL)
@@ -479,9 +565,12 @@ def test_hold_list_change_changes_only_the_hold_list_file(
     first = fresh(distro)
     modes = {m[2]: m[1] for c in first.commands if (m := re.match(r"chmod (\d+) (\S+)$", c))}
     host = converged(first.files, modes)
+    sudoers = sudoers_host({SUDOERS_FILE: first.files[SUDOERS_STAGED]})
 
-    unchanged = run_base(node_config(distro), distro, handlers=[host])
-    changed = run_base(node_config(distro, auto_updates={"hold": hold}), distro, handlers=[host])
+    unchanged = run_base(node_config(distro), distro, handlers=[host, sudoers])
+    changed = run_base(
+        node_config(distro, auto_updates={"hold": hold}), distro, handlers=[host, sudoers]
+    )
 
     assert unchanged.uploads == []  # converged: nothing to write
     hold_file = APT_HOLD_FILE if EXPECT[distro].family == "apt" else DNF_AUTOMATIC_FILE

@@ -1,0 +1,244 @@
+"""The renderers of gpunode/render.py, checked against the real readers of each format.
+
+- ssh_config: the file ``gpunode verify`` writes (gpunode/commands/verify.py) is read back by
+  the real ``ssh -G`` (OpenSSH's own parser, which prints every option it resolved): a hostile
+  connection value adds no option and each path comes back exactly.
+- DKMS's framework.conf: the file roles/nvidia_driver.py uploads (run through pyinfra's real API
+  on the ``@fake`` connector) is sourced by a real ``sh``: each variable is exactly the path, and
+  nothing in a hostile path runs (a canary file that must not appear).
+- sudoers and dnf.conf values: quoting and refusals (the files themselves are checked by the
+  real ``visudo`` in tests/lab/test_access.py and by the real ini parser in test_base_role.py).
+
+Hostile values reach the renderers here past config load (``model_copy`` does not validate):
+the schema refuses most of them already, and these tests prove the renderers hold on their own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import HOST, run_deploys
+from pyinfra.api import deploy
+
+from gpunode import nvidia as nv
+from gpunode.commands.verify import ssh_config_for
+from gpunode.config import load
+from gpunode.render import ini_value, shell_value, ssh_config_value, sudoers_value
+from gpunode.schema.node import Inventory
+from gpunode.schema.types import ConfigError
+from roles.nvidia_driver import _module_signing
+
+SSH = shutil.which("ssh")
+
+
+def inventory(**connection: Any) -> Inventory:
+    raw = {
+        "defaults": {"distro": "debian12", "firewall": {"enabled": False}},
+        "hosts": {HOST: {"connection": {"address": "192.0.2.10", **connection}}},
+    }
+    return load(raw, source="test_render")
+
+
+def with_connection(inv: Inventory, name: str = HOST, **values: Any) -> Inventory:
+    """The inventory with connection values set past validation (as a hostile caller could)."""
+    host = inv.hosts[HOST]
+    changed = host.model_copy(
+        update={"name": name, "connection": host.connection.model_copy(update=values)}
+    )
+    return inv.model_copy(update={"hosts": {name: changed}})
+
+
+def ssh_g(config: str, tmp_path: Path, host: str = HOST) -> dict[str, str]:
+    """What the real ssh resolves for ``host`` from this config (``ssh -G``: no connection)."""
+    assert SSH, "OpenSSH's ssh client (openssh-client) is needed"
+    path = tmp_path / "ssh_config"
+    path.write_text(config)
+    proc = subprocess.run(
+        [SSH, "-G", "-F", str(path), host], capture_output=True, text=True, timeout=10
+    )
+    assert proc.returncode == 0, proc.stderr
+    options: dict[str, str] = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        options[key] = f"{options[key]}\n{value}" if key in options else value
+    return options
+
+
+BASELINE = {"key_file": "/keys/id", "known_hosts_file": "/keys/known_hosts"}
+
+
+@pytest.mark.parametrize(
+    "key_file, known_hosts_file, shown_key, shown_known",
+    [
+        ("/home/op/my keys/id_ed25519", "/home/op/known hosts", None, None),
+        ("/keys/a#b=c", "/keys/kh#1=2", None, None),
+        # ssh -G prints IdentityFile before token expansion ("%%" is a literal "%") and
+        # UserKnownHostsFile after it
+        ("/keys/50%h", "/keys/kh%h", "/keys/50%%h", "/keys/kh%h"),
+    ],
+)
+def test_ssh_config_paths_come_back_exactly_and_add_no_option(
+    key_file: str, known_hosts_file: str, shown_key: str | None, shown_known: str | None,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    base = inventory(**BASELINE)
+    before = ssh_g(ssh_config_for(base), tmp_path)
+    values = {"key_file": key_file, "known_hosts_file": known_hosts_file}
+    after = ssh_g(ssh_config_for(with_connection(base, **values)), tmp_path)
+
+    assert after["identityfile"] == (shown_key or key_file)
+    assert after["userknownhostsfile"] == (shown_known or known_hosts_file)
+    differ = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert differ == {"identityfile", "userknownhostsfile"}
+
+
+INJECTIONS = [
+    "~/.ssh/k\n  ProxyCommand sh -c 'id>/tmp/x'",  # the finding: a newline starts an option
+    "~/.ssh/k\r\n  LocalCommand id",
+    '/keys/k" ProxyCommand "id',  # a quote would end the argument
+    "/keys/k' ProxyCommand 'id",
+    "/keys/k\\",
+    "${HOME}/.ssh/k",  # expanded by ssh, no escape exists
+]
+
+
+@pytest.mark.parametrize("field", ["key_file", "known_hosts_file", "ssh_config_file"])
+@pytest.mark.parametrize("value", INJECTIONS)
+def test_ssh_config_refuses_what_it_cannot_represent(field: str, value: str) -> None:
+    if field == "ssh_config_file" and value == "${HOME}/.ssh/k":
+        value = "/etc/ssh/*.conf"  # Include expands glob(7) wildcards instead
+    hostile = with_connection(inventory(**BASELINE), **{field: value})
+    with pytest.raises(ConfigError, match=rf"host {HOST}: connection\.{field}: .*\(allowed: "):
+        ssh_config_for(hostile)
+
+
+@pytest.mark.parametrize("name", ["gpu-01\n  ProxyCommand id", "gpu-*", "gpu-01 other", "!gpu"])
+def test_ssh_config_refuses_host_names_that_are_patterns(name: str) -> None:
+    hostile = with_connection(inventory(**BASELINE), name=name)
+    with pytest.raises(ConfigError, match=r"the inventory name: .*\(allowed: "):
+        ssh_config_for(hostile)
+
+
+def test_ssh_config_the_finding_no_longer_resolves_a_proxycommand(tmp_path: Path) -> None:
+    """Issue 13 finding 4, end to end: whatever ssh_config_for returns, the real ssh resolves
+    no ProxyCommand or LocalCommand from it (before the fix it resolved `sh -c 'id>/tmp/x'`)."""
+    hostile = with_connection(
+        inventory(**BASELINE), key_file="~/.ssh/k\n  ProxyCommand sh -c 'id>/tmp/x'"
+    )
+    try:
+        config = ssh_config_for(hostile)
+    except ConfigError as exc:
+        assert "connection.key_file" in str(exc)
+        return
+    options = ssh_g(config, tmp_path)
+    assert "proxycommand" not in options and "localcommand" not in options
+    assert options["identityfile"] == "~/.ssh/k\n  ProxyCommand sh -c 'id>/tmp/x'"
+
+
+def test_ssh_config_include_and_defaults(tmp_path: Path) -> None:
+    included = tmp_path / "extra config"
+    included.write_text("ServerAliveInterval 42\n")
+    inv = with_connection(inventory(**BASELINE), ssh_config_file=str(included))
+    options = ssh_g(ssh_config_for(inv), tmp_path)
+    assert options["serveraliveinterval"] == "42"  # the quoted path with a space was read
+    assert options["hostname"] == "192.0.2.10" and options["user"] == "root"
+    assert options["batchmode"] == "yes" and options["stricthostkeychecking"] == "true"
+
+
+# --- DKMS framework.conf: sourced by a shell --------------------------------------------------
+
+
+HOSTILE_PATHS = [
+    "/var/lib/mok/my key.priv",
+    "/var/lib/mok/$(touch CANARY).priv",
+    "/var/lib/mok/`touch CANARY`.priv",
+    "/var/lib/mok/k';touch CANARY;'.priv",
+    '/var/lib/mok/k";touch CANARY;".priv',
+    "/var/lib/mok/k&touch CANARY&.priv",
+    "/var/lib/mok/k|touch CANARY|.priv",
+    "/var/lib/mok/${HOME}.priv",
+    "/var/lib/mok/k\\.priv",
+]
+
+
+def dkms_signing_conf(key_file: str, cert_file: str) -> str:
+    """The framework.conf drop-in roles/nvidia_driver.py uploads for these paths."""
+    from gpunode.config import load as load_config
+
+    raw = {
+        "defaults": {
+            "distro": "ubuntu2404",
+            "firewall": {"enabled": False},
+            "nvidia": {"module_signing": {"key_file": "/k", "cert_file": "/c"}},
+        },
+        "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
+    }
+    config = load_config(raw, source="test_render").hosts[HOST].config
+    signing = config.nvidia.module_signing
+    assert signing
+    hostile = signing.model_copy(update={"key_file": key_file, "cert_file": cert_file})
+    config = config.model_copy(
+        update={"nvidia": config.nvidia.model_copy(update={"module_signing": hostile})}
+    )
+    run = run_deploys(config, {}, [deploy("dkms signing")(lambda: _module_signing(config))])
+    assert not run.failed
+    return run.files[nv.DKMS_SIGNING_CONF]
+
+
+@pytest.mark.parametrize("path", HOSTILE_PATHS)
+def test_dkms_framework_conf_sourced_by_sh_yields_exactly_the_path(
+    path: str, tmp_path: Path
+) -> None:
+    conf = tmp_path / "gpunode-signing.conf"
+    conf.write_text(dkms_signing_conf(path, path + ".der"))
+    for var, want in (("mok_signing_key", path), ("mok_certificate", path + ".der")):
+        proc = subprocess.run(
+            ["sh", "-c", f'. ./{conf.name}; printf %s "${var}"'],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == want
+        assert proc.stderr == ""
+    assert not (tmp_path / "CANARY").exists(), "a path ran a command"
+
+
+def test_dkms_framework_conf_refuses_a_newline() -> None:
+    with pytest.raises(ConfigError, match=r"nvidia\.module_signing\.key_file: .*control"):
+        dkms_signing_conf("/var/lib/mok/k\nmok_certificate=/tmp/x", "/var/lib/mok/c")
+
+
+# --- values of other formats ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, rendered",
+    [("/var/log/sudo.log", '"/var/log/sudo.log"'), ('/l/a"b\\c', '"/l/a\\"b\\\\c"')],
+)
+def test_sudoers_value_is_quoted_and_escaped(value: str, rendered: str) -> None:
+    assert sudoers_value(value) == rendered
+
+
+@pytest.mark.parametrize("render", [sudoers_value, ini_value, shell_value])
+@pytest.mark.parametrize("value", ["a\nb", "a\rb", "a\x00b", "a\x1bb", "a\u2028b"])
+def test_control_characters_are_refused(render: Any, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"where: .*control character.*\(allowed: "):
+        render(value, "where")
+
+
+@pytest.mark.parametrize("value", [" http://p:3128", "http://p:3128 "])
+def test_ini_value_refuses_whitespace_it_would_lose(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"whitespace \(allowed: "):
+        ini_value(value, "base.apt_proxy")
+
+
+def test_ssh_config_value_doubles_percent_only_where_tokens_expand() -> None:
+    assert ssh_config_value("IdentityFile", "/k/50%") == "/k/50%%"
+    assert ssh_config_value("User", "a%b") == "a%b"
