@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from gpunode import inference, monitoring, nomad
 from gpunode.render import environment
@@ -75,6 +76,94 @@ def allow_rules(config: NodeConfig, ssh_port: int) -> list[Allow]:
     return rules
 
 
+# --- egress: the output chain as an allow-list ---------------------------------------------
+
+EGRESS_COUNTER = "egress_dropped"  # named counter of what the output chain drops
+NTP_PORT, DNS_PORT = 123, 53
+_URL_PORTS = {"http": 80, "https": 443}
+
+
+def _url(url: str | None) -> tuple[str, int] | None:
+    """(host, port) of an http(s) URL, the port defaulted by its scheme."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _URL_PORTS[parts.scheme]
+    except (ValueError, KeyError):
+        return None  # the schema refuses such URLs; nothing to open
+    return ((parts.hostname or "").lower(), port) if parts.hostname else None
+
+
+def egress_servers(config: NodeConfig) -> list[tuple[str, str, str, int]]:
+    """(key, host, proto, port) of every server the node connects to that the output chain
+    allows: NTP, the package proxy (or, without one, the mirrors) and Vault."""
+    out = [("base.ntp_servers", s.lower(), "udp", NTP_PORT) for s in config.base.ntp_servers]
+    proxy = _url(config.base.apt_proxy)
+    mirrors = [
+        ("base.apt_mirror", config.base.apt_mirror),
+        ("nvidia.mirror", config.nvidia.mirror),
+        ("cuda.container_toolkit_mirror", config.cuda.container_toolkit_mirror),
+        ("nomad.repo_url", config.nomad.repo_url),
+    ]
+    if proxy:  # apt and dnf fetch every repository (http and https) through it
+        out.append(("base.apt_proxy", proxy[0], "tcp", proxy[1]))
+    else:
+        for key, url in mirrors:
+            where = _url(url)
+            if where:
+                out.append((key, where[0], "tcp", where[1]))
+    vault = _url(config.vault.addr)
+    if vault:
+        out.append(("vault.addr", vault[0], "tcp", vault[1]))
+    return out
+
+
+def _literal(host: str) -> Network | None:
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return ipaddress.ip_network(address)
+
+
+ANYWHERE = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+
+
+def egress_rules(config: NodeConfig) -> list[Allow]:
+    """Every (destinations, ports) pair the output chain accepts with egress on, in order.
+    A server named by DNS name takes its CIDRs from ``firewall.egress.addresses`` (a name
+    that is not there is a config error, see check_host); loopback needs no rule."""
+    eg = config.firewall.egress
+    groups: dict[tuple[str, str], tuple[set[int], list[Network]]] = {}
+
+    def add(name: str, proto: str, port: int, cidrs: Iterable[Network]) -> None:
+        ports, nets = groups.setdefault((name, proto), (set(), []))
+        ports.add(port)
+        for cidr in cidrs:
+            if cidr not in nets and not cidr.is_loopback:
+                nets.append(cidr)
+
+    for proto in ("udp", "tcp"):
+        add(
+            "firewall.egress.dns_cidrs",
+            proto,
+            DNS_PORT,
+            ANYWHERE if eg.dns_cidrs is None else eg.dns_cidrs,
+        )
+    for key, host, proto, port in egress_servers(config):
+        literal = _literal(host)
+        cidrs = [literal] if literal else eg.addresses.get(host, [])
+        add(key, proto, port, cidrs)
+    for rule in eg.extra:
+        add(rule.name, rule.proto, rule.port, rule.cidrs)
+    return [
+        Allow(name, proto, tuple(sorted(ports)), tuple(nets))
+        for (name, proto), (ports, nets) in groups.items()
+        if nets
+    ]
+
+
 def render_ruleset(config: NodeConfig, ssh_port: int) -> str:
     """The nft script that atomically replaces gpunode's table (and touches nothing else)."""
     fw = config.firewall
@@ -86,6 +175,8 @@ def render_ruleset(config: NodeConfig, ssh_port: int) -> str:
             fw=fw,
             rules=allow_rules(config, ssh_port),
             published=[r for r in allow_rules(config, ssh_port) if r.name != "ssh"],
+            egress=egress_rules(config) if fw.egress.enabled else None,
+            counter=EGRESS_COUNTER,
         )
     )
 
@@ -121,18 +212,50 @@ def controller_source(
     return None
 
 
+# The network: key that opens each kind of service the node serves, what serves it, and
+# an example value for the message.
+EXPOSED: tuple[tuple[str, str, str], ...] = (
+    ("app_cidrs", "inference services (inference.services)", "[198.51.100.0/24]"),
+    ("monitoring_cidrs", "metrics exporters (monitoring.*)", "[192.0.2.16/28]"),
+    ("cluster_cidrs", "the Nomad client (nomad.enabled)", "[192.0.2.32/28]"),
+)
+
+
+def exposed_ports(config: NodeConfig) -> dict[str, list[tuple[str, int]]]:
+    """network: key -> the (protocol, port) pairs the node serves that it opens."""
+    return {
+        "app_cidrs": list(inference.app_ports(config)),
+        "monitoring_cidrs": list(monitoring.metrics_ports(config)),
+        "cluster_cidrs": list(nomad.cluster_ports(config)),
+    }
+
+
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:
     """Checks that need the merged config (and the host's connection); [] when fine."""
     problems: list[str] = []
     fw = config.firewall
     if not fw.enabled:
-        return problems
+        return problems  # said explicitly (the default is on): announced on every run
     if not config.network.admin_cidrs:
         problems.append(
-            f"{where}: network.admin_cidrs: empty while firewall.enabled is true: nobody could "
-            "reach SSH (allowed: the CIDRs SSH comes from, e.g. [192.0.2.0/28])"
+            f"{where}: network.admin_cidrs: empty while the firewall is on (firewall.enabled "
+            "defaults to true): nobody could reach SSH (allowed: the CIDRs SSH comes from, "
+            "e.g. [192.0.2.0/28]; or firewall.enabled: false to run the node without "
+            "gpunode's firewall)"
         )
         return problems
+    ports = exposed_ports(config)
+    for key, what, example in EXPOSED:
+        if ports[key] and key not in config.network.model_fields_set:
+            listed = ", ".join(f"{proto}/{port}" for proto, port in ports[key])
+            problems.append(
+                f"{where}: network.{key}: not set while the node serves {what} on {listed} "
+                f"and the firewall is on (allowed: the CIDRs that may reach them, e.g. "
+                f"{example}; [] to close them to every address; or firewall.enabled: false "
+                "to run the node without gpunode's firewall)"
+            )
+    if fw.egress.enabled:
+        problems += _check_egress(where, config)
     for rule in fw.extra_input:
         if rule.port == connection.port:
             problems.append(
@@ -159,6 +282,40 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
             "when the node sees another address, e.g. behind NAT)"
         )
     return problems
+
+
+def _check_egress(where: str, config: NodeConfig) -> list[str]:
+    problems = []
+    eg = config.firewall.egress
+    servers = egress_servers(config)
+    if not any(key != "base.ntp_servers" and key != "vault.addr" for key, *_ in servers):
+        problems.append(
+            f"{where}: firewall.egress.enabled: the node would fetch packages from its distro's "
+            "default mirrors, whose addresses no rule can hold (allowed: set base.apt_proxy, "
+            "or a mirror URL such as base.apt_mirror)"
+        )
+    missing: dict[str, list[str]] = {}
+    for key, host, _, _ in servers:
+        if not _literal(host) and host not in eg.addresses:
+            missing.setdefault(host, []).append(key)
+    for host, keys in missing.items():
+        problems.append(
+            f"{where}: firewall.egress.addresses: {host} ({', '.join(dict.fromkeys(keys))}) is "
+            "a DNS name and nft rules hold addresses; gpunode does not resolve it "
+            f"(allowed: list its CIDRs, e.g. {host}: [192.0.2.50/32], or give the server "
+            "by IP address)"
+        )
+    return problems
+
+
+def warnings(config: NodeConfig) -> list[str]:
+    """What every run prints about this node's firewall (gpunode/inventory.py's report)."""
+    if config.firewall.enabled:
+        return []
+    return [
+        "firewall.enabled is false: no gpunode firewall, every port these nodes listen on "
+        "answers any address"
+    ]
 
 
 # The stateless listing of gpunode's table, hashed the same way FirewallState hashes it.

@@ -11,10 +11,13 @@ ruleset goes live like this, and only when it differs from what the node runs:
 3. load it;
 4. open a NEW SSH connection from the controller (the established rule keeps the old
    one alive, so only a new one proves SSH still gets in);
-5. only then disarm the timer and make the candidate the ruleset loaded at boot.
+5. only then disarm the timer and make the candidate the ruleset loaded at boot;
+6. then write and enable the boot unit (it loads only that confirmed file);
+7. and last stop and disable a firewall that would fight gpunode's (ufw, firewalld).
 
 If step 4 fails the host fails with the reason, and the node returns to its previous
-ruleset by itself when the timer fires.
+ruleset by itself when the timer fires: ufw/firewalld still run, and the boot
+configuration is as it was.
 
 .. code:: python
 
@@ -56,7 +59,6 @@ def firewall() -> None:
         apt.packages(name="nftables", packages=["nftables"], no_recommends=True)
     else:
         dnf.packages(name="nftables", packages=["nftables"])
-    _stop_conflicting_firewalls(spec)
 
     ssh_port = int(host.data.get("ssh_port") or 22)
     ruleset = rules.render_ruleset(config, ssh_port)
@@ -84,6 +86,9 @@ def firewall() -> None:
     systemd.service(
         name="Firewall loaded at boot", service=rules.FIREWALL_UNIT, running=None, enabled=True
     )
+    # only now that gpunode's ruleset is confirmed and loaded at boot (a failed apply above
+    # has stopped this host): the firewall it replaces stays until then
+    _stop_conflicting_firewalls(spec)
 
 
 def _apply(ruleset: str, rollback_seconds: int) -> None:

@@ -1,4 +1,10 @@
-"""``network:``: who may reach the node (the firewall role opens ports to these CIDRs)."""
+"""``network:``: who may reach the node (the firewall role opens ports to these CIDRs).
+
+With the firewall on (the default), a key whose ports the node serves must be set:
+`admin_cidrs` always (SSH), `app_cidrs` with inference services, `monitoring_cidrs` with
+exporters (node_exporter is on by default), `cluster_cidrs` with Nomad. `[]` is a choice
+too: those ports are closed to every address.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,12 @@ class Network(Model):
     """Sources that may reach SSH. Required (non-empty) with `firewall.enabled`, and at
     config load one must cover the address this controller reaches the host from."""
     app_cidrs: list[Cidr] = Field(default_factory=list)
-    """Sources that may reach the inference ports."""
+    """Sources that may reach the inference ports. Required (`[]`: nobody) with
+    `firewall.enabled` when the node runs an inference service."""
     monitoring_cidrs: list[Cidr] = Field(default_factory=list)
-    """Sources that may reach the metrics ports (node_exporter, dcgm-exporter, a runtime's
-    own metrics port)."""
+    """Sources that may reach the metrics ports (node_exporter, dcgm-exporter). Required
+    (`[]`: nobody) with `firewall.enabled` when an exporter is on (node_exporter is by
+    default)."""
     cluster_cidrs: list[Cidr] = Field(default_factory=list)
-    """Nomad servers and peers: sources that may reach the Nomad client's ports."""
+    """Nomad servers and peers: sources that may reach the Nomad client's ports. Required
+    (`[]`: nobody) with `firewall.enabled` when `nomad.enabled`."""

@@ -129,7 +129,8 @@ def test_recorded_fact_outputs(folder: Path) -> None:
 
 def node_config(**gpu: Any) -> NodeConfig:
     raw = {
-        "defaults": {"distro": "debian12", "gpu": gpu},
+        # the firewall (on by default) is the firewall role's: not this role's concern
+        "defaults": {"distro": "debian12", "gpu": gpu, "firewall": {"enabled": False}},
         "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}},
     }
     return load(raw, source="test_gpu_fact").hosts[HOST].config

@@ -28,7 +28,8 @@ def host_checks(tmp_path: Path, gpu: dict[str, Any]) -> dict[str, str]:
     inventory.write_text(
         json.dumps(
             {
-                "defaults": {"distro": "debian12"},  # any known distro: the checks read none
+                # any known distro: the checks read none; nor the firewall (on by default)
+                "defaults": {"distro": "debian12", "firewall": {"enabled": False}},
                 "hosts": {"here": {"connection": {"address": "127.0.0.1"}, "data": {"gpu": gpu}}},
             }
         )

@@ -39,6 +39,7 @@ from harness import (
     RecordingFakeConnector,
     Response,
     Run,
+    content_lines,
     converged,
     host_info_output,
     run_deploys,
@@ -49,10 +50,10 @@ from gpunode import firewall as firewall_rules
 from gpunode import hardening
 from gpunode.config import load
 from gpunode.facts.firewall import FirewallState
-from gpunode.facts.hardening import SshdState, WritableSysctls
+from gpunode.facts.hardening import PrimaryGroup, SshdState, WritableSysctls
 from gpunode.facts.server import HostInfo
 from gpunode.schema import hardening as hardening_schema
-from gpunode.schema.node import NodeConfig
+from gpunode.schema.node import Connection, NodeConfig
 from gpunode.schema.types import ConfigError
 from roles.firewall import firewall
 from roles.hardening import hardening as hardening_role
@@ -68,9 +69,14 @@ def fixture(name: str) -> str:
     return (FIXTURES / name).read_text()
 
 
+# What every node of these tests serves needs its CIDRs with the firewall on (the default):
+# SSH (admin_cidrs, covering this machine: hosts are 127.0.0.2) and the exporters.
+NETWORK = {"admin_cidrs": ["127.0.0.0/8"], "monitoring_cidrs": MONITORING}
+
+
 def load_one(data: dict[str, Any], address: str = "127.0.0.2", user: str = "root") -> NodeConfig:
     raw = {
-        "defaults": {"distro": "debian12", **data},
+        "defaults": {"distro": "debian12", "network": NETWORK, **data},
         "hosts": {HOST: {"connection": {"address": address, "user": user}}},
     }
     return load(raw, source="test_hardening").hosts[HOST].config
@@ -98,17 +104,103 @@ def config_error(data: dict[str, Any], **kw: Any) -> str:
 # --- config checks at load ------------------------------------------------------------
 
 
-def test_firewall_is_off_unless_enabled() -> None:
-    assert load_one({}).firewall.enabled is False
+def test_firewall_is_on_by_default() -> None:
+    """Finding 1: a node is closed unless the inventory says otherwise."""
+    cfg = load_one({})
+    assert cfg.firewall.enabled is True
+    assert "policy drop" in chain(firewall_rules.render_ruleset(cfg, 22), "input")[0]
 
 
 def test_empty_admin_cidrs_with_the_firewall_on_is_refused() -> None:
-    message = config_error({"firewall": {"enabled": True}})
+    message = config_error({"network": {}})
     assert (
-        "test_hardening: host gpu-01: network.admin_cidrs: empty while firewall.enabled is true"
-        in message
-    )
+        "test_hardening: host gpu-01: network.admin_cidrs: empty while the firewall is on "
+        "(firewall.enabled defaults to true)"
+    ) in message
     assert "allowed: the CIDRs SSH comes from" in message
+    assert "or firewall.enabled: false" in message
+
+
+MODEL = {"uri": "file:///srv/models/m.gguf", "sha256": "a" * 64}
+NO_EXPORTERS = {"node_exporter": False, "dcgm_exporter": False}
+SERVICES = {
+    "monitoring_cidrs": ({}, "metrics exporters (monitoring.*) on tcp/9100, tcp/9400"),
+    "app_cidrs": (
+        {
+            "monitoring": NO_EXPORTERS,
+            "inference": {
+                "services": {"chat": {"runtime": "llamacpp", "port": 8000, "model": MODEL}}
+            },
+        },
+        "inference services (inference.services) on tcp/8000",
+    ),
+    "cluster_cidrs": (
+        {
+            "monitoring": NO_EXPORTERS,
+            "nomad": {
+                "enabled": True,
+                "version": "1.10.5",
+                "servers": ["10.0.0.10:4647"],
+                "device_plugin": {"sha256": "a" * 64},
+            },
+        },
+        "the Nomad client (nomad.enabled) on tcp/4646, tcp/4647",
+    ),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SERVICES))
+def test_a_service_without_its_cidrs_is_refused(key: str) -> None:
+    """Finding 1: a node that serves something says who may reach it, or turns the firewall
+    off explicitly; `[]` closes the ports to every address. (check_host is what config load
+    runs for each host; monitoring_cidrs goes through the whole loader below.)"""
+    data, what = SERVICES[key]
+    connection = Connection(address="192.0.2.10")
+
+    def problems(**extra: Any) -> list[str]:
+        cfg = NodeConfig.model_validate({"distro": "debian12", **data, **extra})
+        return firewall_rules.check_host("inv.yml: host gpu-01", cfg, connection)
+
+    admin = {"admin_cidrs": ["192.0.2.0/28"]}
+    (message,) = problems(network=admin)
+    assert message.startswith(f"inv.yml: host gpu-01: network.{key}: not set while the node ")
+    assert f"serves {what} and the firewall is on (allowed: the CIDRs that may reach them" in (
+        message
+    )
+    assert "[] to close them to every address; or firewall.enabled: false" in message
+    assert problems(network={**admin, key: []}) == []
+    assert problems(network={**admin, key: ["10.0.0.0/8"]}) == []
+    assert problems(firewall={"enabled": False}) == []
+
+
+def test_exporters_without_monitoring_cidrs_are_refused_at_load() -> None:
+    message = config_error({"network": {"admin_cidrs": ["127.0.0.0/8"]}})
+    assert "test_hardening: host gpu-01: network.monitoring_cidrs: not set while the node" in (
+        message
+    )
+    assert load_one({"network": {"admin_cidrs": ["127.0.0.0/8"], "monitoring_cidrs": []}})
+
+
+def test_a_disabled_firewall_is_printed_on_every_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from gpunode.inventory import from_dict
+
+    raw = {
+        "defaults": {"distro": "debian12", "firewall": {"enabled": False}},
+        "hosts": {
+            "gpu-01": {"connection": {"address": "192.0.2.1"}},
+            "gpu-02": {"connection": {"address": "192.0.2.2"}},
+            "gpu-03": {
+                "connection": {"address": "192.0.2.3"},
+                "data": {"firewall": {"enabled": True}, "network": NETWORK},
+            },
+        },
+    }
+    from_dict(raw, "fw-off.yml")
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "firewall" in line] == [
+        "gpunode: warning: firewall.enabled is false: no gpunode firewall, every port these "
+        "nodes listen on answers any address (hosts: gpu-01, gpu-02)"
+    ]
 
 
 def test_admin_cidrs_that_exclude_the_controller_are_refused() -> None:
@@ -124,16 +216,14 @@ def test_admin_cidrs_that_exclude_the_controller_are_refused() -> None:
 
 def test_forcing_admin_cidrs_loads_the_config() -> None:
     data = {
-        "network": {"admin_cidrs": ["10.0.0.0/8"]},
-        "firewall": {"enabled": True, "force_admin_cidrs": True},
+        "network": {**NETWORK, "admin_cidrs": ["10.0.0.0/8"]},
+        "firewall": {"force_admin_cidrs": True},
     }
     assert load_one(data).firewall.force_admin_cidrs is True
 
 
 def test_admin_cidrs_that_cover_the_controller_pass() -> None:
-    assert load_one(
-        {"network": {"admin_cidrs": ["127.0.0.0/8"]}, "firewall": {"enabled": True}}
-    ).firewall.enabled
+    assert load_one({"network": {**NETWORK, "admin_cidrs": ["127.0.0.0/8"]}}).firewall.enabled
 
 
 def test_controller_source_is_the_kernels_choice() -> None:
@@ -321,14 +411,122 @@ def test_forward_policy_with_containers_passes_published_ports_only_from_their_s
     assert values["net.ipv4.conf.all.rp_filter"] == 2
 
 
+def test_dhcpv6_replies_from_link_local_are_accepted() -> None:
+    """Finding 15: DHCPv6 replies (udp 547 -> 546) come from a link-local address to the
+    client's, untracked (the request went to ff02::1:2): accepted, from link-local only."""
+    rules = chain(firewall_rules.render_ruleset(config(), 22), "input")
+    assert "ip6 saddr fe80::/10 udp sport 547 udp dport 546 accept" in rules
+    assert not [r for r in rules if "546" in r and "fe80::/10" not in r]
+
+
+def test_output_accepts_everything_unless_egress_is_on() -> None:
+    ruleset = firewall_rules.render_ruleset(config(), 22)
+    assert chain(ruleset, "output") == ["type filter hook output priority filter; policy accept;"]
+    assert "counter" not in ruleset
+
+
+EGRESS = {
+    "enabled": True,
+    "addresses": {"Time.Example.NET": ["192.0.2.64/28", "2001:db8:1::/64"]},
+    "extra": [{"name": "models", "port": 443, "cidrs": ["203.0.113.0/24"]}],
+}
+
+
+def egress_config(**egress: Any) -> NodeConfig:
+    return load_one(
+        {
+            "base": {
+                "apt_proxy": "http://192.0.2.80:3128",
+                "ntp_servers": ["192.0.2.123", "time.example.net"],
+            },
+            "vault": {"addr": "https://[2001:db8::8]:8200"},
+            "firewall": {"egress": {**EGRESS, **egress}},
+        }
+    )
+
+
+def test_egress_allows_only_what_the_node_needs_and_counts_the_rest() -> None:
+    ruleset = firewall_rules.render_ruleset(egress_config(), 22)
+    rules = chain(ruleset, "output")
+    assert rules[:4] == [
+        "type filter hook output priority filter; policy drop;",
+        'oifname "lo" accept',
+        "ct state established,related accept",
+        "ct state invalid drop",
+    ]
+    allowed = [r for r in rules if "comment" in r]
+    assert allowed == [
+        'ip daddr { 0.0.0.0/0 } udp dport { 53 } accept comment "firewall.egress.dns_cidrs"',
+        'ip6 daddr { ::/0 } udp dport { 53 } accept comment "firewall.egress.dns_cidrs"',
+        'ip daddr { 0.0.0.0/0 } tcp dport { 53 } accept comment "firewall.egress.dns_cidrs"',
+        'ip6 daddr { ::/0 } tcp dport { 53 } accept comment "firewall.egress.dns_cidrs"',
+        "ip daddr { 192.0.2.123/32, 192.0.2.64/28 } udp dport { 123 } accept "
+        'comment "base.ntp_servers"',
+        'ip6 daddr { 2001:db8:1::/64 } udp dport { 123 } accept comment "base.ntp_servers"',
+        'ip daddr { 192.0.2.80/32 } tcp dport { 3128 } accept comment "base.apt_proxy"',
+        'ip6 daddr { 2001:db8::8/128 } tcp dport { 8200 } accept comment "vault.addr"',
+        'ip daddr { 203.0.113.0/24 } tcp dport { 443 } accept comment "models"',
+    ]
+    # DHCP/DHCPv6 requests and neighbour discovery leave; the rest is counted, logged, dropped
+    assert "ip6 daddr ff02::1:2 udp sport 546 udp dport 547 accept" in rules
+    assert "udp sport 68 udp dport 67 accept" in rules
+    assert rules[-2:] == [
+        'counter name "egress_dropped"',
+        'limit rate 5/minute burst 10 packets log prefix "gpunode-drop output: " level info',
+    ]
+    assert "\tcounter egress_dropped {\n\t}\n" in ruleset
+    proc = nft_check(ruleset)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_egress_without_a_proxy_opens_the_mirrors() -> None:
+    cfg = load_one(
+        {
+            "base": {"apt_mirror": "https://192.0.2.90/debian", "ntp_servers": ["192.0.2.123"]},
+            "firewall": {"egress": {"enabled": True, "dns_cidrs": ["192.0.2.53/32"]}},
+        }
+    )
+    rules = [r for r in chain(firewall_rules.render_ruleset(cfg, 22), "output") if "comment" in r]
+    assert 'ip daddr { 192.0.2.90/32 } tcp dport { 443 } accept comment "base.apt_mirror"' in rules
+    assert [r for r in rules if "dport { 53 }" in r] == [
+        'ip daddr { 192.0.2.53/32 } udp dport { 53 } accept comment "firewall.egress.dns_cidrs"',
+        'ip daddr { 192.0.2.53/32 } tcp dport { 53 } accept comment "firewall.egress.dns_cidrs"',
+    ]
+
+
+def test_egress_refuses_names_without_addresses_and_unknown_mirrors() -> None:
+    message = config_error(
+        {
+            "base": {"ntp_servers": ["0.debian.pool.ntp.org"]},
+            "vault": {"addr": "https://vault.example.com:8200"},
+            "firewall": {"egress": {"enabled": True}},
+        }
+    )
+    assert (
+        "test_hardening: host gpu-01: firewall.egress.enabled: the node would fetch packages from "
+        "its distro's default mirrors, whose addresses no rule can hold (allowed: set "
+        "base.apt_proxy, or a mirror URL such as base.apt_mirror)"
+    ) in message
+    assert (
+        "test_hardening: host gpu-01: firewall.egress.addresses: 0.debian.pool.ntp.org "
+        "(base.ntp_servers) is a DNS name and nft rules hold addresses; gpunode does not resolve "
+        "it (allowed: list its CIDRs, e.g. 0.debian.pool.ntp.org: [192.0.2.50/32], or give the "
+        "server by IP address)"
+    ) in message
+    assert "firewall.egress.addresses: vault.example.com (vault.addr)" in message
+    empty = config_error({"firewall": {"egress": {"enabled": True, "addresses": {"a.b": []}}}})
+    assert "firewall.egress.addresses: no CIDR for a.b (allowed: at least one" in empty
+
+
 # --- sshd and sysctl data --------------------------------------------------------------------
 
 
 def test_sshd_dropin_options() -> None:
-    text = hardening.render_sshd(config(), "root")
+    text = hardening.render_sshd(config(), "root", "root")
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     options = dict(line.split(" ", 1) for line in lines)
     assert len(options) == len(lines)  # each option once
+    assert options["AllowGroups"] == "gpunode_admins root"
     assert options["PasswordAuthentication"] == "no"
     assert options["KbdInteractiveAuthentication"] == "no"
     assert options["PermitRootLogin"] == "prohibit-password"
@@ -340,7 +538,63 @@ def test_sshd_dropin_options() -> None:
     assert options["ClientAliveInterval"] == "300"
     assert not re.search(r"cbc|sha1|md5|group1-|group14-sha1", text)
     assert options["Ciphers"].split(",")[0] == "chacha20-poly1305@openssh.com"
-    assert hardening.render_sshd(config(), "alice").count("PermitRootLogin no") == 1
+    assert hardening.render_sshd(config(), "alice", "alice").count("PermitRootLogin no") == 1
+
+
+def test_sshd_allow_groups() -> None:
+    """Finding 15: sshd lets in only the admin group, the connection user's primary group,
+    admin users without sudo (their own group) and hardening.ssh.allow_groups."""
+    cfg = load_one(
+        {
+            "firewall": {"enabled": False},
+            "base": {
+                "admin_group": "ops",
+                "admin_users": [
+                    {"name": "alice"},
+                    {"name": "watch-er", "sudo": False},
+                ],
+            },
+            "hardening": {"ssh": {"allow_groups": ["backup", "ops"]}},
+        },
+        user="deploy",
+    )
+    text = hardening.render_sshd(cfg, "deploy", "deployers")
+    (line,) = [x for x in text.splitlines() if x.startswith("AllowGroups")]
+    assert line == "AllowGroups ops deployers watch-er backup"
+
+
+@pytest.mark.parametrize("group", ["", "*", "a,b", "!root", "wheel admins", "-x"])
+def test_sshd_refuses_a_connection_group_that_is_a_pattern(group: str) -> None:
+    with pytest.raises(ValueError, match=r"primary group .* \(allowed: "):
+        hardening.render_sshd(config(), "root", group)
+
+
+def test_a_host_reporting_a_pattern_as_the_group_fails_before_sshd_is_touched() -> None:
+    responses = {**fresh_responses("debian12"), PrimaryGroup().command("root"): "*"}
+    run = run_roles(config(), "debian12", responses)
+    assert run.failed
+    assert any("sshd AllowGroups" in out.stderr for _, ok, out in run.results if not ok)
+    assert hardening.SSHD_STAGED not in run.files and not run.grep(r"sshd -t")
+
+
+SUDO_STAGED = "/etc/sudoers.d/.99-gpunode-hardening.gpunode-new"
+
+
+def test_sudo_defaults_dropin() -> None:
+    """Finding 15: use_pty and a log file, through visudo before the drop-in takes effect."""
+    run = run_roles(config(), "debian12", fresh_responses("debian12"))
+    assert content_lines(run.files[SUDO_STAGED]) == [
+        "Defaults use_pty",
+        'Defaults logfile="/var/log/sudo.log"',
+        "Defaults loglinelen=0",  # one line per command in the log file
+    ]
+    assert hardening.SUDO_DROPIN not in run.files
+    (script,) = run.grep(rf"visudo -c -f {re.escape(SUDO_STAGED)}")
+    assert script.index("visudo -c -f") < script.index(f"mv -f {SUDO_STAGED}")
+    off = load_one(
+        {"firewall": {"enabled": False}, "hardening": {"sudo": {"use_pty": False, "logfile": None}}}
+    )
+    assert content_lines(hardening.render_sudo_defaults(off)) == []
 
 
 def test_sysctl_overrides_add_and_drop_keys() -> None:
@@ -397,6 +651,7 @@ def fresh_responses(distro: str) -> dict[Any, Response]:
     return {
         FirewallState().command(): lines("firewall-state.fresh"),
         SshdState().command(): lines("sshd-state.fresh"),
+        PrimaryGroup().command("root"): "root",  # `id -gn -- root` on every distro
         WritableSysctls().command(sorted(hardening_schema.SYSCTL_KERNEL)): lines(
             "writable-sysctls.controller"
         ),
@@ -436,20 +691,26 @@ def test_fresh_host_gets_the_ruleset_checked_armed_applied_confirmed_then_kept(
     assert f"nft -c -f {firewall_rules.FIREWALL_ROLLBACK}" in run.commands[arm]
     assert "systemctl stop gpunode-firewall-rollback.timer" in run.commands[keep]
     assert not run.grep(r"flush ruleset")
-    if distro in DNF:
-        assert run.grep(r"systemctl stop firewalld\.service")
+    if distro in DNF:  # the firewall gpunode replaces goes only once its own is kept for boot
+        assert enable < first(run, r"systemctl stop firewalld\.service")
     else:
         assert not run.grep(r"firewalld|ufw")
 
 
-def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed() -> None:
-    responses = {**fresh_responses("debian12"), re.compile(r"^true$"): {"success": False}}
-    run = run_roles(config(), "debian12", responses)
+@pytest.mark.parametrize("distro", ["debian12", "rhel9"])
+def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed(distro: str) -> None:
+    responses = {**fresh_responses(distro), re.compile(r"^true$"): {"success": False}}
+    run = run_roles(config(distro), distro, responses)
     assert run.failed
     assert run.grep(rf"^nft -f {firewall_rules.FIREWALL_CANDIDATE}$")  # it was loaded
     # never disarmed, never kept for boot: the timer restores the previous table
     assert not run.grep(r"systemctl stop gpunode-firewall-rollback\.timer && ")
     assert not run.grep(rf"install -m 600 {firewall_rules.FIREWALL_CANDIDATE}")
+    # finding 10: the firewall it would replace (firewalld on EL9) still runs, and the boot
+    # configuration is untouched: no unit written, none enabled
+    assert not run.grep(r"systemctl (stop|disable) .*firewalld")
+    assert f"/etc/systemd/system/{firewall_rules.FIREWALL_UNIT}" not in run.files
+    assert not run.grep(r"systemctl (enable|daemon-reload)")
     # nothing after the failure
     assert not run.grep(r"try-reload|^sysctl -q -w")
     assert hardening.SSHD_STAGED not in run.files and hardening.SYSCTL_FILE not in run.files
@@ -491,7 +752,7 @@ def test_firewall_drift_is_repaired(drift: dict[str, str]) -> None:
 def test_sshd_dropin_is_validated_before_reload(distro: str) -> None:
     cfg = config(distro)
     run = run_roles(cfg, distro, fresh_responses(distro))
-    assert run.files[hardening.SSHD_STAGED] == hardening.render_sshd(cfg, "root")
+    assert run.files[hardening.SSHD_STAGED] == hardening.render_sshd(cfg, "root", "root")
     (script,) = run.grep(r"sshd -t -f ")
     steps = script.splitlines()
     service = "sshd" if distro in DNF else "ssh"
@@ -504,7 +765,8 @@ def test_sshd_dropin_is_validated_before_reload(distro: str) -> None:
 def test_sshd_is_left_alone_when_the_dropin_matches() -> None:
     cfg = config()
     sshd = lines(
-        "sshd-state.converged", dropin_sha1=firewall_rules.sha1(hardening.render_sshd(cfg, "root"))
+        "sshd-state.converged",
+        dropin_sha1=firewall_rules.sha1(hardening.render_sshd(cfg, "root", "root")),
     )
     run = run_roles(cfg, "debian12", {**fresh_responses("debian12"), SshdState().command(): sshd})
     assert not run.grep(r"sshd -t|try-reload")

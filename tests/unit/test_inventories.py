@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpunode import firewall
 from gpunode.config import read_yaml
 from gpunode.inventory import load_inventory_file
 from gpunode.paths import REPO_ROOT
@@ -126,10 +127,17 @@ def test_example_pyinfra_groups() -> None:
 # --- inventories/vagrant.py + vagrant.yml ---------------------------------------
 
 
+# The address the machine running Vagrant has on the VMs' private network (Vagrant's
+# host-only default). The firewall's anti-lockout check at load asks the kernel which
+# source address reaches each VM; this machine has no such network, a Vagrant host does.
+VAGRANT_HOST = ipaddress.ip_address("192.168.56.1")
+
+
 @pytest.fixture
 def vagrant_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.delenv("GPUNODE_VAGRANT_PROVIDER", raising=False)
     monkeypatch.delenv("VAGRANT_DOTFILE_PATH", raising=False)
+    monkeypatch.setattr(firewall, "controller_source", lambda address, port: VAGRANT_HOST)
     return monkeypatch
 
 

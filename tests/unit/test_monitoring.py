@@ -112,7 +112,8 @@ def test_promtool_catches_a_broken_rule(promtool: str, tmp_path: Path) -> None:
 
 def config(distro: str = "debian12", port: int = 22, **monitoring_: Any) -> NodeConfig:
     raw = {
-        "defaults": {"distro": distro, "monitoring": monitoring_},
+        # the firewall (on by default) is the firewall role's: not this role's concern
+        "defaults": {"distro": distro, "monitoring": monitoring_, "firewall": {"enabled": False}},
         "hosts": {"gpu-01": {"connection": {"address": "192.0.2.10", "port": port}}},
     }
     return load(raw, source="test_monitoring").hosts["gpu-01"].config

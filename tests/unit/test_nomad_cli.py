@@ -38,6 +38,7 @@ def inventory(tmp_path: Path, address: str, vault: dict[str, Any] | None = None)
     data = {
         "defaults": {
             "distro": "debian12",
+            "firewall": {"enabled": False},  # on by default: the firewall role's concern
             "vault": vault or {"addr": "https://vault.internal:8200"},
             "secrets": SECRETS,
             "inference": {"runtimes": RUNTIME_INSTALLS, "services": SERVICES},

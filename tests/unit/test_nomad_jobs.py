@@ -53,6 +53,7 @@ def node_config(jobs: dict[str, Any] | None = None, **nomad: Any) -> NodeConfig:
     raw = {
         "defaults": {
             "distro": "ubuntu2404",
+            "firewall": {"enabled": False},  # on by default: the firewall role's concern
             "vault": {"addr": "https://vault.internal:8200"},
             "secrets": SECRETS,
             "inference": {"runtimes": RUNTIME_INSTALLS, "services": SERVICES},
