@@ -5,7 +5,12 @@ them; the section is gpunode/schema/monitoring.py).
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra.api.exceptions import PyinfraError
 
 from gpunode.schema.node import Connection, NodeConfig
 
@@ -23,12 +28,53 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
             f"{where}: monitoring.dcgm_exporter_port: {mon.dcgm_exporter_port} is already "
             "monitoring.node_exporter_port (allowed: two different ports)"
         )
-    if mon.node_exporter and mon.node_exporter_port == connection.port:
-        problems.append(
-            f"{where}: monitoring.node_exporter_port: {mon.node_exporter_port} is the SSH port "
-            "(allowed: any other port)"
-        )
+    # A port that is also SSH's, Nomad's or a service's: gpunode/config.py _check_listeners.
     return problems
+
+
+CREDENTIAL_MAX_BYTES = 1 << 20  # a key, a token, an inventory file: far less
+
+
+class CredentialError(PyinfraError):
+    """A drift-run credential's source file cannot be used. Raised while the deploy file
+    runs, it stops the whole run with its message before any operation on any host."""
+
+
+def read_credential(host_name: str, dest: str, local: str) -> bytes:
+    """The content of ``monitoring.drift.credentials[dest]`` (``local``, on the machine
+    that deploys the controller): a readable, non-empty regular file of at most 1 MiB,
+    or :class:`CredentialError` naming the host, the key and the file. Read at deploy
+    time, not at config load: the controller's own drift runs load inventories that may
+    name these files, and they exist only on the deploying machine."""
+    where = f"host {host_name}: monitoring.drift.credentials: {dest}: {local}"
+    allowed = (
+        "(allowed: a readable, non-empty file of at most 1 MiB on the machine that deploys "
+        "the controller)"
+    )
+    try:
+        fd = os.open(Path(local).expanduser(), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CredentialError(f"{where}: {_reason(exc)} {allowed}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CredentialError(f"{where}: not a regular file {allowed}")
+        if info.st_size > CREDENTIAL_MAX_BYTES:
+            raise CredentialError(f"{where}: {info.st_size} bytes {allowed}")
+        data = os.read(fd, CREDENTIAL_MAX_BYTES + 1)
+    except OSError as exc:
+        raise CredentialError(f"{where}: {_reason(exc)} {allowed}") from None
+    finally:
+        os.close(fd)
+    if not data:
+        raise CredentialError(f"{where}: the file is empty {allowed}")
+    if len(data) > CREDENTIAL_MAX_BYTES:
+        raise CredentialError(f"{where}: larger than 1 MiB {allowed}")
+    return data
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
 
 
 def metrics_ports(config: NodeConfig) -> list[tuple[str, int]]:

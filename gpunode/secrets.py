@@ -23,6 +23,11 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
         )
     if vault.client_key and not vault.client_cert:
         problems.append(f"{where}: vault.client_key: set without vault.client_cert")
+    if vault.rotate_secret_id and (vault.auth != "approle" or not vault.secret_id_file):
+        problems.append(
+            f"{where}: vault.rotate_secret_id: needs vault.auth: approle and "
+            "vault.secret_id_file, the file it rotates (allowed: both set, or false)"
+        )
     dests: dict[str, str] = {}
     for name, secret in config.secrets.items():
         if not re.fullmatch(SECRET_NAME_RE, name):

@@ -6,9 +6,15 @@ gpunode/monitoring.py):
 * this repository at its committed state (``git archive HEAD``; the commit is written
   beside it, for provenance) in ``/opt/gpunode/repo``;
 * a venv ``/opt/gpunode/venv`` with gpunode's dependencies, installed from a wheelhouse
-  built on the deploying machine and uploaded (the controller needs no package index);
+  built on the deploying machine and uploaded (the controller needs no package index): the
+  wheels ``locks/controller.txt`` names, each checked against the lock's sha256 before it is
+  uploaded, and again by ``pip install --require-hashes`` on the controller;
 * the run's credentials (fleet SSH key, known_hosts, Vault secret_id, ...) as root-only
-  files (0600);
+  files (0600) in the 0700 ``/etc/gpunode/controller``, through gpunode's private-file
+  operation (owner and mode before content, never diffed, never printed);
+* the credentials the run rotates itself (``rotated_credentials``: the AppRole secret_id
+  with ``vault.rotate_secret_id``, docs/controller.md) in ``/var/lib/gpunode/controller``,
+  seeded only while absent;
 * ``gpunode-drift.service`` (oneshot, under ``flock`` so runs never overlap, output in
   the journal as ``gpunode-drift``) and ``gpunode-drift.timer`` on the configured schedule;
 * node_exporter reading the textfile directory the run's Prometheus report goes to.
@@ -22,7 +28,6 @@ gpunode/monitoring.py):
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 from pyinfra import host
@@ -32,7 +37,11 @@ from pyinfra.facts.server import Arch
 from pyinfra.operations import apt, files, pip, server, systemd
 
 from gpunode import controller as ctl
+from gpunode import locks
+from gpunode.facts.files import PrivateFileState
 from gpunode.inventory import node_and_distro
+from gpunode.monitoring import read_credential
+from gpunode.operations.files import MaskedBytes, private_file
 from gpunode.operations.server import fail
 from gpunode.paths import template
 from roles.monitoring import textfile_and_node_exporter
@@ -76,34 +85,64 @@ def controller() -> None:
         _if=repo_tar.did_change,
     )
 
+    try:  # every wheel checked against locks/controller.txt here, and by pip there
+        lock = locks.read(locks.CONTROLLER_LOCK)
+        wheelhouse = ctl.wheelhouse(python, machine)
+    except locks.LockError as exc:
+        fail(name="Check the wheelhouse against its lock", message=f"host {host.name}: {exc}")
+        return
     wheels = files.put(
         name="Wheelhouse (gpunode's dependencies)",
-        src=io.BytesIO(ctl.wheelhouse(python, machine)),
+        src=io.BytesIO(wheelhouse),
         dest=f"{ctl.HOME}/wheelhouse.tar",
+        mode="644",
+    )
+    lock_file = files.put(
+        name="Lock file of the wheelhouse",
+        src=io.BytesIO(lock.text.encode()),
+        dest=ctl.REQUIREMENTS,
+        user="root",
+        group="root",
         mode="644",
     )
     venv = pip.virtualenv(name="gpunode venv", path=ctl.VENV, venv=True, python="python3")
     server.shell(
-        name="Install gpunode's dependencies from the wheelhouse",
+        name="Install gpunode's dependencies from the wheelhouse (hash-checked)",
         commands=[
             f"rm -rf {ctl.WHEELHOUSE} && mkdir {ctl.WHEELHOUSE} && "
             f"tar -xf {ctl.HOME}/wheelhouse.tar -C {ctl.WHEELHOUSE} && "
-            f"{ctl.VENV}/bin/pip install --quiet --no-index "
-            f"--find-links {ctl.WHEELHOUSE} --upgrade "
-            + " ".join(ctl.quote_requirement(r) for r in ctl.requirements())
+            # --force-reinstall: what the venv holds is what was just hash-checked
+            + locks.install_command(
+                f"{ctl.VENV}/bin/pip", ctl.REQUIREMENTS, find_links=ctl.WHEELHOUSE, reinstall=True
+            )
         ],
-        _if=lambda: wheels.did_change() or venv.did_change(),
+        _if=lambda: wheels.did_change() or venv.did_change() or lock_file.did_change(),
     )
 
+    # read now: a missing, unreadable or empty source stops the run before anything runs
     for dest, local in sorted(drift.credentials.items()):
-        files.put(
+        private_file(
             name="Drift run credential file",
-            src=str(Path(local).expanduser()),
-            dest=dest,
-            mode="600",
+            path=dest,
+            content=MaskedBytes(dest, read_credential(host.name, dest, local)),
             user="root",
             group="root",
+            mode="600",
         )
+
+    # The credentials the run replaces itself (vault.rotate_secret_id, docs/controller.md):
+    # seeded only while absent, never put back over the one the last run wrote. The seed
+    # is read only then: deleting it after the first run (which destroyed it) is fine.
+    for dest, local in sorted(drift.rotated_credentials.items()):
+        if host.get_fact(PrivateFileState, path=dest) is None:
+            private_file(
+                name="Seed a credential the drift run rotates",
+                path=dest,
+                content=MaskedBytes(dest, read_credential(host.name, dest, local)),
+                user="root",
+                group="root",
+                mode="600",
+            )
 
     textfile_and_node_exporter(config, spec)
 

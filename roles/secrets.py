@@ -3,8 +3,8 @@
 For every entry of ``NodeConfig.secrets`` (gpunode/schema/vault.py, where every
 default is documented) the controller reads the value from Vault while this
 deploy runs, before any operation for the host is added: any Vault problem
-(unreachable, sealed, permission denied, path or key missing) stops the whole
-run with a message naming the secret, before anything is written anywhere.
+(unreachable, sealed, permission denied, path or key missing, an empty value) stops
+the whole run with a message naming the secret, before anything is written anywhere.
 The file is written by :func:`gpunode.operations.files.secret_file` (atomic, owner
 and mode first, never printed), and the services listed under ``restart`` are
 restarted only when their file changed. Versions (never values) are recorded
@@ -22,7 +22,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server, systemd
 
-from gpunode.clients.vault import SecretValue, session_for
+from gpunode.clients.vault import SecretValue, VaultError, session_for
 from gpunode.inventory import node_config
 from gpunode.operations.files import secret_file
 from gpunode.provenance import record
@@ -45,6 +45,12 @@ def secrets(only: str | None = None, versions: dict[str, int] | None = None) -> 
         name: session.read(name, secret, version=(versions or {}).get(name))
         for name, secret in wanted.items()
     }
+    for name, value in values.items():
+        if not value.value:  # a service would run without its key
+            raise VaultError(
+                f"host {host.name}: secret {name} ({wanted[name].where()} version "
+                f"{value.version}): the value in Vault is empty (allowed: a non-empty value)"
+            )
     if any(s.dest_for(n).startswith(SECRETS_DIR + "/") for n, s in wanted.items()):
         files.directory(
             name="Secrets directory", path=SECRETS_DIR, user="root", group="root", mode="0750"

@@ -32,19 +32,22 @@ only when ``auth: token``.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyinfra.api.exceptions import PyinfraError
 
+from gpunode.clients.redirects import MAX_REDIRECTS, CrossOriginRedirect, same_origin_hook
 from gpunode.schema.vault import Secret, Vault
 
 if TYPE_CHECKING:
@@ -100,10 +103,19 @@ class Session:
     # -- plumbing
     def _new_client(self, token: str = "") -> hvac.Client:
         import hvac
+        import requests
 
         cfg = self.config
+        if not cfg.addr:  # hvac would otherwise take $VAULT_ADDR or http://localhost:8200
+            raise VaultError("vault login: vault.addr is not set (allowed: the Vault URL)")
         verify: bool | str = cfg.ca_cert if (cfg.ca_cert and cfg.tls_verify) else cfg.tls_verify
         cert = (cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else None
+        # The transport: redirects only within vault.addr's origin (gpunode/clients/redirects.py).
+        # hvac takes a given session's own verify and cert over its arguments: set them here.
+        session = requests.Session()
+        session.verify, session.cert = verify, cert
+        session.max_redirects = MAX_REDIRECTS
+        session.hooks["response"].append(same_origin_hook(cfg.addr))
         # token="" (never None): hvac would otherwise take $VAULT_TOKEN or ~/.vault-token.
         return hvac.Client(
             url=cfg.addr,
@@ -112,6 +124,7 @@ class Session:
             cert=cert,
             timeout=cfg.timeout,
             namespace=cfg.namespace,
+            session=session,
         )
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -123,6 +136,17 @@ class Session:
         for attempt in range(self.config.retries + 1):
             try:
                 return fn()
+            except CrossOriginRedirect as exc:
+                raise VaultError(
+                    f"{what}: Vault at {exc} (allowed: redirects within "
+                    f"{exc.start}; set vault.addr to the server that answers, e.g. the active "
+                    "node or its load balancer)"
+                ) from None
+            except requests.TooManyRedirects:
+                raise VaultError(
+                    f"{what}: Vault at {self.config.addr} redirected more than {MAX_REDIRECTS} "
+                    "times (allowed: an answer, or a redirect within its origin)"
+                ) from None
             except requests.exceptions.SSLError:
                 raise VaultError(
                     f"{what}: TLS verification of {self.config.addr} failed (allowed: "
@@ -342,3 +366,146 @@ def close_all() -> None:
 
 
 atexit.register(close_all)
+
+
+# --- the controller's own secret_id, replaced by every drift run (docs/controller.md) -------
+#
+# ``vault.rotate_secret_id``: the drift run (gpunode/commands/drift.py) calls
+# :func:`rotate_secret_id` before it plans anything. The order makes every crash safe:
+#
+# 1. log in with the secret_id in ``vault.secret_id_file`` (it stays valid meanwhile);
+# 2. generate a new secret_id for the same role (the role's TTL and bound CIDRs apply);
+#    a crash here leaves the old one on disk, still valid: the next run logs in with it,
+#    and the lost new one dies at its TTL;
+# 3. write the new one over the file atomically (a root-only temporary file in the same
+#    directory, fsync, rename, fsync the directory); a crash before the rename leaves the
+#    old file whole (the next run removes the temporary file);
+# 4. destroy the old one (by value: idempotent, and no accessor to keep); a crash before
+#    this leaves the old one valid until its TTL, never longer.
+#
+# A run that cannot log in stops with one clear error (a refused secret_id is not retried).
+
+ROTATED_SUFFIX = ".gpunode-new"  # the temporary file: .<name>.gpunode-new beside the file
+ROLE_NAME_RE = r"[A-Za-z0-9_.-]{1,128}"
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """One rotation's outcome; nothing in it logs in."""
+
+    path: str
+    role: str
+    ttl: int  # seconds the new secret_id lives unless the next run replaces it (0: no TTL)
+
+
+def rotate_secret_id(config: Vault, environ: dict[str, str] | None = None) -> Rotation:
+    """Replace the AppRole secret_id in ``config.secret_id_file`` with a new one of the same
+    role and destroy the old one (steps and crash safety above).
+
+    .. code:: python
+
+        rotation = rotate_secret_id(config.vault)   # before the run logs in for secrets
+        rotation.ttl  # the role's secret_id_ttl
+    """
+    env = dict(os.environ if environ is None else environ)
+    if config.auth != "approle" or not config.secret_id_file:
+        raise VaultError(
+            "vault.rotate_secret_id: needs vault.auth: approle and vault.secret_id_file "
+            "(allowed: both set, or rotate_secret_id: false)"
+        )
+    for name in (config.wrapped_secret_id_env, config.secret_id_env):
+        if env.get(name):
+            raise VaultError(
+                f"vault.rotate_secret_id: ${name} is set, so the run would log in with it "
+                f"instead of {config.secret_id_file}, the file it rotates (allowed: unset it)"
+            )
+    path = Path(config.secret_id_file)
+    with _directory_lock(path.parent):
+        (path.parent / f".{path.name}{ROTATED_SUFFIX}").unlink(missing_ok=True)  # a crash's
+        old = read_root_only(str(path))
+        session = Session(config, environ=env)
+        try:
+            try:
+                client = session.login()
+            except VaultError as exc:
+                if "refused" not in str(exc):  # unreachable, sealed: said as it is
+                    raise
+                raise VaultError(
+                    f"{exc}: the controller's secret_id in {path} no longer logs in: it was "
+                    "revoked, or it expired because no run replaced it within the role's "
+                    "secret_id_ttl, or this host's address is outside the role's bound CIDRs "
+                    "(allowed: a new secret_id of the role in that file, root-only; see "
+                    "docs/controller.md)"
+                ) from None
+            meta = session._call(
+                "vault: looking up this run's token", lambda: client.auth.token.lookup_self()
+            )
+            role = str(((meta.get("data") or {}).get("meta") or {}).get("role_name") or "")
+            if not re.fullmatch(ROLE_NAME_RE, role):
+                raise VaultError(
+                    "vault.rotate_secret_id: Vault named no usable AppRole role for this login "
+                    f"(got {role[:40]!r}; allowed: {ROLE_NAME_RE})"
+                )
+            resp = session._call(
+                f"vault: a new secret_id for AppRole role {role}",
+                lambda: client.auth.approle.generate_secret_id(
+                    role, metadata={"issued_by": "gpunode drift"}, mount_point=config.approle_mount
+                ),
+            )
+            data = resp.get("data") or {}
+            new = data.get("secret_id")
+            if not isinstance(new, str) or not re.fullmatch(r"[\x21-\x7e]{8,512}", new):
+                raise VaultError(
+                    f"vault: AppRole role {role} answered without a usable secret_id; the old "
+                    f"one in {path} is kept"
+                )
+            write_root_only(path, new + "\n")
+            session._call(
+                f"vault: destroying the previous secret_id of AppRole role {role} (the new one "
+                f"is already in {path}; the old one stays valid until its TTL)",
+                lambda: client.auth.approle.destroy_secret_id(
+                    role, old, mount_point=config.approle_mount
+                ),
+            )
+            return Rotation(path=str(path), role=role, ttl=int(data.get("secret_id_ttl") or 0))
+        finally:
+            session.close()  # revoke this login's token; the run logs in with the new one
+
+
+def write_root_only(path: str | Path, text: str) -> None:
+    """Replace ``path`` atomically with a file only its owner can read (0600, created so;
+    content fsynced before the rename, the directory after it)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}{ROTATED_SUFFIX}"
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the directory itself (no lock file): two runs never rotate at once."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise VaultError(f"vault.secret_id_file: {directory}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

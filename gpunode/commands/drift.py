@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpunode.clients.vault import VaultError, rotate_secret_id
 from gpunode.commands import run
 from gpunode.commands.run import RunError, load_inventory
 
@@ -97,6 +98,7 @@ class Report:
     started_at: float
     duration_s: float = 0.0
     hosts: dict[str, HostDrift] = field(default_factory=dict)
+    credentials: list[str] = field(default_factory=list)  # what the credential step did
 
     @property
     def exit_code(self) -> int:
@@ -114,6 +116,7 @@ class Report:
             "started_at": self.started_at,
             "duration_s": round(self.duration_s, 3),
             "exit_code": self.exit_code,
+            "credentials": self.credentials,
             "hosts": {name: {**asdict(h), "status": h.status} for name, h in self.hosts.items()},
         }
 
@@ -157,7 +160,7 @@ class Report:
         return "\n".join(out) + "\n"
 
     def lines(self) -> list[str]:
-        out = [line for h in self.hosts.values() for line in h.lines()]
+        out = [*self.credentials, *(line for h in self.hosts.values() for line in h.lines())]
         counts = {s: sum(h.status == s for h in self.hosts.values()) for s in _STATUSES}
         summary = ", ".join(f"{counts[s]} {s}" for s in _STATUSES if counts[s])
         out.append(f"drift: {len(self.hosts)} host(s): {summary or 'none'}")
@@ -194,6 +197,7 @@ def check(
     inventory = load_inventory(inventory_path, limit)
     for host in inventory:
         report.hosts[host.name] = HostDrift(name=host.name)
+    report.credentials = rotate_credentials(inventory)
 
     errors: dict[str, str] = {}
     with run.prepare(inventory, deploy) as planned:  # a dry run: changes detected
@@ -222,6 +226,34 @@ def check(
         report.hosts[name].error = message
     report.duration_s = time.time() - started
     return report
+
+
+def rotate_credentials(inventory: Iterable[Any]) -> list[str]:
+    """The credential step, before anything is planned: for each Vault config of the hosts
+    with ``vault.rotate_secret_id``, once, the secret_id in its file is replaced by a new one
+    and the old one destroyed (gpunode.clients.vault.rotate_secret_id); the run then logs in
+    with the new one. A refused secret_id stops the run here, before any host is touched."""
+    configs: dict[str, Any] = {}
+    for host in inventory:
+        vault = getattr(host.data.get("gpunode"), "vault", None)
+        if vault is not None and vault.rotate_secret_id:
+            configs.setdefault(vault.model_dump_json(), vault)
+    done = []
+    for vault in configs.values():
+        try:
+            rotation = rotate_secret_id(vault)
+        except VaultError as exc:
+            raise DriftError(f"credential step: {exc}") from None
+        life = (
+            f"the new one lives {rotation.ttl} s unless the next run replaces it"
+            if rotation.ttl
+            else "the role gives the new one no TTL: set secret_id_ttl (docs/controller.md)"
+        )
+        done.append(
+            f"vault: the secret_id in {rotation.path} (AppRole role {rotation.role}) was "
+            f"replaced and the old one destroyed; {life}"
+        )
+    return done
 
 
 # --- output -------------------------------------------------------------------------

@@ -1,41 +1,104 @@
-"""File operations beyond pyinfra's: a Vault secret onto a node without leaking it
-(:func:`secret_file`), and an existing file's owner and mode (:func:`file_mode`).
+"""File operations beyond pyinfra's: a private file (a credential, a secret) onto a node
+without leaking it (:func:`private_file`; :func:`secret_file` writes one Vault secret as an
+env file through it), and an existing file's owner and mode (:func:`file_mode`).
 
-The value is never an operation argument pyinfra prints (it travels inside a
-:class:`~gpunode.clients.vault.SecretValue`, whose ``repr`` is masked), never on a
-command line (it goes up over SFTP into a file that already has its final owner
-and mode), never in a diff (this operation prints none, even with ``--diff``)
-and never in a log. The file is replaced atomically: a temporary file in the
-same directory, created empty with the final owner and mode, filled, then
-renamed over the old one. A converged host is recognised by the sha256 of the
-remote file, so it reports no change.
+How a private file's content never leaks:
+
+* it travels inside a :class:`MaskedBytes` (or a :class:`~gpunode.clients.vault.SecretValue`),
+  whose ``repr`` is masked: the operation arguments pyinfra prints show no value;
+* it goes up over SFTP, never on a command line, into a temporary file in the target's
+  directory that ``install -m MODE -o OWNER -g GROUP /dev/null`` created empty with its
+  final owner and mode; ``mv -f`` then renames it over the old file (atomic);
+* it is never diffed: these operations print no diff, even with ``--diff``;
+* a converged file is recognised without printing anything derived from the value: the
+  fact (:class:`~gpunode.facts.files.PrivateFileState`) gives owner, group and mode only,
+  and the current content is read over SFTP into memory and compared here, on the
+  controller; only "same" or "differs" is logged (at ``-vvv``).
+
+SFTP runs as the login user (with ``--sudo``, doas, dzdo or su too), so both directions
+pass through a fresh staging directory ``/tmp/gpunode-secret-*`` that the login user
+creates 0700, and the file is copied between it and its place by the operation's own
+(escalated) ``cat``/``cp``: never pyinfra's escalated transfers, whose download copy is
+world-readable and whose upload staging file stays behind when the copy fails. The staging
+directory and the temporary file are removed on every path, success or failure.
+
+Every value reaches the shell quoted (``QuoteString``), whatever the caller passes.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import posixpath
 import secrets as _random
-import shlex
+from dataclasses import dataclass, field
 from typing import Any
 
-from pyinfra import host
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra import host, logger, state
+from pyinfra.api import FunctionCommand, OperationError, QuoteString, StringCommand, operation
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, auth_argument_meta
+from pyinfra.api.exceptions import OperationValueError
+from pyinfra.api.util import print_host_combined_output
 from pyinfra.facts.files import File
 
 from gpunode.clients.vault import SecretValue
-from gpunode.facts.files import SecretFileState
+from gpunode.facts.files import PrivateFileState
+
+STAGING_PREFIX = "/tmp/gpunode-secret-"  # noqa: S108 (a fresh 0700 directory each time)
 
 
-def _mode(mode: str) -> str:
-    return mode.lstrip("0").rjust(3, "0")
+@dataclass(frozen=True)
+class MaskedBytes:
+    """A private file's content. ``repr`` and ``str`` show the label, never the data."""
+
+    label: str
+    data: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"MaskedBytes({self.label!r}, *MASKED*)"
+
+    __str__ = __repr__
+
+
+@operation()
+def private_file(path: str, content: MaskedBytes, user: str, group: str, mode: str):
+    """
+    Write a private file (a credential, a key) atomically and without leaking it.
+    Changes only when the content, owner, group or mode differ; nothing derived from
+    the content is ever printed (no diff, no hash).
+
+    + path: the file on the node (its directory must exist)
+    + content: the bytes, masked
+    + user, group, mode: the file's final owner and mode (set before any byte is written)
+
+    .. code:: python
+
+        private_file(
+            name="Drift run credential file", path="/etc/gpunode/controller/id_ed25519",
+            content=MaskedBytes("fleet SSH key", Path("~/.ssh/fleet").expanduser().read_bytes()),
+            user="root", group="root", mode="0600",
+        )
+    """
+    want = _mode(mode)
+    current = host.get_fact(PrivateFileState, path=path)
+    if current is not None and current["type"] == "other":
+        raise OperationError(f"{path} exists and is not a regular file (allowed: a file)")
+    if current is not None and current["type"] == "file":
+        old = _current_content(host, state, path)
+        same = old is not None and hmac.compare_digest(old, content.data)
+        if state.print_fact_output:
+            host.log(f"private file {path}: content {'same' if same else 'differs'}")
+        if same:
+            yield from _owner_and_mode(path, current, user, group, want)
+            return
+    yield FunctionCommand(_write, (path, content, user, group, want), {})
 
 
 @operation()
 def secret_file(path: str, secret: SecretValue, env: str, user: str, group: str, mode: str):
     """
-    Write one secret as ``ENV=value`` into an env file, atomically and without
-    leaking it. Changes only when the content, owner, group or mode differ.
+    Write one secret as ``ENV=value`` into an env file: a :func:`private_file`. An empty
+    value is refused.
 
     + path: the env file on the node (its directory must exist)
     + secret: the value read from Vault (``gpunode.clients.vault.Session.read``)
@@ -50,40 +113,13 @@ def secret_file(path: str, secret: SecretValue, env: str, user: str, group: str,
             secret=value, env="API_KEY", user="root", group="llm", mode="0640",
         )
     """
-    current = host.get_fact(SecretFileState, path=path)
-    want_mode = _mode(mode)
-    if current and current["sha256"] == secret.sha256(env):
-        if current["mode"] != want_mode:  # tighten first, then hand over
-            yield StringCommand("chmod", want_mode, path)
-        if (current["user"], current["group"]) != (user, group):
-            yield StringCommand("chown", f"{user}:{group}", path)
-        return
-
-    directory, base = posixpath.split(path)
-    tmp = posixpath.join(directory, f".{base}.gpunode-new")
-    # Empty, with its final owner and mode, before any content exists.
-    yield StringCommand("install", "-m", want_mode, "-o", user, "-g", group, "/dev/null", tmp)
-    content = io.BytesIO(secret.env_line(env).encode())
-    args: dict[str, Any] = dict(host.current_op_global_arguments or {})
-    if any(args.get(k) for k in ("_sudo", "_doas", "_dzdo", "_su_user")):
-        # pyinfra uploads as the login user to a temporary file, then copies it with
-        # sudo: make that file ours and private first (cp keeps the target's mode).
-        staging = f"/tmp/gpunode-secret-{_random.token_hex(8)}"
-        yield StringCommand(
-            "install",
-            "-m",
-            "600",
-            "/dev/null",
-            staging,
-            _sudo=False,
-            _doas=False,
-            _dzdo=False,
-            _su_user="",
+    if not secret.value:
+        raise OperationValueError(
+            f"secret {secret.name} (version {secret.version}): the value is empty "
+            "(allowed: a non-empty value)"
         )
-        yield FileUploadCommand(content, tmp, remote_temp_filename=staging)
-    else:
-        yield FileUploadCommand(content, tmp)  # SFTP writes into the file: mode kept
-    yield StringCommand("mv", "-f", tmp, path)
+    content = MaskedBytes(f"secret {secret.name}", secret.env_line(env).encode())
+    yield from private_file._inner(path=path, content=content, user=user, group=group, mode=mode)
 
 
 @operation()
@@ -101,6 +137,126 @@ def file_mode(path: str, user: str, group: str, mode: str):
         host.noop(f"{path} does not exist")
         return
     if (info["user"], info["group"]) != (user, group):
-        yield f"chown {shlex.quote(f'{user}:{group}')} {shlex.quote(path)}"
+        yield StringCommand("chown", QuoteString(f"{user}:{group}"), QuoteString(path))
     if info["mode"] != int(mode):
-        yield f"chmod {shlex.quote(mode)} {shlex.quote(path)}"
+        yield StringCommand("chmod", QuoteString(mode), QuoteString(path))
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _mode(mode: str) -> str:
+    if not 1 <= len(mode) <= 4 or any(c not in "01234567" for c in mode):
+        raise OperationValueError(f"mode {mode!r} (allowed: an octal mode such as 0600)")
+    return mode.lstrip("0").rjust(3, "0")
+
+
+def _owner_and_mode(path: str, current: dict[str, str], user: str, group: str, want: str):
+    """Owner and mode of a file whose content is right, never looser on the way: first the
+    bits both modes share, then the owner, then the new mode."""
+    old, new = int(current["mode"], 8), int(want, 8)
+    if old & new != old:
+        yield StringCommand("chmod", f"{old & new:03o}", QuoteString(path))
+    if (current["user"], current["group"]) != (user, group):
+        yield StringCommand("chown", QuoteString(f"{user}:{group}"), QuoteString(path))
+    if old & new != new:
+        yield StringCommand("chmod", want, QuoteString(path))
+
+
+def _connector_arguments(on: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The running operation's connector arguments: (as given, as the login user)."""
+    given = dict(on.current_op_global_arguments or {})
+    args = {k: given[k] for k in CONNECTOR_ARGUMENT_KEYS if k in given}
+    login = {k: v for k, v in args.items() if k not in auth_argument_meta and k != "_chdir"}
+    return args, login
+
+
+def _sh(on: Any, st: Any, args: dict[str, Any], *bits: Any, quiet: bool = False) -> bool:
+    """Run one command; a failure's output is shown as pyinfra shows a failed command's
+    (none of these commands prints any content: ``cat`` writes into a file)."""
+    ok, out = on.run_shell_command(
+        StringCommand(*bits), print_output=st.print_output, print_input=st.print_input, **args
+    )
+    if not ok and not quiet and not st.print_output:
+        print_host_combined_output(on, out)
+    return bool(ok)
+
+
+def _transfer_args(st: Any, login: dict[str, Any]) -> dict[str, Any]:
+    # a plain transfer as the login user; its "file uploaded" line names only the path
+    return {"print_output": st.print_output, "print_input": st.print_input, **login}
+
+
+def _staging(on: Any, st: Any, login: dict[str, Any]) -> str | None:
+    """A fresh staging directory, 0700 and the login user's, holding an empty 0600 file
+    ``f``; None if it could not be made (``mkdir`` refuses a name that exists). Transfers
+    name only this path: pyinfra's connectors put some paths on a command line unquoted."""
+    stage = f"{STAGING_PREFIX}{_random.token_hex(8)}"
+    made = _sh(on, st, login, "umask 077 && mkdir --", QuoteString(stage), "&& : >", _in(stage))
+    return stage if made else None
+
+
+def _in(stage: str) -> QuoteString:
+    return QuoteString(f"{stage}/f")
+
+
+def _current_content(on: Any, st: Any, path: str) -> bytes | None:
+    """The file's content, into memory through a staging directory (never printed, never
+    a readable copy); None if unreadable. The staging directory is always removed."""
+    args, login = _connector_arguments(on)
+    stage = _staging(on, st, login)
+    if stage is None:
+        return None
+    buf = io.BytesIO()
+    try:
+        ok = _sh(
+            on, st, args, "cat --", QuoteString(path), ">", _in(stage), quiet=True
+        ) and on.get_file(f"{stage}/f", buf, **_transfer_args(st, login))
+    except Exception:  # noqa: BLE001 (unreadable for any reason: the file is rewritten)
+        ok = False
+    finally:
+        _sh(on, st, login, "rm -rf --", QuoteString(stage))
+    return buf.getvalue() if ok else None
+
+
+def _write(
+    state: Any, host: Any, path: str, content: MaskedBytes, user: str, group: str, mode: str
+) -> bool:
+    """At execution (a ``FunctionCommand``: pyinfra passes ``state`` and ``host``): the
+    temporary file with its final owner and mode, the content over SFTP into a staging
+    directory, copied into the temporary file, the rename; staging and temporary file
+    removed on every path."""
+    args, login = _connector_arguments(host)
+    directory, base = posixpath.split(path)
+    tmp = QuoteString(posixpath.join(directory, f".{base}.gpunode-new"))
+    stage: str | None = None
+    done = False
+    try:
+        # empty, with its final owner and mode, before any content exists (install
+        # replaces a leftover, creating the new file 0600; -T: never into a directory)
+        if not _sh(
+            host, state, args,
+            "install -m", QuoteString(mode), "-o", QuoteString(user), "-g", QuoteString(group),
+            "-T -- /dev/null", tmp,
+        ):  # fmt: skip
+            return False
+        stage = _staging(host, state, login)
+        done = (
+            stage is not None
+            and host.put_file(
+                io.BytesIO(content.data), f"{stage}/f", **_transfer_args(state, login)
+            )
+            # cp onto an existing file keeps that file's owner and mode
+            and _sh(host, state, args, "cp --", _in(stage), tmp)
+            and _sh(host, state, args, "mv -f --", tmp, QuoteString(path))
+        )
+    except Exception as exc:  # noqa: BLE001 (an SFTP or connection error: report, clean up)
+        host.log_styled(
+            f"private file {path}: {exc.__class__.__name__}: {exc}", fg="red", log_func=logger.error
+        )
+    finally:
+        if stage is not None:
+            _sh(host, state, login, "rm -rf --", QuoteString(stage))
+        if not done:
+            _sh(host, state, args, "rm -f --", tmp)
+    return bool(done)

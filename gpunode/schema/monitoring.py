@@ -14,9 +14,17 @@ to ``network.monitoring_cidrs`` only.
 
 from __future__ import annotations
 
-from pydantic import Field
+import posixpath
+
+from pydantic import Field, field_validator
 
 from gpunode.schema.types import AbsPath, Calendar, Model, Port, RunPath, Span
+
+CREDENTIALS_DIR = "/etc/gpunode/controller"
+"""The root-only (0700) directory on the controller that holds the drift run's credentials."""
+
+ROTATED_CREDENTIALS_DIR = "/var/lib/gpunode/controller"
+"""The drift run's state directory (0700, writable by the run): the credentials it rotates."""
 
 
 class DriftTimer(Model):
@@ -35,9 +43,40 @@ class DriftTimer(Model):
     apply: bool = True
     """Correct what drifted (`--apply`); false: only report it."""
     credentials: dict[AbsPath, str] = Field(default_factory=dict)
-    """Files for the run, uploaded root-only (0600): controller path -> file on the machine
-    that deploys the controller (the fleet's SSH key and known_hosts, the Vault
-    secret_id file the fleet inventory names, inventory data outside the repository)."""
+    """Files for the run: controller path (a file directly in `/etc/gpunode/controller`, the
+    root-only 0700 directory) -> file on the machine that deploys the controller (the
+    fleet's SSH key and known_hosts, the Vault secret_id file the fleet inventory names,
+    inventory data outside the repository). Each is read at deploy time (missing, unreadable
+    or empty: the run stops before anything is written) and uploaded root 0600 the way
+    secrets are: owner and mode before content, never diffed, never printed."""
+    rotated_credentials: dict[AbsPath, str] = Field(default_factory=dict)
+    """Files the run replaces itself, such as the AppRole secret_id with
+    `vault.rotate_secret_id` (docs/controller.md): controller path (a file directly in
+    `/var/lib/gpunode/controller`, the run's own 0700 state directory, which it may write)
+    -> seed file on the deploying machine, uploaded root-only (0600) like `credentials` but
+    only while the controller has no such file, never over the one the run wrote."""
+
+    @field_validator("credentials")
+    @classmethod
+    def _in_credentials_dir(cls, credentials: dict[str, str]) -> dict[str, str]:
+        for dest in credentials:
+            if posixpath.dirname(dest) != CREDENTIALS_DIR:
+                raise ValueError(
+                    f"{dest}: not a file in {CREDENTIALS_DIR} (allowed: "
+                    f"{CREDENTIALS_DIR}/NAME, the controller's root-only directory)"
+                )
+        return credentials
+
+    @field_validator("rotated_credentials")
+    @classmethod
+    def _in_state_dir(cls, rotated: dict[str, str]) -> dict[str, str]:
+        for dest in rotated:
+            if posixpath.dirname(dest) != ROTATED_CREDENTIALS_DIR:
+                raise ValueError(
+                    f"{dest}: not a file in {ROTATED_CREDENTIALS_DIR} (allowed: "
+                    f"{ROTATED_CREDENTIALS_DIR}/NAME, the drift run's own state directory)"
+                )
+        return rotated
 
 
 class Monitoring(Model):

@@ -132,6 +132,14 @@ def env_line_sha(value: str) -> str:
     return hashlib.sha256(f"API_KEY={value}\n".encode()).hexdigest()
 
 
+def derived_from(value: str) -> list[str]:
+    """Digests of the value and of its env line that a log could carry."""
+    out = []
+    for data in (value.encode(), f"API_KEY={value}\n".encode()):
+        out += [hashlib.new(a, data).hexdigest() for a in ("md5", "sha1", "sha256", "sha512")]
+    return out
+
+
 @pytest.fixture(scope="module")
 def sl(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretsLab]:
     doc = yaml.safe_load((REPO_ROOT / "inventories" / "lab.yml").read_text())
@@ -193,6 +201,10 @@ def test_deploy_with_vvv_and_diff_leaks_the_secret_nowhere(sl: SecretsLab) -> No
         places[f"{host} auth/sshd logs"] = sl.ssh(host, "cat /var/log/auth.log 2>/dev/null; true")
     for place, text in places.items():
         assert canary not in text, f"the secret leaked into {place}"
+        # finding 12: nor anything computed from it (the old fact printed the sha256 of the
+        # env line at -vvv, an offline guessing oracle)
+        for derived in derived_from(canary):
+            assert derived not in text, f"a function of the secret was printed in {place}"
     for host in HOSTS:
         samples = places[f"{host} ps -eo args samples"]
         assert samples.count("\n") > 100 and "sshd" in samples  # the sampler really ran
@@ -201,6 +213,7 @@ def test_deploy_with_vvv_and_diff_leaks_the_secret_nowhere(sl: SecretsLab) -> No
         assert perms == "root root 640"
         assert sl.healthy(host)
         assert sl.ssh(host, "ls -A /etc/gpunode/secrets").split() == ["demo.env"]
+        assert sl.ssh(host, "ls -A /tmp /var/tmp | grep -c gpunode-secret || true").strip() == "0"
         assert sl.ssh(host, "stat -c '%U %G %a' /etc/gpunode/secrets").strip() == "root root 750"
     assert version >= 2
     # The run's AppRole token was revoked at its end.
@@ -383,15 +396,68 @@ def test_as_an_admin_user_with_sudo_no_file_is_ever_loose(sl: SecretsLab) -> Non
     assert value not in out
     for host in HOSTS:
         lines = [ln for ln in out.splitlines() if ln.startswith(f"[{host}] >>> ")]
-        staging = next(i for i, ln in enumerate(lines) if "install -m 600 /dev/null /tmp/" in ln)
-        tmp = next(i for i, ln in enumerate(lines) if "install -m 640 -o root -g root" in ln)
-        copy = next(i for i, ln in enumerate(lines) if "sudo -H -n sh -c 'cp /tmp/" in ln)
-        assert "sudo" not in lines[staging]  # the login user's own private file
-        assert tmp < copy and staging < copy  # both exist with their modes before the copy
+        tmp = next(i for i, ln in enumerate(lines) if "install -m 640 -o root -g root -T" in ln)
+        staging = [i for i, ln in enumerate(lines) if "umask 077 && mkdir -- /tmp/" in ln]
+        copy = next(i for i, ln in enumerate(lines) if "sudo -H -n sh -c 'cp -- /tmp/" in ln)
+        assert "sudo" in lines[tmp] and not any("sudo" in lines[i] for i in staging)
+        # the temporary file and the login user's private staging directory both exist,
+        # with their modes, before the copy
+        assert tmp < copy and any(i < copy for i in staging)
         digest, perms = sl.file(host)
         assert (digest.split()[0], perms) == (env_line_sha(value), "root root 640")
         assert sl.ssh(host, "ls /tmp | grep -c gpunode-secret || true").strip() == "0"
         assert sl.healthy(host)
+
+
+FAILING_CP = """#!/bin/sh
+# lab: a cp that fails for gpunode's staged copies (in root's PATH only: /usr/local/sbin)
+case "$*" in *gpunode*) echo "cp: forced failure" >&2; exit 1;; esac
+exec /bin/cp "$@"
+"""
+
+
+def test_with_sudo_a_failed_copy_leaves_nothing_behind(sl: SecretsLab) -> None:
+    """Finding 13: with --sudo, the staged /tmp/gpunode-secret-* stayed behind when the
+    privileged copy failed. Now the staging and the temporary file go on every path."""
+    sl.write(secrets.token_urlsafe(32))  # the deploy would change the file
+    snap = _snapshot(sl)
+    script = FAILING_CP.replace("'", "'\\''")
+    for host in HOSTS:
+        sl.ssh(host, f"printf '%s' '{script}' > /usr/local/sbin/cp && chmod 755 /usr/local/sbin/cp")
+    try:
+        proc = pyinfra("--user", "labadmin", "--sudo", INVENTORY, SECRETS_ONLY, env=sl.env)
+    finally:
+        for host in HOSTS:
+            sl.ssh(host, "rm -f /usr/local/sbin/cp")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "cp: forced failure" in out  # it was the copy that failed
+    for host in HOSTS:
+        assert sl.ssh(host, "ls -A /tmp /var/tmp | grep -c gpunode-secret || true").strip() == "0"
+        assert sl.ssh(host, "ls -A /etc/gpunode/secrets").split() == ["demo.env"]
+    assert _snapshot(sl) == snap  # same file (inode), same service process
+    pyinfra(INVENTORY, SECRETS_ONLY, env=sl.env, check=True)
+
+
+def test_an_empty_value_stops_the_run_before_anything_is_written(sl: SecretsLab) -> None:
+    """Finding 13: an empty value was written as ``API_KEY=`` and the service ran without
+    a key. Now the run stops while planning, naming the host, the secret and its path."""
+    version = sl.write("")
+    snap = _snapshot(sl)
+    _break_sudoers(sl)
+    proc = pyinfra(INVENTORY, DEPLOY, env=sl.env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert re.search(
+        rf"host lab-0[12]: secret demo \(secret/gpunode/demo#api_key version {version}\): "
+        r"the value in Vault is empty \(allowed: a non-empty value\)",
+        out,
+    ), out[-3000:]
+    assert "Traceback" not in out and "--> Beginning operation run" not in out
+    assert _snapshot(sl) == snap and not _sudoers_present(sl)
+    sl.write(secrets.token_urlsafe(32))
+    pyinfra(INVENTORY, DEPLOY, env=sl.env, check=True)
+    assert _sudoers_present(sl) and all(sl.healthy(h) for h in HOSTS)
 
 
 def _stop_vault(sl: SecretsLab) -> LabState:

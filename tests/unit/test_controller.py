@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,9 +11,14 @@ from pathlib import Path
 
 import jinja2
 import pytest
+import yaml
+from pyinfra.api.exceptions import PyinfraError
 
 from gpunode import controller as ctl
+from gpunode.config import load_file
+from gpunode.monitoring import CREDENTIAL_MAX_BYTES, CredentialError, read_credential
 from gpunode.paths import REPO_ROOT, TEMPLATES
+from gpunode.schema.types import ConfigError
 
 
 def render(tmp_path: Path, **overrides: object) -> tuple[Path, Path]:
@@ -108,3 +114,74 @@ def test_the_timer_runs_a_module_that_exists_and_parses_its_arguments(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     for flag in (a for a in args if a.startswith("--")):
         assert flag in proc.stdout, (flag, proc.stdout)
+
+
+# --- the drift run's credentials: where they may go, what may be read (finding 2) ----------
+
+
+def _inventory(tmp_path: Path, credentials: dict[str, str]) -> Path:
+    doc = {
+        "defaults": {
+            "distro": "debian12",
+            "network": {"admin_cidrs": ["192.0.2.0/28"], "monitoring_cidrs": []},
+            "monitoring": {"drift": {"credentials": credentials}},
+        },
+        "hosts": {"ctl-01": {"connection": {"address": "192.0.2.1"}}},
+    }
+    path = tmp_path / "inv.yml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    "dest", ["/root/.ssh/id_ed25519", "/etc/gpunode/controller/keys/id", "/etc/gpunode/controller"]
+)
+def test_a_credential_outside_the_root_only_directory_is_refused_at_load(
+    tmp_path: Path, dest: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_file(_inventory(tmp_path, {dest: "/tmp/key"}))  # noqa: S108
+    assert str(info.value) == (
+        f"{tmp_path / 'inv.yml'}: defaults: monitoring.drift.credentials: {dest}: not a file "
+        "in /etc/gpunode/controller (allowed: /etc/gpunode/controller/NAME, the controller's "
+        "root-only directory)"
+    )
+
+
+def test_a_credential_in_the_root_only_directory_loads(tmp_path: Path) -> None:
+    inv = load_file(_inventory(tmp_path, {"/etc/gpunode/controller/id_ed25519": "~/.ssh/k"}))
+    drift = inv.hosts["ctl-01"].config.monitoring.drift
+    assert drift.credentials == {"/etc/gpunode/controller/id_ed25519": "~/.ssh/k"}
+
+
+ALLOWED = (
+    "(allowed: a readable, non-empty file of at most 1 MiB on the machine that deploys the "
+    "controller)"
+)
+
+
+def test_a_credential_source_is_read_or_refused_with_a_clear_error(tmp_path: Path) -> None:
+    """At deploy time, before any operation runs (a PyinfraError: pyinfra prints its message,
+    no traceback): missing, empty, a directory, a FIFO (without blocking), too large."""
+    dest = "/etc/gpunode/controller/id_ed25519"
+    good = tmp_path / "key"
+    good.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    assert read_credential("ctl-01", dest, str(good)) == good.read_bytes()
+    (tmp_path / "empty").write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big").write_bytes(b"x" * (CREDENTIAL_MAX_BYTES + 1))
+    cases = {
+        "missing": "no such file or directory",
+        "empty": "the file is empty",
+        "fifo": "not a regular file",
+        ".": "not a regular file",
+        "big": f"{CREDENTIAL_MAX_BYTES + 1} bytes",
+    }
+    for name, reason in cases.items():
+        local = str(tmp_path / name)
+        with pytest.raises(CredentialError) as info:
+            read_credential("ctl-01", dest, local)
+        assert str(info.value) == (
+            f"host ctl-01: monitoring.drift.credentials: {dest}: {local}: {reason} {ALLOWED}"
+        )
+        assert isinstance(info.value, PyinfraError)
