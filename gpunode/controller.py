@@ -1,5 +1,6 @@
 """The controller: where the scheduled drift run lives on it, and what it is given (a
-reproducible archive of this repository and a wheelhouse of gpunode's dependencies).
+reproducible archive of this repository and a wheelhouse of gpunode's dependencies, the
+wheels ``locks/controller.txt`` names, checked against it: gpunode/locks.py).
 roles/controller.py applies it; ``monitoring.drift`` (gpunode/schema/monitoring.py)
 configures the timer."""
 
@@ -9,12 +10,15 @@ import functools
 import gzip
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 import tomllib
 from pathlib import Path
 
+from gpunode import locks
 from gpunode.paths import REPO_ROOT
 from gpunode.provenance import SOURCE_STAMP
 
@@ -28,6 +32,9 @@ VENV = f"{HOME}/venv"
 
 
 WHEELHOUSE = f"{HOME}/wheelhouse"
+
+
+REQUIREMENTS = f"{HOME}/requirements.lock.txt"  # locks/controller.txt, read by the venv's pip
 
 
 STATE = "/var/lib/gpunode/controller"
@@ -64,39 +71,70 @@ def requirements() -> list[str]:
 
 @functools.cache
 def wheelhouse(python: str, machine: str) -> bytes:
-    """A reproducible .tar of the wheels for gpunode's dependencies on that Python and
-    machine (downloaded with pip on this machine, once per process; cached on disk)."""
-    cache = Path.home() / ".cache" / "gpunode" / f"wheelhouse-py{python}-{machine}"
+    """A reproducible .tar of the wheels ``locks/controller.txt`` names for that Python and
+    machine: downloaded with pip on this machine (``--require-hashes``, wheels only; once per
+    process, cached on disk), then each wheel's sha256 checked against the lock again before
+    it is packed. LockError when the lock misses one of pyproject's dependencies, pip fails,
+    or a wheel is not a file the lock names."""
+    lock = locks.read(locks.CONTROLLER_LOCK)
+    missing = [r for r in requirements() if locks.canonical(_name(r)) not in lock.entries]
+    if missing:
+        raise locks.LockError(
+            f"{lock.path} has no entry for {', '.join(missing)} (allowed: a lock of every "
+            "dependency in pyproject.toml: run python scripts/lock.py controller)"
+        )
+    # one folder per lock: a new lock never mixes with an old one's wheels
+    cache = Path.home() / ".cache" / "gpunode" / f"wheelhouse-{lock.sha256[:12]}"
+    cache = cache / f"py{python}-{machine}"
     cache.mkdir(parents=True, exist_ok=True)
-    stamp = cache / "requirements.json"
-    wanted = json.dumps(requirements())
-    if not stamp.exists() or stamp.read_text() != wanted:
-        for old in cache.glob("*.whl"):
-            old.unlink()
-        platforms = [f"manylinux_2_{n}_{machine}" for n in (36, 34, 31, 28, 24, 17)]
-        platforms.append(f"manylinux2014_{machine}")
-        subprocess.run(
+    wheels = _wheels(cache)
+    if locks.check_wheels(lock, wheels):  # not there yet, or incomplete: pip fills it
+        _download(lock, python, machine, cache)
+        wheels = _wheels(cache)
+    problems = locks.check_wheels(lock, wheels)
+    if problems:
+        raise locks.LockError(
+            f"the wheelhouse in {cache} is not what {lock.path} locks: {'; '.join(problems)} "
+            f"(allowed: the locked wheels: remove {cache} to download them again)"
+        )
+    return _tar(wheels, compress=False)
+
+
+def _wheels(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.whl"))}
+
+
+def _download(lock: locks.Lock, python: str, machine: str, dest: Path) -> None:
+    """pip downloads the lock's wheels for that Python and machine; pip checks each file's
+    hash against the lock (the text parsed above, not the file again)."""
+    platforms = [f"manylinux_2_{n}_{machine}" for n in (36, 34, 31, 28, 24, 17)]
+    platforms.append(f"manylinux2014_{machine}")
+    with tempfile.TemporaryDirectory() as tmp:
+        requirements = Path(tmp) / "controller.lock.txt"
+        requirements.write_text(lock.text)
+        proc = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--dest",
-                str(cache),
-                "--only-binary=:all:",
-                "--python-version",
-                python,
-                "--implementation",
-                "cp",
+                *(sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes"),
+                *("--only-binary=:all:", "--dest", str(dest), "--implementation", "cp"),
+                *("--python-version", python),
                 *(arg for p in platforms for arg in ("--platform", p)),
-                *requirements(),
+                *("-r", str(requirements)),
             ],
-            check=True,
+            capture_output=True,
+            text=True,
             stdin=subprocess.DEVNULL,
         )
-        stamp.write_text(wanted)
-    return _tar({p.name: p.read_bytes() for p in sorted(cache.glob("*.whl"))}, compress=False)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
+        raise locks.LockError(
+            f"pip could not download the wheels of {lock.path} for Python {python} on "
+            f"{machine}:\n{tail}"
+        )
+
+
+def _name(requirement: str) -> str:
+    m = re.match(r"[A-Za-z0-9._-]+", requirement)
+    return m[0] if m else requirement
 
 
 @functools.cache
@@ -138,7 +176,3 @@ def _tar(members: dict[str, bytes], compress: bool) -> bytes:
 
 def repo_path(value: str) -> str:
     return value if value.startswith("/") else f"{REPO}/{value}"
-
-
-def quote_requirement(requirement: str) -> str:
-    return "'" + requirement.replace("'", "") + "'"

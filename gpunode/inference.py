@@ -7,6 +7,7 @@ roles/inference_systemd.py; rollouts are gpunode/commands/rollout.py.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from pyinfra.api.util import get_template
@@ -14,7 +15,7 @@ from pyinfra.api.util import get_template
 from gpunode.gpus import capacity
 from gpunode.paths import TEMPLATES
 from gpunode.planner import check_placement
-from gpunode.runtimes import command_line
+from gpunode.runtimes import check_locks, command_line
 from gpunode.schema.inference import ModelSpec, Service
 from gpunode.schema.node import Connection, NodeConfig
 from gpunode.schema.runtimes import PROFILES
@@ -144,6 +145,7 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
             )
         problems += _check_secret(at, config, name, svc)
         problems += _check_footprint(at, config, name, svc)
+    problems += check_locks(where, inf.runtimes)
     return problems
 
 
@@ -215,6 +217,23 @@ def app_ports(config: NodeConfig) -> list[tuple[str, int]]:
         if grpc is not None:
             ports.append(("tcp", grpc))
     return sorted(set(ports))
+
+
+def warnings(config: NodeConfig) -> list[str]:
+    """What every run prints about this node's inference services (gpunode/inventory.py's
+    report): a server whose API key leaves some routes open, listening beyond loopback."""
+    found = []
+    for name, svc in config.inference.services.items():
+        routes = PROFILES[svc.runtime].open_routes
+        if svc.enabled and routes and not ipaddress.ip_address(svc.listen).is_loopback:
+            found.append(
+                f"inference.services.{name}: {PROFILES[svc.runtime].title} listens on "
+                f"{svc.listen}:{svc.port} and answers {', '.join(routes)} without its API key "
+                "(its key guards only some routes): every address in network.app_cidrs can "
+                "use them; listen on 127.0.0.1 behind a front door, or keep app_cidrs to "
+                "trusted clients"
+            )
+    return found
 
 
 def metrics_endpoints(config: NodeConfig) -> list[tuple[str, int, str]]:

@@ -1,8 +1,9 @@
 """Inference services as hardened systemd units.
 
 For each service in ``NodeConfig.inference.services`` (gpunode/inference.py, where every
-default is documented): the runtime is installed (a pinned pip venv, a distro package, or a
-tarball artifact checked by sha256), the model is fetched into the content-addressed store
+default is documented): the runtime is installed (a venv filled by ``pip install
+--require-hashes`` from its lock file, a distro package, or a tarball artifact checked by
+sha256), the model is fetched into the content-addressed store
 and verified before the ``current`` link is switched to it, a dedicated system user is
 created, and the unit (templates/inference/service.j2) is written with a sandbox:
 ProtectSystem=strict, no capabilities, only its cache writable, only its GPUs' device
@@ -24,6 +25,7 @@ import json
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.pip import PipPackages
 from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import apt, dnf, files, pip, server, systemd
 from pyinfra.operations.util import any_changed
@@ -32,10 +34,12 @@ from gpunode import inference as units
 from gpunode.facts.artifacts import Links, StoreDigests
 from gpunode.facts.nvidia import NvidiaGpuMinors
 from gpunode.inventory import node_and_distro
+from gpunode.locks import install_command
 from gpunode.operations.artifacts import fetch, prune, switch
 from gpunode.operations.server import fail
 from gpunode.operations.systemd import restart_unit, start_unit, wait_healthy
 from gpunode.provenance import record, recorded
+from gpunode.runtimes import runtime_lock
 from gpunode.schema.distros import DistroSpec
 from gpunode.schema.inference import RuntimeInstall, Service
 from gpunode.schema.node import NodeConfig
@@ -113,20 +117,35 @@ def _install_runtime(runtime: str, install: RuntimeInstall, spec: DistroSpec) ->
         root = f"{units.RUNTIME_STORE}/sha256/{art.sha256}/root"
         return units.Installed(f"{root}/{binary}", root, f"sha256:{art.sha256}", [op])
     if install.method == "pip":
+        # the lock was checked at config load (gpunode/runtimes.py); its digest names the
+        # venv, so a new lock gets a new venv with nothing left of the old one
+        lock = runtime_lock(install)
         pins = sorted(install.packages)
-        key = json.dumps([pins, install.python, install.index_url]).encode()
+        key = json.dumps([pins, install.python, install.index_url, lock.sha256]).encode()
         venv = f"{units.VENV_DIR}/{runtime}-{hashlib.sha256(key).hexdigest()[:12]}"
         files.directory(
             name="Runtime venvs", path=units.VENV_DIR, user="root", group="root", mode="755"
         )
-        made = pip.virtualenv(name="Runtime venv", path=venv, python=install.python, venv=True)
-        op = pip.packages(
-            name="Runtime packages (pinned)",
-            packages=pins,
-            virtualenv=venv,
-            extra_install_args=f"--index-url {install.index_url}" if install.index_url else None,
+        files.put(
+            name="Runtime lock file",
+            src=io.BytesIO(lock.text.encode()),
+            dest=f"{venv}.lock.txt",
+            user="root",
+            group="root",
+            mode="644",
         )
-        return units.Installed(f"{venv}/{binary}", None, " ".join(pins), [made, op])
+        made = pip.virtualenv(name="Runtime venv", path=venv, python=install.python, venv=True)
+        changed = [made]
+        if lock.missing(host.get_fact(PipPackages, pip=f"{venv}/bin/pip")):
+            changed.append(
+                server.shell(
+                    name="Runtime packages (locked, hash-checked)",
+                    commands=[
+                        install_command(f"{venv}/bin/pip", f"{venv}.lock.txt", install.index_url)
+                    ],
+                )
+            )
+        return units.Installed(f"{venv}/{binary}", None, " ".join(pins), changed)
     assert install.package and install.version
     if spec.family == "apt":
         op = apt.packages(name="Runtime package", packages=[f"{install.package}={install.version}"])

@@ -29,10 +29,9 @@ A node may run several services: one per GPU or GPU group, each on its own ports
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from gpunode.schema.planner import ModelFootprint
 from gpunode.schema.runtimes import PROFILES, InstallMethod, RuntimeName
@@ -40,11 +39,16 @@ from gpunode.schema.types import (
     AbsPath,
     ExtraArg,
     GpuUuid,
+    IpAddress,
     MemLimit,
     Model,
     PackageName,
+    PackageVersion,
     Pin,
+    Program,
     RelPath,
+    SecretName,
+    ServedName,
     ServiceName,
     Sha256,
     UnprivilegedPort,
@@ -67,9 +71,7 @@ class ModelSpec(Artifact):
     """The model a service serves: a file or tarball fetched onto the node by URI and verified
     by sha256 before use."""
 
-    served_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")] | None = (
-        None
-    )
+    served_name: ServedName | None = None
     """The name clients ask for; default: the service name."""
     subpath: RelPath | None = None
     """Tar models: the path inside the archive to serve."""
@@ -90,14 +92,18 @@ class RuntimeInstall(Model):
     """For method pip: the Python the venv is made with."""
     index_url: Uri | None = None
     """For method pip: the site's package mirror."""
+    lock: AbsPath | None = None
+    """For method pip: a lock file on the deploying machine (every package as
+    `name==version --hash=sha256:...`, written by scripts/lock.py); default: the repository's
+    `locks/runtimes/<pins>.txt`. pip installs it with `--require-hashes`, wheels only."""
     package: PackageName | None = None
     """For method package (required there): the distro package name."""
-    version: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+:~_-]+$")] | None = None
+    version: PackageVersion | None = None
     """For method package (required there): the exact package version."""
     artifact: Artifact | None = None
     """For method artifact (required there): a tarball of the server (bin/, lib/), format
     tar."""
-    binary: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._/-]+$")] | None = None
+    binary: Program | None = None
     """The server program: default from the runtime profile."""
 
     @model_validator(mode="after")
@@ -105,6 +111,8 @@ class RuntimeInstall(Model):
         need = {"pip": "packages", "package": "package", "artifact": "artifact"}[self.method]
         if not getattr(self, need):
             raise ValueError(f"method {self.method} needs {need} (allowed: set {need})")
+        if self.lock and self.method != "pip":
+            raise ValueError("lock is for method pip (allowed: unset it)")
         if self.method == "package" and not self.version:
             raise ValueError("method package needs version (allowed: the exact package version)")
         if self.method == "artifact" and self.artifact and self.artifact.format != "tar":
@@ -115,11 +123,13 @@ class RuntimeInstall(Model):
 class Service(Model):
     """One inference server: one systemd unit, one model, its own ports and GPUs."""
 
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"extra_args"})  # server flags, by design
+
     runtime: RuntimeName
     """The runtime profile; it needs an install entry in `inference.runtimes`."""
     model: ModelSpec
     """The model a service serves."""
-    listen: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F.:]+$")] = "0.0.0.0"  # noqa: S104
+    listen: IpAddress = "0.0.0.0"  # noqa: S104
     """The IP address the server listens on (0.0.0.0 or :: for every address)."""
     port: UnprivilegedPort
     """The API (and, for vLLM/llama.cpp, metrics) port; opened to network.app_cidrs."""
@@ -135,7 +145,7 @@ class Service(Model):
     """Tokens of context; default: the model's (Triton takes it from the model only)."""
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     """llama.cpp only: CPU threads."""
-    api_key_secret: str | None = None
+    api_key_secret: SecretName | None = None
     """A name in `secrets:`; its env variable is the runtime's."""
     memory_max: MemLimit = "90%"
     """systemd `MemoryMax=` (size, percent of RAM, or infinity)."""
@@ -150,17 +160,6 @@ class Service(Model):
     """Seconds to become healthy."""
     enabled: bool = True
     """false: the unit is stopped and disabled, its files stay."""
-
-    @field_validator("listen")
-    @classmethod
-    def _ip(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not an IP address (allowed: 0.0.0.0, 127.0.0.1, ::, an address)"
-            ) from None
-        return value
 
     def effective_grpc_port(self) -> int | None:
         if self.runtime != "triton":

@@ -63,6 +63,8 @@ class Profile:
     model_format: Literal["file", "tar", "any"]  # the artifact the server loads
     env: Mapping[str, str] = field(default_factory=dict)  # fixed environment ({cache} filled)
     lib_dirs: tuple[str, ...] = ()  # artifact installs: LD_LIBRARY_PATH entries under its root
+    # Routes that answer without the API key even when one is set (the server's own docs).
+    open_routes: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -94,6 +96,21 @@ PROFILES: dict[str, Profile] = {
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
         },
+        # vLLM's security guide (https://docs.vllm.ai/en/stable/usage/security/): --api-key is
+        # checked only under /v1, /v2, /inference and /cohere; these answer without it.
+        open_routes=(
+            "/invocations",
+            "/pooling",
+            "/classify",
+            "/score",
+            "/rerank",
+            "/tokenize",
+            "/detokenize",
+            "/pause",
+            "/resume",
+            "/abort_requests",
+            "/update_weights",
+        ),
     ),
     "llamacpp": Profile(
         name="llamacpp",

@@ -408,7 +408,7 @@ IMAGES = {
     "triton": "nvcr.io/nvidia/tritonserver@sha256:" + "c" * 64,
 }
 RUNTIME_INSTALLS = {
-    "vllm": {"method": "pip", "packages": ["vllm==0.6.3"]},
+    "vllm": {"method": "pip", "packages": ["vllm==0.6.6.post1"]},  # locks/runtimes/
     "llamacpp": {
         "method": "artifact",
         "artifact": {

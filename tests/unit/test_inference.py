@@ -54,6 +54,7 @@ def example() -> dict[str, Any]:
     """One service per runtime, as in docs/inference.md."""
     return {
         "distro": "debian12",
+        "firewall": {"enabled": False},  # on by default: the firewall role's concern, not these
         "gpu": {"count": 4, "model": "H100-SXM-80GB"},
         "vault": {"addr": "https://vault.example.com:8200"},
         "secrets": {
@@ -67,7 +68,7 @@ def example() -> dict[str, Any]:
         },
         "inference": {
             "runtimes": {
-                "vllm": {"method": "pip", "packages": ["vllm==0.6.3.post1"]},
+                "vllm": {"method": "pip", "packages": ["vllm==0.6.6.post1"]},
                 "llamacpp": {
                     "method": "artifact",
                     "artifact": {
@@ -219,8 +220,8 @@ def test_no_services_open_no_ports() -> None:
             "secrets.chat-key.env: LLAMA_API_KEY)",
         ),
         (
-            lambda d: d["secrets"]["chat-key"].update(group="users"),
-            "secrets.chat-key is owned root:users (allowed: root:gpunode-chat or root:root",
+            lambda d: d["secrets"]["chat-key"].update(group="llm"),
+            "secrets.chat-key is owned root:llm (allowed: root:gpunode-chat or root:root",
         ),
         (
             lambda d: services(d)["vision"].update(api_key_secret="chat-key"),  # noqa: S106
@@ -243,7 +244,7 @@ def test_no_services_open_no_ports() -> None:
         ),
         (
             lambda d: services(d)["chat"]["model"].update(uri="http://user:pw@mirror/m.gguf"),
-            "inference.services.chat.model.uri: 'http://user:pw@mirror/m.gguf' is not allowed",
+            "inference.services.chat.model.uri: 'http://***@mirror/m.gguf' is not allowed",
         ),
         (
             lambda d: services(d)["chat"]["model"].update(uri="ftp://mirror/m.gguf"),
@@ -497,8 +498,10 @@ def test_gpu_service_on_a_fresh_host() -> None:
     run = run_role(one_gpu_service())
     assert not run.failed
     joined = "\n".join(run.commands)
-    # the runtime venv with the exact pins, the model fetched and verified, then the link
-    assert "vllm==0.6.3.post1" in joined
+    # the runtime venv from its lock (uploaded, installed with hashes checked), the model
+    # fetched and verified, then the link
+    assert any("vllm==0.6.6.post1 " in c for p, c in run.uploads if p.endswith(".lock.txt"))
+    assert any("--require-hashes" in c for c in run.commands)
     assert "u=file:///mnt/models/llama-3.1-8b-instruct.tar" in joined
     assert f'if [ "$got" != {SHA_C} ]' in joined
     fetch = next(i for i, c in enumerate(run.commands) if "mktemp -d" in c and SHA_C in c)
@@ -661,3 +664,26 @@ def test_a_service_run_as_a_nomad_job_gets_no_systemd_unit() -> None:
     assert "/etc/systemd/system/gpunode-inference-big.service" not in units
     assert "/etc/systemd/system/gpunode-inference-chat.service" in units
     assert not any("vllm==" in c for c in run.commands)  # its runtime is not installed either
+
+
+# --- finding 6 of issue 13: vLLM's API key guards only some routes --------------------------
+
+
+def test_a_vllm_service_beyond_loopback_is_reported_on_every_run(capsys) -> None:
+    from gpunode.inventory import _REPORTED, report
+
+    data = example()
+    raw = {"defaults": data, "hosts": {HOST: {"connection": {"address": "192.0.2.10"}}}}
+    _REPORTED.clear()
+    report(load(raw, source="inv.yml"))
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "inference.services.big" in x)
+    assert "0.0.0.0:8000" in line and "/invocations" in line and "/tokenize" in line
+    assert f"hosts: {HOST}" in line
+    # llama.cpp and Triton guard every route they serve (or have no key): nothing said.
+    assert "inference.services.chat" not in err and "inference.services.vision" not in err
+
+    services(data)["big"]["listen"] = "127.0.0.1"
+    _REPORTED.clear()
+    report(load(raw, source="inv.yml"))
+    assert "inference.services.big" not in capsys.readouterr().err
