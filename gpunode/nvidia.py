@@ -45,6 +45,12 @@ NVIDIA_DOWNLOAD = "https://developer.download.nvidia.com/compute"
 CONTAINER_TOOLKIT_REPO = "https://nvidia.github.io/libnvidia-container"
 # EPEL (for dkms on RHEL 9): Fedora's documented install RPM.
 EPEL_RELEASE_RPM = "https://dl.fedoraproject.org/pub/epel/epel-release-latest-9.noarch.rpm"
+# EPEL 9's signing key, "Fedora (epel9) <epel@fedoraproject.org>", published beside the RPM
+# (https://dl.fedoraproject.org/pub/epel/RPM-GPG-KEY-EPEL-9) and on https://fedoraproject.org/keys;
+# the release RPM is installed only with its signature checked against it.
+EPEL_KEY_URL = "https://dl.fedoraproject.org/pub/epel/RPM-GPG-KEY-EPEL-9"
+EPEL_KEY_FINGERPRINTS = ("FF8AD1344597106ECE813B918A3872BF3228467C",)
+EPEL_KEYRING = "/etc/pki/rpm-gpg/RPM-GPG-KEY-gpunode-epel-9"
 
 CONTAINER_TOOLKIT_PACKAGES = (  # pinned to one version together
     "nvidia-container-toolkit",

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import StringCommand, deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.rpm import RpmPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
@@ -205,7 +205,26 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any] | None:
     # Checked by name first: dnf.rpm would download the URL again on every run.
     if repo.epel and "epel-release" not in host.get_fact(RpmPackages):
         if repo.epel.startswith("http"):
-            dnf.rpm(name="EPEL (dkms)", src=repo.epel)
+            # A release RPM from a URL is a local package to dnf, unchecked by default: its
+            # signature is checked against EPEL's pinned key (imported once it matched).
+            epel_key = pinned_keyring(
+                what="EPEL 9 signing key",
+                src=nv.EPEL_KEY_URL,
+                path=nv.EPEL_KEYRING,
+                fingerprints=nv.EPEL_KEY_FINGERPRINTS,
+                family=repo.family,
+            )
+            if epel_key is None:
+                return None
+            server.shell(
+                name="EPEL (dkms): the release RPM, signature-checked with the pinned key",
+                commands=[
+                    StringCommand("rpm", "--import", nv.EPEL_KEYRING),
+                    StringCommand(
+                        "dnf", "install", "-y", "--setopt=localpkg_gpgcheck=1", repo.epel
+                    ),
+                ],
+            )
         else:
             dnf.packages(name="EPEL (dkms)", packages=[repo.epel])
     dnf.repo(

@@ -1010,3 +1010,51 @@ def test_operation_labels_carry_no_config_values() -> None:
         if v in label
     ]
     assert leaks == []
+
+
+# --- EPEL on RHEL 9: the release RPM from a URL, checked against EPEL's pinned key -------------
+
+
+def test_epel_release_rpm_is_installed_only_with_its_signature_checked(
+    pinned: Keyrings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RHEL 9 gets dkms from EPEL, whose release RPM comes from a URL: dnf does not check a
+    local package's signature unless told to, so the key is fetched, checked against its pin,
+    imported, and the RPM installed with localpkg_gpgcheck (it was ``dnf.rpm``, unchecked)."""
+    monkeypatch.setattr(nv, "EPEL_KEY_FINGERPRINTS", (pinned.pinned,))
+    served = keyrings_on_host({nv.EPEL_KEYRING: pinned.files["exact"]})
+
+    def fresh_then_served(command: str) -> Response | None:
+        if command.startswith(f"if [ -e {nv.EPEL_KEYRING} ]"):
+            return None  # the Keyring fact at plan time: no file yet
+        return served(command)
+
+    run = run_roles(node_config("rhel9"), gpu_host("rhel9", False), handlers=[fresh_then_served])
+    assert not run.failed
+
+    def first(pattern: str, after: int = -1) -> int:
+        return next(
+            i for i, c in enumerate(run.commands) if i > after and re.search(pattern, c)
+        )
+
+    fetched = first(rf"curl -sSLf {re.escape(nv.EPEL_KEY_URL)} ")
+    checked = first(rf"--show-keys .*{re.escape(nv.EPEL_KEYRING)}", after=fetched)
+    imported = first(rf"rpm --import {re.escape(nv.EPEL_KEYRING)}")
+    installed = first(
+        rf"dnf install -y --setopt=localpkg_gpgcheck=1 {re.escape(nv.EPEL_RELEASE_RPM)}"
+    )
+    assert fetched < checked < imported < installed
+    assert not run.grep(rf"rpm -i\S* {re.escape(nv.EPEL_RELEASE_RPM)}")
+
+
+@pytest.mark.parametrize("bad", ["extra", "other"])
+def test_an_epel_key_with_another_key_stops_the_host_before_the_release_rpm(
+    bad: str, pinned: Keyrings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nv, "EPEL_KEY_FINGERPRINTS", (pinned.pinned,))
+    handler = keyrings_on_host({nv.EPEL_KEYRING: pinned.files[bad]})
+    run = run_roles(node_config("rhel9"), gpu_host("rhel9", False), handlers=[handler])
+    assert run.failed
+    assert any(f"{nv.EPEL_KEYRING} holds primary keys" in out.stderr for _c, ok, out in run.results
+               if not ok)  # fmt: skip
+    assert not run.grep(r"rpm --import|epel-release")
