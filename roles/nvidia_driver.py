@@ -29,10 +29,11 @@ and the distro/source tables live); what it learns from the host comes from one 
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api import StringCommand, deploy
+from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.rpm import RpmPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
@@ -219,10 +220,8 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any] | None:
             server.shell(
                 name="EPEL (dkms): the release RPM, signature-checked with the pinned key",
                 commands=[
-                    StringCommand("rpm", "--import", nv.EPEL_KEYRING),
-                    StringCommand(
-                        "dnf", "install", "-y", "--setopt=localpkg_gpgcheck=1", repo.epel
-                    ),
+                    shlex.join(["rpm", "--import", nv.EPEL_KEYRING]),
+                    shlex.join(["dnf", "install", "-y", "--setopt=localpkg_gpgcheck=1", repo.epel]),
                 ],
             )
         else:
