@@ -64,7 +64,10 @@ def test_verify_catches_a_broken_host_and_a_deploy_repairs_it(converged: Lab) ->
 
 def test_declared_distro_must_match_the_host(converged: Lab, tmp_path) -> None:
     data = tmp_path / "lab.yml"
-    data.write_text("defaults:\n  distro: ubuntu2204\ngroups:\n  gpu_nodes: {}\n")
+    # (no network CIDRs here: the firewall, on by default, is off for this one check)
+    data.write_text(
+        "defaults:\n  distro: ubuntu2204\n  firewall: {enabled: false}\ngroups:\n  gpu_nodes: {}\n"
+    )
     proc = pyinfra(INVENTORY, DEPLOY, env={**converged.env, "GPUNODE_LAB_DATA": str(data)})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1
