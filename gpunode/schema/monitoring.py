@@ -18,7 +18,7 @@ import posixpath
 
 from pydantic import Field, field_validator
 
-from gpunode.schema.types import AbsPath, Calendar, Model, Port, RunPath, Span
+from gpunode.schema.types import AbsPath, Calendar, ControllerPath, Model, Port, RunPath, Span
 
 CREDENTIALS_DIR = "/etc/gpunode/controller"
 """The root-only (0700) directory on the controller that holds the drift run's credentials."""
@@ -42,14 +42,14 @@ class DriftTimer(Model):
     """systemd `RandomizedDelaySec=`."""
     apply: bool = True
     """Correct what drifted (`--apply`); false: only report it."""
-    credentials: dict[AbsPath, str] = Field(default_factory=dict)
+    credentials: dict[AbsPath, ControllerPath] = Field(default_factory=dict)
     """Files for the run: controller path (a file directly in `/etc/gpunode/controller`, the
     root-only 0700 directory) -> file on the machine that deploys the controller (the
     fleet's SSH key and known_hosts, the Vault secret_id file the fleet inventory names,
     inventory data outside the repository). Each is read at deploy time (missing, unreadable
     or empty: the run stops before anything is written) and uploaded root 0600 the way
     secrets are: owner and mode before content, never diffed, never printed."""
-    rotated_credentials: dict[AbsPath, str] = Field(default_factory=dict)
+    rotated_credentials: dict[AbsPath, ControllerPath] = Field(default_factory=dict)
     """Files the run replaces itself, such as the AppRole secret_id with
     `vault.rotate_secret_id` (docs/controller.md): controller path (a file directly in
     `/var/lib/gpunode/controller`, the run's own 0700 state directory, which it may write)

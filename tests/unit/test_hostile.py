@@ -408,15 +408,6 @@ ACCEPTED: dict[str, frozenset[str]] = {
     # OnCalendar= syntax has spaces and ".." ranges ("Mon..Fri *-*-* 10:00"). Proof:
     # test_schedule_is_one_on_calendar_value.
     "DriftTimer.schedule": frozenset({"space", "dot-dot", "leading-dot-dot"}),
-    # A file on the machine that deploys the controller: Python opens it (read_credential),
-    # no command and no file on a node holds the path. Proof:
-    # test_credential_sources_are_opened_not_passed_on. (Engineer D's field.)
-    "DriftTimer.credentials{value}": frozenset(CORPUS)
-    - {"newline", "carriage-return", "nul", "escape", "leading-dash", "cyrillic-a"}
-    - {"fullwidth-slash", "line-separator", "100kB"},
-    "DriftTimer.rotated_credentials{value}": frozenset(CORPUS)
-    - {"newline", "carriage-return", "nul", "escape", "leading-dash", "cyrillic-a"}
-    - {"fullwidth-slash", "line-separator", "100kB"},
 }
 
 
@@ -705,18 +696,3 @@ def test_schedule_is_one_on_calendar_value(value: str, tmp_path: Path) -> None:
     template = jinja2.Template((TEMPLATES / "controller" / "gpunode-drift.timer.j2").read_text())
     text = template.render(schedule=drift.schedule, randomized_delay=drift.randomized_delay)
     assert [line for line in text.splitlines() if value in line] == [f"OnCalendar={value}"]
-
-
-@pytest.mark.parametrize("cid", sorted(ACCEPTED["DriftTimer.credentials{value}"]))
-def test_credential_sources_are_opened_not_passed_on(cid: str, tmp_path: Path) -> None:
-    """A credential's source is a file on the deploying machine: read_credential (the only
-    reader; roles/controller.py uploads what it returns) opens exactly that path, shell
-    characters and all, and the path goes nowhere else."""
-    from gpunode.monitoring import read_credential
-
-    name = CORPUS[cid]("secret").replace("/", "_")
-    source = tmp_path / name
-    source.write_bytes(b"canary\n")
-    assert read_credential("gpu-01", "/etc/gpunode/controller/k", str(source)) == b"canary\n"
-    (tmp_path / "secret").write_bytes(b"other\n")  # what a shell would have read
-    assert read_credential("gpu-01", "/etc/gpunode/controller/k", str(source)) == b"canary\n"

@@ -323,13 +323,13 @@ def test_a_rotated_credential_outside_the_run_state_directory_is_refused_at_load
 ) -> None:
     # /etc/gpunode/controller is where deploys put `credentials` back, and the run cannot
     # write elsewhere (ProtectSystem=strict): only its own state directory works
-    drift = {"rotated_credentials": {path: "seed"}}
+    drift = {"rotated_credentials": {path: "/root/seed"}}
     with pytest.raises(
         ConfigError,
         match=r"drift.rotated_credentials: .*: not a file in /var/lib/gpunode/controller",
     ):
         load(inventory({}, drift), "inv.yml")
-    ok = {"rotated_credentials": {"/var/lib/gpunode/controller/secret_id": "seed"}}
+    ok = {"rotated_credentials": {"/var/lib/gpunode/controller/secret_id": "/root/seed"}}
     assert load(inventory({}, ok), "inv.yml")
 
 
