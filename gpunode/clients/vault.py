@@ -34,7 +34,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import stat
@@ -81,9 +80,6 @@ class SecretValue:
             return f"{env}={self.value}\n"
         escaped = self.value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
         return f'{env}="{escaped}"\n'
-
-    def sha256(self, env: str) -> str:
-        return hashlib.sha256(self.env_line(env).encode()).hexdigest()
 
 
 T = TypeVar("T")
