@@ -15,6 +15,7 @@ from pyinfra.api.util import get_template
 from gpunode.gpus import capacity
 from gpunode.paths import TEMPLATES
 from gpunode.planner import check_placement
+from gpunode.render import systemd_assignment, systemd_command_line
 from gpunode.runtimes import check_locks, command_line
 from gpunode.schema.inference import ModelSpec, Service
 from gpunode.schema.node import Connection, NodeConfig
@@ -323,10 +324,11 @@ def render_values(
         "cache": cache,
         "env_file": secret_env_file(config, svc.api_key_secret) if svc.api_key_secret else None,
         "environment": environment,
+        "environment_lines": [systemd_assignment(k, v) for k, v in environment],
         "gpus": svc.gpus,
         "probe": PROBE,
         "min_free_mib": svc.min_free_mib,
-        "exec_start": " ".join(argv),
+        "exec_start": systemd_command_line(argv),
         "health_timeout": svc.health_timeout,
         "memory_max": svc.memory_max,
         "limit_memlock": svc.limit_memlock,

@@ -57,6 +57,38 @@ def shell_value(value: str, where: str = "value") -> str:
     return shlex.quote(value)
 
 
+# --- systemd unit files (systemd.syntax(7), systemd.service(5) "Command lines") ----------
+
+_SYSTEMD_PLAIN = re.compile(r"[A-Za-z0-9._/=:,+@-]+")
+
+
+def systemd_word(value: str, where: str = "value") -> str:
+    """``value`` as one word of a unit's command line that systemd passes on exactly:
+    ``%`` (specifiers) and ``$`` (variable expansion) doubled, and a word with anything
+    but plain characters double-quoted with ``\\`` and ``"`` escaped (so ``;``, spaces
+    and quotes stay inside the one argument)."""
+    _no_control(value, where)
+    word = value.replace("%", "%%").replace("$", "$$")
+    if _SYSTEMD_PLAIN.fullmatch(word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_command_line(argv: list[str], where: str = "ExecStart") -> str:
+    """An ``ExecStart=`` value: each argument one :func:`systemd_word`."""
+    return " ".join(systemd_word(arg, where) for arg in argv)
+
+
+def systemd_assignment(key: str, value: str, where: str = "Environment") -> str:
+    """An ``Environment=`` value: ``KEY=value`` as one quoted word when it needs quoting
+    (``%`` doubled; ``$`` is taken literally there)."""
+    _no_control(value, where)
+    pair = f"{key}={value}".replace("%", "%%")
+    if _SYSTEMD_PLAIN.fullmatch(pair):
+        return pair
+    return '"' + pair.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 # --- ssh_config(5) ----------------------------------------------------------------------
 
 # Keywords whose arguments expand %-tokens (ssh_config(5) TOKENS); "%" is written "%%".

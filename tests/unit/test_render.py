@@ -15,6 +15,7 @@ the schema refuses most of them already, and these tests prove the renderers hol
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -242,3 +243,55 @@ def test_ini_value_refuses_whitespace_it_would_lose(value: str) -> None:
 def test_ssh_config_value_doubles_percent_only_where_tokens_expand() -> None:
     assert ssh_config_value("IdentityFile", "/k/50%") == "/k/50%%"
     assert ssh_config_value("User", "a%b") == "a%b"
+
+
+# --- systemd command lines and Environment= (inference units) -------------------------------
+
+SYSTEMD_HOSTILE = [
+    "plain-arg",
+    "--flag=value",
+    "two words",
+    "semi;colon",
+    ";",
+    "$(id)",
+    "${HOME}",
+    "%h",
+    'quote"d',
+    "back\\slash",
+    "it's",
+]
+
+
+def _systemd_split(line: str) -> list[str]:
+    """How systemd reads a command line (systemd.service(5) "Command lines"): words split
+    like a POSIX shell's double-quoted words, then "%%" is "%" and "$$" is "$"."""
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(line)]
+
+
+def test_a_systemd_command_line_keeps_every_argument_whole() -> None:
+    from gpunode.render import systemd_command_line
+
+    line = systemd_command_line(["/opt/server", *SYSTEMD_HOSTILE])
+    assert _systemd_split(line) == ["/opt/server", *SYSTEMD_HOSTILE]
+    # no unquoted separator, specifier or variable reaches systemd
+    assert " ; " not in f" {line} " and "%h" not in line.replace("%%", "")
+    assert "$(" not in line.replace("$$", "") and "${" not in line.replace("$$", "")
+
+
+def test_plain_arguments_are_written_as_they_were() -> None:
+    """Converged hosts keep their unit files: plain words are not quoted."""
+    from gpunode.render import systemd_assignment, systemd_command_line
+
+    argv = ["/opt/gpunode/venvs/x/bin/vllm", "serve", "/var/lib/m", "--port", "8000"]
+    assert systemd_command_line(argv) == " ".join(argv)
+    assert systemd_assignment("CUDA_VISIBLE_DEVICES", "") == "CUDA_VISIBLE_DEVICES="
+    assert systemd_assignment("HOME", "/var/cache/x") == "HOME=/var/cache/x"
+
+
+def test_an_environment_assignment_is_one_word() -> None:
+    from gpunode.render import systemd_assignment
+
+    line = systemd_assignment("NAME", 'a b "c" %h')
+    assert [w.replace("%%", "%") for w in shlex.split(line)] == ['NAME=a b "c" %h']
+    with pytest.raises(ConfigError, match="control character"):
+        systemd_assignment("NAME", "a\nExecStartPre=/bin/sh")
