@@ -13,6 +13,7 @@ from pathlib import Path
 from pyinfra.api.exceptions import PyinfraError
 
 from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.runtimes import PROFILES
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:
@@ -87,6 +88,11 @@ def metrics_ports(config: NodeConfig) -> list[tuple[str, int]]:
     if mon.dcgm_exporter is not False:
         # open even when auto-detection finds no GPU: the port is closed then anyway
         ports.append(("tcp", mon.dcgm_exporter_port))
+    for svc in config.inference.services.values():
+        # a runtime with a metrics port of its own (Triton's 8002); the others serve
+        # /metrics on their API port, which network.app_cidrs reach
+        if svc.enabled and PROFILES[svc.runtime].metrics_port == "own":
+            ports.append(("tcp", svc.effective_metrics_port()))
     return ports
 
 

@@ -687,3 +687,21 @@ def test_a_vllm_service_beyond_loopback_is_reported_on_every_run(capsys) -> None
     _REPORTED.clear()
     report(load(raw, source="inv.yml"))
     assert "inference.services.big" not in capsys.readouterr().err
+
+
+def test_a_runtime_with_its_own_metrics_port_is_open_to_the_monitoring_cidrs() -> None:
+    """Triton serves /metrics on a port of its own (the API port + 2 by default): the
+    firewall opens it to network.monitoring_cidrs (it was opened to no one)."""
+    from gpunode.firewall import allow_rules
+
+    data = example()
+    data["firewall"] = {"enabled": True}
+    data["network"] = {
+        "admin_cidrs": ["192.0.2.0/28"],
+        "app_cidrs": ["198.51.100.0/24"],
+        "monitoring_cidrs": ["203.0.113.0/28"],
+        "cluster_cidrs": [],
+    }
+    rules = {r.name: r for r in allow_rules(load_node(data), 22)}
+    assert 8102 in rules["metrics"].ports and 8102 not in rules["inference"].ports
+    assert [str(c) for c in rules["metrics"].cidrs] == ["203.0.113.0/28"]
