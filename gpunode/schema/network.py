@@ -23,7 +23,9 @@ class Network(Model):
     """Sources that may reach the inference ports. Required (`[]`: nobody) with
     `firewall.enabled` when the node runs an inference service."""
     monitoring_cidrs: list[Cidr] = Field(default_factory=list)
-    """Sources that may reach the metrics ports (node_exporter, dcgm-exporter). Required
+    """Sources that may reach the metrics ports (node_exporter, dcgm-exporter, and a
+    runtime's own metrics port such as Triton's; vLLM and llama.cpp serve /metrics on their
+    API port, reached from `app_cidrs`). Required
     (`[]`: nobody) with `firewall.enabled` when an exporter is on (node_exporter is by
     default)."""
     cluster_cidrs: list[Cidr] = Field(default_factory=list)
