@@ -59,24 +59,22 @@ class DriftTimer(Model):
     @field_validator("credentials")
     @classmethod
     def _in_credentials_dir(cls, credentials: dict[str, str]) -> dict[str, str]:
-        for dest in credentials:
-            if posixpath.dirname(dest) != CREDENTIALS_DIR:
-                raise ValueError(
-                    f"{dest}: not a file in {CREDENTIALS_DIR} (allowed: "
-                    f"{CREDENTIALS_DIR}/NAME, the controller's root-only directory)"
-                )
-        return credentials
+        return _directly_in(CREDENTIALS_DIR, "the controller's root-only directory", credentials)
 
     @field_validator("rotated_credentials")
     @classmethod
     def _in_state_dir(cls, rotated: dict[str, str]) -> dict[str, str]:
-        for dest in rotated:
-            if posixpath.dirname(dest) != ROTATED_CREDENTIALS_DIR:
-                raise ValueError(
-                    f"{dest}: not a file in {ROTATED_CREDENTIALS_DIR} (allowed: "
-                    f"{ROTATED_CREDENTIALS_DIR}/NAME, the drift run's own state directory)"
-                )
-        return rotated
+        return _directly_in(ROTATED_CREDENTIALS_DIR, "the drift run's own state directory", rotated)
+
+
+def _directly_in(directory: str, what: str, files: dict[str, str]) -> dict[str, str]:
+    """``files`` if every key is a file directly in ``directory``; else the error."""
+    for dest in files:
+        if posixpath.dirname(dest) != directory:
+            raise ValueError(
+                f"{dest}: not a file in {directory} (allowed: {directory}/NAME, {what})"
+            )
+    return files
 
 
 class Monitoring(Model):
