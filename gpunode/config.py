@@ -37,7 +37,17 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from gpunode import base as base_checks
-from gpunode import firewall, gpus, hardening, inference, monitoring, nomad, nvidia, secrets
+from gpunode import (
+    firewall,
+    gateway,
+    gpus,
+    hardening,
+    inference,
+    monitoring,
+    nomad,
+    nvidia,
+    secrets,
+)
 from gpunode.schema.distros import DISTROS
 from gpunode.schema.node import (
     RESERVED_GROUPS,
@@ -59,6 +69,7 @@ SECTION_CHECKS = (
     firewall,
     secrets,
     inference,
+    gateway,
     nomad,
     monitoring,
 )
@@ -354,6 +365,9 @@ def listeners(config: NodeConfig, connection: Connection) -> list[tuple[str, int
             found.append((f"{at}.grpc_port", grpc))
         if svc.effective_metrics_port() != svc.port:
             found.append((f"{at}.metrics_port", svc.effective_metrics_port()))
+    if config.gateway.enabled:
+        found.append(("gateway.port", config.gateway.port))
+        found.append(("gateway.metrics_port", config.gateway.metrics_port))
     return found
 
 

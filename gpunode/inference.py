@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pyinfra.api.util import get_template
 
+from gpunode import gateway
 from gpunode.gpus import capacity
 from gpunode.paths import TEMPLATES
 from gpunode.planner import check_placement
@@ -209,9 +210,10 @@ def _check_footprint(at: str, config: NodeConfig, name: str, svc: Service) -> li
 def app_ports(config: NodeConfig) -> list[tuple[str, int]]:
     """(protocol, port) of every inference endpoint on the node; the firewall opens them
     to network.app_cidrs."""
-    ports: list[tuple[str, int]] = []
-    for svc in config.inference.services.values():
-        if not svc.enabled:
+    front = gateway.fronted(config)
+    ports: list[tuple[str, int]] = list(gateway.app_ports(config))
+    for name, svc in config.inference.services.items():
+        if not svc.enabled or name in front:  # reached through the gateway only
             continue
         ports.append(("tcp", svc.port))
         grpc = svc.effective_grpc_port()

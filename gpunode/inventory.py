@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gpunode import firewall, inference
+from gpunode import firewall, gateway, inference
 from gpunode.config import load, load_file
 from gpunode.schema.distros import DISTROS, DistroSpec
 from gpunode.schema.node import Inventory, NodeConfig
@@ -48,6 +48,7 @@ def report(inventory: Inventory) -> Inventory:
             *config.nomad.warnings(),
             *firewall.warnings(config),
             *inference.warnings(config),
+            *gateway.warnings(config),
         ):
             hosts.setdefault(warning, []).append(name)
     for warning, names in hosts.items():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
+from gpunode import gateway
 from gpunode.schema.node import Connection, NodeConfig
 from gpunode.schema.runtimes import PROFILES
 
@@ -93,6 +94,7 @@ def metrics_ports(config: NodeConfig) -> list[tuple[str, int]]:
         # /metrics on their API port, which network.app_cidrs reach
         if svc.enabled and PROFILES[svc.runtime].metrics_port == "own":
             ports.append(("tcp", svc.effective_metrics_port()))
+    ports += gateway.metrics_ports(config)
     return ports
 
 

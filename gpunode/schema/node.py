@@ -12,11 +12,12 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpunode.schema.base import Base
 from gpunode.schema.distros import DISTROS
 from gpunode.schema.firewall import Firewall
+from gpunode.schema.gateway import Gateway
 from gpunode.schema.gpu import Gpu
 from gpunode.schema.hardening import Hardening
 from gpunode.schema.inference import Inference
@@ -66,10 +67,38 @@ class NodeConfig(Model):
     (checked at config load): it names the env file."""
     inference: Inference = Field(default_factory=Inference)
     """The node's inference runtimes and services (systemd units)."""
+    gateway: Gateway = Field(default_factory=Gateway)
+    """The inference front door: HAProxy with TLS from Vault PKI, per-client keys and rate
+    limits, a route allow-list, in front of the node's inference services."""
     nomad: Nomad = Field(default_factory=Nomad)
     """The Nomad client and the inference services it runs as jobs."""
     monitoring: Monitoring = Field(default_factory=Monitoring)
     """Exporters, the drift report's textfile directory and the controller's drift timer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fronted_listen_on_loopback(cls, data: Any) -> Any:
+        """A service the gateway fronts listens on 127.0.0.1 unless its `listen` is set (and
+        then gpunode/gateway.py refuses anything but loopback)."""
+        if not isinstance(data, dict):
+            return data
+        gateway, inference = data.get("gateway"), data.get("inference")
+        if not (isinstance(gateway, dict) and gateway.get("enabled") is True):
+            return data
+        if not isinstance(inference, dict):
+            return data
+        services = inference.get("services")
+        if not isinstance(services, dict):
+            return data
+        names = gateway.get("services") or list(services)
+        if not isinstance(names, list):
+            return data
+        patched = dict(services)
+        for name in names:
+            svc = services.get(name) if isinstance(name, str) else None
+            if isinstance(svc, dict) and "listen" not in svc:
+                patched[name] = {**svc, "listen": "127.0.0.1"}
+        return {**data, "inference": {**inference, "services": patched}}
 
     def to_json(self) -> dict[str, Any]:
         """pyinfra's JSON hook (``pyinfra INVENTORY debug-inventory``, ``--json``)."""

@@ -240,7 +240,28 @@ BASE: dict[str, Any] = {
                     },
                     "gpus": [GPU3],
                 },
+                "embed": {
+                    "runtime": "llamacpp",
+                    "listen": "127.0.0.1",
+                    "port": 8100,
+                    "model": {
+                        "uri": "file:///mnt/models/embed.gguf",
+                        "sha256": SHA_MODEL,
+                        "served_name": "embed-small",
+                    },
+                },
             },
+        },
+        "gateway": {
+            "enabled": True,
+            "services": ["embed"],
+            "clients": {
+                "alice": {
+                    "key": {"mount": "secret", "path": "gpunode/clients/alice", "key": "api_key"},
+                    "models": ["embed-small"],
+                }
+            },
+            "tls": {"names": ["gpu-01.example.com"], "ip_sans": ["192.0.2.10"]},
         },
         "nomad": {
             "enabled": True,

@@ -1,0 +1,180 @@
+"""The inference front door on a node: which services the gateway fronts, the ports it
+opens, the names its certificate holds, and the checks of ``gateway:`` against the rest of
+a node's config.
+
+The section (every default) is gpunode/schema/gateway.py; HAProxy's configuration is
+rendered by gpunode/haproxy.py; certificates come from gpunode/clients/pki.py; the role is
+roles/gateway.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+
+from gpunode.schema.gateway import HAPROXY_DIR, Client, duration_s
+from gpunode.schema.inference import Service
+from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.runtimes import PROFILES
+
+# --- node paths (one place) ----------------------------------------------------------------
+CONFIG_FILE = "/etc/haproxy/haproxy.cfg"
+TLS_DIR = f"{HAPROXY_DIR}/tls"
+CERT_FILE = f"{TLS_DIR}/gateway.pem"  # leaf certificate, CA chain, private key: 0600 haproxy
+KEYS_MAP = f"{HAPROXY_DIR}/keys.map"  # <sha256 of a client's key> <client>
+PROXY_USER = "haproxy"  # the Debian/Ubuntu/EL package's user and group
+UNIT = "haproxy.service"
+
+
+def fronted(config: NodeConfig) -> dict[str, Service]:
+    """The inference services the gateway fronts, by name ({} without a gateway)."""
+    gw = config.gateway
+    if not gw.enabled:
+        return {}
+    names = gw.services or [
+        n for n, s in config.inference.services.items() if s.enabled and n not in config.nomad.jobs
+    ]
+    return {n: config.inference.services[n] for n in names if n in config.inference.services}
+
+
+def served_name(name: str, svc: Service) -> str:
+    """The model name clients ask for (the runtime's --alias / --served-model-name)."""
+    return svc.model.served_name or name
+
+
+def active_clients(config: NodeConfig) -> dict[str, Client]:
+    """The clients whose keys pass: every client not revoked."""
+    return {n: c for n, c in config.gateway.clients.items() if not c.revoked}
+
+
+def key_digest(key: str) -> str:
+    """What the node holds for a client's key: its SHA-256, lowercase hex (HAProxy's
+    ``sha2(256),hex,lower`` of the bearer token)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def app_ports(config: NodeConfig) -> list[tuple[str, int]]:
+    """(protocol, port) the gateway opens to network.app_cidrs."""
+    return [("tcp", config.gateway.port)] if config.gateway.enabled else []
+
+
+def metrics_ports(config: NodeConfig) -> list[tuple[str, int]]:
+    """(protocol, port) of the gateway's Prometheus endpoint (network.monitoring_cidrs)."""
+    return [("tcp", config.gateway.metrics_port)] if config.gateway.enabled else []
+
+
+def certificate_names(config: NodeConfig, host_name: str, address: str) -> list[str]:
+    """DNS names of the gateway's certificate, the first being its CN."""
+    if config.gateway.tls.names:
+        return list(config.gateway.tls.names)
+    names = [config.base.hostname or host_name.lower()]
+    if not _is_ip(address) and address not in names:
+        names.append(address)
+    return names
+
+
+def certificate_ips(config: NodeConfig, address: str) -> list[str]:
+    """IP SANs of the gateway's certificate."""
+    if config.gateway.tls.ip_sans:
+        return list(config.gateway.tls.ip_sans)
+    ips = [address] if _is_ip(address) else []
+    listen = config.gateway.listen
+    if not ipaddress.ip_address(listen).is_unspecified and listen not in ips:
+        ips.append(listen)
+    return ips
+
+
+def ttl_s(config: NodeConfig) -> int:
+    return duration_s(config.gateway.tls.ttl)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+# --- checks at config load -----------------------------------------------------------------
+
+
+def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:
+    """Checks that need the merged config (and the host's connection); [] when fine."""
+    gw = config.gateway
+    if not gw.enabled:
+        return []
+    at = f"{where}: gateway"
+    problems: list[str] = []
+    services = config.inference.services
+    for name in gw.services:
+        svc = services.get(name)
+        if svc is None:
+            problems.append(
+                f"{at}.services: {name} is not in inference.services (allowed: "
+                f"{', '.join(services) or 'none declared'})"
+            )
+        elif name in config.nomad.jobs:
+            problems.append(
+                f"{at}.services: {name} runs as a Nomad job (nomad.jobs), the gateway fronts "
+                "systemd services only (allowed: a service not in nomad.jobs)"
+            )
+        elif not svc.enabled:
+            problems.append(f"{at}.services: {name} is not enabled (allowed: an enabled service)")
+    front = fronted(config)
+    if not front:
+        problems.append(
+            f"{at}.enabled: no inference service to front (allowed: declare one under "
+            "inference.services, or gateway.enabled: false)"
+        )
+    if not config.vault.addr:
+        problems.append(
+            f"{at}.tls: the certificate comes from Vault's PKI but vault.addr is not set "
+            "(allowed: the Vault URL, e.g. https://vault:8200)"
+        )
+    if gw.port == gw.metrics_port:
+        problems.append(
+            f"{at}.metrics_port: {gw.port} is also gateway.port (allowed: another port)"
+        )
+    served: dict[str, str] = {}
+    for name, svc in front.items():
+        svc_at = f"{where}: inference.services.{name}"
+        if not ipaddress.ip_address(svc.listen).is_loopback:
+            problems.append(
+                f"{svc_at}.listen: {svc.listen}, but the gateway fronts this service: it would "
+                "be reachable both through the gateway and around it (allowed: 127.0.0.1, the "
+                "default for a fronted service; or leave it out of gateway.services)"
+            )
+        if svc.api_key_secret:
+            problems.append(
+                f"{svc_at}.api_key_secret: the gateway checks every client's key; the backend "
+                "gets no Authorization header (allowed: unset it)"
+            )
+        model = served_name(name, svc)
+        if model in served:
+            problems.append(
+                f"{svc_at}.model.served_name: {model} is also served by {served[model]}: the "
+                "gateway routes by model name (allowed: a name no other fronted service uses)"
+            )
+        served.setdefault(model, name)
+        if PROFILES[svc.runtime].models_path != "/v1/models":
+            problems.append(
+                f"{svc_at}.runtime: {PROFILES[svc.runtime].title} has no OpenAI-compatible "
+                "API, which is all the gateway passes (allowed: vllm or llamacpp)"
+            )
+    for cname, client in gw.clients.items():
+        for model in client.models:
+            if front and model not in served:
+                problems.append(
+                    f"{at}.clients.{cname}.models: {model} is not a model the gateway serves "
+                    f"(allowed: {', '.join(served)})"
+                )
+    return problems
+
+
+def warnings(config: NodeConfig) -> list[str]:
+    """What every run prints about this node's gateway (gpunode/inventory.py's report)."""
+    gw = config.gateway
+    if gw.enabled and not active_clients(config):
+        return ["gateway: no client (or every client revoked): every request gets 401"]
+    return []
