@@ -7,10 +7,13 @@ what the format cannot represent with a :class:`ConfigError` that says what is a
 - :func:`ssh_config_value` / :func:`ssh_config_line`: one ssh_config(5) argument.
 - :func:`ini_value`: one value of an ini file read by libdnf (dnf.conf).
 - :func:`sudoers_value`: one sudoers(5) ``Defaults`` string value.
+- :func:`haproxy_word`, :func:`haproxy_path`, :func:`haproxy_string`,
+  :func:`haproxy_address`, :func:`haproxy_map_line`: haproxy.cfg words and map file lines.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 
@@ -196,3 +199,81 @@ def sudoers_value(value: str, where: str = "value") -> str:
     _no_control(value, where)
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
+
+
+# --- HAProxy (haproxy.cfg and its map files) ---------------------------------------------
+
+# HAProxy splits a config line on whitespace, reads '#' as a comment, quotes and '\' as
+# quoting, '$' as an environment variable (in double quotes), '%' as a log-format or sample
+# expression, ',' and ')' as the end of a sample argument, a leading '-' as an ACL flag and
+# '!', '{', '|' as ACL operators. A word is rendered bare, so only characters with none of
+# these meanings pass: letters, digits and . _ / : @ + = -
+_HAPROXY_WORD = re.compile(r"[A-Za-z0-9._/:@+=-]+")
+_HAPROXY_WORD_HELP = "letters, digits and . _ / : @ + = - only, not starting with '-'"
+
+
+def haproxy_word(value: str, where: str = "value") -> str:
+    """``value`` as one bare word of haproxy.cfg or of a map file (a name, an ACL pattern,
+    a map key or value, an argument in a sample expression's parentheses): refused unless
+    it is made of characters HAProxy reads as plain text (:data:`_HAPROXY_WORD`), and
+    refused when it starts with '-' (an ACL pattern would read it as a flag)."""
+    _no_control(value, where)
+    if not _HAPROXY_WORD.fullmatch(value) or value.startswith("-"):
+        raise ConfigError(
+            f"{where}: {value!r} cannot be written to HAProxy's configuration as one word "
+            f"(allowed: {_HAPROXY_WORD_HELP}, not empty)"
+        )
+    return value
+
+
+def haproxy_path(value: str, where: str = "path") -> str:
+    """An absolute path as one haproxy.cfg word (a certificate, a map file, a socket): a
+    :func:`haproxy_word` that starts with '/' (so no ``unix@``/``fd@`` address prefix), with
+    no empty, "." or ".." segment."""
+    haproxy_word(value, where)
+    segments = value.split("/")[1:]
+    if not value.startswith("/") or any(s in ("", ".", "..") for s in segments):
+        raise ConfigError(
+            f"{where}: {value!r} is not a plain absolute path (allowed: /dir/file, without "
+            "empty, '.' or '..' segments)"
+        )
+    return value
+
+
+def haproxy_string(value: str, where: str = "value") -> str:
+    """``value`` as one single-quoted haproxy.cfg argument (a response body, a log format):
+    HAProxy takes everything up to the next single quote literally (no escape, no variable),
+    so a single quote is refused, and so are a backslash, '#', a control character and a
+    non-ASCII character (which HAProxy would pass on, but no reader of a log line or a JSON
+    body expects)."""
+    _no_control(value, where)
+    bad = sorted({c for c in value if c in "'\\#" or not c.isascii()})
+    if bad:
+        raise ConfigError(
+            f"{where}: {value!r} holds {''.join(bad)!r}, which cannot be written in a "
+            "single-quoted HAProxy argument (allowed: printable ASCII except ' \\ #)"
+        )
+    return f"'{value}'"
+
+
+def haproxy_address(address: str, port: int, where: str = "address") -> str:
+    """``address:port`` for a ``bind`` or ``server`` line: the address must be an IP
+    address (an IPv6 one is written with an ``ipv6@`` prefix, so its colons are not read as
+    the port separator), the port 1-65535."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: {address!r} is not an IP address (allowed: e.g. 127.0.0.1 or ::1)"
+        ) from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: port {port!r} (allowed: 1-65535)")
+    if ip.version == 6:
+        return f"ipv6@{ip.compressed}:{port}"
+    return f"{ip.compressed}:{port}"
+
+
+def haproxy_map_line(key: str, value: str, where: str = "map") -> str:
+    """One line of an HAProxy map file, ``<key> <value>``: both :func:`haproxy_word` (a
+    map key ends at the first whitespace and a line starting with '#' is a comment)."""
+    return f"{haproxy_word(key, f'{where} key')} {haproxy_word(value, f'{where} value')}\n"

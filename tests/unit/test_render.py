@@ -28,7 +28,17 @@ from pyinfra.api import deploy
 from gpunode import nvidia as nv
 from gpunode.commands.verify import ssh_config_for
 from gpunode.config import load
-from gpunode.render import ini_value, shell_value, ssh_config_value, sudoers_value
+from gpunode.render import (
+    haproxy_address,
+    haproxy_map_line,
+    haproxy_path,
+    haproxy_string,
+    haproxy_word,
+    ini_value,
+    shell_value,
+    ssh_config_value,
+    sudoers_value,
+)
 from gpunode.schema.node import Inventory
 from gpunode.schema.types import ConfigError
 from roles.nvidia_driver import _module_signing
@@ -295,3 +305,102 @@ def test_an_environment_assignment_is_one_word() -> None:
     assert [w.replace("%%", "%") for w in shlex.split(line)] == ['NAME=a b "c" %h']
     with pytest.raises(ConfigError, match="control character"):
         systemd_assignment("NAME", "a\nExecStartPre=/bin/sh")
+
+
+# --- HAProxy ------------------------------------------------------------------------------
+# (the files themselves are read by the real haproxy in tests/unit/test_haproxy.py)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["be_chat", "/etc/haproxy/gpunode/keys.map", "org/model:v1.5", "a+b=c@d", "0" * 64],
+)
+def test_haproxy_word_passes_plain_words(value: str) -> None:
+    assert haproxy_word(value) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "two words",
+        "tab\there",
+        "new\nline",
+        "nul\x00",
+        "esc\x1b[0m",
+        "line\u2028sep",
+        "quote'd",
+        'quote"d',
+        "hash#comment",
+        "back\\slash",
+        "${HOME}",
+        "%[req.hdr(host)]",
+        "map(x),lower",
+        "arg)",
+        "-m",
+        "-i",
+        "!negated",
+        "{ anonymous }",
+        "a||b",
+        "caf\u00e9",
+        "semi;colon",
+        "star*",
+    ],
+)
+def test_haproxy_word_refuses_what_haproxy_would_misread(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"where: .*\(allowed: "):
+        haproxy_word(value, "where")
+
+
+@pytest.mark.parametrize(
+    "value", ["relative/path", "/a//b", "/a/./b", "/a/../b", "/a/", "unix@/run/x", "/a b"]
+)
+def test_haproxy_path_refuses_what_is_not_a_plain_absolute_path(value: str) -> None:
+    with pytest.raises(ConfigError, match="where: "):
+        haproxy_path(value, "where")
+    assert haproxy_path("/run/haproxy/admin.sock") == "/run/haproxy/admin.sock"
+
+
+def test_haproxy_string_single_quotes() -> None:
+    body = '{"error": {"message": "no such route", "code": 404}}'
+    assert haproxy_string(body) == f"'{body}'"
+    assert haproxy_string('a $HOME %[x] "y"') == "'a $HOME %[x] \"y\"'"
+
+
+@pytest.mark.parametrize("value", ["it's", "back\\slash", "#x", "a\nb", "a\rb", "caf\u00e9"])
+def test_haproxy_string_refuses_what_a_single_quoted_argument_cannot_hold(value: str) -> None:
+    with pytest.raises(ConfigError, match="where: "):
+        haproxy_string(value, "where")
+
+
+def test_haproxy_address() -> None:
+    assert haproxy_address("127.0.0.1", 8000) == "127.0.0.1:8000"
+    assert haproxy_address("0.0.0.0", 8443) == "0.0.0.0:8443"  # noqa: S104
+    assert haproxy_address("::", 8443) == "ipv6@:::8443"
+    assert haproxy_address("0:0::1", 8443) == "ipv6@::1:8443"
+
+
+@pytest.mark.parametrize(
+    "address, port",
+    [
+        ("localhost", 80),
+        ("127.0.0.1 ssl", 80),
+        ("127.0.0.1:80", 80),
+        ("unix@/x", 80),
+        ("[::1]", 80),
+        ("127.0.0.1", 0),
+        ("127.0.0.1", 65536),
+        ("127.0.0.1", True),
+        ("127.0.0.1", "80"),
+    ],
+)
+def test_haproxy_address_refuses_what_is_not_an_ip_and_port(address: str, port: Any) -> None:
+    with pytest.raises(ConfigError, match="where: "):
+        haproxy_address(address, port, "where")
+
+
+def test_haproxy_map_line() -> None:
+    assert haproxy_map_line("alice/chat", "1") == "alice/chat 1\n"
+    for key, value in [("a b", "1"), ("#a", "1"), ("a", "1\nb 2"), ("a", ""), ("", "1")]:
+        with pytest.raises(ConfigError, match="m key|m value"):
+            haproxy_map_line(key, value, "m")
