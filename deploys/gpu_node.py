@@ -9,6 +9,7 @@ hardening, inference) plug in below, in the order they depend on each other.
 from roles.base import base
 from roles.cuda import cuda
 from roles.firewall import firewall
+from roles.gateway import gateway
 from roles.gpu_probe import gpu_probe
 from roles.hardening import hardening
 from roles.inference_systemd import inference_systemd
@@ -26,4 +27,5 @@ gpu_probe()
 secrets()
 monitoring()
 inference_systemd()
+gateway()  # after the services it fronts
 provenance()  # last: records what the roles above recorded

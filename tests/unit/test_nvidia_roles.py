@@ -1033,9 +1033,7 @@ def test_epel_release_rpm_is_installed_only_with_its_signature_checked(
     assert not run.failed
 
     def first(pattern: str, after: int = -1) -> int:
-        return next(
-            i for i, c in enumerate(run.commands) if i > after and re.search(pattern, c)
-        )
+        return next(i for i, c in enumerate(run.commands) if i > after and re.search(pattern, c))
 
     fetched = first(rf"curl -sSLf {re.escape(nv.EPEL_KEY_URL)} ")
     checked = first(rf"--show-keys .*{re.escape(nv.EPEL_KEYRING)}", after=fetched)
