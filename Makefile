@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++
+APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++ haproxy
 
 .PHONY: deps venv lab lab-down check test unit reference
 
@@ -22,11 +22,13 @@ $(BIN)/gpunode: pyproject.toml
 
 venv: $(BIN)/gpunode
 
-# The main job: 2 lab hosts, provisioned with deploys/gpu_node.py, then verified.
+# The main job: 2 lab hosts, provisioned with deploys/gpu_node.py, then verified; lab-01
+# serves a real model (llama.cpp on the CPU) behind the gateway, asked over TLS at the end.
 lab: deps venv
-	$(BIN)/gpunode lab up --hosts 2
+	$(BIN)/gpunode lab up --hosts 2 --front-door
 	$(BIN)/pyinfra -y inventories/lab.py deploys/gpu_node.py
 	$(BIN)/gpunode verify inventories/lab.py
+	$(BIN)/gpunode lab ask "Say hello in five words."
 
 lab-down: venv
 	$(BIN)/gpunode lab down

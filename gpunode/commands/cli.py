@@ -20,17 +20,20 @@ def _lab(args: argparse.Namespace) -> int:
     try:
         settings = lab.LabSettings.from_env()
         if args.lab_cmd == "up":
-            lab.up(settings, count=args.hosts)
+            lab.up(settings, count=args.hosts, front_door=args.front_door)
             ok, lines = lab.status(settings)
             print("\n".join(lines))
             return 0 if ok else 1
         if args.lab_cmd == "down":
             lab.down(settings)
             return 0
+        if args.lab_cmd == "ask":
+            print(lab.door.ask(settings, args.prompt))
+            return 0
         ok, lines = lab.status(settings)
         print("\n".join(lines))
         return 0 if ok else 1
-    except lab.LabError as exc:
+    except (lab.LabError, lab.door.FrontDoorError) as exc:
         print(f"gpunode lab {args.lab_cmd}: {exc}", file=sys.stderr)
         return 1
 
@@ -117,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub = lab_p.add_subparsers(dest="lab_cmd", required=True)
     up_p = lab_sub.add_parser("up", help="build/boot the lab; keeps healthy hosts")
     up_p.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
+    up_p.add_argument(
+        "--front-door",
+        action="store_true",
+        help="lab-01 also serves a real model (llama.cpp, CPU) behind the gateway (TLS from "
+        "the lab's Vault PKI); writes gateway.json in the lab's state directory",
+    )
+    ask_p = lab_sub.add_parser(
+        "ask", help="one chat completion through the front door's gateway (TLS, demo key)"
+    )
+    ask_p.add_argument("prompt", help="the user message")
     lab_sub.add_parser("status", help="show the lab; exit 1 if anything is down")
     lab_sub.add_parser("down", help="stop and remove everything the lab made")
     lab_p.set_defaults(func=_lab)
@@ -151,10 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     roll_p.set_defaults(func=_rollout)
 
     rot_p = sub.add_parser(
-        "rotate", help="write a new version of a Vault secret and roll it out host by host"
+        "rotate",
+        help="write a new version of a Vault secret or a gateway client's key and roll it out "
+        "host by host",
     )
     rot_p.add_argument("inventory")
-    rot_p.add_argument("secret", help="the secret's name under `secrets:` in the inventory")
+    rot_p.add_argument(
+        "secret",
+        help="the secret's name under `secrets:` in the inventory, or gateway.clients.<client> "
+        "for a gateway client's key",
+    )
     how = rot_p.add_mutually_exclusive_group(required=True)
     how.add_argument("--generate", action="store_true", help="a new random value (32 bytes)")
     how.add_argument("--value-from-stdin", action="store_true", help="the new value on stdin")
@@ -163,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rollback",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="put a failing host back on the old version (default: the secret's `rollback`)",
+        help="put a failing host back on the old version (default: the secret's `rollback`; "
+        "true for a client's key)",
     )
     rot_p.add_argument("--destroy-old", action="store_true", help="destroy the old version after")
     rot_p.set_defaults(func=_rotate)

@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpunode.config import read_yaml
+from gpunode.commands import lab_front_door as door
+from gpunode.config import _deep_merge, read_yaml
 from gpunode.paths import REPO_ROOT
 
 BASE_SUITE = "bookworm"
@@ -159,6 +160,8 @@ class LabState:
     vault_addr: str = ""
     vault_pid: int = 0
     hosts: dict[str, LabHost] = field(default_factory=dict)
+    mirror_pid: int = 0  # the front door's artifact mirror (gpunode/commands/lab_front_door.py)
+    front_door: str = ""  # the sha256 of the llama-server tarball it serves; "": no front door
 
     @classmethod
     def read(cls, state_dir: Path) -> LabState | None:
@@ -752,8 +755,10 @@ def _write_access_files(settings: LabSettings, state: LabState) -> None:
 # --- the three verbs ----------------------------------------------------------------------
 
 
-def up(settings: LabSettings, count: int = 2) -> LabState:
-    """Make the lab have exactly ``count`` healthy hosts; keep the healthy ones it has."""
+def up(settings: LabSettings, count: int = 2, front_door: bool = False) -> LabState:
+    """Make the lab have exactly ``count`` healthy hosts; keep the healthy ones it has.
+    ``front_door``: lab-01 also serves a real model behind the gateway
+    (gpunode/commands/lab_front_door.py)."""
     if not 1 <= count <= 32:
         raise LabError(f"--hosts {count}: allowed: 1 to 32")
     preflight()
@@ -815,11 +820,29 @@ def up(settings: LabSettings, count: int = 2) -> LabState:
         with ThreadPoolExecutor(max_workers=max(1, len(new))) as pool:
             list(pool.map(lambda h: _wait_host(settings, h), new))
         state.write(d)
+        if front_door:
+            _front_door(settings, state)
     _say(
         f"{len(state.hosts)} host(s) up ({len(kept)} kept, {len(new)} booted) in "
         f"{time.monotonic() - started:.1f} s; ssh -F {d / 'ssh_config'} {HOST_PREFIX}01"
     )
     return state
+
+
+def _front_door(settings: LabSettings, state: LabState) -> None:
+    _say("front door: llama-server (built once, cached), the model, the mirror, Vault PKI")
+    try:
+        state.front_door = door.ensure_mirror(settings, state, _spawn, pid_alive)
+        state.write(settings.state_dir)
+        _wait_tcp(settings.gateway, door.MIRROR_PORT, 10, "the front door's mirror")
+        door.seed_vault(settings, VAULT_POLICY, _write_private)
+    except door.FrontDoorError as exc:
+        raise LabError(f"front door: {exc}") from None
+    state.write(settings.state_dir)
+
+
+def _mirror_marker(settings: LabSettings) -> str:
+    return f"http.server --bind {settings.gateway} --directory {settings.state_dir}/mirror"
 
 
 def down(settings: LabSettings) -> None:
@@ -832,12 +855,15 @@ def down(settings: LabSettings) -> None:
             _stop_host(settings, host)
         _stop_pid(state.proxy_pid)
         _stop_pid(state.vault_pid)
+        _stop_pid(state.mirror_pid)
     # Whatever a lost or partial state file does not name: find it by its marks.
     for pid in _pids_matching(f"--machine=gpn-{settings.name}-"):
         _stop_pid(pid)
     for pid in _pids_matching(f"tinyproxy -d -c {d}/"):
         _stop_pid(pid)
     for pid in _pids_matching(f"-dev-listen-address=127.0.0.1:{settings.vault_port}"):
+        _stop_pid(pid)
+    for pid in _pids_matching(_mirror_marker(settings)):
         _stop_pid(pid)
     for mountpoint in _mounts_under(d):
         _run(["umount", "-l", mountpoint], check=False)
@@ -866,6 +892,14 @@ def status(settings: LabSettings) -> tuple[bool, list[str]]:
     ok &= proxy_ok and vault_ok
     lines.append(f"proxy  {state.proxy_url:<36} {'running' if proxy_ok else 'DOWN'}")
     lines.append(f"vault  {state.vault_addr:<36} {'running' if vault_ok else 'DOWN'}")
+    if state.front_door:
+        mirror_ok = pid_alive(state.mirror_pid, "http.server")
+        ok &= mirror_ok
+        lines.append(f"mirror {door.mirror_url(settings):<36} {'running' if mirror_ok else 'DOWN'}")
+        info = door.access(settings)
+        lines.append(
+            f"gateway {info['url']} (model {info['model']}; {settings.state_dir / 'gateway.json'})"
+        )
     return ok, lines
 
 
@@ -878,6 +912,8 @@ def leftovers(settings: LabSettings) -> list[str]:
         found.append(f"process {pid} (tinyproxy)")
     for pid in _pids_matching(f"-dev-listen-address=127.0.0.1:{settings.vault_port}"):
         found.append(f"process {pid} (bao)")
+    for pid in _pids_matching(_mirror_marker(settings)):
+        found.append(f"process {pid} (front door mirror)")
     found += [f"mount {m}" for m in _mounts_under(settings.state_dir)]
     links = _run(["ip", "-o", "link", "show"]).stdout
     for line in links.splitlines():
@@ -933,7 +969,16 @@ def inventory_spec(
             "secret_id_file": str(d / "secret_id"),
             **dict(defaults.get("vault") or {}),
         }
-    groups = list((doc.get("groups") or {}).keys())
+    file_groups = dict(doc.get("groups") or {})
+    # The front door group (lab-01 only): generated, then what the data file says for it.
+    door_file = file_groups.pop(door.GROUP, None) or {}
+    groups = list(file_groups)
+    extra_groups: dict[str, Any] = {}
+    if state.front_door:  # lab-01 serves the model behind the gateway (lab_front_door.py)
+        data = door.group_data(settings, state.front_door)
+        if isinstance(door_file, dict) and isinstance(door_file.get("data"), dict):
+            data = _deep_merge(data, door_file["data"])
+        extra_groups[door.GROUP] = {"data": data}
     hosts = {
         host.name: {
             "connection": {
@@ -943,8 +988,12 @@ def inventory_spec(
                 "known_hosts_file": str(d / "known_hosts"),
                 "strict_host_key_checking": "yes",
             },
-            "groups": groups,
+            "groups": groups + (list(extra_groups) if host.index == 1 else []),
         }
         for host in sorted(state.hosts.values(), key=lambda h: h.index)
     }
-    return {**doc, "defaults": defaults, "hosts": hosts}, f"{data_file} + lab {d}"
+    all_groups = {**file_groups, **extra_groups}
+    return (
+        {**doc, "defaults": defaults, "groups": all_groups, "hosts": hosts},
+        f"{data_file} + lab {d}",
+    )

