@@ -19,6 +19,7 @@ the unit is restarted), and their health is checked again.
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import subprocess
 import sys
@@ -95,6 +96,24 @@ def health_url(host: Host, svc: Service) -> str:
     if ":" in address:
         address = f"[{address}]"
     return f"http://{address}:{svc.port}{PROFILES[svc.runtime].health_path}"
+
+
+def check_health(host: Host, svc: Service, timeout: float, runner: Runner) -> str | None:
+    """None once the service answers 2xx on its health path. A service on loopback (behind
+    the gateway) is asked on its node, over SSH; any other from here, as a client would."""
+    if not ipaddress.ip_address(svc.listen).is_loopback:
+        return wait_healthy(health_url(host, svc), timeout)
+    address = f"[{svc.listen}]" if ":" in svc.listen else svc.listen
+    url = f"http://{address}:{svc.port}{PROFILES[svc.runtime].health_path}"
+    script = (
+        f"deadline=$(($(date +%s) + {int(timeout)})); "
+        f"until curl -fsS -o /dev/null --max-time 5 {shlex.quote(url)}; do "
+        '[ "$(date +%s)" -ge "$deadline" ] && exit 1; sleep 1; done'
+    )
+    proc = runner(ssh_command(host, script))
+    if proc.returncode == 0:
+        return None
+    return f"{url} on {host.name} not healthy after {timeout:.0f}s"
 
 
 def wait_healthy(url: str, timeout: float, interval: float = 1.0) -> str | None:
@@ -208,7 +227,7 @@ def rollout(
             for svc_name, svc in host.config.inference.services.items():
                 if not svc.enabled:
                     continue
-                err = wait_healthy(health_url(host, svc), timeout or svc.health_timeout)
+                err = check_health(host, svc, timeout or svc.health_timeout, runner)
                 if err:
                     problems.append(f"{svc_name}: {err}")
             if not problems:
@@ -257,7 +276,7 @@ def _revert(host: Host, before: dict[str, str], runner: Runner, timeout: float |
             results.append(f"{name}: revert FAILED ({proc.stderr.strip()[-200:]})")
             continue
         svc = host.config.inference.services[name]
-        err = wait_healthy(health_url(host, svc), timeout or svc.health_timeout)
+        err = check_health(host, svc, timeout or svc.health_timeout, runner)
         back = before.get(name, "").rsplit("/", 1)[-1][:12]
         results.append(
             f"{name}: reverted to model {back}, "

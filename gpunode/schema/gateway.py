@@ -158,6 +158,11 @@ class Tls(Model):
                 raise ValueError(
                     f"{name!r} is not a lowercase DNS name (allowed: e.g. gpu-01.example.com)"
                 )
+            if name.rpartition(".")[2].isdigit():  # 192.0.2.1: an address, not a name
+                raise ValueError(
+                    f"{name!r} reads as an IP address, not a DNS name (allowed: a DNS name; "
+                    "addresses go in tls.ip_sans)"
+                )
         if listed_twice(value):
             raise ValueError("a name is listed twice (allowed: each once)")
         return value

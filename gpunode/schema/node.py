@@ -90,7 +90,16 @@ class NodeConfig(Model):
         services = inference.get("services")
         if not isinstance(services, dict):
             return data
-        names = gateway.get("services") or list(services)
+        names = gateway.get("services")
+        if not names:  # every enabled systemd service (gpunode.gateway.fronted)
+            nomad = data.get("nomad")
+            jobs = nomad.get("jobs") if isinstance(nomad, dict) else None
+            names = [
+                n
+                for n, svc in services.items()
+                if not (isinstance(svc, dict) and svc.get("enabled") is False)
+                and not (isinstance(jobs, dict) and n in jobs)
+            ]
         if not isinstance(names, list):
             return data
         patched = dict(services)
