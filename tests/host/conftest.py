@@ -33,3 +33,16 @@ def spec(node: Host) -> distros.DistroSpec:
 def in_container(host) -> bool:
     out = host.run("systemd-detect-virt --container")
     return out.rc == 0 and out.stdout.strip() not in ("", "none")
+
+
+@pytest.fixture(scope="module")
+def as_root(host, node: Host):
+    """Run a command as root (gpunode may connect as an admin user with sudo)."""
+
+    def run(command: str):
+        if node.connection.user == "root":
+            return host.run(command)
+        with host.sudo():
+            return host.run(command)
+
+    return run

@@ -110,19 +110,6 @@ def gateway_on(node: Host) -> None:
 
 
 @pytest.fixture(scope="module")
-def as_root(host, node: Host):
-    """Run a command as root (gpunode may connect as an admin user with sudo)."""
-
-    def run(command: str):
-        if node.connection.user == "root":
-            return host.run(command)
-        with host.sudo():
-            return host.run(command)
-
-    return run
-
-
-@pytest.fixture(scope="module")
 def tcp_listeners(as_root) -> list[tuple[str, int]]:
     out = as_root("ss -Htln")
     assert out.rc == 0, out.stderr

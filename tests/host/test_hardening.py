@@ -14,19 +14,6 @@ from gpunode.schema.node import Host
 
 
 @pytest.fixture(scope="module")
-def as_root(host, node: Host):
-    """Run a command as root (gpunode may connect as an admin user with sudo)."""
-
-    def run(command: str):
-        if node.connection.user == "root":
-            return host.run(command)
-        with host.sudo():
-            return host.run(command)
-
-    return run
-
-
-@pytest.fixture(scope="module")
 def firewall_on(node: Host) -> None:
     if not node.config.firewall.enabled:
         pytest.skip("firewall.enabled is false for this host")

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import hvac
 import pytest
 
 from gpunode.commands.lab import LabSettings
@@ -149,3 +150,27 @@ def lab() -> Iterator[Lab]:
     state_dir = REPO_ROOT / ".lab" / env["GPUNODE_LAB_NAME"]
     yield Lab(env=env, state_dir=state_dir, hosts=["lab-01", "lab-02"])
     gpunode("lab", "down", env=env, check=True)
+
+
+def front_door_lab(deploy: str = "deploys/gpu_node.py") -> Iterator[Lab]:
+    """The test lab with the front door (`gpunode lab up --front-door`, what `make lab`
+    runs: lab-01 serves a real model behind the gateway), deployed once; down afterwards.
+    For a module fixture: ``yield from front_door_lab()``."""
+    require_root()
+    env = dict(TEST_LAB_ENV)
+    gpunode("lab", "down", env=env)
+    up = gpunode("lab", "up", "--hosts", "2", "--front-door", env=env, timeout=5400)
+    if up.returncode != 0:
+        pytest.fail(f"the lab did not start:\n{up.stdout}\n{up.stderr}")
+    state_dir = REPO_ROOT / ".lab" / env["GPUNODE_LAB_NAME"]
+    the_lab = Lab(env=env, state_dir=state_dir, hosts=["lab-01", "lab-02"])
+    done = pyinfra("inventories/lab.py", deploy, env=env, timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    yield the_lab
+    gpunode("lab", "down", env=env, check=True)
+
+
+def root_vault(lab: Lab) -> hvac.Client:
+    """The lab's OpenBao with its root token (for what a Vault admin would do)."""
+    creds = json.loads((lab.state_dir / "vault.json").read_text())
+    return hvac.Client(url=creds["addr"], token=creds["root_token"], timeout=10)

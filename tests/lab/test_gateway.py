@@ -29,7 +29,7 @@ from gpunode.commands import lab_front_door as door
 from gpunode.config import _deep_merge
 from gpunode.paths import REPO_ROOT
 
-from .conftest import TEST_LAB_ENV, Lab, changes, gpunode, pyinfra, require_root, run
+from .conftest import Lab, changes, front_door_lab, gpunode, pyinfra, root_vault, run
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_node.py"
@@ -39,18 +39,7 @@ CANARY = "purple-elephant-canary-7f3a"
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     """Fresh hosts with the front door, deployed once."""
-    require_root()
-    env = dict(TEST_LAB_ENV)
-    gpunode("lab", "down", env=env)
-    up = gpunode("lab", "up", "--hosts", "2", "--front-door", env=env, timeout=5400)
-    if up.returncode != 0:
-        pytest.fail(f"the lab did not start:\n{up.stdout}\n{up.stderr}")
-    state_dir = REPO_ROOT / ".lab" / env["GPUNODE_LAB_NAME"]
-    the_lab = Lab(env=env, state_dir=state_dir, hosts=["lab-01", "lab-02"])
-    deploy = pyinfra(INVENTORY, DEPLOY, env=env, timeout=1800)
-    assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-4000:]
-    yield the_lab
-    gpunode("lab", "down", env=env, check=True)
+    yield from front_door_lab()
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -65,8 +54,7 @@ def demo_key(lab: Lab) -> str:
 
 
 def vault(lab: Lab) -> hvac.Client:
-    creds = json.loads((lab.state_dir / "vault.json").read_text())
-    return hvac.Client(url=creds["addr"], token=creds["root_token"], timeout=10)
+    return root_vault(lab)
 
 
 def put_key(lab: Lab, path: str, value: str) -> None:

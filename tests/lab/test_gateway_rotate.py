@@ -25,9 +25,8 @@ import pytest
 from gpunode.clients.pki import controller_policy
 from gpunode.commands import lab_front_door as door
 from gpunode.gateway import KEYS_MAP, key_digest
-from gpunode.paths import REPO_ROOT
 
-from .conftest import TEST_LAB_ENV, Lab, gpunode, pyinfra, require_root
+from .conftest import Lab, front_door_lab, gpunode, root_vault
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_node.py"
@@ -42,18 +41,7 @@ ROTATE_POLICY = (
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     """Fresh hosts with the front door, deployed once."""
-    require_root()
-    env = dict(TEST_LAB_ENV)
-    gpunode("lab", "down", env=env)
-    up = gpunode("lab", "up", "--hosts", "2", "--front-door", env=env, timeout=5400)
-    if up.returncode != 0:
-        pytest.fail(f"the lab did not start:\n{up.stdout}\n{up.stderr}")
-    state_dir = REPO_ROOT / ".lab" / env["GPUNODE_LAB_NAME"]
-    the_lab = Lab(env=env, state_dir=state_dir, hosts=["lab-01", "lab-02"])
-    deploy = pyinfra(INVENTORY, DEPLOY, env=env, timeout=1800)
-    assert deploy.returncode == 0, deploy.stdout[-4000:] + deploy.stderr[-4000:]
-    yield the_lab
-    gpunode("lab", "down", env=env, check=True)
+    yield from front_door_lab()
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -64,8 +52,7 @@ def access(lab: Lab) -> dict[str, str]:
 
 
 def vault(lab: Lab) -> hvac.Client:
-    creds = json.loads((lab.state_dir / "vault.json").read_text())
-    return hvac.Client(url=creds["addr"], token=creds["root_token"], timeout=10)
+    return root_vault(lab)
 
 
 def key_in_vault(lab: Lab, path: str) -> tuple[str, int]:
