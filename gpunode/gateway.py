@@ -25,6 +25,19 @@ KEYS_MAP = f"{HAPROXY_DIR}/keys.map"  # <sha256 of a client's key> <client>
 PROXY_USER = "haproxy"  # the Debian/Ubuntu/EL package's user and group
 UNIT = "haproxy.service"
 
+# The HAProxy each distro's own archive ships, and whether the gateway's configuration has
+# run on it (tests/unit/test_haproxy.py and the lab use Debian 12's 2.6.12). On the others a
+# deploy checks the configuration with `haproxy -c` before HAProxy reloads, and every run says
+# it is untested there.
+HAPROXY: dict[str, tuple[str, bool]] = {
+    "debian12": ("2.6", True),
+    "ubuntu2204": ("2.4", False),
+    "ubuntu2404": ("2.8", False),
+    "rhel9": ("2.4", False),
+    "rocky9": ("2.4", False),
+    "alma9": ("2.4", False),
+}
+
 
 def fronted(config: NodeConfig) -> dict[str, Service]:
     """The inference services the gateway fronts, by name ({} without a gateway)."""
@@ -175,6 +188,16 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
 def warnings(config: NodeConfig) -> list[str]:
     """What every run prints about this node's gateway (gpunode/inventory.py's report)."""
     gw = config.gateway
-    if gw.enabled and not active_clients(config):
-        return ["gateway: no client (or every client revoked): every request gets 401"]
-    return []
+    if not gw.enabled:
+        return []
+    found = []
+    if not active_clients(config):
+        found.append("gateway: no client (or every client revoked): every request gets 401")
+    version, tested = HAPROXY.get(config.distro or "", ("?", False))
+    if not tested:
+        found.append(
+            f"gateway: {config.distro} ships HAProxy {version}; the gateway's configuration is "
+            "tested on Debian 12's HAProxy 2.6 only (a deploy checks it with haproxy -c before "
+            "HAProxy reloads)"
+        )
+    return found

@@ -41,6 +41,7 @@ from gpunode.commands import run as gprun
 from gpunode.commands.rollout import check_health
 from gpunode.config import load_file
 from gpunode.operations.gateway import _issue_and_write
+from gpunode.schema.distros import DISTROS
 from gpunode.schema.node import Host, Inventory, NodeConfig, host_data
 from gpunode.schema.types import ConfigError
 from roles.gateway import gateway as gateway_role
@@ -562,6 +563,22 @@ def test_warns_when_no_client_can_pass(tmp_path: Path) -> None:
     revoked = config_of(tmp_path, edited(_client(revoked=True)))
     assert front.active_clients(revoked) == {}
     assert front.warnings(revoked) == [said]
+    assert front.warnings(config_of(tmp_path, inventory_doc())) == []  # debian12, a client
+
+
+@pytest.mark.parametrize("distro", ["ubuntu2204", "ubuntu2404", "rhel9", "rocky9", "alma9"])
+def test_warns_on_distros_whose_haproxy_is_untested(distro: str, tmp_path: Path) -> None:
+    config = config_of(tmp_path, edited(lambda d: d["defaults"].update(distro=distro)))
+    version = front.HAPROXY[distro][0]
+    assert front.warnings(config) == [
+        f"gateway: {distro} ships HAProxy {version}; the gateway's configuration is tested on "
+        "Debian 12's HAProxy 2.6 only (a deploy checks it with haproxy -c before HAProxy "
+        "reloads)"
+    ]
+
+
+def test_every_distro_has_its_haproxy_listed() -> None:
+    assert set(front.HAPROXY) == set(DISTROS)
 
 
 # --- ports and the firewall ---------------------------------------------------------------
