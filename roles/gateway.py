@@ -10,8 +10,8 @@ policy, TTL): any Vault problem stops the run naming the key, before anything is
 * the certificate (leaf, chain, key; 0600 haproxy) issued through Vault PKI when one is
   due (gpunode/operations/gateway.py), and a timer that exports its expiry for the alert;
 * the client map holds the SHA-256 of each key, never a key, written like a secret;
-* a changed config, map or certificate is checked with ``haproxy -c`` and HAProxy is
-  reloaded (master-worker: old connections finish, no request is dropped).
+* the configuration lands only once ``haproxy -c`` accepts it; a changed config, map or
+  certificate reloads HAProxy (master-worker: old connections finish, no request is dropped).
 
 A node without ``gateway.enabled`` gets no operation at all.
 
@@ -28,7 +28,7 @@ import io
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, dnf, files, server, systemd
+from pyinfra.operations import apt, dnf, files, systemd
 
 from gpunode import gateway as front
 from gpunode import haproxy
@@ -36,7 +36,7 @@ from gpunode.clients.pki import Issuer
 from gpunode.clients.vault import VaultError, session_for
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import MaskedBytes, private_file
-from gpunode.operations.gateway import certificate
+from gpunode.operations.gateway import certificate, haproxy_config
 from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.schema.gateway import HAPROXY_DIR
@@ -148,24 +148,16 @@ def gateway(versions: dict[str, int] | None = None) -> None:
                 )
             )
     changed.append(
-        files.put(
+        haproxy_config(
             name="HAProxy configuration",
-            src=io.StringIO(haproxy.render_config(config)),
-            dest=front.CONFIG_FILE,
-            user="root",
-            group="root",
-            mode="0644",
+            path=front.CONFIG_FILE,
+            content=haproxy.render_config(config),
         )
     )
 
     def _changed() -> bool:
         return any(op.did_change() for op in changed)
 
-    server.shell(
-        name="Check the HAProxy configuration",
-        commands=[f"haproxy -c -q -f {front.CONFIG_FILE}"],
-        _if=_changed,
-    )
     systemd.service(
         name="HAProxy running",
         service=front.UNIT,

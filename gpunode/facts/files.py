@@ -36,3 +36,24 @@ class PrivateFileState(FactBase):
             return {"type": kind}
         user, group, mode = rest
         return {"type": kind, "user": user, "group": group, "mode": mode}
+
+
+class FileDigest(FactBase):
+    """
+    A file's owner, group, mode and sha256; ``None`` when it does not exist. For files whose
+    content is no secret (a configuration), compared with the wanted content's digest.
+
+    .. code:: python
+
+        {"user": "root", "group": "root", "mode": "644", "sha256": "9b1c..."}
+    """
+
+    def command(self, path: str) -> str:
+        p = shlex.quote(path)
+        return f"test -f {p} && stat -c '%U %G %a' {p} && sha256sum {p} || true"
+
+    def process(self, output: list[str]) -> dict[str, str] | None:
+        if len(output) < 2:
+            return None
+        user, group, mode = output[0].split()
+        return {"user": user, "group": group, "mode": mode, "sha256": output[1].split()[0]}

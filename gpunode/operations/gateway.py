@@ -1,4 +1,5 @@
-"""Gateway operations: the TLS certificate issued by Vault's PKI secrets engine.
+"""Gateway operations: HAProxy's configuration, which takes effect only once ``haproxy -c``
+accepts it, and the TLS certificate issued by Vault's PKI secrets engine.
 
 The certificate is issued only when a change is due, and only when the operation runs
 (never in a dry run or a drift check, which only report it): the decision is made from the
@@ -9,18 +10,70 @@ leak-proof private-file path (gpunode/operations/files.py), never printed, never
 
 from __future__ import annotations
 
+import hashlib
+import io
+import posixpath
+import shlex
 from datetime import UTC, datetime
 from typing import Any
 
 from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
 
 from gpunode.certs import parse_certificate, renewal_reason
 from gpunode.clients.pki import Issuer
 from gpunode.clients.vault import VaultError
-from gpunode.facts.files import PrivateFileState
+from gpunode.facts.files import FileDigest, PrivateFileState
 from gpunode.facts.gateway import Certificate
 from gpunode.operations.files import MaskedBytes, _mode, _owner_and_mode, _write
+
+HAPROXY = "haproxy"
+
+
+def install_config_command(staged: str, dest: str) -> str:
+    """Check the staged configuration with ``haproxy -c`` (the maps and certificate it names
+    are already in place), then move it over the live one; on a refusal the staged file is
+    removed, the live one stays and the command fails with HAProxy's reason."""
+    s, d = shlex.quote(staged), shlex.quote(dest)
+    refused = shlex.quote(f"gpunode: haproxy -c refused the new {dest}: it was not put in place")
+    return "\n".join(
+        [
+            f"if ! {HAPROXY} -c -q -f {s}; then",
+            f"  rm -f {s}",
+            f"  echo {refused} >&2",
+            "  exit 1",
+            "fi",
+            f"mv -f {s} {d}",
+        ]
+    )
+
+
+@operation()
+def haproxy_config(path: str, content: str):
+    """
+    Write HAProxy's configuration so that a configuration HAProxy refuses never lands: it is
+    staged beside its destination (root, 0644), checked with ``haproxy -c`` and only then
+    moved in place; nothing is written when the file already has this content, owner and
+    mode. The running HAProxy is untouched (reload it when this changed).
+
+    + path: the configuration file (``/etc/haproxy/haproxy.cfg``)
+    + content: its text (rendered by gpunode.haproxy.render_config)
+
+    .. code:: python
+
+        haproxy_config(name="HAProxy configuration", path="/etc/haproxy/haproxy.cfg",
+                       content=render_config(config))
+    """
+    current = host.get_fact(FileDigest, path=path)
+    wanted = hashlib.sha256(content.encode()).hexdigest()
+    if current == {"user": "root", "group": "root", "mode": "644", "sha256": wanted}:
+        host.noop(f"{path} is as wanted")
+        return
+    directory, base = posixpath.split(path)
+    staged = posixpath.join(directory, f".{base}.gpunode-new")
+    yield StringCommand("install", "-m", "644", "-o", "root", "-g", "root", "/dev/null", staged)
+    yield FileUploadCommand(io.BytesIO(content.encode()), staged)
+    yield install_config_command(staged, path)
 
 
 @operation()

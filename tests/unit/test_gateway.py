@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +42,7 @@ from gpunode.clients.vault import VaultError, close_all
 from gpunode.commands import run as gprun
 from gpunode.commands.rollout import check_health
 from gpunode.config import load_file
-from gpunode.operations.gateway import _issue_and_write
+from gpunode.operations.gateway import _issue_and_write, install_config_command
 from gpunode.schema.distros import DISTROS
 from gpunode.schema.node import Host, Inventory, NodeConfig, host_data
 from gpunode.schema.types import ConfigError
@@ -849,7 +851,6 @@ ROLE_OPERATIONS = (
     "Gateway client keys (SHA-256)",
     "Gateway map",
     "HAProxy configuration",
-    "Check the HAProxy configuration",
     "HAProxy running",
 )
 
@@ -912,7 +913,8 @@ def test_an_applied_run_issues_the_certificate_and_shows_no_key_or_digest(
     assert "gpunode gateway | Gateway certificate" in result.executed
     assert certificates(bao) == before + 1  # executed once: one certificate
     commands = [str(c) for c in connector.executed_commands]
-    assert "haproxy -c -q -f /etc/haproxy/haproxy.cfg" in commands
+    staged = "/etc/haproxy/.haproxy.cfg.gpunode-new"  # checked, then moved in place
+    assert install_config_command(staged, "/etc/haproxy/haproxy.cfg") in commands
     uploads = "\n".join(text for _, text in connector.uploads)
     assert haproxy.render_config(config) in [text for _, text in connector.uploads]
     assert f"{DIGEST} alice\n" in uploads  # the node gets the digest, in its file only
@@ -961,3 +963,39 @@ def test_a_disabled_gateway_plans_nothing_and_never_asks_vault(tmp_path: Path) -
     with plan(host) as planned:  # vault.addr is unreachable: asking it would fail
         result = planned.results()[HOST]
     assert result.ok and result.planned == 0, result
+
+
+# --- the configuration lands only once haproxy -c accepts it ---------------------------------
+
+
+@pytest.mark.parametrize("valid", [True, False])
+def test_a_refused_configuration_never_replaces_the_live_one(valid: bool, tmp_path: Path) -> None:
+    """The install script run by sh with the real haproxy: a valid staged file replaces the
+    live one; a refused one is removed and the live one stays, with HAProxy's reason."""
+    if shutil.which("haproxy") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("haproxy is not installed (make deps installs it)")
+        pytest.skip("haproxy is not installed")
+    good = (
+        "defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n"
+        "    timeout connect 5s\nfrontend f\n    bind 127.0.0.1:18999\n"
+        "    http-request return status 200\n"
+    )
+    old = good.replace("status 200", "status 204")
+    live, staged = tmp_path / "haproxy.cfg", tmp_path / ".haproxy.cfg.gpunode-new"
+    live.write_text(old)
+    staged.write_text(good if valid else good.replace("mode http", "mode nonsense"))
+    proc = subprocess.run(
+        ["sh", "-c", install_config_command(str(staged), str(live))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert not staged.exists()
+    if valid:
+        assert proc.returncode == 0, proc.stderr
+        assert live.read_text() == good
+    else:
+        assert proc.returncode == 1
+        assert live.read_text() == old
+        assert "refused the new" in proc.stderr and "it was not put in place" in proc.stderr
