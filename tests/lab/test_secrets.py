@@ -110,11 +110,15 @@ class SecretsLab:
     def main_pid(self, host: str) -> str:
         return self.ssh(host, "systemctl show -p MainPID --value gpunode-demo.service").strip()
 
-    def healthy(self, host: str) -> bool:
-        return (
-            self.lab.ssh(host, "curl -fsS -o /dev/null http://127.0.0.1:8099/health").returncode
-            == 0
+    def healthy(self, host: str, within: int = 15) -> bool:
+        """The demo service answers /health within ``within`` seconds: a restart returns
+        once the process is started (Type=simple), before Python listens."""
+        probe = (
+            f"for i in $(seq {2 * within}); do "
+            "curl -fsS -o /dev/null http://127.0.0.1:8099/health && exit 0; sleep 0.5; "
+            "done; exit 1"
         )
+        return self.lab.ssh(host, probe).returncode == 0
 
     def live_tokens(self, policy: str) -> int:
         c = self.root()
