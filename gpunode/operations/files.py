@@ -27,22 +27,31 @@ Every value reaches the shell quoted (``QuoteString``), whatever the caller pass
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import io
 import posixpath
 import secrets as _random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyinfra import host, logger, state
-from pyinfra.api import FunctionCommand, OperationError, QuoteString, StringCommand, operation
+from pyinfra.api import (
+    FileUploadCommand,
+    FunctionCommand,
+    OperationError,
+    QuoteString,
+    StringCommand,
+    operation,
+)
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, auth_argument_meta
 from pyinfra.api.exceptions import OperationValueError
 from pyinfra.api.util import print_host_combined_output
 from pyinfra.facts.files import File
 
 from gpunode.clients.vault import SecretValue
-from gpunode.facts.files import PrivateFileState
+from gpunode.facts.files import FileDigest, PrivateFileState
 
 STAGING_PREFIX = "/tmp/gpunode-secret-"  # noqa: S108 (a fresh 0700 directory each time)
 
@@ -143,6 +152,30 @@ def file_mode(path: str, user: str, group: str, mode: str):
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def checked_install(
+    path: str,
+    content: str,
+    mode: str,
+    install: Callable[[str, str], str],
+    fact: type[FileDigest] = FileDigest,
+) -> Iterator[Any]:
+    """The commands of an operation that writes a root-owned file only once its checker
+    accepts it: none when the file already has this content, owner (root:root) and mode;
+    else the file staged beside it as ``.<name>.gpunode-new`` (owner and mode before any
+    content), then ``install(staged, path)``, a script that checks the staged file and moves
+    it in place or removes it and fails."""
+    current = host.get_fact(fact, path=path)
+    wanted = hashlib.sha256(content.encode()).hexdigest()
+    if current == {"user": "root", "group": "root", "mode": mode, "sha256": wanted}:
+        host.noop(f"{path} is as wanted")
+        return
+    directory, base = posixpath.split(path)
+    staged = posixpath.join(directory, f".{base}.gpunode-new")
+    yield StringCommand("install", "-m", mode, "-o", "root", "-g", "root", "/dev/null", staged)
+    yield FileUploadCommand(io.BytesIO(content.encode()), staged)
+    yield install(staged, path)
 
 
 def _mode(mode: str) -> str:

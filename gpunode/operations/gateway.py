@@ -10,22 +10,25 @@ leak-proof private-file path (gpunode/operations/files.py), never printed, never
 
 from __future__ import annotations
 
-import hashlib
-import io
-import posixpath
 import shlex
 from datetime import UTC, datetime
 from typing import Any
 
 from pyinfra import host, logger
-from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, operation
 
 from gpunode.certs import parse_certificate, renewal_reason
 from gpunode.clients.pki import Issuer
 from gpunode.clients.vault import VaultError
-from gpunode.facts.files import FileDigest, PrivateFileState
+from gpunode.facts.files import PrivateFileState
 from gpunode.facts.gateway import Certificate
-from gpunode.operations.files import MaskedBytes, _mode, _owner_and_mode, _write
+from gpunode.operations.files import (
+    MaskedBytes,
+    _mode,
+    _owner_and_mode,
+    _write,
+    checked_install,
+)
 
 HAPROXY = "haproxy"
 
@@ -64,16 +67,7 @@ def haproxy_config(path: str, content: str):
         haproxy_config(name="HAProxy configuration", path="/etc/haproxy/haproxy.cfg",
                        content=render_config(config))
     """
-    current = host.get_fact(FileDigest, path=path)
-    wanted = hashlib.sha256(content.encode()).hexdigest()
-    if current == {"user": "root", "group": "root", "mode": "644", "sha256": wanted}:
-        host.noop(f"{path} is as wanted")
-        return
-    directory, base = posixpath.split(path)
-    staged = posixpath.join(directory, f".{base}.gpunode-new")
-    yield StringCommand("install", "-m", "644", "-o", "root", "-g", "root", "/dev/null", staged)
-    yield FileUploadCommand(io.BytesIO(content.encode()), staged)
-    yield install_config_command(staged, path)
+    yield from checked_install(path, content, "644", install_config_command)
 
 
 @operation()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import posixpath
 import shlex
 
-from pyinfra import host
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import operation
 
 from gpunode.facts.sudo import SudoersDropin
+from gpunode.operations.files import checked_install
 
 VISUDO = "/usr/sbin/visudo"
 
@@ -63,13 +61,4 @@ def sudoers_dropin(path: str, content: str):
         sudoers_dropin(name="sudo for admins", path="/etc/sudoers.d/90-gpunode-admins",
                        content="%gpunode_admins ALL=(ALL:ALL) ALL\\n")
     """
-    current = host.get_fact(SudoersDropin, path=path)
-    wanted = hashlib.sha256(content.encode()).hexdigest()
-    if current == {"user": "root", "group": "root", "mode": "440", "sha256": wanted}:
-        host.noop(f"{path} is as wanted")
-        return
-    directory, base = posixpath.split(path)
-    staged = posixpath.join(directory, f".{base}.gpunode-new")
-    yield StringCommand("install", "-m", "440", "-o", "root", "-g", "root", "/dev/null", staged)
-    yield FileUploadCommand(io.BytesIO(content.encode()), staged)
-    yield install_command(staged, path)
+    yield from checked_install(path, content, "440", install_command, SudoersDropin)
