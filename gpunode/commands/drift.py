@@ -82,12 +82,30 @@ class HostDrift:
             return [f"{self.name}: error: {self.error}"]
         if self.status == "ok":
             return [f"{self.name}: no drift ({self.checked} operations checked)"]
+        late = self.changed_after_check
+        also = [f"  - {n} (drifted after the check; corrected too)" for n in late]
         if self.status == "corrected":
-            head = f"{self.name}: drift corrected: {len(self.drifted)} operation(s), none left"
-            return [head, *(f"  - {n}" for n in self.drifted)]
+            count = len(self.drifted) + len(late)
+            head = f"{self.name}: drift corrected: {count} operation(s), none left"
+            return [head, *(f"  - {n}" for n in self.drifted), *also]
         shown = self.remaining or self.drifted
         head = f"{self.name}: drift: {len(shown)} operation(s) would change"
-        return [head, *(f"  - {n}" for n in shown)]
+        return [head, *(f"  - {n}" for n in shown), *(also if self.applied else [])]
+
+    @property
+    def changed_after_check(self) -> list[str]:
+        """Operations the correction changed although the check found them unchanged: an
+        operation reads its facts again when it executes, so drift that appeared between
+        the check and the correction (a service stopped meanwhile) is corrected too, and
+        reported here rather than left out of the report."""
+        left = list(self.drifted)
+        late = []
+        for name in self.corrected:  # names repeat (one per item): match them one by one
+            if name in left:
+                left.remove(name)
+            else:
+                late.append(name)
+        return late
 
 
 @dataclass

@@ -84,7 +84,9 @@ class HostRun:
     """One host's result. ``changes``: the operations the plan found changing (handlers
     that run only ``_if`` another operation changed excluded: the operation they follow
     is there); it is empty when planned without ``detect_changes``. ``executed``: the
-    operations that changed something when executed."""
+    operations that changed something when executed, handlers excluded the same way. An
+    operation's facts are read again when it executes, so ``executed`` can hold one that
+    the plan found unchanged: its state changed in between."""
 
     name: str
     planned: int = 0  # operations planned for the host
@@ -250,19 +252,18 @@ class Run:
             names = _host_op_names(state, host)
             result.planned = len(ops)
             in_order = [h for h in order if h in ops]
+            # handlers (`_if=other_op.did_change`) follow the operation they depend on,
+            # which is reported itself; pyinfra's plan calls them "conditional changes"
+            own = [h for h in in_order if not ops[h].global_arguments.get("_if")]
             result.changes = [
                 names[h]
-                for h in in_order
-                # handlers (`_if=other_op.did_change`) follow the operation they depend on,
-                # which is reported itself; pyinfra's plan calls them "conditional changes"
-                if not ops[h].global_arguments.get("_if")
-                and state.should_check_for_changes()
-                and ops[h].operation_meta.will_change
+                for h in own
+                if state.should_check_for_changes() and ops[h].operation_meta.will_change
             ]
             result.ran = host.name in self._ran
             result.executed = [
                 names[h]
-                for h in in_order
+                for h in own
                 if ops[h].operation_meta.is_complete() and ops[h].operation_meta.did_change()
             ]
             failed = self._errors.failed_op.get(host.name)

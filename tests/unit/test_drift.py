@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from harness import find_promtool
 
-from gpunode.commands.drift import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, check
+from gpunode.commands.drift import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, HostDrift, check
 from gpunode.paths import REPO_ROOT
 
 # Per-host data steers which operations each host gets: host "a" has two operations
@@ -142,6 +142,54 @@ def test_apply_corrects_then_checks_again(tmp_path: Path) -> None:
     assert again.hosts["@local"].drifted == ["Marker file"]
     marker.chmod(0o640)
     assert check(inventory, deploy).exit_code == EXIT_OK
+
+
+LATE_DEPLOY = """
+from pyinfra import host
+from pyinfra.operations import files, server
+
+marker = files.file(name="Marker file", path=host.data.marker, mode="640")
+# runs only when the marker changed, i.e. during the correction, never in the check
+server.shell(name="Meddle", commands=[f"chmod 700 {host.data.marker_dir}"], _if=marker.did_change)
+files.directory(name="Marker directory", path=host.data.marker_dir, mode="755")
+"""
+
+
+def test_drift_that_appears_between_check_and_correction_is_corrected_and_reported(
+    tmp_path: Path,
+) -> None:
+    # A service stopped while a timer run was between its check and its correction: the
+    # operation reads its facts again when it executes and corrects it. The report must
+    # name it, not only what the check saw (a lab CI run caught exactly this).
+    marker, marker_dir = tmp_path / "state" / "marker", tmp_path / "state" / "dir"
+    marker_dir.mkdir(parents=True, mode=0o755)
+    marker_dir.chmod(0o755)
+    inventory = write(
+        tmp_path / "inv.py",
+        f'nodes = [("@local", {{"marker": "{marker}", "marker_dir": "{marker_dir}"}})]\n',
+    )
+    deploy = write(tmp_path / "late.py", LATE_DEPLOY)
+    applied = check(inventory, deploy, apply=True)
+    host = applied.hosts["@local"]
+    assert host.drifted == ["Marker file"]
+    assert host.corrected == ["Marker file", "Marker directory"]  # the handler is not listed
+    assert host.changed_after_check == ["Marker directory"]
+    assert host.status == "corrected" and applied.exit_code == EXIT_OK
+    assert oct(marker_dir.stat().st_mode & 0o777) == "0o755"
+    assert host.lines() == [
+        "@local: drift corrected: 2 operation(s), none left",
+        "  - Marker file",
+        "  - Marker directory (drifted after the check; corrected too)",
+    ]
+
+
+def test_repeated_names_are_matched_one_by_one() -> None:
+    host = HostDrift(
+        name="n", drifted=["Item", "Item"], corrected=["Item", "Item", "Item"], applied=True
+    )
+    assert host.changed_after_check == ["Item"]
+    host.remaining = ["Item"]
+    assert host.lines()[-1] == "  - Item (drifted after the check; corrected too)"
 
 
 def drift_cli(*args: str) -> subprocess.CompletedProcess[str]:
