@@ -4,8 +4,11 @@
     pyinfra -y inventories/controller.py deploys/controller.py
 """
 
+from gpunode import pipeline
 from roles.base import base
 from roles.controller import controller
+
+pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
 
 base()  # the OS layer (package proxy, admin users, journald, updates) as on every node
 controller()

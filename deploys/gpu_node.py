@@ -6,6 +6,7 @@ Each role is a pyinfra @deploy in roles/; later roles (GPU stack, secrets,
 hardening, inference) plug in below, in the order they depend on each other.
 """
 
+from gpunode import pipeline
 from roles.base import base
 from roles.cuda import cuda
 from roles.firewall import firewall
@@ -16,7 +17,10 @@ from roles.inference_systemd import inference_systemd
 from roles.monitoring import monitoring
 from roles.nvidia_driver import nvidia_driver
 from roles.provenance import provenance
+from roles.seal import seal
 from roles.secrets import secrets
+
+pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
 
 base()
 firewall()
@@ -28,4 +32,5 @@ secrets()
 monitoring()
 inference_systemd()
 gateway()  # after the services it fronts
-provenance()  # last: records what the roles above recorded
+provenance()  # records what the roles above recorded
+seal()  # last: seals what this run's facts saw (a converged node: a one-command drift check)

@@ -3,9 +3,12 @@
 pyinfra -y inventories/prod.py deploys/gpu_stack.py
 """
 
+from gpunode import pipeline
 from roles.base import base
 from roles.cuda import cuda
 from roles.nvidia_driver import nvidia_driver
+
+pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
 
 base()
 nvidia_driver()

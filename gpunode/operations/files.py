@@ -50,6 +50,7 @@ from pyinfra.api.exceptions import OperationValueError
 from pyinfra.api.util import print_host_combined_output
 from pyinfra.facts.files import File
 
+from gpunode import pipeline
 from gpunode.clients.vault import SecretValue
 from gpunode.facts.files import FileDigest, PrivateFileState
 
@@ -93,7 +94,8 @@ def private_file(path: str, content: MaskedBytes, user: str, group: str, mode: s
     if current is not None and current["type"] == "other":
         raise OperationError(f"{path} exists and is not a regular file (allowed: a file)")
     if current is not None and current["type"] == "file":
-        old = _current_content(host, state, path)
+        with pipeline.reading(host):  # staging commands that change nothing the facts saw
+            old = _current_content(host, state, path)
         same = old is not None and hmac.compare_digest(old, content.data)
         if state.print_fact_output:
             host.log(f"private file {path}: content {'same' if same else 'differs'}")

@@ -11,3 +11,10 @@ from harness import Replay, Server, _serve
 @pytest.fixture
 def server() -> Iterator[Server]:
     yield from _serve(Replay(), None)
+
+
+@pytest.fixture(autouse=True)
+def _no_fact_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests check the commands each fact and operation sends: fact pipelining
+    (gpunode/pipeline.py) is off unless a test (test_pipeline.py) turns it on."""
+    monkeypatch.setenv("GPUNODE_FACT_PIPELINE", "0")
