@@ -1,8 +1,10 @@
 """Benchmark (not a test): deploys/gpu_node.py on 1, 4 and 16 fresh lab hosts.
 
 For each size it prints the first-converge time, the converged re-run time, the drift-check
-time (``gpunode drift``), the remote commands per host in a converged run (counted at
-pyinfra's connector, facts included) and, at the end, the 16-host / 1-host ratios.
+time (``gpunode drift``: the seal first, docs/performance.md), the same check with ``--full``
+(every host planned, facts pipelined), the remote commands per host in a converged run and
+in a drift check (counted at pyinfra's connector: commands, uploads and downloads, facts
+included) and, at the end, the 16-host / 1-host ratios.
 
     sudo .venv/bin/python bench/converge.py [--sizes 1 4 16]
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,8 @@ ENV = {
     "GPUNODE_LAB_SUBNET6": "fd42:231:205::/64",
     "GPUNODE_LAB_VAULT_PORT": "19051",
     "GPUNODE_LAB_PROXY_PORT": "8895",
+    # wishlists of its own (fact pipelining), so a run starts from what it measures
+    "GPUNODE_CACHE_DIR": "/tmp/gpunode-bench-cache",
 }
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_node.py"
@@ -60,16 +65,15 @@ def must(what: str, result: tuple[float, subprocess.CompletedProcess[str]], ok=(
     return seconds
 
 
-def commands_per_host() -> Counter[str]:
-    """Remote commands of one converged deploy, per host: the deploy is planned and run
-    through pyinfra's API (as gpunode drift --apply does), counting every command the
-    connector sends (facts and operations) and every upload."""
+def commands_per_host(what: str) -> Counter[str]:
+    """Remote commands per host of one converged deploy (``what`` = "deploy": planned and
+    run through pyinfra's API, as gpunode drift --apply does) or one drift check ("drift"),
+    counting every command, upload and download the connector sends."""
     os.environ.update(ENV)
     from pyinfra.connectors.ssh import SSHConnector
 
-    from gpunode.commands import run
+    from gpunode.commands import drift, run
 
-    inventory = run.load_inventory(INVENTORY)
     counts: Counter[str] = Counter()
 
     def counting(method):
@@ -79,14 +83,36 @@ def commands_per_host() -> Counter[str]:
 
         return wrapper
 
-    SSHConnector.run_shell_command = counting(SSHConnector.run_shell_command)  # type: ignore[method-assign]
-    SSHConnector.put_file = counting(SSHConnector.put_file)  # type: ignore[method-assign]
+    for name in ("run_shell_command", "put_file", "get_file"):
+        setattr(SSHConnector, name, counting(getattr(SSHConnector, name)))
+    if what == "drift":
+        report = drift.check(INVENTORY, str(REPO / DEPLOY))
+        if report.exit_code != 0:
+            raise SystemExit(f"drift: {report.lines()}")
+        return counts
+    inventory = run.load_inventory(INVENTORY)
     with run.prepare(inventory, REPO / DEPLOY) as planned:
         errors = {name: r.error for name, r in planned.results().items() if r.error}
         if errors:
             raise SystemExit(f"errors: {errors}")
         planned.execute()
     return counts
+
+
+def counted(what: str) -> list[int]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--count-only", what],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=3600,
+    )
+    per_host = [int(x) for x in proc.stdout.split()] if proc.returncode == 0 else []
+    if not per_host:
+        raise SystemExit(f"counting ({what}) failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return per_host
 
 
 def one_size(n: int) -> dict[str, float]:
@@ -102,27 +128,27 @@ def one_size(n: int) -> dict[str, float]:
         must("lab up", (up, proc))
     first = must("first converge", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
     second = must("converged run", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
-    check = must(
-        "drift", run(sys.executable, "-m", "gpunode.commands.cli", "drift", INVENTORY, DEPLOY)
-    )
-    _, counted = run(sys.executable, __file__, "--count-only")
-    per_host = [int(x) for x in counted.stdout.split()] if counted.returncode == 0 else []
-    if not per_host:
-        raise SystemExit(f"counting failed:\n{counted.stdout}\n{counted.stderr[-3000:]}")
+    gpunode = (sys.executable, "-m", "gpunode.commands.cli", "drift", INVENTORY, DEPLOY)
+    check = must("drift", run(*gpunode))
+    full = must("drift --full", run(*gpunode, "--full"))
+    deploy_cmds, drift_cmds = counted("deploy"), counted("drift")
     result = {
         "hosts": n,
         "lab_up_s": up,
         "first_converge_s": first,
         "converged_rerun_s": second,
         "drift_check_s": check,
-        "commands_per_host": statistics.mean(per_host),
-        "commands_min": min(per_host),
-        "commands_max": max(per_host),
+        "drift_full_s": full,
+        "commands_per_host": statistics.mean(deploy_cmds),
+        "commands_max": max(deploy_cmds),
+        "drift_commands_per_host": statistics.mean(drift_cmds),
+        "drift_commands_max": max(drift_cmds),
     }
     print(
         f"{n:>2} host(s): first converge {first:6.1f} s, converged re-run {second:5.1f} s, "
-        f"drift check {check:5.1f} s, remote commands per host in a converged run "
-        f"{result['commands_per_host']:.0f} (min {min(per_host)}, max {max(per_host)})",
+        f"drift check {check:5.2f} s (--full {full:5.2f} s); remote commands per host: "
+        f"converged deploy {result['commands_per_host']:.1f} (max {max(deploy_cmds)}), "
+        f"drift check {result['drift_commands_per_host']:.1f} (max {max(drift_cmds)})",
         flush=True,
     )
     return result
@@ -131,10 +157,10 @@ def one_size(n: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--count-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--count-only", choices=["deploy", "drift"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.count_only:
-        print(" ".join(str(v) for v in commands_per_host().values()))
+        print(" ".join(str(v) for v in commands_per_host(args.count_only).values()))
         return 0
     if os.geteuid() != 0:
         raise SystemExit("bench/converge.py boots lab hosts: run it as root")
@@ -145,6 +171,7 @@ def main() -> int:
     )
     results = []
     try:
+        shutil.rmtree(ENV["GPUNODE_CACHE_DIR"], ignore_errors=True)
         for n in args.sizes:
             results.append(one_size(n))
     finally:
@@ -156,7 +183,14 @@ def main() -> int:
             "16-host / 1-host ratio: "
             + ", ".join(
                 f"{key.removesuffix('_s').replace('_', ' ')} {sixteen[key] / one[key]:.2f}"
-                for key in ("first_converge_s", "converged_rerun_s", "drift_check_s")
+                for key in (
+                    "first_converge_s",
+                    "converged_rerun_s",
+                    "drift_check_s",
+                    "drift_full_s",
+                    "commands_per_host",
+                    "drift_commands_per_host",
+                )
             )
         )
     return 0

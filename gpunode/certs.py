@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -157,6 +157,12 @@ def issued_by(current_pem: str, ca_pem: str) -> bool:
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
+
+
+def renewal_time(current: CertInfo) -> datetime:
+    """When :func:`renewal_reason` starts to ask for a new certificate by time alone: a
+    third of its lifetime before it expires."""
+    return current.not_after - timedelta(seconds=current.lifetime_s / RENEW_FRACTION)
 
 
 def renewal_reason(

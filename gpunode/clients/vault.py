@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyinfra.api.exceptions import PyinfraError
 
+from gpunode import seal
 from gpunode.clients.redirects import MAX_REDIRECTS, CrossOriginRedirect, same_origin_hook
 from gpunode.schema.vault import Secret, Vault
 
@@ -254,7 +255,10 @@ class Session:
             raise VaultError(
                 f"{what}: the value is not a one-line string (allowed: one line of text)"
             )
-        return SecretValue(name=name, version=int(meta.get("version") or 0), value=value)
+        read = SecretValue(name=name, version=int(meta.get("version") or 0), value=value)
+        # a deploy's seal (gpunode/seal.py) checks the versions of unpinned ones again
+        seal.note_vault(secret.mount, secret.path or "", read.version, pinned=bool(version))
+        return read
 
     def _read_version(
         self, client: hvac.Client, what: str, secret: Secret, version: int | None

@@ -54,6 +54,12 @@ def _verify(args: argparse.Namespace) -> int:
     return verify(args.inventory, limit=args.limit, junit=args.junit)
 
 
+def _drift_job(args: argparse.Namespace) -> int:
+    from gpunode.nomad_drift import command
+
+    return command(args.settings, args.inventory)
+
+
 def _nomad(args: argparse.Namespace) -> int:
     from gpunode.commands.nomad import command
 
@@ -94,6 +100,8 @@ def _drift(args: argparse.Namespace) -> int:
         apply=args.apply,
         json_path=args.json,
         prometheus_path=args.prometheus,
+        shard=args.shard,
+        use_seal=not args.full,
     )
 
 
@@ -199,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     drift_p.add_argument(
         "--apply", action="store_true", help="run the deploy where it drifted, then check again"
     )
+    drift_p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="check only shard I of N (hosts split by a hash of their name; 0 <= I < N)",
+    )
+    drift_p.add_argument(
+        "--full",
+        action="store_true",
+        help="plan every host; without it a node whose seal proves it converged is not planned",
+    )
     drift_p.add_argument("--json", help="write the report as JSON here")
     drift_p.add_argument(
         "--prometheus", help="write Prometheus metrics here (node_exporter textfile collector)"
@@ -214,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     nomad_p.add_argument("--no-wait", action="store_true", help="run: do not wait for deployments")
     nomad_p.add_argument("--timeout", type=float, default=900.0, help="run: seconds per deployment")
     nomad_p.set_defaults(func=_nomad)
+
+    job_p = sub.add_parser(
+        "drift-job",
+        help="the Nomad periodic job that runs `gpunode drift --shard I/N` over a fleet "
+        "(JSON for POST /v1/jobs; docs/fleet.md)",
+    )
+    job_p.add_argument("--settings", required=True, help="the job's settings (YAML)")
+    job_p.add_argument(
+        "--inventory", help="the fleet inventory's YAML: check it uses the job's SSH files"
+    )
+    job_p.set_defaults(func=_drift_job)
     return parser
 
 

@@ -17,7 +17,8 @@ from typing import Any
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
-from gpunode.certs import parse_certificate, renewal_reason
+from gpunode import seal
+from gpunode.certs import parse_certificate, renewal_reason, renewal_time
 from gpunode.clients.pki import Issuer
 from gpunode.clients.vault import VaultError
 from gpunode.facts.files import PrivateFileState
@@ -107,15 +108,19 @@ def certificate(
         current = parse_certificate(pem) if pem else None
     except ValueError:
         current = None
+    ca_pem = issuer.ca_pem()
+    seal.note_pki_ca(issuer.mount, issuer.role, ca_pem)
     reason = renewal_reason(
         current,
         names=names,
         ips=ips,
         ttl_s=ttl_s,
-        ca_pem=issuer.ca_pem(),
+        ca_pem=ca_pem,
         current_pem=pem,
         now=datetime.now(UTC),
     )
+    if reason is None and current is not None:
+        seal.note_expiry(renewal_time(current).timestamp())  # the plan changes by itself then
     if reason is None:
         state = host.get_fact(PrivateFileState, path=path)
         if state is not None and state.get("type") == "file":
@@ -147,4 +152,10 @@ def _issue_and_write(
         host.log_styled(f"certificate {path}: {exc}", fg="red", log_func=logger.error)
         return False
     content = MaskedBytes(f"certificate {issued.serial}", issued.bundle())
-    return _write(state, host, path, content, user, group, mode)
+    if not _write(state, host, path, content, user, group, mode):
+        return False
+    try:  # the seal written at the end of this run expires when this one is due
+        seal.note_expiry(renewal_time(parse_certificate(issued.certificate)).timestamp())
+    except ValueError:
+        seal.note_expiry(0)
+    return True
