@@ -89,6 +89,9 @@ def commands_per_host(what: str) -> Counter[str]:
         report = drift.check(INVENTORY, str(REPO / DEPLOY))
         if report.exit_code != 0:
             raise SystemExit(f"drift: {report.lines()}")
+        for name, h in report.hosts.items():  # why a host was planned (the parent prints it)
+            if not h.sealed:
+                print(f"{name}: not proven by its seal: {h.seal}", file=sys.stderr)
         return counts
     inventory = run.load_inventory(INVENTORY)
     with run.prepare(inventory, REPO / DEPLOY) as planned:
@@ -109,6 +112,9 @@ def counted(what: str) -> list[int]:
         stdin=subprocess.DEVNULL,
         timeout=3600,
     )
+    for line in proc.stderr.splitlines():
+        if "not proven by its seal" in line:
+            print(f"   ({line})", flush=True)
     per_host = [int(x) for x in proc.stdout.split()] if proc.returncode == 0 else []
     if not per_host:
         raise SystemExit(f"counting ({what}) failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")

@@ -6,7 +6,11 @@ Each role is a pyinfra @deploy in roles/; later roles (GPU stack, secrets,
 hardening, inference) plug in below, in the order they depend on each other.
 """
 
+from pyinfra import host
+
 from gpunode import pipeline
+from gpunode.facts.seal import proven
+from gpunode.operations.server import notice
 from roles.base import base
 from roles.cuda import cuda
 from roles.firewall import firewall
@@ -22,15 +26,22 @@ from roles.secrets import secrets
 
 pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
 
-base()
-firewall()
-hardening()
-nvidia_driver()
-cuda()
-gpu_probe()
-secrets()
-monitoring()
-inference_systemd()
-gateway()  # after the services it fronts
-provenance()  # records what the roles above recorded
-seal()  # last: seals what this run's facts saw (a converged node: a one-command drift check)
+verdict = proven(host)  # one command: the node's seal (docs/performance.md; GPUNODE_SEAL=0: off)
+if verdict.proven:
+    notice(
+        name="Drift seal",
+        message=f"converged: its seal holds ({verdict.entries} checks): nothing to plan",
+    )
+else:
+    base()
+    firewall()
+    hardening()
+    nvidia_driver()
+    cuda()
+    gpu_probe()
+    secrets()
+    monitoring()
+    inference_systemd()
+    gateway()  # after the services it fronts
+    provenance()  # records what the roles above recorded
+    seal()  # last: seals what this run's facts saw (the next run of a converged node: one command)

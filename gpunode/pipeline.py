@@ -55,7 +55,16 @@ from pyinfra.api.host import Host
 from pyinfra.api.state import BaseStateCallback, State
 from pyinfra.connectors.util import CommandOutput, OutputLine
 
-__all__ = ["FactRead", "Stats", "cache_dir", "fact_reads", "install", "reading", "stats"]
+__all__ = [
+    "FactRead",
+    "Stats",
+    "cache_dir",
+    "direct",
+    "fact_reads",
+    "install",
+    "reading",
+    "stats",
+]
 
 ENV_SWITCH = "GPUNODE_FACT_PIPELINE"
 ENV_CACHE = "GPUNODE_CACHE_DIR"
@@ -63,6 +72,7 @@ MARK = "@@gpunode-fact"
 # one batch stays well under Linux's limit for one argument (sudo passes it to sh -c)
 MAX_BATCH_BYTES = 96 * 1024
 # executor arguments that never change what a command prints, and must never be stored
+ELSEWHERE_KEYS = ("_sudo_user", "_su_user", "_doas_user", "_chdir")
 _IGNORED_KEYS = ("print_output", "print_input", "_sudo_password", "_su_password", "_timeout")
 
 
@@ -94,6 +104,9 @@ class FactRead:
     arguments: tuple[tuple[str, Any], ...]
     command: str
     batchable: bool
+    # read as another user or in another directory: the seal (run as the connection's
+    # user, in its home) could not read it the same way
+    elsewhere: bool = False
 
     def argument(self, name: str) -> Any:
         return dict(self.arguments).get(name)
@@ -113,6 +126,7 @@ class _HostPipe:
     current: tuple[type, tuple[tuple[str, Any], ...]] | None = None  # the fact being read
     reads: dict[FactRead, None] = field(default_factory=dict)  # this run's, in order
     reading: bool = False  # an operation reads state with commands of its own
+    direct: bool = False  # fact reads go to the host one by one, unrecorded
 
 
 _lock = threading.Lock()
@@ -338,7 +352,8 @@ def _stage_key(host: Host, pipe: _HostPipe) -> tuple[int, int]:
 def _wrap_run_shell_command(original: Callable[..., Any]) -> Callable[..., Any]:
     def run_shell_command(self: Host, *args: Any, **kwargs: Any) -> Any:
         pipe = _pipe(self)
-        if pipe.reading:  # changes nothing the snapshot saw; not a fact to batch either
+        if pipe.reading or (pipe.direct and pipe.in_fact):
+            # changes nothing the snapshot saw; not a fact to batch (or to wish for) either
             return original(self, *args, **kwargs)
         if not (pipe.in_fact and args):
             pipe.generation += 1  # an operation's command: what the snapshot saw may change
@@ -348,7 +363,9 @@ def _wrap_run_shell_command(original: Callable[..., Any]) -> Callable[..., Any]:
         if pipe.current is not None:
             fact, arguments = pipe.current
             masked = command.get_masked_value() if isinstance(command, StringCommand) else None
-            pipe.reads[FactRead(fact, arguments, masked or str(command), key is not None)] = None
+            elsewhere = any(kwargs.get(k) for k in ELSEWHERE_KEYS)
+            read = FactRead(fact, arguments, masked or str(command), key is not None, elsewhere)
+            pipe.reads[read] = None
         if not enabled(self.state):
             return original(self, *args, **kwargs)
         if key is None:
@@ -436,6 +453,25 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
     return value if isinstance(value, str | int | float | bool | None) else repr(value)
+
+
+@contextmanager
+def direct(host: Host) -> Iterator[None]:
+    """Fact reads that go to the host one by one and stay out of the wishlist (one fact
+    read before the deploy decides what to plan: not worth the whole wishlist).
+
+    .. code:: python
+
+        with pipeline.direct(host):
+            now = host.get_fact(SealCheck)
+    """
+    pipe = _pipe(host)
+    outer = pipe.direct
+    pipe.direct = True
+    try:
+        yield
+    finally:
+        pipe.direct = outer
 
 
 def _wrap_get_fact(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -102,7 +102,7 @@ def _plain(value: Any) -> Any:
         return {
             str(k): _plain(v)
             for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
-            if "password" not in str(k)  # never part of a digest kept on a node
+            if "password" not in str(k).lower()  # never part of a digest kept on a node
         }
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
@@ -110,7 +110,9 @@ def _plain(value: Any) -> Any:
         return sorted((_plain(v) for v in value), key=repr)
     if isinstance(value, str | int | float | bool) or value is None:
         return value
-    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    text = str(value)  # a Path, an address: its text; an object's default repr: its type
+    return f"<{kind}>" if " at 0x" in text else f"<{kind}>{text}"
 
 
 def input_digest(host: Host) -> str:

@@ -35,22 +35,18 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyinfra import host as current_host
-from pyinfra import state as current_state
 
-from gpunode import seal
-from gpunode.clients.pki import Issuer
-from gpunode.clients.vault import VaultError, rotate_secret_id, session_for
+from gpunode.clients.vault import VaultError, rotate_secret_id
 from gpunode.commands import run
 from gpunode.commands.run import RunError, load_inventory
-from gpunode.facts.seal import SealCheck
-from gpunode.inventory import node_config
-from gpunode.schema.vault import Secret
+from gpunode.facts.seal import SEAL_SWITCH, SealVerdict, proven
 
 __all__ = ["DriftError", "Report", "check", "load_inventory", "main"]
 
@@ -256,7 +252,7 @@ def check(
             return report
         inventory = load_inventory(inventory_path, names)
 
-    with run.prepare(inventory, deploy) as planned:  # a dry run: changes detected
+    with _full_plans(), run.prepare(inventory, deploy) as planned:  # a dry run
         stale: list[str] = []
         for name, result in planned.results().items():
             report.hosts[name].checked = result.planned
@@ -278,7 +274,8 @@ def check(
     if apply and drifted:
         again_names = [n for n in drifted if n not in errors]
         if again_names:
-            again = run.run(load_inventory(inventory_path, again_names), deploy)
+            with _full_plans():
+                again = run.run(load_inventory(inventory_path, again_names), deploy)
             for name, result in again.items():
                 report.hosts[name].remaining = [c for c in result.changes if c != SEAL_OP]
                 if result.error:
@@ -290,6 +287,21 @@ def check(
     return report
 
 
+@contextmanager
+def _full_plans() -> Iterator[None]:
+    """While drift plans: the deploy file plans every host itself (its own seal shortcut,
+    deploys/gpu_node.py, off: these hosts' seals were read already, or --full)."""
+    before = os.environ.get(SEAL_SWITCH)
+    os.environ[SEAL_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SEAL_SWITCH, None)
+        else:
+            os.environ[SEAL_SWITCH] = before
+
+
 def in_shard(host_name: str, index: int, count: int) -> bool:
     """Whether ``host_name`` belongs to shard ``index`` of ``count`` (0 <= index < count):
     by SHA-256 of the name, so the split is stable and needs no coordination."""
@@ -299,7 +311,8 @@ def in_shard(host_name: str, index: int, count: int) -> bool:
 def parse_shard(text: str) -> tuple[int, int]:
     """``I/N`` -> (I, N); a clear error for anything else."""
     left, sep, right = text.partition("/")
-    if sep and left.isdigit() and right.isdigit() and 0 < int(right) <= 100000:
+    digits = all(part.isascii() and part.isdigit() for part in (left, right))
+    if sep and digits and 0 < int(right) <= 100000:
         if int(left) < int(right):
             return int(left), int(right)
     raise DriftError(
@@ -313,71 +326,18 @@ def parse_shard(text: str) -> tuple[int, int]:
 SEAL_OP = "gpunode seal | Drift seal"  # its change is bookkeeping, never drift
 
 
-@dataclass
-class SealVerdict:
-    proven: bool
-    reason: str = ""
-    entries: int = 0
-
-
 def seal_verdicts(inventory: Any) -> dict[str, SealVerdict]:
     """Each host's seal, read in one command per host (all hosts at once) and judged on
     the controller (:func:`judge`). A host that cannot be reached gets no verdict: the
     full plan reports its error."""
-    found: dict[str, dict[str, Any]] = {}
     verdicts: dict[str, SealVerdict] = {}
 
     def read_seal() -> None:
-        current_state._gpunode_pipeline_off = True  # type: ignore[attr-defined]  # one fact
-        name = current_host.name
-        found[name] = current_host.get_fact(SealCheck)
-        try:
-            verdicts[name] = judge(current_host, found[name])
-        except (VaultError, ValueError) as exc:
-            verdicts[name] = SealVerdict(False, f"inputs could not be checked: {exc}")
+        verdicts[current_host.name] = proven(current_host)
 
     with run.prepare(inventory, read_seal, detect_changes=False):
         pass
     return verdicts
-
-
-def judge(host: Any, now: dict[str, Any]) -> SealVerdict:
-    """Whether the seal ``now`` (the SealCheck fact) proves ``host`` converged: same inputs,
-    same Vault inputs, not expired, no entry different."""
-    if now.get("seal") != "ok":
-        return SealVerdict(False, f"seal {now.get('seal', 'unreadable')}")
-    if now.get("inputs") != seal.input_digest(host):
-        return SealVerdict(False, "the code or the host's inventory data changed")
-    extra = now.get("extra") or {}
-    expires = extra.get("expires")
-    if expires is not None and time.time() >= float(expires):
-        return SealVerdict(False, "a certificate is due for renewal")
-    if now.get("differs"):
-        shown = ", ".join(now["differs"][:5])
-        more = f" and {len(now['differs']) - 5} more" if len(now["differs"]) > 5 else ""
-        return SealVerdict(False, f"differs: {shown}{more}")
-    reason = vault_reason(host, extra)
-    if reason:
-        return SealVerdict(False, reason)
-    return SealVerdict(True, entries=len(now.get("ids") or ()))
-
-
-def vault_reason(host: Any, extra: dict[str, Any]) -> str:
-    """Why the Vault inputs the seal noted differ now ('' when they do not): a newer
-    version of an unpinned secret, another CA behind a PKI role."""
-    vault_inputs, pki_inputs = extra.get("vault") or [], extra.get("pki") or []
-    if not vault_inputs and not pki_inputs:
-        return ""
-    session = session_for(node_config(host).vault)
-    for mount, path, version in vault_inputs:
-        meta = session.metadata(path, Secret(mount=mount, path=path))
-        if int(meta.get("current_version") or 0) != int(version):
-            return f"a newer version of {mount}/{path} in Vault"
-    for mount, role, digest in pki_inputs:
-        ca = Issuer(session, mount, role).ca_pem()
-        if hashlib.sha256(ca.encode()).hexdigest() != digest:
-            return f"another CA behind {mount}/{role}"
-    return ""
 
 
 def rotate_credentials(inventory: Iterable[Any]) -> list[str]:

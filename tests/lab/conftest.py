@@ -21,6 +21,7 @@ import hvac
 import pytest
 
 from gpunode.commands.lab import LabSettings
+from gpunode.facts.seal import SEAL_SWITCH
 from gpunode.paths import REPO_ROOT
 
 IN_CI = os.environ.get("CI") == "true"
@@ -56,7 +57,10 @@ def run(
     proc = subprocess.run(
         cmd,
         cwd=REPO_ROOT,
-        env={**os.environ, **(env or {})},
+        # lab tests check what the full plan does (a second deploy changes nothing, a drift
+        # check names exactly what drifted): the drift seal's shortcut is off unless a
+        # test turns it on (tests/lab/test_seal.py compares the two)
+        env={**os.environ, SEAL_SWITCH: os.environ.get(SEAL_SWITCH, "0"), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpunode.facts.seal import SEAL_SWITCH
 from gpunode.paths import REPO_ROOT
 
 from .conftest import Lab, changes, gpunode, pyinfra, root_vault
@@ -42,10 +44,21 @@ class Checks:
 
 @pytest.fixture(scope="module")
 def sealed(lab: Lab) -> Lab:
-    pyinfra(INVENTORY, DEPLOY, env=lab.env, check=True)
-    again = pyinfra(INVENTORY, DEPLOY, env=lab.env, check=True)
-    assert changes(again.stdout + again.stderr) == (0, 0)  # the seal too: written once
-    return lab
+    """The lab converged; the seal's shortcut on for every run of this module."""
+    on = Lab(env={**lab.env, SEAL_SWITCH: "1"}, state_dir=lab.state_dir, hosts=lab.hosts)
+    pyinfra(INVENTORY, DEPLOY, env=on.env, check=True)
+    # the full plan (shortcut off) changes nothing, the seal included: written once
+    again = pyinfra(INVENTORY, DEPLOY, env={**lab.env, SEAL_SWITCH: "0"}, check=True)
+    assert changes(again.stdout + again.stderr) == (0, 0)
+    return on
+
+
+def test_a_deploy_of_a_sealed_node_plans_nothing(sealed: Lab) -> None:
+    proc = pyinfra(INVENTORY, DEPLOY, "-v", env=sealed.env, check=True)
+    out = proc.stdout + proc.stderr
+    assert changes(out) == (0, 0)
+    assert re.search(r"Drift seal\s+2\s", out), out[-2000:]  # the one operation per host
+    assert "Base packages" not in out  # nothing else was planned
 
 
 def report(lab: Lab, tmp: Path, *args: str, env: dict | None = None, cwd: Path | None = None):

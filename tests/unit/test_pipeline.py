@@ -1150,3 +1150,203 @@ def test_install_is_idempotent() -> None:
     wrapped = (pyinfra_facts._get_fact, Host.run_shell_command, Host.put_file)
     pipeline.install()
     assert (pyinfra_facts._get_fact, Host.run_shell_command, Host.put_file) == wrapped
+
+
+# --- 9. a wishlist someone else could have written is never used nor written into -------
+
+OTHER_UID = 65534  # nobody / nogroup
+
+
+def need_root(what: str) -> None:
+    """Root is needed to give a file away; CI runs as root and must do it."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} needs root, and CI=true: CI runs the unit tests as root")
+    pytest.skip(f"{what} needs root (in CI, with CI=true, this is a failure)")
+
+
+def _give_away(path: Path) -> None:
+    need_root("giving the wishlist to another user")
+    os.lchown(path, OTHER_UID, OTHER_UID)
+
+
+def _symlink_to_a_private_copy(path: Path) -> None:
+    # the copy itself is private and valid: only the link makes it someone else's choice
+    copy = path.parent.parent / "elsewhere" / path.name
+    copy.parent.mkdir(mode=0o700)
+    copy.write_bytes(path.read_bytes())
+    copy.chmod(0o600)
+    path.unlink()
+    path.symlink_to(copy)
+
+
+def _folder_symlink(folder: Path) -> None:
+    real = folder.with_name("facts-real")
+    folder.rename(real)
+    folder.symlink_to(real, target_is_directory=True)
+
+
+UNSAFE_WISHLISTS: dict[str, Callable[[Path], None]] = {
+    "group-writable": lambda w: w.chmod(0o620),
+    "other-writable": lambda w: w.chmod(0o602),
+    "another user's": _give_away,
+    "a symlink": _symlink_to_a_private_copy,
+}
+
+UNSAFE_FOLDERS: dict[str, Callable[[Path], None]] = {
+    "group-writable": lambda f: f.chmod(0o770),
+    "other-writable": lambda f: f.chmod(0o703),
+    "another user's": _give_away,
+    "a symlink": _folder_symlink,
+}
+
+
+def listing(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file in a folder: content, mode, mtime (what a write would change)."""
+    return {
+        p.name: (p.read_bytes(), p.lstat().st_mode, p.lstat().st_mtime_ns)
+        for p in sorted(folder.iterdir())
+    }
+
+
+@pytest.mark.parametrize("unsafe", list(UNSAFE_WISHLISTS), ids=list(UNSAFE_WISHLISTS))
+def test_a_wishlist_others_could_have_written_is_ignored_then_replaced(
+    cache: Path,
+    connector: Connector,
+    inventory: Path,
+    deploy: Path,
+    root: Path,
+    unsafe: str,
+) -> None:
+    connector.deploy(inventory, deploy)
+    [wishlist] = wishlists(cache)
+    target = None
+    UNSAFE_WISHLISTS[unsafe](wishlist)
+    if wishlist.is_symlink():
+        target = wishlist.resolve()
+        kept = target.read_bytes()
+    chmod_file(root)
+    again = connector.deploy(inventory, deploy)
+    assert (again.changes, again.executed, again.error) == (["Conf file"], ["Conf file"], None)
+    # not a hint to trust: every fact read one by one, no batch
+    assert (again.batches, again.served) == (0, 0) and again.batch_commands == []
+    # the folder is private: the save replaced it with this run's own, private file
+    info = wishlist.lstat()
+    assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    assert info.st_uid == os.geteuid()
+    assert json.loads(wishlist.read_text())["host"] == HOST
+    assert not [p for p in (cache / "facts").iterdir() if p.name.startswith(".")]
+    if target is not None:  # written beside the link's target, never through it
+        assert target.read_bytes() == kept
+    assert connector.deploy(inventory, deploy).served > 0  # trusted again
+
+
+@pytest.mark.parametrize("unsafe", list(UNSAFE_FOLDERS), ids=list(UNSAFE_FOLDERS))
+def test_a_wishlist_folder_others_could_write_to_is_neither_read_nor_written(
+    cache: Path,
+    connector: Connector,
+    inventory: Path,
+    deploy: Path,
+    root: Path,
+    unsafe: str,
+) -> None:
+    connector.deploy(inventory, deploy)
+    folder = cache / "facts"
+    UNSAFE_FOLDERS[unsafe](folder)
+    real = folder.resolve()
+    before = listing(real)
+    assert len(before) == 1
+    for _ in range(2):
+        chmod_file(root)
+        again = connector.deploy(inventory, deploy)
+        assert (again.changes, again.executed, again.error) == (
+            ["Conf file"],
+            ["Conf file"],
+            None,
+        )
+        assert (again.batches, again.served) == (0, 0) and again.batch_commands == []
+        assert listing(real) == before  # nothing written into it, not even a temp file
+
+
+def test_a_missing_wishlist_folder_is_made_private(
+    cache: Path, connector: Connector, inventory: Path, deploy: Path
+) -> None:
+    old = os.umask(0o000)  # a permissive umask must not make it writable by others
+    try:
+        connector.deploy(inventory, deploy)
+    finally:
+        os.umask(old)
+    [wishlist] = wishlists(cache)
+    assert stat.S_IMODE((cache / "facts").stat().st_mode) == 0o700
+    assert stat.S_IMODE(wishlist.stat().st_mode) == 0o600
+
+
+# --- 10. fact_reads: what the seal is built from ----------------------------------------
+
+FACT_READS = """
+from pyinfra import host
+from pyinfra.api import FactBase, StringCommand
+from pyinfra.api.command import MaskString
+from pyinfra.facts.files import Directory, File
+
+
+class Secretive(FactBase):
+    def command(self):
+        return StringCommand("echo", MaskString("s3cret-fact-arg"))
+
+
+class Plain(FactBase):
+    def command(self, word):
+        return "echo " + word
+
+
+root = host.data.root
+host.get_fact(File, path=root + "/a")
+host.get_fact(Directory, path=root)
+host.get_fact(File, path=root + "/a")  # again: listed once
+host.get_fact(Secretive)
+host.get_fact(File, root + "/b")  # by position: the same argument name
+host.get_fact(Plain, word="hello")
+host.get_fact(Plain, "hello")
+"""
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipeline on", "pipeline off"])
+def test_fact_reads_lists_each_read_once_in_order(
+    cache: Path,
+    inventory: Path,
+    tmp_path: Path,
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pipelined: bool,
+) -> None:
+    from pyinfra.facts.files import Directory, File
+
+    switch(monkeypatch, pipelined)
+    deploy = deploy_file(tmp_path, "reads", FACT_READS)
+    with run.prepare(run.load_inventory(inventory), deploy, detect_changes=False) as planned:
+        assert planned.errors == {}
+        reads = pipeline.fact_reads(planned.host(HOST))
+
+    def command(fact: type, **kwargs: Any) -> str:
+        return StringCommand(fact().command(**kwargs)).get_masked_value()
+
+    a, b = str(root / "a"), str(root / "b")
+    assert [(r.fact.__name__, r.arguments, r.batchable) for r in reads] == [
+        ("File", (("path", a),), True),
+        ("Directory", (("path", str(root)),), True),
+        ("Secretive", (), False),
+        ("File", (("path", b),), True),
+        ("Plain", (("word", "hello"),), True),
+    ]
+    assert reads[0].fact is File and reads[1].fact is Directory
+    assert reads[0].argument("path") == a and reads[0].argument("other") is None
+    assert [r.command for r in reads] == [
+        command(File, path=a),
+        command(Directory, path=str(root)),
+        "echo *MASKED*",
+        command(File, path=b),
+        "echo hello",
+    ]
+    assert not [r for r in reads if "s3cret" in repr(r)]
