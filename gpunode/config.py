@@ -205,13 +205,7 @@ def read_yaml(path: str | Path) -> Any:
         )
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise ConfigError(f"{path}: the file is UTF-16 (allowed: UTF-8 text)")
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: line {line}: byte {raw[exc.start]:#04x} is not UTF-8 (allowed: UTF-8 text)"
-        ) from None
+    text = decode_utf8(path, raw)
     loader = _InventoryLoader(text)
     loader.name = str(path)  # marks (line, column) name the file
     try:
@@ -231,6 +225,18 @@ def read_yaml(path: str | Path) -> Any:
             f"{path}: the file is empty (allowed: a mapping with keys defaults, groups, hosts)"
         )
     return data
+
+
+def decode_utf8(path: Path | str, raw: bytes) -> str:
+    """A file's bytes as UTF-8 text (a BOM dropped), or an error naming the line of the
+    first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: byte {raw[exc.start]:#04x} is not UTF-8 (allowed: UTF-8 text)"
+        ) from None
 
 
 def load_file(path: str | Path) -> Inventory:

@@ -38,7 +38,7 @@ from typing import Any, TextIO
 import yaml
 from pydantic import ValidationError
 
-from gpunode.config import _format, load_file
+from gpunode.config import _format, decode_utf8, load_file
 from gpunode.schema.node import Inventory
 from gpunode.schema.nomad_drift import DriftJob, SecretRef
 from gpunode.schema.types import ConfigError, parse_duration_ns
@@ -221,13 +221,7 @@ def load_settings(path: str | Path) -> DriftJob:
             f"{path}: the file is larger than {MAX_SETTINGS_BYTES} bytes (allowed: a settings "
             "file of at most that size)"
         )
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: line {line}: byte {raw[exc.start]:#04x} is not UTF-8 (allowed: UTF-8 text)"
-        ) from None
+    text = decode_utf8(path, raw)
     try:
         data = yaml.load(text, Loader=_SettingsLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:

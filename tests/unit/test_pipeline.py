@@ -38,6 +38,7 @@ from typing import Any
 
 import pyinfra.api.facts as pyinfra_facts
 import pytest
+from harness import need_root
 from pyinfra.api.command import FileUploadCommand, StringCommand
 from pyinfra.api.host import Host
 from pyinfra.api.state import BaseStateCallback, State, StateStage
@@ -1155,15 +1156,6 @@ def test_install_is_idempotent() -> None:
 # --- 9. a wishlist someone else could have written is never used nor written into -------
 
 OTHER_UID = 65534  # nobody / nogroup
-
-
-def need_root(what: str) -> None:
-    """Root is needed to give a file away; CI runs as root and must do it."""
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} needs root, and CI=true: CI runs the unit tests as root")
-    pytest.skip(f"{what} needs root (in CI, with CI=true, this is a failure)")
 
 
 def _give_away(path: Path) -> None:

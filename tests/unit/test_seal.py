@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import need_root
 from pyinfra.api.host import Host
 from pyinfra.context import ctx_host
 from pyinfra.facts import deb, files, rpm, server, systemd
@@ -66,15 +67,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "gpu" / "nvidia-h100-80gb-hbm3"
 SYSTEM_PYTHON = "/usr/bin/python3"
 SHELL_TIMEOUT = 60
 OTHER_UID = 65534  # nobody / nogroup
-
-
-def need_root(what: str) -> None:
-    """Root is needed to give a file away; CI runs as root and must do it."""
-    if os.geteuid() == 0:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} needs root, and CI=true: CI runs the unit tests as root")
-    pytest.skip(f"{what} needs root (in CI, with CI=true, this is a failure)")
 
 
 # --- gpunode-seal (gpunode/sealcheck.py), for real under tmp_path ----------------------
