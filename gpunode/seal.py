@@ -42,12 +42,11 @@ from typing import Any
 from pyinfra.api.host import Host
 from pyinfra.context import ctx_host
 
-from gpunode import probe
 from gpunode.gpus import pynvml_source
 from gpunode.paths import REPO_ROOT
 
 SEAL_PATH = "/var/lib/gpunode/seal.json"
-SCRIPT_PATH = f"{probe.LIB_DIR}/gpunode-seal"
+SCRIPT_PATH = "/usr/local/sbin/gpunode-seal"  # beside gpunode-probe
 SCRIPT_SOURCE = Path(__file__).with_name("sealcheck.py")
 SPEC_PATH = "/var/lib/gpunode/.seal-spec.json"
 # what of the repository decides a plan (tests, docs and benchmarks do not)

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""gpunode-seal: the node side of the drift seal (installed as /usr/local/lib/gpunode/gpunode-seal).
+"""gpunode-seal: the node side of the drift seal (installed as /usr/local/sbin/gpunode-seal).
 
 Python 3 standard library only: it runs on the node with the system's python3 (the GPU
 probe's), as root.

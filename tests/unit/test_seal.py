@@ -1016,11 +1016,12 @@ def test_input_digest_leaves_passwords_out(before: dict[str, Any], after: dict[s
 
 def test_vault_inputs_are_noted_per_host_inside_a_host_context() -> None:
     a, b = hosts(("h1", {}), ("h2", {}))
-    assert not ctx_host.isset()
-    # outside a host context: nothing noted, nothing raised
-    sealing.note_vault("secret", "gpunode/x", 1, pinned=False)
-    sealing.note_pki_ca("pki", "gateway", "PEM")
-    sealing.note_expiry(100.0)
+    with ctx_host.use(None):  # another test of the run may have left a host set
+        assert not ctx_host.isset()
+        # outside a host context: nothing noted, nothing raised
+        sealing.note_vault("secret", "gpunode/x", 1, pinned=False)
+        sealing.note_pki_ca("pki", "gateway", "PEM")
+        sealing.note_expiry(100.0)
     empty = {"vault": [], "pki": [], "expires": None}
     assert sealing.extra_inputs(a) == sealing.extra_inputs(b) == empty
 
