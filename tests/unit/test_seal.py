@@ -1297,13 +1297,14 @@ def test_vault_reason_without_vault_inputs_asks_nobody(judged: FakeHost) -> None
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from harness import start_bao, stop_bao
 
+    from gpunode.clients import vault
+
+    vault.close_all()  # no session left by an earlier test of the run
     server = start_bao(tmp_path_factory.mktemp("bao-seal"))
     try:
         yield server
     finally:
         stop_bao(server)
-        from gpunode.clients import vault
-
         vault.close_all()
 
 
