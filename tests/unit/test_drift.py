@@ -88,11 +88,26 @@ def test_each_host_reports_its_own_operations_by_name(fake_inventory: str, deplo
     assert report.exit_code == EXIT_DRIFT
 
 
+HANDLER = "demo | Restart after Item"  # the handler's name as the report writes names
+
+
 def test_handlers_that_run_only_if_something_changed_are_not_drift(
-    fake_inventory: str, deploy: str
+    fake_inventory: str, deploy: str, tmp_path: Path
 ) -> None:
+    """A handler (``_if=``) is planned on both hosts (5 and 2 operations with it) and is
+    drift on neither. The control: the same operation without ``_if`` is drift, under
+    exactly the name looked for, so the name cannot be one the report never writes."""
     report = check(fake_inventory, deploy)
-    assert all("Restart after Item" not in h.drifted for h in report.hosts.values())
+    a, b = report.hosts["@fake/a"], report.hosts["@fake/b"]
+    assert (a.checked, b.checked) == (5, 2)  # the handler is planned on both hosts
+    assert HANDLER not in a.drifted and HANDLER not in b.drifted
+    assert (a.drifted, b.drifted) == (["demo | Fix A", "demo | Item", "demo | Item"], [])
+    plain = tmp_path / "plain.py"
+    plain.write_text(DEPLOY.replace(", _if=lambda: False", ""))
+    assert plain.read_text() != DEPLOY
+    control = check(fake_inventory, str(plain))
+    assert control.hosts["@fake/a"].drifted[-1] == HANDLER
+    assert control.hosts["@fake/b"].drifted == [HANDLER]
 
 
 def test_unreachable_host_is_an_error_and_the_others_are_still_reported(

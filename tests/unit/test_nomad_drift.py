@@ -196,6 +196,7 @@ def test_run_timeout_program_uid_and_node_class() -> None:
     assert args[:4] == ["--kill-after=30s", "3000s", "/opt/gpunode/.venv/bin/gpunode", "drift"]
     assert args[-1] == "--apply"
     assert task["User"] == "1000"
+    assert len(task["Templates"]) == 2
     assert all(t["Uid"] == t["Gid"] == 1000 for t in task["Templates"])
     (group,) = job["TaskGroups"]
     assert {"LTarget": "${node.class}", "Operand": "=", "RTarget": "controller"} in group[

@@ -300,7 +300,7 @@ def test_a_key_that_is_not_one_printable_word_is_refused_unseen(value: str) -> N
         rot.rotate(inventory(UNREACHABLE_VAULT), "gateway.clients.alice", value, say=print)
     message = str(err.value)
     assert message.startswith("gateway.clients.alice: the new key must be one word of printable")
-    assert not value or value not in message
+    assert not value or (value not in message and repr(value)[1:-1] not in message)
 
 
 def test_the_deploy_file_refuses_an_unknown_client_or_a_bad_version(
