@@ -313,6 +313,9 @@ def load(raw: Any, source: str) -> Inventory:
         )
     if problems:
         raise ConfigError("\n".join(problems))
+    problems, hosts = gateway.link(source, hosts)  # gateways in front of other nodes
+    if problems:
+        raise ConfigError("\n".join(problems))
 
     groups: dict[str, tuple[str, ...]] = {g: () for g in inv.groups}
     ungrouped = tuple(h for h, e in inv.hosts.items() if not e.groups)

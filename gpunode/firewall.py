@@ -67,6 +67,7 @@ def allow_rules(config: NodeConfig, ssh_port: int) -> list[Allow]:
         ("cluster", nomad.cluster_ports(config), net.cluster_cidrs),
     ]
     groups += [(r.name, [(r.proto, r.port)], r.cidrs) for r in config.firewall.extra_input]
+    groups += gateway_upstream_groups(config)
     rules = []
     for name, ports, cidrs in groups:
         for proto in ("tcp", "udp"):
@@ -74,6 +75,21 @@ def allow_rules(config: NodeConfig, ssh_port: int) -> list[Allow]:
             if wanted and cidrs:
                 rules.append(Allow(name, proto, wanted, tuple(cidrs)))
     return rules
+
+
+def gateway_upstream_groups(
+    config: NodeConfig,
+) -> list[tuple[str, Iterable[tuple[str, int]], list[Network]]]:
+    """On an upstream of gateways on other hosts: each fronted service's port, open to those
+    gateways' addresses only (services with the same gateways share a rule)."""
+    by_sources: dict[tuple[str, ...], list[tuple[str, int]]] = {}
+    services = config.inference.services
+    for name, addresses in sorted(config.gateway_sources.items()):
+        by_sources.setdefault(tuple(sorted(addresses)), []).append(("tcp", services[name].port))
+    return [
+        ("gateway", ports, [ipaddress.ip_network(a) for a in addresses])
+        for addresses, ports in by_sources.items()
+    ]
 
 
 # --- egress: the output chain as an allow-list ---------------------------------------------
@@ -105,6 +121,10 @@ def egress_servers(config: NodeConfig) -> list[tuple[str, str, str, int]]:
         ("nvidia.mirror", config.nvidia.mirror),
         ("cuda.container_toolkit_mirror", config.cuda.container_toolkit_mirror),
         ("nomad.repo_url", config.nomad.repo_url),
+    ]
+    out += [
+        ("gateway.upstreams", remote.address, "tcp", remote.port)
+        for remote in config.upstream_servers
     ]
     if proxy:  # apt and dnf fetch every repository (http and https) through it
         out.append(("base.apt_proxy", proxy[0], "tcp", proxy[1]))

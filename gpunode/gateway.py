@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from gpunode.schema.gateway import HAPROXY_DIR, Client, duration_s
+from gpunode.schema.gateway import HAPROXY_DIR, Client, RemoteServer, duration_s
 from gpunode.schema.inference import Service
-from gpunode.schema.node import Connection, NodeConfig
+from gpunode.schema.node import Connection, Host, NodeConfig
 from gpunode.schema.runtimes import PROFILES
 
 # --- node paths (one place) ----------------------------------------------------------------
@@ -53,6 +55,39 @@ def fronted(config: NodeConfig) -> dict[str, Service]:
 def served_name(name: str, svc: Service) -> str:
     """The model name clients ask for (the runtime's --alias / --served-model-name)."""
     return svc.model.served_name or name
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server of a gateway backend: a service of this node or of an upstream."""
+
+    name: str  # the HAProxy server name: the service, or <host>-<service> on an upstream
+    address: str  # an IP address
+    port: int
+    runtime: str
+    where: str  # the config key it comes from, for messages
+
+
+def backends(config: NodeConfig) -> dict[str, list[Server]]:
+    """The gateway's backends: served model name -> its servers, this node's own services
+    first (on loopback), then its upstreams' in inventory order. Nodes that serve one model
+    share its requests."""
+    out: dict[str, list[Server]] = {}
+    for name, svc in fronted(config).items():
+        out.setdefault(served_name(name, svc), []).append(
+            Server(name, svc.listen, svc.port, svc.runtime, f"inference.services.{name}")
+        )
+    for remote in config.upstream_servers:
+        out.setdefault(remote.served, []).append(
+            Server(
+                f"{remote.host}-{remote.service}",
+                remote.address,
+                remote.port,
+                remote.runtime,
+                f"gateway.upstreams: {remote.host}: inference.services.{remote.service}",
+            )
+        )
+    return out
 
 
 def active_clients(config: NodeConfig) -> dict[str, Client]:
@@ -135,10 +170,10 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
         elif not svc.enabled:
             problems.append(f"{at}.services: {name} is not enabled (allowed: an enabled service)")
     front = fronted(config)
-    if not front:
+    if not front and not gw.upstreams:
         problems.append(
             f"{at}.enabled: no inference service to front (allowed: declare one under "
-            "inference.services, or gateway.enabled: false)"
+            "inference.services, name hosts in gateway.upstreams, or gateway.enabled: false)"
         )
     if not config.vault.addr:
         problems.append(
@@ -175,14 +210,133 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
                 f"{svc_at}.runtime: {PROFILES[svc.runtime].title} has no OpenAI-compatible "
                 "API, which is all the gateway passes (allowed: vllm or llamacpp)"
             )
-    for cname, client in gw.clients.items():
+    if not gw.upstreams:  # with upstreams: once their models are known (link)
+        problems += _check_client_models(at, config, served)
+    return problems
+
+
+def _check_client_models(at: str, config: NodeConfig, served: Mapping[str, object]) -> list[str]:
+    problems = []
+    for cname, client in config.gateway.clients.items():
         for model in client.models:
-            if front and model not in served:
+            if served and model not in served:
                 problems.append(
                     f"{at}.clients.{cname}.models: {model} is not a model the gateway serves "
                     f"(allowed: {', '.join(served)})"
                 )
     return problems
+
+
+def link(where: str, hosts: Mapping[str, Host]) -> tuple[list[str], dict[str, Host]]:
+    """Gateways in front of other nodes (``gateway.upstreams``): check them against the
+    whole inventory and give each host what the others say about it (the gateway its
+    upstreams' services, each upstream the addresses its fronted ports open to). Returns
+    (problems, hosts); the hosts are unchanged when there is no upstream anywhere."""
+    problems: list[str] = []
+    servers: dict[str, list[RemoteServer]] = {}
+    sources: dict[str, dict[str, list[str]]] = {}
+    for gname, ghost in hosts.items():
+        gw = ghost.config.gateway
+        if not (gw.enabled and gw.upstreams):
+            continue
+        at = f"{where}: host {gname}: gateway"
+        froms = list(gw.source_addresses)
+        if not froms and _is_ip(ghost.connection.address):
+            froms = [ghost.connection.address]
+        if not froms:
+            problems.append(
+                f"{at}.source_addresses: not set and connection.address "
+                f"{ghost.connection.address} is not an IP address: the upstreams' firewalls "
+                "need the addresses this gateway connects from (allowed: e.g. [192.0.2.10])"
+            )
+        for uname in gw.upstreams:
+            upstream = hosts.get(uname)
+            if upstream is None or uname == gname:
+                allowed = ", ".join(h for h in hosts if h != gname) or "none"
+                problems.append(
+                    f"{at}.upstreams: {uname} is not another host of this inventory "
+                    f"(allowed: {allowed})"
+                )
+                continue
+            found, said = _upstream_servers(f"{at}.upstreams: {uname}", upstream)
+            problems += said
+            if not found and not said:
+                problems.append(
+                    f"{at}.upstreams: {uname} has no enabled systemd inference service with an "
+                    "OpenAI-compatible API (vllm, llamacpp) to front (allowed: a host that has "
+                    "one)"
+                )
+            servers.setdefault(gname, []).extend(found)
+            for remote in found:
+                known = sources.setdefault(uname, {}).setdefault(remote.service, [])
+                known += [a for a in froms if a not in known]
+    for gname in servers:  # servers of one model share one health check: every OpenAI-
+        # compatible runtime answers the same one (tests/unit/test_gateway.py checks it)
+        linked = hosts[gname].config.linked(tuple(servers[gname]), {})
+        problems += _check_client_models(
+            f"{where}: host {gname}: gateway", linked, backends(linked)
+        )
+    if problems or not servers:
+        return problems, dict(hosts)
+    out = {}
+    for name, h in hosts.items():
+        mine = tuple(servers.get(name, ()))
+        theirs = {svc: tuple(addrs) for svc, addrs in sources.get(name, {}).items()}
+        out[name] = (
+            h.model_copy(update={"config": h.config.linked(mine, theirs)}) if mine or theirs else h
+        )
+    return problems, out
+
+
+def _upstream_servers(at: str, upstream: Host) -> tuple[list[RemoteServer], list[str]]:
+    """The services a gateway fronts on ``upstream``, and what is wrong with them."""
+    config = upstream.config
+    if config.gateway.enabled:
+        return [], [
+            f"{at}: runs a gateway of its own (gateway.enabled): a service has one front "
+            "door (allowed: gateway.enabled: false on it, or leave it out of upstreams)"
+        ]
+    found, problems = [], []
+    for name, svc in config.inference.services.items():
+        if not svc.enabled or name in config.nomad.jobs:
+            continue
+        if PROFILES[svc.runtime].models_path != "/v1/models":
+            continue  # no OpenAI-compatible API: not fronted, exposed as before
+        svc_at = f"{at}: inference.services.{name}"
+        listen = ipaddress.ip_address(svc.listen)
+        address = svc.listen
+        if listen.is_unspecified:
+            address = upstream.connection.address
+        if listen.is_loopback:
+            problems.append(
+                f"{svc_at}.listen: {svc.listen}, which a gateway on another host cannot reach "
+                "(allowed: 0.0.0.0, or the address the gateway reaches it on)"
+            )
+            continue
+        if not _is_ip(address):
+            problems.append(
+                f"{svc_at}.listen: {svc.listen} and connection.address {address} is a DNS name: "
+                "the gateway needs an IP address to reach it (allowed: the service's address "
+                "in listen, e.g. 192.0.2.10)"
+            )
+            continue
+        if svc.api_key_secret:
+            problems.append(
+                f"{svc_at}.api_key_secret: the gateway checks every client's key; the backend "
+                "gets no Authorization header (allowed: unset it)"
+            )
+            continue
+        found.append(
+            RemoteServer(
+                host=upstream.name,
+                service=name,
+                address=address,
+                port=svc.port,
+                served=served_name(name, svc),
+                runtime=svc.runtime,
+            )
+        )
+    return found, problems
 
 
 def warnings(config: NodeConfig) -> list[str]:

@@ -58,9 +58,9 @@ from gpunode.gateway import (
     CERT_FILE,
     PROXY_USER,
     TLS_DIR,
+    Server,
     active_clients,
-    fronted,
-    served_name,
+    backends,
 )
 from gpunode.render import (
     environment,
@@ -160,6 +160,22 @@ def backend_name(service: str) -> str:
     return haproxy_word(f"be_{service}", f"inference.services.{service}")
 
 
+def model_backends(config: NodeConfig) -> dict[str, tuple[str, list[Server]]]:
+    """served model name -> (its HAProxy backend, the servers that serve it). A backend is
+    named after its first server's service (``be_<service>``), or ``be_<service>_<n>`` when
+    an earlier model's backend has that name already (upstreams may share service names)."""
+    out: dict[str, tuple[str, list[Server]]] = {}
+    taken: set[str] = set()
+    for model, servers in backends(config).items():
+        base = servers[0].where.rpartition("inference.services.")[2]
+        name, n = backend_name(base), 2
+        while name in taken:
+            name, n = backend_name(f"{base}_{n}"), n + 1
+        taken.add(name)
+        out[model] = (name, servers)
+    return out
+
+
 def _error(status: int, message: str, kind: str) -> str:
     """An OpenAI-style JSON error body, as a single-quoted haproxy.cfg argument."""
     body = json.dumps({"error": {"message": message, "type": kind, "code": status}})
@@ -204,22 +220,27 @@ LOG_FORMAT = haproxy_string(
 def render_config(config: NodeConfig, paths: Paths = NODE) -> str:
     """The whole haproxy.cfg of a node whose gateway is enabled."""
     gw = config.gateway
-    services = fronted(config)
-    if not services:
+    models = model_backends(config)
+    if not models:
         raise ConfigError(
             "gateway: no inference service to front (allowed: gateway.enabled with at least "
-            "one enabled service in inference.services)"
+            "one enabled service in inference.services, or hosts in gateway.upstreams)"
         )
     at = "gateway"
     backends = []
-    for name, svc in services.items():
-        svc_at = f"inference.services.{name}"
+    for name, servers in models.values():
+        first = servers[0]
         backends.append(
             {
-                "name": backend_name(name),
-                "server": haproxy_word(name, svc_at),
-                "address": haproxy_address(svc.listen, svc.port, f"{svc_at}.listen"),
-                "health": haproxy_path(PROFILES[svc.runtime].health_path, f"{svc_at}.runtime"),
+                "name": name,
+                "health": haproxy_path(PROFILES[first.runtime].health_path, first.where),
+                "servers": [
+                    {
+                        "name": haproxy_word(s.name, s.where),
+                        "address": haproxy_address(s.address, s.port, f"{s.where}.listen"),
+                    }
+                    for s in servers
+                ],
             }
         )
     routes = [haproxy_path(r, f"{at}.routes") for r in gw.routes]
@@ -306,7 +327,7 @@ def map_files(config: NodeConfig, digests: dict[str, str], paths: Paths = NODE) 
             allowed.update({f"{name}/{model}": "1" for model in client.models})
         if client.mtls:
             mtls[name] = "1"
-    models = {served_name(n, s): backend_name(n) for n, s in fronted(config).items()}
+    models = {model: name for model, (name, _) in model_backends(config).items()}
     content = {
         KEYS_MAP: keys,
         RATE_MAP: rate,

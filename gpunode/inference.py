@@ -211,9 +211,10 @@ def app_ports(config: NodeConfig) -> list[tuple[str, int]]:
     """(protocol, port) of every inference endpoint on the node; the firewall opens them
     to network.app_cidrs."""
     front = gateway.fronted(config)
+    remote = config.gateway_sources  # fronted by gateways on other hosts: open to them only
     ports: list[tuple[str, int]] = list(gateway.app_ports(config))
     for name, svc in config.inference.services.items():
-        if not svc.enabled or name in front:  # reached through the gateway only
+        if not svc.enabled or name in front or name in remote:  # through a gateway only
             continue
         ports.append(("tcp", svc.port))
         grpc = svc.effective_grpc_port()
@@ -228,6 +229,8 @@ def warnings(config: NodeConfig) -> list[str]:
     found = []
     for name, svc in config.inference.services.items():
         routes = PROFILES[svc.runtime].open_routes
+        if name in config.gateway_sources:  # reachable from its gateways only
+            continue
         if svc.enabled and routes and not ipaddress.ip_address(svc.listen).is_loopback:
             found.append(
                 f"inference.services.{name}: {PROFILES[svc.runtime].title} listens on "

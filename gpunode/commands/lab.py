@@ -939,7 +939,8 @@ def inventory_spec(
     """The lab as an inventory document: ``inventories/lab.yml`` plus the lab's own hosts.
 
     Each lab host joins every group defined in lab.yml; the lab adds its proxy and an
-    admin user ``labadmin`` that logs in with the lab key.
+    admin user ``labadmin`` that logs in with the lab key. A ``hosts:`` entry of the data
+    file gives one lab host data of its own (``hosts: {lab-02: {data: {...}}}``).
     """
     settings = settings or LabSettings.from_env()
     data_file = data_file or Path(
@@ -992,6 +993,13 @@ def inventory_spec(
         }
         for host in sorted(state.hosts.values(), key=lambda h: h.index)
     }
+    for name, entry in dict(doc.get("hosts") or {}).items():  # data of one lab host
+        if name not in hosts or not isinstance(entry, dict) or set(entry) - {"data"}:
+            raise LabError(
+                f"{data_file}: hosts.{name!r}: the lab's hosts are {', '.join(hosts)}, each with "
+                "data only (allowed: hosts: {lab-02: {data: {...}}})"
+            )
+        hosts[name]["data"] = entry.get("data") or {}
     all_groups = {**file_groups, **extra_groups}
     return (
         {**doc, "defaults": defaults, "groups": all_groups, "hosts": hosts},

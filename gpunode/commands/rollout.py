@@ -99,11 +99,18 @@ def health_url(host: Host, svc: Service) -> str:
 
 
 def check_health(host: Host, svc: Service, timeout: float, runner: Runner) -> str | None:
-    """None once the service answers 2xx on its health path. A service on loopback (behind
-    the gateway) is asked on its node, over SSH; any other from here, as a client would."""
-    if not ipaddress.ip_address(svc.listen).is_loopback:
+    """None once the service answers 2xx on its health path. A service behind a gateway (on
+    loopback, or fronted by gateways on other hosts, whose firewall lets only them in) is
+    asked on its node, over SSH; any other from here, as a client would."""
+    listen = ipaddress.ip_address(svc.listen)
+    services = host.config.inference.services
+    remote = any(services.get(name) == svc for name in host.config.gateway_sources)
+    if not listen.is_loopback and not remote:
         return wait_healthy(health_url(host, svc), timeout)
-    address = f"[{svc.listen}]" if ":" in svc.listen else svc.listen
+    asked = svc.listen
+    if listen.is_unspecified:  # a wildcard listen answers on loopback too
+        asked = "::1" if listen.version == 6 else "127.0.0.1"
+    address = f"[{asked}]" if ":" in asked else asked
     url = f"http://{address}:{svc.port}{PROFILES[svc.runtime].health_path}"
     script = (
         f"deadline=$(($(date +%s) + {int(timeout)})); "

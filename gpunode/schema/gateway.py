@@ -25,17 +25,34 @@ is here, next to its field.
 
 A fronted service listens on 127.0.0.1 (its default then); the firewall opens only the
 gateway's port to ``network.app_cidrs``.
+
+A gateway host (or a group of them) may also front other nodes: ``upstreams`` names them
+by inventory name. Their services are its backends too, one HAProxy backend per model name
+(the nodes serving one model share its requests, each health-checked); on each upstream the
+firewall opens those services' ports to the gateways' ``source_addresses`` only.
+
+.. code:: yaml
+
+    groups:
+      gateways:                       # one or more gateway hosts
+        data:
+          gateway:
+            enabled: true
+            upstreams: [gpu-01, gpu-02]   # inventory names
+            clients: {...}
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gpunode.schema.types import (
     Duration,
+    InventoryName,
     IpAddress,
     KvPath,
     Model,
@@ -214,6 +231,16 @@ class Gateway(Model):
     """Seconds the backend has to answer (a long generation); then 504."""
     connect_timeout: Annotated[int, Field(ge=1, le=60)] = 5
     """Seconds to connect to a backend."""
+    upstreams: list[InventoryName] = Field(default_factory=list)
+    """Other hosts of the inventory whose inference services this gateway also fronts (by
+    inventory name): each enabled systemd service with an OpenAI-compatible API on them is a
+    backend, reached at its `listen` address (the host's connection address when that is a
+    wildcard) in plain HTTP. On an upstream the firewall opens those ports to the gateways'
+    `source_addresses` only, never to `network.app_cidrs`. An upstream runs no gateway of its
+    own. []: this node's own services only."""
+    source_addresses: list[IpAddress] = Field(default_factory=list)
+    """The addresses this gateway connects to its upstreams from (what their firewalls
+    let in); default: its connection address, which must then be an IP address."""
 
     @field_validator("routes")
     @classmethod
@@ -229,11 +256,15 @@ class Gateway(Model):
             raise ValueError("empty: no request could pass (allowed: at least one route)")
         return value
 
-    @field_validator("services")
+    @field_validator("services", "upstreams", "source_addresses")
     @classmethod
-    def _services(cls, value: list[str]) -> list[str]:
+    def _once(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if listed_twice(value):
-            raise ValueError("a service is listed twice (allowed: each once)")
+            kind = {"services": "service", "upstreams": "host"}.get(info.field_name or "")
+            raise ValueError(
+                f"{'an' if kind is None else 'a'} {kind or 'address'} is listed "
+                "twice (allowed: each once)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -248,3 +279,21 @@ class Gateway(Model):
                 )
             seen[where] = name
         return self
+
+
+@dataclass(frozen=True)
+class RemoteServer:
+    """A service on an upstream that a gateway fronts. gpunode/gateway.py ``link`` derives
+    it from the whole inventory at load; it is never an inventory key."""
+
+    host: str
+    """The upstream's inventory name."""
+    service: str
+    """The service's name in the upstream's `inference.services`."""
+    address: str
+    """Where the gateway connects: the service's listen address, or the upstream's
+    connection address when it listens on a wildcard."""
+    port: int
+    served: str
+    """The model name clients ask for."""
+    runtime: str

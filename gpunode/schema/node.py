@@ -12,12 +12,21 @@ import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from gpunode.schema.base import Base
 from gpunode.schema.distros import DISTROS
 from gpunode.schema.firewall import Firewall
-from gpunode.schema.gateway import Gateway
+from gpunode.schema.gateway import Gateway, RemoteServer
 from gpunode.schema.gpu import Gpu
 from gpunode.schema.hardening import Hardening
 from gpunode.schema.inference import Inference
@@ -108,6 +117,41 @@ class NodeConfig(Model):
             if isinstance(svc, dict) and "listen" not in svc:
                 patched[name] = {**svc, "listen": "127.0.0.1"}
         return {**data, "inference": {**inference, "services": patched}}
+
+    # What the rest of the inventory says about this node (gpunode/gateway.py ``link``, at
+    # load): never an inventory key, part of the node's data all the same (dumps, digests).
+    _upstream_servers: tuple[RemoteServer, ...] = PrivateAttr(default=())
+    _gateway_sources: tuple[tuple[str, tuple[str, ...]], ...] = PrivateAttr(default=())
+
+    @property
+    def upstream_servers(self) -> tuple[RemoteServer, ...]:
+        """On a gateway host: the services of its `gateway.upstreams` it fronts."""
+        return self._upstream_servers
+
+    @property
+    def gateway_sources(self) -> dict[str, tuple[str, ...]]:
+        """On an upstream: service name -> the addresses of the gateways that front it (its
+        port is open to them only)."""
+        return dict(self._gateway_sources)
+
+    def linked(
+        self, servers: tuple[RemoteServer, ...], sources: dict[str, tuple[str, ...]]
+    ) -> NodeConfig:
+        """A copy that knows what the rest of the inventory says about this node."""
+        copy = self.model_copy()
+        copy._upstream_servers = servers
+        copy._gateway_sources = tuple(sorted(sources.items()))
+        return copy
+
+    @model_serializer(mode="wrap")
+    def _with_links(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self._upstream_servers or self._gateway_sources:
+            data["links"] = {
+                "upstream_servers": [vars(s).copy() for s in self._upstream_servers],
+                "gateway_sources": {k: list(v) for k, v in self._gateway_sources},
+            }
+        return data
 
     def to_json(self) -> dict[str, Any]:
         """pyinfra's JSON hook (``pyinfra INVENTORY debug-inventory``, ``--json``)."""

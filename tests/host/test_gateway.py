@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from datetime import UTC, datetime
 
 import pytest
 
 from gpunode import gateway as front
 from gpunode.schema.node import Host
+from gpunode.schema.runtimes import PROFILES
 
 CERT_SERVICE = "gpunode-gateway-cert.service"
 CERT_TIMER = "gpunode-gateway-cert.timer"
@@ -148,10 +150,21 @@ def test_gateway_listens_on_its_ports(node: Host, tcp_listeners) -> None:
 
 def test_fronted_services_listen_on_loopback_only(node: Host, tcp_listeners) -> None:
     fronted = front.fronted(node.config)
-    assert fronted
+    assert fronted or node.config.upstream_servers  # a gateway host may front others only
     for name, svc in fronted.items():
         exposed = [a for a, p in tcp_listeners if p == svc.port and not is_loopback(a)]
         assert exposed == [], f"inference service {name} listens on {exposed} port {svc.port}"
+
+
+def test_upstream_servers_answer_the_gateway(host, node: Host) -> None:
+    """Each service of ``gateway.upstreams`` answers its health check from this node (its
+    firewall lets the gateways in), as HAProxy's own checks ask it."""
+    for server in node.config.upstream_servers:
+        path = PROFILES[server.runtime].health_path
+        address = f"[{server.address}]" if ":" in server.address else server.address
+        url = f"http://{address}:{server.port}{path}"
+        out = host.run(f"curl -fsS -o /dev/null --max-time 5 {shlex.quote(url)}")
+        assert out.rc == 0, f"{server.host} {server.service}: {url} did not answer ({out.stderr})"
 
 
 def test_health_answers_over_tls_with_the_certificate_on_disk(

@@ -45,6 +45,7 @@ from gpunode.config import load_file
 from gpunode.operations.gateway import _issue_and_write, install_config_command
 from gpunode.schema.distros import DISTROS
 from gpunode.schema.node import Host, Inventory, NodeConfig, host_data
+from gpunode.schema.runtimes import PROFILES
 from gpunode.schema.types import ConfigError
 from roles.gateway import gateway as gateway_role
 
@@ -329,8 +330,8 @@ CHECKS: list[tuple[str, Edit, str, str]] = [
         "no_service_at_all",
         _no_service,
         "gateway.enabled",
-        "no inference service to front (allowed: declare one under inference.services, or "
-        "gateway.enabled: false)",
+        "no inference service to front (allowed: declare one under inference.services, name hosts "
+        "in gateway.upstreams, or gateway.enabled: false)",
     ),
     (
         "every_service_disabled",
@@ -999,3 +1000,262 @@ def test_a_refused_configuration_never_replaces_the_live_one(valid: bool, tmp_pa
         assert proc.returncode == 1
         assert live.read_text() == old
         assert "refused the new" in proc.stderr and "it was not put in place" in proc.stderr
+
+
+# --- a gateway host in front of other nodes (gateway.upstreams) -----------------------------
+
+GW1, GW2, UP1, UP2 = "192.0.2.31", "192.0.2.32", "192.0.2.41", "192.0.2.42"
+
+
+def fleet_doc() -> Doc:
+    """Two gateway hosts (the ``gateways`` group, no service of their own) in front of two
+    nodes that each serve chat (llama.cpp on port CHAT) and run no gateway; firewall on."""
+    doc = inventory_doc()
+    _firewall_on(doc)
+    chat = services(doc)["chat"]
+    doc["defaults"]["inference"]["services"] = {}
+    doc["groups"] = {
+        "gateways": {
+            "data": {
+                "gateway": {
+                    "enabled": True,
+                    "upstreams": ["gpu-01", "gpu-02"],
+                    "clients": {
+                        "alice": {"key": {"path": "gpunode/clients/alice"}, "models": ["chat"]}
+                    },
+                }
+            }
+        },
+        "nodes": {"data": {"inference": {"services": {"chat": chat}}}},
+    }
+    doc["hosts"] = {
+        "gw-01": {"connection": {"address": GW1}, "groups": ["gateways"]},
+        "gw-02": {"connection": {"address": GW2}, "groups": ["gateways"]},
+        "gpu-01": {"connection": {"address": UP1}, "groups": ["nodes"]},
+        "gpu-02": {"connection": {"address": UP2}, "groups": ["nodes"]},
+    }
+    return doc
+
+
+def fleet_refusal(tmp_path: Path, doc: Doc, says: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_doc(tmp_path, doc)
+    lines = [line for line in str(err.value).splitlines() if says in line]
+    assert lines, str(err.value)
+    assert str(tmp_path / "inv.yml") in lines[0]
+    return lines[0]
+
+
+def test_a_gateway_host_fronts_its_upstreams_services(tmp_path: Path) -> None:
+    inv = load_doc(tmp_path, fleet_doc())
+    config = inv.hosts["gw-01"].config
+    assert [(s.host, s.service, s.address, s.port, s.served) for s in config.upstream_servers] == [
+        ("gpu-01", "chat", UP1, CHAT, "chat"),
+        ("gpu-02", "chat", UP2, CHAT, "chat"),
+    ]
+    text = haproxy.render_config(config)
+    assert text.count("\nbackend be_") == 1  # one model: one backend, both nodes in it
+    assert f"server gpu-01-chat {UP1}:{CHAT} check" in text
+    assert f"server gpu-02-chat {UP2}:{CHAT} check" in text
+    assert "balance leastconn" in text
+    # The gateway hosts open only the gateway's port to the clients.
+    rules = accepted(firewall.render_ruleset(config, 22))
+    assert rules["inference"] == ({APPS}, {8443})
+    assert "gateway" not in rules
+
+
+def test_on_an_upstream_the_fronted_port_is_open_to_the_gateways_only(tmp_path: Path) -> None:
+    inv = load_doc(tmp_path, fleet_doc())
+    config = inv.hosts["gpu-01"].config
+    assert config.gateway_sources == {"chat": (GW1, GW2)}
+    assert inference.app_ports(config) == []
+    ruleset = firewall.render_ruleset(config, 22)
+    rules = accepted(ruleset)
+    assert rules["gateway"] == ({f"{GW1}/32", f"{GW2}/32"}, {CHAT})
+    assert "inference" not in rules  # not to network.app_cidrs
+    assert [r for r in rules if CHAT in rules[r][1]] == ["gateway"], ruleset
+    # No warning that app_cidrs reach its unguarded routes: only the gateways do.
+    assert inference.warnings(config) == []
+
+
+def test_without_the_gateways_the_upstreams_port_is_open_to_the_clients(tmp_path: Path) -> None:
+    """The other side of the test above: it is the gateways that close the port."""
+    doc = fleet_doc()
+    doc["groups"]["gateways"]["data"]["gateway"]["enabled"] = False
+    config = load_doc(tmp_path, doc).hosts["gpu-01"].config
+    assert config.gateway_sources == {}
+    rules = accepted(firewall.render_ruleset(config, 22))
+    assert rules["inference"] == ({APPS}, {CHAT})
+    assert "gateway" not in rules
+
+
+def test_a_gateway_with_egress_on_may_reach_its_upstreams(tmp_path: Path) -> None:
+    doc = fleet_doc()
+    doc["groups"]["gateways"]["data"]["firewall"] = {"egress": {"enabled": True, "dns_cidrs": []}}
+    doc["groups"]["gateways"]["data"]["base"] = {
+        "apt_proxy": "http://192.0.2.5:3128",
+        "ntp_servers": ["192.0.2.6"],
+    }
+    config = load_doc(tmp_path, doc).hosts["gw-01"].config
+    out = {r.name: r for r in firewall.egress_rules(config)}
+    assert out["gateway.upstreams"].ports == (CHAT,)
+    assert set(out["gateway.upstreams"].v4) == {f"{UP1}/32", f"{UP2}/32"}
+
+
+def test_what_the_others_say_is_part_of_the_nodes_data(tmp_path: Path) -> None:
+    """The links are in the host's dumped data (what the seal's input digest and pyinfra's
+    --json see): moving a gateway changes its upstreams' data, not only its own."""
+    first = load_doc(tmp_path, fleet_doc()).hosts["gpu-01"].config.model_dump(mode="json")
+    doc = fleet_doc()
+    doc["hosts"]["gw-02"]["connection"]["address"] = "192.0.2.33"
+    second = load_doc(tmp_path, doc).hosts["gpu-01"].config.model_dump(mode="json")
+    assert first["links"]["gateway_sources"] == {"chat": [GW1, GW2]}
+    assert second["links"]["gateway_sources"] == {"chat": [GW1, "192.0.2.33"]}
+    plain = inventory_doc()
+    assert "links" not in load_doc(tmp_path, plain).hosts[HOST].config.model_dump()
+
+
+def test_links_cannot_be_set_from_an_inventory(tmp_path: Path) -> None:
+    doc = fleet_doc()
+    doc["hosts"]["gpu-01"]["data"] = {"links": {"gateway_sources": {"chat": ["0.0.0.0"]}}}  # noqa: S104
+    with pytest.raises(ConfigError) as err:
+        load_doc(tmp_path, doc)
+    assert "links" in str(err.value) and "Traceback" not in str(err.value)
+
+
+def _set(path: str, value: Any) -> Edit:
+    """Set a dotted path of the doc (``hosts.gpu-01.data.gateway.enabled``)."""
+
+    def edit(doc: Doc) -> None:
+        *parents, last = path.split(".")
+        node = doc
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+
+    return edit
+
+
+def _gpu01_chat(**changes: Any) -> Edit:
+    def edit(doc: Doc) -> None:
+        chat = dict(doc["groups"]["nodes"]["data"]["inference"]["services"]["chat"], **changes)
+        doc["hosts"]["gpu-01"]["data"] = {"inference": {"services": {"chat": chat}}}
+
+    return edit
+
+
+FLEET_REFUSALS = [
+    (
+        "unknown",
+        _set("groups.gateways.data.gateway.upstreams", ["gpu-09"]),
+        "host gw-01: gateway.upstreams: gpu-09 is not another host of this inventory "
+        "(allowed: gw-02, gpu-01, gpu-02)",
+    ),
+    (
+        "itself",
+        _set("hosts.gw-01.data", {"gateway": {"upstreams": ["gw-01"]}}),
+        "host gw-01: gateway.upstreams: gw-01 is not another host of this inventory",
+    ),
+    (
+        "own_gateway",
+        _set("hosts.gpu-01.data", {"gateway": {"enabled": True}}),
+        "host gw-01: gateway.upstreams: gpu-01: runs a gateway of its own (gateway.enabled)",
+    ),
+    (
+        "loopback",
+        _gpu01_chat(listen="127.0.0.1"),
+        "host gw-01: gateway.upstreams: gpu-01: inference.services.chat.listen: 127.0.0.1, "
+        "which a gateway on another host cannot reach",
+    ),
+    (
+        "dns_name",
+        _set("hosts.gpu-01.connection.address", "gpu-01.example.com"),
+        "host gw-01: gateway.upstreams: gpu-01: inference.services.chat.listen: 0.0.0.0 and "
+        "connection.address gpu-01.example.com is a DNS name",
+    ),
+    (
+        "api_key",
+        lambda d: (
+            _gpu01_chat(api_key_secret="chat_key")(d),  # noqa: S106 (a name)
+            d["hosts"]["gpu-01"]["data"].update(
+                secrets={"chat_key": {"path": "gpunode/chat", "key": "k", "env": "LLAMA_API_KEY"}}
+            ),
+        ),
+        "host gw-01: gateway.upstreams: gpu-01: inference.services.chat.api_key_secret: the "
+        "gateway checks every client's key",
+    ),
+    (
+        "nothing_to_front",
+        _gpu01_chat(enabled=False),
+        "host gw-01: gateway.upstreams: gpu-01 has no enabled systemd inference service",
+    ),
+    (
+        "gateway_dns_name",
+        _set("hosts.gw-01.connection.address", "gw-01.example.com"),
+        "host gw-01: gateway.source_addresses: not set and connection.address "
+        "gw-01.example.com is not an IP address",
+    ),
+    (
+        "client_model",
+        _set("groups.gateways.data.gateway.clients.alice.models", ["mistral"]),
+        "host gw-01: gateway.clients.alice.models: mistral is not a model the gateway serves "
+        "(allowed: chat)",
+    ),
+    (
+        "listed_twice",
+        _set("groups.gateways.data.gateway.upstreams", ["gpu-01", "gpu-01"]),
+        "gateway.upstreams: a host is listed twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"), [c[1:] for c in FLEET_REFUSALS], ids=[c[0] for c in FLEET_REFUSALS]
+)
+def test_a_bad_upstream_is_refused_at_load(edit: Edit, says: str, tmp_path: Path) -> None:
+    doc = fleet_doc()
+    edit(doc)
+    fleet_refusal(tmp_path, doc, says)
+
+
+def test_a_gateway_on_a_dns_name_may_give_its_source_addresses(tmp_path: Path) -> None:
+    doc = fleet_doc()
+    doc["hosts"]["gw-01"]["connection"]["address"] = "gw-01.example.com"
+    doc["hosts"]["gw-01"]["data"] = {"gateway": {"source_addresses": ["10.0.0.31"]}}
+    config = load_doc(tmp_path, doc).hosts["gpu-01"].config
+    assert config.gateway_sources == {"chat": ("10.0.0.31", GW2)}
+
+
+def test_an_upstream_listening_on_one_address_is_reached_there(tmp_path: Path) -> None:
+    doc = fleet_doc()
+    _gpu01_chat(listen="10.0.0.41")(doc)
+    servers = load_doc(tmp_path, doc).hosts["gw-01"].config.upstream_servers
+    assert [(s.host, s.address) for s in servers] == [("gpu-01", "10.0.0.41"), ("gpu-02", UP2)]
+
+
+def test_every_openai_compatible_runtime_answers_one_health_check() -> None:
+    """A backend holds the servers of one model, from any node and runtime, under one
+    health check (gpunode.gateway.link relies on it)."""
+    openai = {p.health_path for p in PROFILES.values() if p.models_path == "/v1/models"}
+    assert len(openai) == 1 and len([p for p in PROFILES.values() if p.models_path]) >= 2
+
+
+def test_rollout_asks_a_service_fronted_from_another_host_on_its_node(tmp_path: Path) -> None:
+    """Its port lets only the gateways in, so the controller asks over SSH, on loopback;
+    without the gateways it is asked from here, as before."""
+    asked: list[list[str]] = []
+
+    def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        asked.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    host = load_doc(tmp_path, fleet_doc()).hosts["gpu-01"]
+    assert check_health(host, host.config.inference.services["chat"], 3, runner) is None
+    assert asked and asked[0][0] == "ssh" and asked[0][-2].endswith(f"@{UP1}")
+    assert f"http://127.0.0.1:{CHAT}/health" in asked[0][-1]
+    doc = fleet_doc()
+    doc["groups"]["gateways"]["data"]["gateway"]["enabled"] = False
+    asked.clear()
+    host = load_doc(tmp_path, doc).hosts["gpu-01"]
+    assert check_health(host, host.config.inference.services["chat"], 0.2, runner) is not None
+    assert asked == []  # asked from here (TEST-NET: nothing answers)

@@ -67,6 +67,7 @@ from gpunode.haproxy import (
     map_files,
     render_config,
 )
+from gpunode.schema.gateway import RemoteServer
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.types import ConfigError
 
@@ -1526,3 +1527,72 @@ def test_no_fronted_service_is_refused() -> None:
     config = NodeConfig.model_validate({"distro": "debian12", "gateway": {"enabled": True}})
     with pytest.raises(ConfigError, match="no inference service"):
         render_config(config)
+
+
+# --- a gateway in front of other nodes (gateway.upstreams) ----------------------------------
+
+
+def test_nodes_serving_one_model_share_its_requests_and_cover_for_each_other(
+    tmp_path: Path, cert: Cert
+) -> None:
+    """One model served on this node and on an upstream (gpunode.gateway.link's result,
+    given here as the upstream server on another loopback port): one HAProxy backend with
+    both servers; requests reach both; with the local server down they all reach the
+    upstream, and /health stays 200 while one of them is up."""
+    local, remote = Backend("local"), Backend("remote")
+    config = node_config(
+        {"chat": ("chat", local.port)},
+        {"alice": {"rate": 1000, "burst": 1000}},
+        listen="127.0.0.1",
+        port=free_port(),
+        metrics_port=free_port(),
+    ).linked((RemoteServer("gpu-02", "chat", "127.0.0.1", remote.port, "chat", "llamacpp"),), {})
+    text = render_config(config, NODE)
+    assert re.search(r"(?m)^backend be_chat\n(    .*\n)*    server chat 127\.0\.0\.1:", text)
+    assert f"    server gpu-02-chat 127.0.0.1:{remote.port} check" in text
+    assert text.count("\nbackend be_") == 1
+    keys = {"alice": secrets.token_urlsafe(32)}
+    gw = Gateway(tmp_path, config, keys, cert).start()
+    try:
+        deadline = time.monotonic() + 15
+        while not (local.seen and remote.seen):
+            assert time.monotonic() < deadline, "the requests did not reach both nodes"
+            status = gw.request("POST", "/v1/chat/completions", chat(), key=keys["alice"])[0]
+            assert status == 200
+        local.stop()
+        before = len(remote.seen)
+        deadline = time.monotonic() + 15
+        while True:  # until HAProxy's checks take the local server out
+            status = gw.request("POST", "/v1/chat/completions", chat(), key=keys["alice"])[0]
+            if status == 200 and len(remote.seen) > before:
+                before = len(remote.seen)
+                if all(
+                    gw.request("POST", "/v1/chat/completions", chat(), key=keys["alice"])[0] == 200
+                    for _ in range(10)
+                ):
+                    break
+            assert time.monotonic() < deadline, "the upstream did not take over"
+            time.sleep(0.25)
+        assert len(remote.seen) == before + 10
+        assert gw.request("GET", "/health")[0] == 200
+    finally:
+        gw.stop()
+        remote.stop()
+
+
+def test_two_upstreams_with_the_same_service_name_get_their_own_backends() -> None:
+    """gpu-02 and gpu-03 both call their service ``chat`` but serve different models: two
+    backends, the second named apart, and the model map sends each model to its own."""
+    config = node_config({}, {"alice": {}}).linked(
+        (
+            RemoteServer("gpu-02", "chat", "192.0.2.12", 8000, "llama", "llamacpp"),
+            RemoteServer("gpu-03", "chat", "192.0.2.13", 8000, "mistral", "llamacpp"),
+        ),
+        {},
+    )
+    text = render_config(config, NODE)
+    assert "backend be_chat\n" in text and "backend be_chat_2\n" in text
+    assert "server gpu-02-chat 192.0.2.12:8000" in text
+    assert "server gpu-03-chat 192.0.2.13:8000" in text
+    models = map_files(config, {"alice": "a" * 64}, NODE)[f"{NODE.config_dir}/models.map"]
+    assert "llama be_chat\n" in models and "mistral be_chat_2\n" in models

@@ -262,6 +262,8 @@ BASE: dict[str, Any] = {
                 }
             },
             "tls": {"names": ["gpu-01.example.com"], "ip_sans": ["192.0.2.10"]},
+            "upstreams": ["gpu-02"],
+            "source_addresses": ["192.0.2.10"],
         },
         "nomad": {
             "enabled": True,
@@ -303,7 +305,28 @@ BASE: dict[str, Any] = {
                 "ssh_config_file": "/etc/gpunode/ssh_config",
             },
             "groups": ["gpu_nodes"],
-        }
+        },
+        "gpu-02": {  # an upstream of gpu-01's gateway
+            "connection": {"address": "192.0.2.11"},
+            "data": {
+                "base": {"hostname": "gpu-02"},
+                "gateway": {"enabled": False},
+                "inference": {
+                    "services": {
+                        "embed": {  # as in defaults, on its own address
+                            "runtime": "llamacpp",
+                            "listen": "192.0.2.11",
+                            "port": 8100,
+                            "model": {
+                                "uri": "file:///mnt/models/embed.gguf",
+                                "sha256": SHA_MODEL,
+                                "served_name": "embed-small",
+                            },
+                        }
+                    }
+                },
+            },
+        },
     },
 }
 
