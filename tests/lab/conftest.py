@@ -112,6 +112,16 @@ def planned_changes(inventory: str, deploy: str, env: dict[str, str]) -> dict[st
     return per_host
 
 
+class Hidden(str):
+    """A credential a test holds (an API key): used as the string it is, shown as
+    ``'<hidden>'`` by repr, which is what pytest prints of it when an assertion fails."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<hidden>'"
+
+
 @dataclass
 class Lab:
     env: dict[str, str]

@@ -29,11 +29,12 @@ from gpunode.commands import lab_front_door as door
 from gpunode.config import _deep_merge
 from gpunode.paths import REPO_ROOT
 
-from .conftest import Lab, changes, front_door_lab, gpunode, pyinfra, root_vault, run
+from .conftest import Hidden, Lab, changes, front_door_lab, gpunode, pyinfra, root_vault, run
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_node.py"
 CANARY = "purple-elephant-canary-7f3a"
+SECOND_KEY = Hidden("second-client-key-" + "x" * 24)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,8 @@ def access(lab: Lab) -> dict[str, str]:
     return json.loads((lab.state_dir / "gateway.json").read_text())
 
 
-def demo_key(lab: Lab) -> str:
-    return Path(access(lab)["api_key_file"]).read_text().strip()
+def demo_key(lab: Lab) -> Hidden:
+    return Hidden(Path(access(lab)["api_key_file"]).read_text().strip())
 
 
 def vault(lab: Lab) -> hvac.Client:
@@ -226,17 +227,17 @@ def test_over_the_limit_is_429_with_retry_after_and_under_it_200(lab: Lab) -> No
 
 
 def test_revoking_one_client_leaves_the_other_working(lab: Lab, tmp_path: Path) -> None:
-    put_key(lab, "gpunode/clients/second", "second-client-key-" + "x" * 24)
+    put_key(lab, "gpunode/clients/second", SECOND_KEY)
     second = {"key": {"path": "gpunode/clients/second"}, "rate": 5}
     env = with_front_door(lab, tmp_path, {"gateway": {"clients": {"second": second}}})
     deploy(env)
     assert call(lab, "/v1/models", demo_key(lab))[0] == 200
-    assert call(lab, "/v1/models", "second-client-key-" + "x" * 24)[0] == 200
+    assert call(lab, "/v1/models", SECOND_KEY)[0] == 200
     revoked = {"demo": {"revoked": True}, "second": second}
     env = with_front_door(lab, tmp_path, {"gateway": {"clients": revoked}})
     deploy(env)
     assert call(lab, "/v1/models", demo_key(lab))[0] == 401
-    assert call(lab, "/v1/models", "second-client-key-" + "x" * 24)[0] == 200
+    assert call(lab, "/v1/models", SECOND_KEY)[0] == 200
     deploy(with_front_door(lab, tmp_path, {}))  # back to the lab's own clients
     assert call(lab, "/v1/models", demo_key(lab))[0] == 200
 
@@ -262,7 +263,7 @@ def test_an_mtls_client_needs_its_certificate_from_the_same_ca(lab: Lab, tmp_pat
     cert.write_text(issued["certificate"] + "\n")
     key_file.write_text(issued["private_key"] + "\n")
     key_file.chmod(0o600)
-    key = "mtls-app-key-" + "z" * 24
+    key = Hidden("mtls-app-key-" + "z" * 24)
     put_key(lab, "gpunode/clients/mtls-app", key)
     app = {"key": {"path": "gpunode/clients/mtls-app"}, "mtls": True}
     deploy(with_front_door(lab, tmp_path, {"gateway": {"clients": {"mtls-app": app}}}))
