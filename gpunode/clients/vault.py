@@ -335,17 +335,27 @@ def _errors(exc: Exception) -> str:
 
 
 def read_root_only(path: str) -> str:
-    """The content of a credentials file that only root (or this user) can read."""
+    """The content of a credentials file that only root (or this user) can read. The
+    checks are of the file opened (fstat), not of a path that could change in between; a
+    symbolic link as the file's last component is refused."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise VaultError(f"vault.secret_id_file {path}: cannot read it ({exc.strerror})") from None
-    if st.st_uid not in (0, os.geteuid()) or stat.S_IMODE(st.st_mode) & 0o077:
-        raise VaultError(
-            f"vault.secret_id_file {path}: owned by uid {st.st_uid} with mode "
-            f"{stat.S_IMODE(st.st_mode):04o} (allowed: owned by root, mode 0600 or 0400)"
-        )
-    value = Path(path).read_text().strip()
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(handle.fileno())
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_uid not in (0, os.geteuid())
+            or stat.S_IMODE(st.st_mode) & 0o077
+        ):
+            raise VaultError(
+                f"vault.secret_id_file {path}: owned by uid {st.st_uid} with mode "
+                f"{stat.S_IMODE(st.st_mode):04o} (allowed: a regular file owned by root, mode "
+                "0600 or 0400)"
+            )
+        raw = handle.read(65536)
+    value = raw.decode("utf-8", "replace").strip()
     if not value:
         raise VaultError(f"vault.secret_id_file {path}: the file is empty")
     return value

@@ -109,7 +109,7 @@ class Vault(Model):
     is not set."""
     secret_id_file: AbsPath | None = None
     """A file on the controller holding the secret_id, used when neither variable is set;
-    it must be root-only (owner root, mode 0600 or 0400)."""
+    it must be a root-only regular file (owner root, mode 0600 or 0400; not a symbolic link)."""
     token_env: EnvName = "VAULT_TOKEN"  # noqa: S105 - a variable name
     """The environment variable holding the token with `auth: token`."""
     namespace: VaultNamespace | None = None

@@ -185,7 +185,7 @@ def secret_id_file(tmp_path: Path, mode: int) -> Path:
 def refused_message(path: Path, mode: int) -> str:
     return (
         f"vault.secret_id_file {path}: owned by uid {os.geteuid()} with mode {mode:04o} "
-        "(allowed: owned by root, mode 0600 or 0400)"
+        "(allowed: a regular file owned by root, mode 0600 or 0400)"
     )
 
 

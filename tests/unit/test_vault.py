@@ -115,12 +115,30 @@ def test_secret_id_from_a_root_only_file(bao: Bao, tmp_path: Path) -> None:
     path.write_text(bao.secret_id() + "\n")
     path.chmod(0o644)
     s = session(bao, {}, secret_id_file=str(path))
-    with pytest.raises(VaultError, match=r"mode 0644 \(allowed: owned by root, mode 0600"):
+    with pytest.raises(VaultError, match=r"mode 0644 \(allowed: a regular file owned by root"):
         s.read("demo", DEMO)
     path.chmod(0o600)
     assert s.read("demo", DEMO).value == "v2-value"
     s.close()
     assert read_root_only(str(path)) == path.read_text().strip()
+
+
+def test_a_secret_id_file_through_a_link_or_not_a_file_is_refused(tmp_path: Path) -> None:
+    """The checks are of what is opened: a symbolic link (which could be swapped between a
+    check and a read) and a FIFO or directory are refused, naming the path, never read."""
+    real = tmp_path / "secret_id"
+    real.write_text("s3cr3t-canary\n")
+    real.chmod(0o600)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(VaultError) as err:
+        read_root_only(str(link))
+    assert str(link) in str(err.value) and "s3cr3t-canary" not in str(err.value)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(VaultError, match="a regular file"):
+        read_root_only(str(fifo))  # opened without blocking, refused before any read
+    assert read_root_only(str(real)) == "s3cr3t-canary"
 
 
 def test_a_wrapped_secret_id_works_once(bao: Bao) -> None:
