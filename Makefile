@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++ haproxy
 
-.PHONY: deps venv lab lab-down check test unit reference
+.PHONY: deps venv lab lab-down check test unit reference mutate
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -43,6 +43,10 @@ unit: venv
 # docs/reference.md from gpunode/schema/ (tests/unit/test_reference.py fails when it is stale)
 reference: venv
 	$(BIN)/python scripts/gen_reference.py --write
+
+# Mutation testing of the security-critical modules (docs/mutation.md); not part of `make test`.
+mutate: venv
+	$(BIN)/python scripts/mutate.py
 
 # Everything: lint, types, unit tests, lab tests (root; CI=true makes lab tests fail rather than skip).
 test: deps venv check
