@@ -6,10 +6,7 @@ the leak-proof file operation in gpunode/operations/files.py.
 
 from __future__ import annotations
 
-import re
-
 from gpunode.schema.node import Connection, NodeConfig
-from gpunode.schema.types import SECRET_NAME_RE
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:
@@ -29,12 +26,7 @@ def check_host(where: str, config: NodeConfig, connection: Connection) -> list[s
             "vault.secret_id_file, the file it rotates (allowed: both set, or false)"
         )
     dests: dict[str, str] = {}
-    for name, secret in config.secrets.items():
-        if not re.fullmatch(SECRET_NAME_RE, name):
-            problems.append(
-                f"{where}: secrets.{name}: bad secret name (allowed: a-z, 0-9, '_' and '-', "
-                "starting with a letter or digit; it names the env file)"
-            )
+    for name, secret in config.secrets.items():  # names: SecretName, checked by the schema
         for field_name in ("path", "key"):
             if getattr(secret, field_name) is None:
                 problems.append(

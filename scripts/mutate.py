@@ -74,8 +74,9 @@ def _tests(*names: str) -> tuple[str, ...]:
 MODULES: dict[str, Module] = {
     "secrets": Module(
         "gpunode/secrets.py",
-        _tests("secretfile", "vault", "hostile", "inference"),
-        "the node-side check of secret files (owner, mode, presence)",
+        _tests("secretfile", "vault", "vault_rotation", "hostile", "inference"),
+        "the checks of secrets: against the rest of a node's config (vault.addr, client key, "
+        "rotate_secret_id, one file per secret)",
     ),
     "files": Module(
         "gpunode/operations/files.py",
@@ -89,7 +90,9 @@ MODULES: dict[str, Module] = {
     ),
     "firewall": Module(
         "gpunode/firewall.py",
-        _tests("hardening", "gateway", "inference", "inventories", "bites_config"),
+        _tests(
+            "hardening", "gateway", "inference", "inventories", "bites_config", "firewall_bites"
+        ),
         "nftables ruleset rendering, allowed ports and sources, egress",
     ),
     "firewall-role": Module(
@@ -99,7 +102,7 @@ MODULES: dict[str, Module] = {
     ),
     "hardening": Module(
         "gpunode/hardening.py",
-        _tests("hardening", "hostile"),
+        _tests("hardening", "hostile", "hardening_bites"),
         "sshd options, AllowGroups, sudo defaults, sysctl",
     ),
     "drift": Module(
@@ -109,7 +112,7 @@ MODULES: dict[str, Module] = {
     ),
     "artifacts": Module(
         "gpunode/operations/artifacts.py",
-        _tests("artifacts"),
+        _tests("artifacts", "artifacts_ops"),
         "fetch (checksum before use), switch and prune of model/runtime artifacts",
     ),
     "rotate": Module(
@@ -127,12 +130,21 @@ MODULES: dict[str, Module] = {
 KILLED = {"killed", "timeout", "caught by type check"}
 
 # A pytest plugin for mutmut's runs only (written into the scratch copy, loaded with -p).
-# mutmut wraps every function it mutates in a trampoline taking (*args, **kwargs); pyinfra's
-# FunctionCommand decides whether to pass (state, host) to a callback from
-# inspect.getfullargspec, which does not look through the wrapper, so the trampolined
-# callback (files._write) would be called without them and every test writing a file would
-# fail.  Reading the argument names of the wrapped function restores what pyinfra sees.
-PLUGIN = '''"""scripts/mutate.py: pyinfra reads a callback's arguments through the trampoline."""
+# - mutmut wraps every function it mutates in a trampoline taking (*args, **kwargs); pyinfra's
+#   FunctionCommand decides whether to pass (state, host) to a callback from
+#   inspect.getfullargspec, which does not look through the wrapper, so the trampolined
+#   callback (files._write) would be called without them and every test writing a file
+#   would fail.  Reading the argument names of the wrapped function restores what pyinfra
+#   sees.
+# - mutmut gives pytest the tests it selects (for the clean run of a sample, and for each
+#   mutant) as node ids taken from a set, so in an order that changes from run to run
+#   (string hashing is randomised per process), and pytest runs node ids in the order given.
+#   A test that depends on an earlier one (state kept for the life of the process) then
+#   fails the clean run at random ("Failed to run clean test"), or kills a mutant for the
+#   wrong reason.  The plugin puts the selected tests back in the order `pytest tests/unit`
+#   runs them: file by file, then as defined in the file.
+PLUGIN = '''"""scripts/mutate.py: pyinfra reads a callback's arguments through the trampoline,
+and the tests mutmut selects run in the order `pytest tests/unit` runs them."""
 
 import inspect
 
@@ -140,6 +152,16 @@ from pyinfra.api import command
 
 _getfullargspec = command.getfullargspec
 command.getfullargspec = lambda function: _getfullargspec(inspect.unwrap(function))
+
+
+def _definition_order(item):
+    path, line, _ = item.location
+    spec = getattr(item, "callspec", None)
+    return (path, -1 if line is None else line, tuple(spec.indices.values()) if spec else ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_definition_order)
 '''
 
 

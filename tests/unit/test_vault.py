@@ -347,6 +347,29 @@ def test_config_defaults() -> None:
             "vault: {addr: 'https://v:8200', auth: kerberos}",
             "inv.yml: defaults: vault.auth: 'kerberos': Input should be 'approle' or 'token'",
         ),
+        (
+            "    a: {key: k}\n",
+            "vault: {addr: 'https://v:8200'}",
+            "inv.yml: host gpu-01: secrets.a.path: required key is missing (allowed: the KV v2 "
+            "path without data/, e.g. gpunode/llm)\n",
+        ),
+        (
+            "    a: {path: p, key: k}\n    b: {path: q, key: k}\n",
+            "vault: {}",
+            "inv.yml: host gpu-01: vault.addr: not set but secrets are declared (a, b) (allowed: "
+            "the Vault URL, e.g. https://vault:8200)",
+        ),
+        (
+            "    a: {path: p, key: k}\n",
+            "vault: {addr: 'https://v:8200', client_key: /etc/gpunode/vault-key.pem}",
+            "inv.yml: host gpu-01: vault.client_key: set without vault.client_cert",
+        ),
+        (
+            "    a: {path: p, key: k}\n",
+            "vault: {addr: 'https://v:8200', rotate_secret_id: true, auth: token}",
+            "inv.yml: host gpu-01: vault.rotate_secret_id: needs vault.auth: approle and "
+            "vault.secret_id_file, the file it rotates (allowed: both set, or false)",
+        ),
     ],
 )
 def test_bad_secret_config_is_refused_at_load(
@@ -354,7 +377,17 @@ def test_bad_secret_config_is_refused_at_load(
 ) -> None:
     with pytest.raises(ConfigError) as err:
         _load(_inv(secrets_yaml, vault_yaml))
-    assert message in str(err.value), str(err.value)
+    assert message in str(err.value) + "\n", str(err.value)
+
+
+def test_a_rotating_approle_config_loads() -> None:
+    """The other side of the rotate_secret_id refusal: approle with its file is accepted."""
+    vault = (
+        "vault: {addr: 'https://v:8200', role_id: r, rotate_secret_id: true, auth: approle, "
+        "secret_id_file: /var/lib/gpunode/controller/secret_id}"
+    )
+    config = _load(_inv("    a: {path: p, key: k}\n", vault)).hosts["gpu-01"].config
+    assert (config.vault.rotate_secret_id, config.vault.auth) == (True, "approle")
 
 
 # --- rotation refuses what it cannot do safely (before touching Vault or a host) ---------
