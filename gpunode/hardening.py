@@ -8,7 +8,13 @@ from __future__ import annotations
 import re
 
 from gpunode.render import environment, sudoers_value
-from gpunode.schema.hardening import CONTAINER_SYSCTL, SSHD_FIXED, SYSCTL_KERNEL, SYSCTL_NETWORK
+from gpunode.schema.hardening import (
+    CONTAINER_SYSCTL,
+    DISABLED_MODULES,
+    SSHD_FIXED,
+    SYSCTL_KERNEL,
+    SYSCTL_NETWORK,
+)
 from gpunode.schema.node import Connection, NodeConfig
 from gpunode.schema.types import GROUPNAME_RE, USERNAME_RE
 
@@ -16,6 +22,8 @@ SSHD_DROPIN = "/etc/ssh/sshd_config.d/00-gpunode.conf"  # first match wins: sort
 SSHD_STAGED = "/etc/gpunode/sshd/00-gpunode.conf"  # validated here before it goes live
 SUDO_DROPIN = "/etc/sudoers.d/99-gpunode-hardening"  # read last: its Defaults win
 SYSCTL_FILE = "/etc/sysctl.d/60-gpunode-hardening.conf"
+ISSUE_FILE, ISSUE_NET_FILE = "/etc/issue", "/etc/issue.net"
+MODPROBE_FILE = "/etc/modprobe.d/60-gpunode-modules.conf"
 CORE_LIMITS_FILE = "/etc/security/limits.d/60-gpunode-core.conf"
 COREDUMP_DROPIN = "/etc/systemd/coredump.conf.d/60-gpunode.conf"
 KERNEL_PREFIXES = ("kernel.", "fs.", "vm.", "dev.", "user.")  # not per network namespace
@@ -44,6 +52,7 @@ def sshd_options(config: NodeConfig, connection_user: str) -> dict[str, str]:
         "ciphers": ",".join(ssh.ciphers),
         "kexalgorithms": ",".join(ssh.kex_algorithms),
         "macs": ",".join(ssh.macs),
+        "banner": ISSUE_NET_FILE if config.hardening.banner is not None else "none",
     }
 
 
@@ -56,7 +65,7 @@ SSHD_KEYWORDS = {
         "AllowAgentForwarding AllowStreamLocalForwarding X11Forwarding PermitTunnel GatewayPorts "
         "PermitUserEnvironment StrictModes UseDNS Compression PrintLastLog LogLevel "
         "PermitRootLogin MaxAuthTries LoginGraceTime ClientAliveInterval ClientAliveCountMax "
-        "MaxSessions MaxStartups Ciphers KexAlgorithms MACs"
+        "MaxSessions MaxStartups Ciphers KexAlgorithms MACs TCPKeepAlive Banner"
     ).split()
 }
 
@@ -126,6 +135,36 @@ def render_sysctl(config: NodeConfig) -> str:
         .get_template("sysctl.conf.j2")
         .render(values=sorted(sysctl_settings(config).items()))
     )
+
+
+def render_issue(config: NodeConfig, net: bool = False) -> str:
+    """/etc/issue (``net``: /etc/issue.net) from hardening.banner. agetty reads backslash
+    escapes in /etc/issue (``\\l``: the tty, ...), so a backslash there is doubled; sshd
+    and /etc/issue.net print the text as it is."""
+    lines = config.hardening.banner or []
+    if not net:
+        lines = [line.replace("\\", "\\\\") for line in lines]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def disabled_modules(config: NodeConfig) -> list[str]:
+    """The kernel modules turned off: DISABLED_MODULES but hardening.allow_modules, and
+    hardening.disable_modules."""
+    hard = config.hardening
+    return [m for m in DISABLED_MODULES if m not in hard.allow_modules] + hard.disable_modules
+
+
+def render_modprobe(config: NodeConfig) -> str:
+    """/etc/modprobe.d/60-gpunode-modules.conf: for each module turned off, an explicit
+    load runs /bin/false (and fails), and no alias loads it. Names are KernelModule (a-z,
+    0-9, '_', '-'): one word each."""
+    lines = [
+        "# Kernel modules turned off by gpunode (gpunode/schema/hardening.py DISABLED_MODULES,",
+        "# hardening.allow_modules, hardening.disable_modules). Written by gpunode.",
+    ]
+    for module in disabled_modules(config):
+        lines += [f"install {module} /bin/false", f"blacklist {module}"]
+    return "\n".join(lines) + "\n"
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:

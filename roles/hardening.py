@@ -15,6 +15,10 @@ files with strict modes).
 - sysctl: all keys persisted in ``/etc/sysctl.d/60-gpunode-hardening.conf``; network
   keys applied now; kernel-wide keys applied where writable (inside a container they
   are read-only: skipped with a visible notice).
+- kernel modules: the uncommon protocols and filesystems of DISABLED_MODULES (less
+  ``hardening.allow_modules``, plus ``hardening.disable_modules``) get ``install <m>
+  /bin/false`` and ``blacklist <m>`` in ``/etc/modprobe.d/60-gpunode-modules.conf``; in a
+  container the file is written and a notice says the kernel is not the host's own.
 - core dumps off, telnet/rsh/NIS/TFTP/inetd absent, strict modes on /etc/shadow & co.
 
 .. code:: python
@@ -62,6 +66,8 @@ def hardening() -> None:
         content=rules.render_sudo_defaults(config),
     )
     _sysctl(config)
+    _modules(config, host.get_fact(HostInfo)["container"])
+    _banner(config)
     _core_dumps(config)
     _packages(config, spec)
     _file_modes(config, spec)
@@ -124,6 +130,40 @@ def _sysctl(config: NodeConfig) -> None:
             message=(
                 f"read-only here (a container?): {', '.join(read_only)} persisted in "
                 f"{rules.SYSCTL_FILE}, not applied"
+            ),
+        )
+
+
+def _banner(config: NodeConfig) -> None:
+    if config.hardening.banner is None:
+        return  # the distro's own files, no sshd Banner
+    for path, net in ((rules.ISSUE_FILE, False), (rules.ISSUE_NET_FILE, True)):
+        files.put(
+            name=f"Login banner ({path})",
+            src=StringIO(rules.render_issue(config, net=net)),
+            dest=path,
+            user="root",
+            group="root",
+            mode="644",
+        )
+
+
+def _modules(config: NodeConfig, container: str) -> None:
+    files.put(
+        name="Kernel modules turned off (modprobe.d)",
+        src=StringIO(rules.render_modprobe(config)),
+        dest=rules.MODPROBE_FILE,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    if container:
+        notice(
+            name="Kernel modules",
+            message=(
+                f"the kernel is the one of the machine underneath ({container}): "
+                f"{rules.MODPROBE_FILE} is written, modules are refused where this host boots "
+                "its own kernel"
             ),
         )
 

@@ -18,15 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, field_validator
 
 from gpunode.schema.types import (
     AbsPath,
     GroupName,
+    KernelModule,
     Model,
     SshAlgorithm,
     SysctlKey,
     SysctlValue,
+    listed_twice,
 )
 
 # --- sshd (dev-sec ssh-baseline) -------------------------------------------------------
@@ -78,7 +80,12 @@ SSHD_FIXED: dict[str, str] = {
     "compression": "no",
     "printlastlog": "yes",
     "loglevel": "VERBOSE",
+    "tcpkeepalive": "no",  # dev-sec: ClientAlive* (inside the encrypted channel) instead
 }
+
+# The login banner (CIS Debian 12, 1.7: no OS or version in it), on /etc/issue (the
+# console), /etc/issue.net and sshd's Banner; hardening.banner changes it.
+DEFAULT_BANNER = ("Authorized uses only. All activity may be monitored and reported.",)
 
 # --- sysctl (dev-sec linux-baseline, CIS 3.3 / 1.5) --------------------------------------
 
@@ -160,6 +167,29 @@ ABSENT_PACKAGES: dict[str, tuple[str, ...]] = {
         "tftp",
         "xinetd",
     ),
+}
+
+
+# --- kernel modules ---------------------------------------------------------------------------
+
+# Kernel modules an inference node does not need, turned off (hardening.allow_modules lets one
+# back): /etc/modprobe.d/60-gpunode-modules.conf says `install <module> /bin/false` (an
+# explicit load fails) and `blacklist <module>` (no alias loads it). module -> why.
+# Not here on purpose: squashfs (Ubuntu's snaps), vfat (the EFI system partition), overlay
+# (container runtimes), and anything a GPU needs.
+DISABLED_MODULES: dict[str, str] = {
+    "dccp": "uncommon network protocol (CIS Debian 12, 3.2 network kernel modules)",
+    "sctp": "uncommon network protocol (CIS Debian 12, 3.2 network kernel modules)",
+    "rds": "uncommon network protocol (CIS Debian 12, 3.2 network kernel modules)",
+    "tipc": "uncommon network protocol (CIS Debian 12, 3.2 network kernel modules)",
+    "cramfs": "uncommon filesystem (CIS Debian 12, 1.1.1 filesystem kernel modules)",
+    "freevxfs": "uncommon filesystem (CIS Debian 12, 1.1.1 filesystem kernel modules)",
+    "jffs2": "uncommon filesystem (CIS Debian 12, 1.1.1 filesystem kernel modules)",
+    "hfs": "uncommon filesystem (CIS Debian 12, 1.1.1 filesystem kernel modules)",
+    "hfsplus": "uncommon filesystem (CIS Debian 12, 1.1.1 filesystem kernel modules)",
+    "udf": "uncommon filesystem (CIS Debian 12, 1.1.1 filesystem kernel modules)",
+    "usb-storage": "removable storage (CIS Debian 12, 1.1.1 filesystem kernel modules)",
+    "firewire-core": "FireWire: DMA from an external device (dev-sec linux baseline)",
 }
 
 
@@ -256,3 +286,35 @@ class Hardening(Model):
     """Remove ABSENT_PACKAGES: telnet, rsh, NIS, TFTP, inetd."""
     strict_file_modes: bool = True
     """Enforce owners and modes of STRICT_FILES: /etc/shadow, sshd_config, ..."""
+    banner: list[Annotated[str, StringConstraints(max_length=200)]] | None = Field(
+        default_factory=lambda: list(DEFAULT_BANNER), max_length=40
+    )
+    """The login banner's lines, on /etc/issue, /etc/issue.net and sshd's `Banner`; null:
+    leave the distro's files and sshd without a banner."""
+    allow_modules: list[KernelModule] = Field(default_factory=list)
+    """Kernel modules of DISABLED_MODULES this node needs (e.g. [sctp]): left loadable."""
+    disable_modules: list[KernelModule] = Field(default_factory=list)
+    """Kernel modules turned off besides DISABLED_MODULES."""
+
+    @field_validator("allow_modules")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in DISABLED_MODULES:
+                raise ValueError(
+                    f"{name!r} is not a module gpunode turns off (allowed: "
+                    f"{', '.join(DISABLED_MODULES)})"
+                )
+        if listed_twice(value):
+            raise ValueError("a module is listed twice (allowed: each once)")
+        return value
+
+    @field_validator("disable_modules")
+    @classmethod
+    def _disabled(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name in DISABLED_MODULES:
+                raise ValueError(f"{name!r} is turned off already (allowed: another module)")
+        if listed_twice(value):
+            raise ValueError("a module is listed twice (allowed: each once)")
+        return value

@@ -181,6 +181,7 @@ RULE_NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 IF_NAME_RE = r"^[a-zA-Z0-9_.-]{1,15}\*?$"  # nft interface names; a trailing * is a wildcard
 SYSCTL_KEY_RE = r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$"
 SSH_ALGORITHM_RE = r"^[a-z0-9][a-z0-9.@-]*$"
+KERNEL_MODULE_RE = r"^[a-z0-9][a-z0-9_-]{0,55}$"
 DRIVER_VERSION_RE = r"^[0-9]+(\.[0-9]+){1,2}$"
 # Vault KV v2 paths and mounts; no segment starts with a dot or a dash: no "..", no "."
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
@@ -251,6 +252,7 @@ PATTERN_HELP: dict[str, str] = {
     "a trailing '*' matching any suffix",
     SYSCTL_KEY_RE: "a sysctl key such as net.ipv4.ip_forward",
     SSH_ALGORITHM_RE: "an OpenSSH algorithm name such as aes256-gcm@openssh.com",
+    KERNEL_MODULE_RE: "a kernel module name such as sctp: a-z, 0-9, '_' and '-'",
     DRIVER_VERSION_RE: "a driver version such as 580.95.05",
     KV_PATH_RE: "a Vault path: segments of letters, digits, '_', '.' and '-' separated by '/', "
     "none starting with '.' or '-'",
@@ -487,6 +489,7 @@ IfName = Annotated[str, _pattern(IF_NAME_RE)]
 SysctlKey = Annotated[str, _pattern(SYSCTL_KEY_RE)]
 SysctlValue = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 SshAlgorithm = Annotated[str, _pattern(SSH_ALGORITHM_RE)]
+KernelModule = Annotated[str, _pattern(KERNEL_MODULE_RE)]
 # nvidia
 DriverVersion = Annotated[str, _pattern(DRIVER_VERSION_RE)]
 GpuId = Annotated[str, _pattern(GPU_ID_RE)]

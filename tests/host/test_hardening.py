@@ -158,6 +158,40 @@ def test_sysctl_kernel_keys_live(hardening_on, host, node: Host, in_container: b
     assert _sysctls(host, sorted(wanted)) == wanted
 
 
+# --- login banner --------------------------------------------------------------------------
+
+
+def test_login_banner(hardening_on, host, node: Host) -> None:
+    if node.config.hardening.banner is None:
+        pytest.skip("hardening.banner is null: the distro's files are left as they are")
+    for path, net in ((hardening.ISSUE_FILE, False), (hardening.ISSUE_NET_FILE, True)):
+        f = host.file(path)
+        assert f.content_string == hardening.render_issue(node.config, net=net), path
+        assert (f.user, f.group, f.mode) == ("root", "root", 0o644), path
+
+
+# --- kernel modules ------------------------------------------------------------------------
+
+
+def test_uncommon_kernel_modules_turned_off(hardening_on, host, node: Host) -> None:
+    f = host.file(hardening.MODPROBE_FILE)
+    assert f.content_string == hardening.render_modprobe(node.config)
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o644)
+
+
+def test_a_turned_off_module_would_not_load(
+    hardening_on, host, node: Host, in_container: bool
+) -> None:
+    """What modprobe would do (-n: nothing is loaded), where this host boots its own kernel."""
+    if in_container:
+        pytest.skip("the kernel is the machine's underneath (the role says so on every run)")
+    for module in hardening.disabled_modules(node.config):
+        out = host.run(f"modprobe -n -v {module}")
+        assert "install /bin/false" in out.stdout, f"{module}: {out.stdout} {out.stderr}"
+        loaded = host.run(f"grep -qw '^{module.replace('-', '_')}' /proc/modules")
+        assert loaded.rc != 0, f"{module} is loaded (it was before gpunode turned it off?)"
+
+
 # --- OS ----------------------------------------------------------------------------------
 
 

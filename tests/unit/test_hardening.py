@@ -830,6 +830,120 @@ def test_in_a_container_kernel_sysctls_are_persisted_not_applied() -> None:
     assert not run.grep(r"^sysctl -q -w")  # network keys already right, kernel keys read-only
 
 
+def modprobe_lines(text: str) -> list[tuple[str, str, str]]:
+    """(command, module, rest) of each modprobe.d line that is not a comment."""
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            command, module, *rest = line.split()
+            out.append((command, module, " ".join(rest)))
+    return out
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_uncommon_kernel_modules_are_turned_off(distro: str) -> None:
+    """Each module of DISABLED_MODULES: an explicit load runs /bin/false, no alias loads
+    it; the file is root's."""
+    run = run_roles(config(distro), distro, fresh_responses(distro))
+    assert not run.failed
+    expected = []
+    for module in hardening_schema.DISABLED_MODULES:
+        expected += [("install", module, "/bin/false"), ("blacklist", module, "")]
+    assert modprobe_lines(run.files[hardening.MODPROBE_FILE]) == expected
+    assert {"dccp", "sctp", "rds", "tipc", "usb-storage", "firewire-core"} <= set(
+        hardening_schema.DISABLED_MODULES
+    )
+    upload = run.grep(rf"{re.escape(hardening.MODPROBE_FILE)}")
+    assert any("chown root:root" in c or "chown root" in c for c in upload), upload
+
+
+def test_a_site_allows_a_module_back_and_turns_another_off() -> None:
+    cfg = load_one(
+        {
+            "distro": "debian12",
+            "firewall": {"enabled": False},
+            "hardening": {"allow_modules": ["sctp"], "disable_modules": ["bluetooth"]},
+        }
+    )
+    lines = modprobe_lines(hardening.render_modprobe(cfg))
+    modules = [m for _, m, _ in lines]
+    assert "sctp" not in modules
+    assert ("install", "bluetooth", "/bin/false") in lines and (
+        "blacklist",
+        "bluetooth",
+        "",
+    ) in lines
+    assert modules.count("dccp") == 2
+
+
+@pytest.mark.parametrize(
+    ("hardening_data", "says"),
+    [
+        (
+            {"allow_modules": ["nouveau"]},
+            "defaults: hardening.allow_modules: 'nouveau' is not a module gpunode turns off "
+            "(allowed: dccp, sctp, rds, tipc, cramfs, freevxfs, jffs2, hfs, hfsplus, udf, "
+            "usb-storage, firewire-core)",
+        ),
+        (
+            {"disable_modules": ["sctp"]},
+            "defaults: hardening.disable_modules: 'sctp' is turned off already (allowed: another "
+            "module)",
+        ),
+        ({"allow_modules": ["sctp", "sctp"]}, "a module is listed twice (allowed: each once)"),
+        (
+            {"disable_modules": ["evil /bin/sh"]},
+            "hardening.disable_modules[0]: 'evil /bin/sh' is not allowed (allowed: a kernel module "
+            "name such as sctp",
+        ),
+        (
+            {"disable_modules": ["x\ninstall dccp /bin/true"]},
+            "defaults: hardening.disable_modules: [0] 'x\\ninstall dccp /bin/true' holds the "
+            "control character '\\n'",
+        ),
+    ],
+)
+def test_bad_module_lists_are_refused_at_load(hardening_data: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_one({"distro": "debian12", "hardening": hardening_data})
+    assert says in str(err.value), str(err.value)
+    assert "Traceback" not in str(err.value)
+
+
+def test_in_a_container_the_module_file_is_written_with_a_notice(caplog) -> None:
+    with caplog.at_level(logging.DEBUG, logger="pyinfra"):
+        run = run_roles(config(), "debian12", fresh_responses("debian12"), container="lxc")
+    assert hardening.MODPROBE_FILE in run.files
+    notices = [r.getMessage() for r in caplog.records if "machine underneath" in r.getMessage()]
+    assert notices and all(
+        n.endswith(
+            "the kernel is the one of the machine underneath (lxc): "
+            f"{hardening.MODPROBE_FILE} is written, modules are refused where this host boots "
+            "its own kernel"
+        )
+        for n in notices
+    )
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_the_login_banner_says_no_os_and_is_sshds(distro: str) -> None:
+    run = run_roles(config(distro), distro, fresh_responses(distro))
+    default = "Authorized uses only. All activity may be monitored and reported.\n"
+    assert run.files[hardening.ISSUE_FILE] == default
+    assert run.files[hardening.ISSUE_NET_FILE] == default
+    assert hardening.sshd_options(config(distro), "root")["banner"] == "/etc/issue.net"
+    assert "Banner /etc/issue.net" in hardening.render_sshd(config(distro), "root", "root")
+
+
+def test_without_a_banner_the_distros_files_stay() -> None:
+    cfg = load_one(
+        {"distro": "debian12", "firewall": {"enabled": False}, "hardening": {"banner": None}}
+    )
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"))
+    assert hardening.ISSUE_FILE not in run.files and hardening.ISSUE_NET_FILE not in run.files
+    assert hardening.sshd_options(cfg, "root")["banner"] == "none"
+
+
 @pytest.mark.parametrize("distro", ALL)
 def test_core_dumps_packages_and_file_modes(distro: str) -> None:
     # the files exist, with loose modes and the wrong group

@@ -169,6 +169,8 @@ BASE: dict[str, Any] = {
         "hardening": {
             "sysctl": {"net.ipv4.tcp_timestamps": 0},
             "ssh": {"allow_groups": ["ops"], "permit_root_login": "prohibit-password"},
+            "allow_modules": ["sctp"],
+            "disable_modules": ["bluetooth"],
         },
         "vault": {
             "addr": "https://vault.example.com:8200",
@@ -452,6 +454,26 @@ ACCEPTED: dict[str, frozenset[str]] = {
     # OnCalendar= syntax has spaces and ".." ranges ("Mon..Fri *-*-* 10:00"). Proof:
     # test_schedule_is_one_on_calendar_value.
     "DriftTimer.schedule": frozenset({"space", "dot-dot", "leading-dot-dot"}),
+    # A login banner is prose ("Authorized uses only; all activity is logged."): uploaded as
+    # file content only, never in a command; /etc/issue doubles agetty's escape character.
+    # Proof: test_banner_lines_are_file_content_only.
+    "Hardening.banner[]": frozenset(
+        {
+            "semicolon",
+            "ampersand",
+            "pipe",
+            "command-substitution",
+            "backticks",
+            "dot-dot",
+            "leading-dot-dot",
+            "single-quote",
+            "double-quote",
+            "percent",
+            "jinja",
+            "dollar-brace",
+            "space",
+        }
+    ),
 }
 
 
@@ -688,6 +710,22 @@ def test_ssh_key_comment_stays_one_token(value: str) -> None:
         if comment in text:
             assert path == KEYS_FILE
             assert value in text.splitlines()
+
+
+@pytest.mark.parametrize("value", _accepted_values("Hardening.banner[]"))
+def test_banner_lines_are_file_content_only(value: str, tmp_path: Path) -> None:
+    """The hardening role on the fake host: the line is in no command, and is one line of
+    /etc/issue.net and of /etc/issue (there with each backslash doubled for agetty)."""
+    from test_hardening import fresh_responses, load_one, run_roles
+
+    from gpunode import hardening
+
+    config = load_one({"distro": "debian12", "hardening": {"banner": [value, "a\\l"]}})
+    run = run_roles(config, "debian12", fresh_responses("debian12"))
+    assert not run.failed
+    assert not [c for c in run.commands if value in c]
+    assert run.files[hardening.ISSUE_NET_FILE].splitlines() == [value, "a\\l"]
+    assert run.files[hardening.ISSUE_FILE].splitlines() == [value, "a\\\\l"]
 
 
 @pytest.mark.parametrize("value", _accepted_values("Service.extra_args[]"))
