@@ -136,9 +136,24 @@ def failed(state: State) -> bool:
     return next(iter(state.inventory)) in state.failed_hosts
 
 
+def _stagings() -> set[str]:
+    return {str(p) for p in Path("/tmp").glob(Path(STAGING_PREFIX).name + "*")}
+
+
+_STAGINGS_BEFORE: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _stagings_before() -> None:
+    """The staging directories /tmp already holds when a test starts (left by another run on
+    this machine: a mutation run, say), which are not this test's leftovers."""
+    _STAGINGS_BEFORE.clear()
+    _STAGINGS_BEFORE.update(_stagings())
+
+
 def leftovers(directory: Path) -> list[str]:
-    staging = [p for p in Path("/tmp").glob(Path(STAGING_PREFIX).name + "*")]
-    return sorted(p.name for p in directory.iterdir()) + [str(p) for p in staging]
+    """What ``directory`` holds, and the staging directories this test left in /tmp."""
+    return sorted(p.name for p in directory.iterdir()) + sorted(_stagings() - _STAGINGS_BEFORE)
 
 
 def test_writes_atomically_with_mode_first_and_no_value_on_any_command_line(
