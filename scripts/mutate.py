@@ -80,7 +80,7 @@ MODULES: dict[str, Module] = {
     ),
     "files": Module(
         "gpunode/operations/files.py",
-        _tests("secretfile", "drift", "pipeline", "bites_runs"),
+        _tests("secretfile", "drift", "pipeline", "bites_runs", "files_bites"),
         "private_file / secret_file / file_mode: what a secret file on disk looks like",
     ),
     "vault": Module(
@@ -107,7 +107,7 @@ MODULES: dict[str, Module] = {
     ),
     "drift": Module(
         "gpunode/commands/drift.py",
-        _tests("drift", "nomad_drift", "seal", "bites_runs"),
+        _tests("drift", "nomad_drift", "seal", "bites_runs", "drift_bites"),
         "gpunode drift: what counts as drift, exit codes, reports",
     ),
     "artifacts": Module(
