@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -528,6 +530,41 @@ def start_bao(tmp: Path, tls: bool = False, extra_args: Sequence[str] = ()) -> B
 def stop_bao(server: Bao) -> None:
     server.proc.terminate()
     server.proc.wait(timeout=20)
+
+
+def nft_check(ruleset: str) -> subprocess.CompletedProcess[str]:
+    """The real `nft -c -f` of this machine on ``ruleset``, in a network namespace of its
+    own (root: CI runs as root; elsewhere a skip)."""
+    need_root("checking a ruleset with nft -c (in a network namespace of its own)")
+    if not shutil.which("nft") or not shutil.which("unshare"):
+        pytest.fail("nft and unshare are needed (apt-get install nftables util-linux)")
+    return subprocess.run(
+        ["unshare", "--net", "nft", "-c", "-f", "-"],
+        input=ruleset,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def blob(tmp: Path, name: str, data: bytes) -> tuple[str, str]:
+    """A file in a local mirror under ``tmp``: its ``file://`` URI and its sha256."""
+    path = tmp / "mirror" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return f"file://{path}", hashlib.sha256(data).hexdigest()
+
+
+def tarball(files: dict[str, bytes]) -> bytes:
+    """A .tar.gz of ``files`` (name -> content); bin/* executable."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755 if name.startswith("bin/") else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 def need_root(what: str) -> None:

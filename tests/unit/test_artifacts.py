@@ -5,13 +5,12 @@ to a node. ``file://`` URIs are a local mirror (curl reads them like http)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
+from harness import blob, tarball
 
 from gpunode.facts.artifacts import Links, StoreDigests
 from gpunode.operations.artifacts import fetch_script, prune_script, revert_script, switch_script
@@ -19,24 +18,6 @@ from gpunode.operations.artifacts import fetch_script, prune_script, revert_scri
 
 def sh(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
-
-
-def blob(tmp: Path, name: str, data: bytes) -> tuple[str, str]:
-    path = tmp / "mirror" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return f"file://{path}", hashlib.sha256(data).hexdigest()
-
-
-def tarball(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o755 if name.startswith("bin/") else 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def test_fetch_verifies_then_moves_into_place(tmp_path: Path) -> None:

@@ -25,12 +25,10 @@ before it), so "no command" means the operation yielded nothing.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import random
 import shlex
-import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from typing import Any
 
 import pyinfra
 import pytest
+from harness import blob, tarball
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.exceptions import PyinfraError
@@ -111,25 +110,6 @@ def links_of(directory: Path) -> Callable[[Any], dict[str, Any]]:
 
 def no_facts(host: Any) -> dict[str, Any]:
     return {}
-
-
-def blob(tmp: Path, name: str, data: bytes) -> tuple[str, str]:
-    """A file in the local mirror: its ``file://`` URI and its sha256."""
-    path = tmp / "mirror" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return f"file://{path}", hashlib.sha256(data).hexdigest()
-
-
-def tarball(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o755 if name.startswith("bin/") else 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def snapshot(root: Path, dir_mtimes: bool = True) -> dict[str, tuple[int, int, bytes | str | None]]:

@@ -22,15 +22,13 @@ from __future__ import annotations
 import copy
 import os
 import re
-import shutil
 import stat
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from harness import RUNTIME_INSTALLS, SERVICES, need_root
+from harness import RUNTIME_INSTALLS, SERVICES, nft_check
 
 from gpunode import firewall, monitoring
 from gpunode.clients.vault import Session, VaultError, read_root_only
@@ -236,20 +234,6 @@ def test_a_root_only_secret_id_file_is_read(mode: int, tmp_path: Path) -> None:
 
 
 # --- metrics ports with network.monitoring_cidrs: [] ------------------------------------------
-
-
-def nft_check(ruleset: str) -> subprocess.CompletedProcess[str]:
-    """The real `nft -c -f` of this machine, in a network namespace of its own."""
-    need_root("checking a ruleset with nft -c (in a network namespace of its own)")
-    if not shutil.which("nft") or not shutil.which("unshare"):
-        pytest.fail("nft and unshare are needed (apt-get install nftables util-linux)")
-    return subprocess.run(
-        ["unshare", "--net", "nft", "-c", "-f", "-"],
-        input=ruleset,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def port_rules(ruleset: str) -> list[tuple[str, set[int], str]]:

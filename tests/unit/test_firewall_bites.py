@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import RUNTIME_INSTALLS, SERVICES, need_root
+from harness import RUNTIME_INSTALLS, SERVICES, need_root, nft_check
 
 from gpunode import firewall
 from gpunode.config import load_file
@@ -91,18 +91,8 @@ def refusal(tmp_path: Path, data: dict[str, Any], **kw: Any) -> str:
     return message.removeprefix(f"{path}: host {HOST}: ")
 
 
-def nft_check(ruleset: str) -> None:
-    """The real `nft -c -f` of this machine, in a network namespace of its own."""
-    need_root("checking a ruleset with nft -c (in a network namespace of its own)")
-    if not shutil.which("nft") or not shutil.which("unshare"):
-        pytest.fail("nft and unshare are needed (apt-get install nftables util-linux)")
-    check = subprocess.run(
-        ["unshare", "--net", "nft", "-c", "-f", "-"],
-        input=ruleset,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def nft_accepts(ruleset: str) -> None:
+    check = nft_check(ruleset)
     assert check.returncode == 0, check.stderr
 
 
@@ -253,7 +243,7 @@ def test_the_input_chain_opens_each_kind_of_port_to_its_own_sources(tmp_path: Pa
         "type filter hook forward priority filter; policy drop;",
         'limit rate 5/minute burst 10 packets log prefix "gpunode-drop forward: " level info',
     ]
-    nft_check(ruleset)
+    nft_accepts(ruleset)
 
 
 def dnat(proto: str, ports: str, sources: str, name: str) -> str:
@@ -279,7 +269,7 @@ def test_containers_get_the_same_ports_forwarded_but_ssh(tmp_path: Path) -> None
         dnat("udp", "5353", "ip saddr { 10.1.0.0/16 }", "probe"),
         dnat("udp", "5353", "ip6 saddr { fd01::/16 }", "probe"),
     ]
-    nft_check(ruleset)
+    nft_accepts(ruleset)
 
 
 # --- egress ------------------------------------------------------------------------------------
@@ -322,7 +312,7 @@ def test_egress_without_a_proxy_opens_each_mirror_on_its_schemes_port(tmp_path: 
         'ip daddr { 10.9.0.1/32 } udp dport { 514 } accept comment "syslog"',
     ]
     assert "8200" not in ruleset
-    nft_check(ruleset)
+    nft_accepts(ruleset)
 
 
 def test_egress_with_a_proxy_opens_the_proxy_and_no_mirror(tmp_path: Path) -> None:
@@ -344,7 +334,7 @@ def test_egress_with_a_proxy_opens_the_proxy_and_no_mirror(tmp_path: Path) -> No
         'ip daddr { 192.0.2.123/32 } udp dport { 123 } accept comment "base.ntp_servers"',
         'ip daddr { 192.0.2.80/32 } tcp dport { 80 } accept comment "base.apt_proxy"',
     ]
-    nft_check(ruleset)
+    nft_accepts(ruleset)
 
 
 # --- the gateway rule on an upstream ------------------------------------------------------------
@@ -407,7 +397,7 @@ def test_an_upstream_opens_the_fronted_ports_to_its_gateways_only(tmp_path: Path
         'ip saddr { 192.0.2.31/32 } tcp dport { 8080, 8081 } accept comment "gateway"',
         'ip6 saddr { 2001:db8::32/128 } tcp dport { 8080, 8081 } accept comment "gateway"',
     ]
-    nft_check(ruleset)
+    nft_accepts(ruleset)
     # and each gateway may reach the upstream's ports with egress on
     out = named(chain(firewall.render_ruleset(hosts["gw-01"].config, 22), "output"))
     assert (

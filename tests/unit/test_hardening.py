@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
-import shutil
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ from harness import (
     content_lines,
     converged,
     host_info_output,
+    nft_check,
     run_deploys,
 )
 from pyinfra.facts.server import Sysctl
@@ -292,23 +290,6 @@ def test_an_extra_rule_on_the_ssh_port_is_refused() -> None:
 
 
 # --- the ruleset ---------------------------------------------------------------------------
-
-
-def nft_check(ruleset: str) -> subprocess.CompletedProcess[str]:
-    """The real `nft -c -f` of this machine, in a network namespace of its own."""
-    if not shutil.which("nft") or not shutil.which("unshare"):
-        pytest.fail("nft and unshare are needed (apt-get install nftables util-linux)")
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("checking rulesets with nft needs root under CI=true")
-        pytest.skip("checking rulesets with nft needs root (a network namespace)")
-    return subprocess.run(
-        ["unshare", "--net", "nft", "-c", "-f", "-"],
-        input=ruleset,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 def chain(ruleset: str, name: str) -> list[str]:
