@@ -62,6 +62,7 @@ class Server:
     """One server of a gateway backend: a service of this node or of an upstream."""
 
     name: str  # the HAProxy server name: the service, or <host>-<service> on an upstream
+    service: str  # the service's name in its node's inference.services
     address: str  # an IP address
     port: int
     runtime: str
@@ -75,12 +76,13 @@ def backends(config: NodeConfig) -> dict[str, list[Server]]:
     out: dict[str, list[Server]] = {}
     for name, svc in fronted(config).items():
         out.setdefault(served_name(name, svc), []).append(
-            Server(name, svc.listen, svc.port, svc.runtime, f"inference.services.{name}")
+            Server(name, name, svc.listen, svc.port, svc.runtime, f"inference.services.{name}")
         )
     for remote in config.upstream_servers:
         out.setdefault(remote.served, []).append(
             Server(
                 f"{remote.host}-{remote.service}",
+                remote.service,
                 remote.address,
                 remote.port,
                 remote.runtime,

@@ -167,7 +167,7 @@ def model_backends(config: NodeConfig) -> dict[str, tuple[str, list[Server]]]:
     out: dict[str, tuple[str, list[Server]]] = {}
     taken: set[str] = set()
     for model, servers in backends(config).items():
-        base = servers[0].where.rpartition("inference.services.")[2]
+        base = servers[0].service
         name, n = backend_name(base), 2
         while name in taken:
             name, n = backend_name(f"{base}_{n}"), n + 1
