@@ -1,8 +1,11 @@
 """What the base role derives from a node's config and its distro row: the unattended-upgrade
-hold list in each family's syntax, the security mirror, and whether a host runs the declared
-distro (roles/base.py applies them)."""
+hold list in each family's syntax, the security mirror and security source, and whether a
+host runs the declared distro (roles/base.py applies them)."""
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 from gpunode.render import environment, ini_value
 from gpunode.schema import distros
@@ -43,6 +46,37 @@ def security_mirror(mirror: str, spec: distros.DistroSpec) -> str | None:
     if not spec.apt_security_path:
         return None
     return mirror.rstrip("/").rsplit("/", 1)[0] + "/" + spec.apt_security_path
+
+
+SECURITY_LIST = "/etc/apt/sources.list.d/gpunode-security.list"
+APT_COMPONENT_RE = r"[a-z0-9][a-z0-9.+-]*"
+
+
+def security_source(spec: distros.DistroSpec, sources: list[dict[str, Any]]) -> str | None:
+    """The content of SECURITY_LIST for a host whose other apt sources (the AptSources fact)
+    have no ``<codename>-security`` suite: the distro's security archive, with the components
+    the host takes from its main suite (signed by the distro's keyring); None when they have
+    it (or the distro has no such archive). A component that is not a plain name (apt's own
+    words) raises ValueError."""
+    suite = f"{spec.codename}-security"
+    others = [e for e in sources if e["file"] != SECURITY_LIST]
+    if not spec.apt_security_archive or any(suite in e["suites"] for e in others):
+        return None
+    components = list(
+        dict.fromkeys(c for e in others if spec.codename in e["suites"] for c in e["components"])
+    )
+    bad = [c for c in components if not re.fullmatch(APT_COMPONENT_RE, c)]
+    if bad:
+        raise ValueError(
+            f"the {spec.codename} suite in the host's apt sources has components that are not "
+            f"plain names: {', '.join(repr(c) for c in bad)} (allowed: {APT_COMPONENT_RE})"
+        )
+    return (
+        "# Managed by gpunode (roles/base.py): the distro's security updates, which the other\n"
+        "# apt sources of this host do not have. Removed once they do, or with base.apt_mirror.\n"
+        f"deb [signed-by={spec.apt_keyring}] {spec.apt_security_archive} {suite} "
+        f"{' '.join(components or ['main'])}\n"
+    )
 
 
 def host_matches(spec: distros.DistroSpec, info: dict[str, str]) -> bool:

@@ -11,6 +11,9 @@ from gpunode.render import environment, sudoers_value
 from gpunode.schema.hardening import (
     CONTAINER_SYSCTL,
     DISABLED_MODULES,
+    NEEDRESTART_LIST_ONLY,
+    PACKAGE_VERIFY,
+    RESTART_PACKAGES,
     SSHD_FIXED,
     SYSCTL_KERNEL,
     SYSCTL_NETWORK,
@@ -26,6 +29,9 @@ ISSUE_FILE, ISSUE_NET_FILE = "/etc/issue", "/etc/issue.net"
 MODPROBE_FILE = "/etc/modprobe.d/60-gpunode-modules.conf"
 CORE_LIMITS_FILE = "/etc/security/limits.d/60-gpunode-core.conf"
 COREDUMP_DROPIN = "/etc/systemd/coredump.conf.d/60-gpunode.conf"
+NEEDRESTART_FILE = "/etc/needrestart/conf.d/60-gpunode.conf"  # read after needrestart.conf
+VERIFY_SERVICE = "gpunode-package-verify.service"
+VERIFY_TIMER = "gpunode-package-verify.timer"
 KERNEL_PREFIXES = ("kernel.", "fs.", "vm.", "dev.", "user.")  # not per network namespace
 SSHD_SERVICE: dict[str, str] = {"apt": "ssh", "dnf": "sshd"}
 
@@ -165,6 +171,37 @@ def render_modprobe(config: NodeConfig) -> str:
     for module in disabled_modules(config):
         lines += [f"install {module} /bin/false", f"blacklist {module}"]
     return "\n".join(lines) + "\n"
+
+
+def render_needrestart() -> str:
+    """needrestart's drop-in: restart automatically, list only NEEDRESTART_LIST_ONLY."""
+    return (
+        environment("hardening")
+        .get_template("needrestart.conf.j2")
+        .render(list_only=list(NEEDRESTART_LIST_ONLY.items()))
+    )
+
+
+def restart_packages(family: str) -> list[str]:
+    return list(RESTART_PACKAGES[family])
+
+
+def verify_package(family: str) -> str:
+    """The package that brings the verification command (PACKAGE_VERIFY)."""
+    return PACKAGE_VERIFY[family][0]
+
+
+def render_verify_units(config: NodeConfig, family: str) -> dict[str, str]:
+    """gpunode-package-verify.service and .timer, by file name."""
+    env = environment("hardening")
+    return {
+        VERIFY_SERVICE: env.get_template("package-verify.service.j2").render(
+            command=PACKAGE_VERIFY[family][1]
+        ),
+        VERIFY_TIMER: env.get_template("package-verify.timer.j2").render(
+            calendar=config.hardening.verify_packages
+        ),
+    }
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:

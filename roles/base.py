@@ -14,6 +14,8 @@ from gpunode/schema/distros.py.
 
 from __future__ import annotations
 
+from io import StringIO
+
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
@@ -22,12 +24,14 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 from gpunode.base import (
     ADMIN_SUDOERS,
     DNF_CONF,
+    SECURITY_LIST,
     hold_patterns,
     host_matches,
     render_admin_sudoers,
     security_mirror,
+    security_source,
 )
-from gpunode.facts.server import HostInfo
+from gpunode.facts.server import AptSources, HostInfo
 from gpunode.inventory import node_and_distro
 from gpunode.operations.ini import ini_value
 from gpunode.operations.server import fail, notice
@@ -89,6 +93,27 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
             mirror=config.base.apt_mirror.rstrip("/"),
             security_mirror=security_mirror(config.base.apt_mirror, spec),
         )
+        files.file(name="apt security source (the mirror's)", path=SECURITY_LIST, present=False)
+        return
+    # The distro's own sources stay; their security suite is added where it is missing, or
+    # unattended upgrades would find no security updates.
+    try:
+        wanted = security_source(spec, host.get_fact(AptSources))
+    except ValueError as exc:
+        fail(name="Check the apt sources", message=f"host {host.name}: base: apt sources: {exc}")
+        return
+    if wanted is None:
+        files.file(name="apt security source (the host has one)", path=SECURITY_LIST, present=False)
+        return
+    added = files.put(
+        name="apt security source",
+        src=StringIO(wanted),
+        dest=SECURITY_LIST,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    apt.update(name="Refresh apt package lists (security source)", _if=added.did_change)
 
 
 def _dnf_sources(config: NodeConfig) -> None:

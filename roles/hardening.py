@@ -19,6 +19,10 @@ files with strict modes).
   ``hardening.allow_modules``, plus ``hardening.disable_modules``) get ``install <m>
   /bin/false`` and ``blacklist <m>`` in ``/etc/modprobe.d/60-gpunode-modules.conf``; in a
   container the file is written and a notice says the kernel is not the host's own.
+- after upgrades: needrestart restarts daemons still running old libraries automatically
+  (but lists only the inference services and the gateway, which ``gpunode rollout``
+  restarts behind a health gate); gpunode-package-verify.timer checks every package's files
+  against their checksums (debsums, ``rpm --verify``) and fails on a changed one.
 - core dumps off, telnet/rsh/NIS/TFTP/inetd absent, strict modes on /etc/shadow & co.
 
 .. code:: python
@@ -33,7 +37,9 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt, dnf, files, server
+from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.rpm import RpmPackages
+from pyinfra.operations import apt, dnf, files, server, systemd
 
 from gpunode import hardening as rules
 from gpunode.base import host_matches
@@ -70,6 +76,7 @@ def hardening() -> None:
     _banner(config)
     _core_dumps(config)
     _packages(config, spec)
+    _after_upgrades(config, spec)
     _file_modes(config, spec)
 
 
@@ -197,6 +204,83 @@ def _packages(config: NodeConfig, spec: distros.DistroSpec) -> None:
         apt.packages(name="Insecure legacy services absent", packages=absent, present=False)
     else:
         dnf.packages(name="Insecure legacy services absent", packages=absent, present=False)
+
+
+def _install(spec: distros.DistroSpec, what: str, packages: list[str]) -> None:
+    if spec.family == "apt":
+        # Refresh the lists only when something is to be installed (0 changes when converged).
+        if any(p not in host.get_fact(DebPackages) for p in packages):
+            apt.update(name=f"Refresh apt package lists ({what})")
+        apt.packages(name=what, packages=packages, no_recommends=True)
+    else:
+        dnf.packages(name=what, packages=packages)
+
+
+def _after_upgrades(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    hard = config.hardening
+    if not hard.restart_services:
+        files.file(name="needrestart settings (none)", path=rules.NEEDRESTART_FILE, present=False)
+    elif spec.family == "dnf" and "epel-release" not in host.get_fact(RpmPackages):
+        notice(
+            name="needrestart",
+            message=(
+                "needrestart comes from EPEL (and CRB) on EL9, and EPEL is not set up here: "
+                "daemons are not restarted after upgrades (set up EPEL, or set "
+                "hardening.restart_services: false)"
+            ),
+        )
+    else:
+        _install(spec, "needrestart", rules.restart_packages(spec.family))
+        files.put(
+            name="needrestart: restart automatically, inference listed only",
+            src=StringIO(rules.render_needrestart()),
+            dest=rules.NEEDRESTART_FILE,
+            user="root",
+            group="root",
+            mode="644",
+        )
+    if hard.verify_packages is None:
+        systemd.service(
+            name="Package verification timer (off)",
+            service=rules.VERIFY_TIMER,
+            running=False,
+            enabled=False,
+        )
+        for unit in (rules.VERIFY_TIMER, rules.VERIFY_SERVICE):
+            files.file(
+                name=f"Package verification unit (none): {unit}",
+                path=f"/etc/systemd/system/{unit}",
+                present=False,
+            )
+        return
+    _install(spec, "Package verification tool", [rules.verify_package(spec.family)])
+    units = [
+        files.put(
+            name=f"Package verification unit {unit}",
+            src=StringIO(text),
+            dest=f"/etc/systemd/system/{unit}",
+            user="root",
+            group="root",
+            mode="644",
+        )
+        for unit, text in rules.render_verify_units(config, spec.family).items()
+    ]
+    systemd.daemon_reload(
+        name="systemd daemon-reload (package verification)",
+        _if=lambda: any(u.did_change() for u in units),
+    )
+    systemd.service(
+        name="Package verification timer",
+        service=rules.VERIFY_TIMER,
+        running=True,
+        enabled=True,
+    )
+    systemd.service(
+        name="Restart package verification timer",  # applies a new schedule
+        service=rules.VERIFY_TIMER,
+        restarted=True,
+        _if=units[1].did_change,
+    )
 
 
 def _file_modes(config: NodeConfig, spec: distros.DistroSpec) -> None:

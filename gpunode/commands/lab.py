@@ -44,8 +44,10 @@ from typing import Any
 from gpunode.commands import lab_front_door as door
 from gpunode.config import _deep_merge, read_yaml
 from gpunode.paths import REPO_ROOT
+from gpunode.schema.distros import DISTROS
 
 BASE_SUITE = "bookworm"
+LAB_DISTRO = "debian12"  # what the lab's hosts run (BASE_SUITE)
 BASE_INCLUDE = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "iproute2", "sudo")
 BASE_VERSION = 1  # bump when the base image preparation changes
 HOST_PREFIX = "lab-"
@@ -412,7 +414,11 @@ def ensure_proxy(settings: LabSettings, state: LabState, mirror: str) -> None:
     if pid_alive(state.proxy_pid, "tinyproxy"):
         return
     d = settings.state_dir
-    allowed = sorted({urllib.parse.urlparse(mirror).hostname or ""} - {""})
+    # the archive the hosts were built from, and the distro's security archive (the base role
+    # adds it where a host's sources lack it: deb.debian.org/debian-security for Debian 12)
+    security = DISTROS[LAB_DISTRO].apt_security_archive or ""
+    hosts = {urllib.parse.urlparse(u).hostname or "" for u in (mirror, security)}
+    allowed = sorted(hosts - {""})
     filter_lines = [f"^{re.escape(h)}$" for h in allowed]
     (d / "tinyproxy.filter").write_text("\n".join(filter_lines) + "\n")
     (d / "tinyproxy.conf").write_text(

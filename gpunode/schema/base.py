@@ -113,7 +113,10 @@ class Base(Model):
     """HTTP proxy for packages (apt `Acquire::http::Proxy` / dnf.conf `proxy=`)."""
     apt_mirror: HttpUrl | None = None
     """apt distros only: base URL of a mirror of the distro archive (rewrites the distro's
-    sources file)."""
+    sources file, its security suite included). null: the host's own sources stay, and where
+    they have no `<codename>-security` suite (a debootstrapped Debian) the distro's security
+    archive is added in `/etc/apt/sources.list.d/gpunode-security.list`, with the components
+    of the host's main suite, so unattended upgrades find security updates."""
     packages: list[PackageName] = Field(default_factory=list)
     """Extra packages to install."""
     ntp_servers: list[NtpServer] = Field(default_factory=lambda: list(DEFAULT_NTP), min_length=1)

@@ -30,6 +30,9 @@ class DistroSpec:
     apt_mirror_suites: tuple[str, ...] = ()
     apt_components: tuple[str, ...] = ()
     apt_security_path: str | None = None  # e.g. "debian-security"; None: same archive
+    # the distro's own security archive: added (gpunode-security.list) where a host's sources
+    # have no <codename>-security suite and gpunode does not write them (no base.apt_mirror)
+    apt_security_archive: str | None = None
     apt_keyring: str | None = None
     # automatic updates
     auto_update_packages: tuple[str, ...] = ()
@@ -58,6 +61,7 @@ DISTROS: dict[str, DistroSpec] = {
             apt_mirror_suites=("bookworm", "bookworm-updates"),
             apt_components=("main", "contrib", "non-free", "non-free-firmware"),
             apt_security_path="debian-security",
+            apt_security_archive="http://deb.debian.org/debian-security",
             apt_keyring="/usr/share/keyrings/debian-archive-keyring.gpg",
             auto_update_packages=("unattended-upgrades",),
         ),
@@ -76,6 +80,7 @@ DISTROS: dict[str, DistroSpec] = {
             apt_sources_format="one-line",
             apt_mirror_suites=("jammy", "jammy-updates", "jammy-security"),
             apt_components=("main", "restricted", "universe", "multiverse"),
+            apt_security_archive="http://security.ubuntu.com/ubuntu",
             apt_keyring="/usr/share/keyrings/ubuntu-archive-keyring.gpg",
             auto_update_packages=("unattended-upgrades",),
         ),
@@ -94,6 +99,7 @@ DISTROS: dict[str, DistroSpec] = {
             apt_sources_format="deb822",
             apt_mirror_suites=("noble", "noble-updates", "noble-security"),
             apt_components=("main", "restricted", "universe", "multiverse"),
+            apt_security_archive="http://security.ubuntu.com/ubuntu",
             apt_keyring="/usr/share/keyrings/ubuntu-archive-keyring.gpg",
             auto_update_packages=("unattended-upgrades",),
         ),

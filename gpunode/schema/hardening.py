@@ -193,6 +193,29 @@ DISABLED_MODULES: dict[str, str] = {
 }
 
 
+# --- after upgrades: restarts and package verification --------------------------------------
+
+# needrestart (Debian/Ubuntu; EL9: from EPEL, which also needs CRB) restarts the daemons still
+# running old libraries after a package upgrade (unattended ones too: its apt/dnf hook), with
+# templates/hardening/needrestart.conf: automatically, except the units gpunode restarts itself
+# under a health gate (`gpunode rollout`): those it lists only. unit regex -> why.
+NEEDRESTART_LIST_ONLY: dict[str, str] = {
+    r"^gpunode-inference-.+\.service$": "inference services: restarted by gpunode rollout, "
+    "canary first, behind a health check",
+    r"^haproxy\.service$": "the gateway: a restart drops its open connections",
+}
+RESTART_PACKAGES: dict[str, tuple[str, ...]] = {"apt": ("needrestart",), "dnf": ("needrestart",)}
+
+# Package verification, run by gpunode-package-verify.timer: the checksums of every installed
+# package's files against the package database (configuration files left out: gpunode and the
+# admins change those). Exit status not 0 -> the unit fails, the changed files in its journal.
+# family -> (package to install, command).
+PACKAGE_VERIFY: dict[str, tuple[str, str]] = {
+    "apt": ("debsums", "/usr/bin/debsums --silent"),  # CIS Debian 12 1.3 (software integrity)
+    "dnf": ("rpm", "/usr/bin/rpm --verify --all --noconfig --nomtime"),
+}
+
+
 @dataclass(frozen=True)
 class FileMode:
     path: str
@@ -291,6 +314,13 @@ class Hardening(Model):
     )
     """The login banner's lines, on /etc/issue, /etc/issue.net and sshd's `Banner`; null:
     leave the distro's files and sshd without a banner."""
+    restart_services: bool = True
+    """needrestart after every package upgrade: daemons still running old libraries restarted
+    automatically, except those of NEEDRESTART_LIST_ONLY (listed only); false: needrestart is
+    not installed or configured by gpunode."""
+    verify_packages: Literal["daily", "weekly", "monthly"] | None = "weekly"
+    """How often gpunode-package-verify.timer checks every package's files against the
+    package database (PACKAGE_VERIFY: debsums, rpm --verify); null: never."""
     allow_modules: list[KernelModule] = Field(default_factory=list)
     """Kernel modules of DISABLED_MODULES this node needs (e.g. [sctp]): left loadable."""
     disable_modules: list[KernelModule] = Field(default_factory=list)

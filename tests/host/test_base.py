@@ -36,6 +36,15 @@ def test_apt_proxy(host, node: Host, spec: distros.DistroSpec) -> None:
     assert f'"{node.config.base.apt_proxy}"' in effective
 
 
+def test_apt_sources_have_the_security_suite(host, spec: distros.DistroSpec) -> None:
+    """Unattended upgrades get security updates only from a <codename>-security suite: what
+    apt itself would download (`apt-get indextargets`), wherever the suite comes from."""
+    if spec.family != "apt":
+        pytest.skip("dnf distros: the security updates are in the distro's own repositories")
+    out = host.check_output("apt-get indextargets --format '$(RELEASE)' 'Created-By: Packages'")
+    assert f"{spec.codename}-security" in out.split(), out
+
+
 def test_admin_users(host, node: Host) -> None:
     group = node.config.base.admin_group
     assert host.group(group).exists

@@ -224,3 +224,38 @@ def test_strict_file_modes(hardening_on, host, node: Host, spec: distros.DistroS
     entries = hardening_schema.STRICT_FILES[spec.family]
     out = host.check_output(f"stat -c '%n %U %G %a' {' '.join(e.path for e in entries)}")
     assert out.splitlines() == [f"{e.path} {e.user} {e.group} {int(e.mode, 8):o}" for e in entries]
+
+
+# --- after upgrades ------------------------------------------------------------------------
+
+
+def test_needrestart_restarts_daemons_after_upgrades(
+    hardening_on, host, node: Host, spec: distros.DistroSpec, as_root
+) -> None:
+    if not node.config.hardening.restart_services:
+        pytest.skip("hardening.restart_services is false for this host")
+    if spec.family == "dnf" and host.run("rpm -q epel-release").rc != 0:
+        pytest.skip("needrestart comes from EPEL, not set up here (the role says so every run)")
+    f = host.file(hardening.NEEDRESTART_FILE)
+    assert f.content_string == hardening.render_needrestart()
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o644)
+    # batch mode, list only: reads every config file (a Perl error fails it), restarts nothing
+    out = as_root("needrestart -b -r l")
+    assert out.rc == 0 and "Error parsing" not in out.stderr, out.stderr
+    assert "NEEDRESTART-VER:" in out.stdout
+
+
+def test_package_verification_runs_and_found_nothing(
+    hardening_on, host, node: Host, spec: distros.DistroSpec
+) -> None:
+    if node.config.hardening.verify_packages is None:
+        pytest.skip("hardening.verify_packages is null for this host")
+    for unit, text in hardening.render_verify_units(node.config, spec.family).items():
+        assert host.file(f"/etc/systemd/system/{unit}").content_string == text, unit
+    timer = host.service(hardening.VERIFY_TIMER)
+    assert timer.is_enabled and timer.is_running
+    # "success" also before its first run; "exit-code" once it found a changed file
+    result = host.check_output(f"systemctl show -p Result --value {hardening.VERIFY_SERVICE}")
+    assert result == "success", (
+        f"the last package verification failed: journalctl -u {hardening.VERIFY_SERVICE}"
+    )

@@ -195,6 +195,80 @@ def test_host_checks_pass(lab: Lab, hardened: dict[str, str]) -> None:
         assert " failed" not in proc.stdout and " passed" in proc.stdout
 
 
+# Two services running a copy of sleep(1) from a directory needrestart watches; the copy is
+# then replaced under them, as a package upgrade replaces a binary or a library.
+OLD_CODE = "/usr/local/lib/gpunode-test"
+OLD_CODE_UNITS = ("gpunode-test-daemon.service", "gpunode-inference-nrtest.service")
+
+
+def _main_pid(lab: Lab, unit: str) -> str:
+    return lab.ssh("lab-01", f"systemctl show -p MainPID --value {unit}", check=True).stdout
+
+
+@pytest.fixture
+def daemons_on_old_code(lab: Lab, hardened: dict[str, str]):
+    units = "".join(
+        f"printf '[Service]\\nExecStart={OLD_CODE}/sleep infinity\\n' > /run/systemd/system/{u}; "
+        for u in OLD_CODE_UNITS
+    )
+    lab.ssh(
+        "lab-01",
+        f"set -e; install -d {OLD_CODE}; cp /usr/bin/sleep {OLD_CODE}/sleep; {units}"
+        f"systemctl daemon-reload; systemctl start {' '.join(OLD_CODE_UNITS)}",
+        check=True,
+    )
+    yield
+    lab.ssh(
+        "lab-01",
+        f"systemctl stop {' '.join(OLD_CODE_UNITS)}; "
+        + "".join(f"rm -f /run/systemd/system/{u}; " for u in OLD_CODE_UNITS)
+        + f"systemctl daemon-reload; rm -rf {OLD_CODE}",
+    )
+
+
+def test_an_upgrade_restarts_daemons_on_old_code_but_not_inference(
+    lab: Lab, daemons_on_old_code: None
+) -> None:
+    """needrestart's own apt hook, after a real package install: the daemon still running the
+    replaced binary is restarted, the inference service is listed only."""
+    before = {u: _main_pid(lab, u) for u in OLD_CODE_UNITS}
+    lab.ssh(
+        "lab-01",
+        f"cp /usr/bin/sleep {OLD_CODE}/sleep.new && mv {OLD_CODE}/sleep.new {OLD_CODE}/sleep",
+        check=True,
+    )
+    out = lab.ssh(
+        "lab-01",
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y --reinstall debsums 2>&1",
+        check=True,
+    ).stdout
+    after = {u: _main_pid(lab, u) for u in OLD_CODE_UNITS}
+    daemon, inference = OLD_CODE_UNITS
+    assert after[daemon] != before[daemon], out  # restarted automatically
+    assert after[inference] == before[inference], out  # not restarted...
+    assert f"systemctl restart {inference}" in out, out  # ...but listed
+
+
+def test_package_verification_names_a_changed_file(lab: Lab, hardened: dict[str, str]) -> None:
+    unit = "gpunode-package-verify.service"
+    enabled = lab.ssh("lab-01", "systemctl is-enabled gpunode-package-verify.timer").stdout
+    assert enabled.strip() == "enabled"
+    clean = lab.ssh("lab-01", f"systemctl start {unit}")
+    assert clean.returncode == 0, clean.stderr
+    changed = "/usr/share/doc/debsums/copyright"  # a packaged file (not configuration)
+    lab.ssh("lab-01", f"cp -p {changed} /root/saved && echo tampered >> {changed}", check=True)
+    try:
+        tampered = lab.ssh("lab-01", f"systemctl start {unit}")
+        assert tampered.returncode != 0
+        result = lab.ssh("lab-01", f"systemctl show -p Result --value {unit}").stdout.strip()
+        assert result == "exit-code"
+        journal = lab.ssh("lab-01", f"journalctl -u {unit} -n 20 --no-pager", check=True).stdout
+        assert changed in journal, journal
+    finally:
+        lab.ssh("lab-01", f"cp -p /root/saved {changed} && rm -f /root/saved", check=True)
+    assert lab.ssh("lab-01", f"systemctl start {unit}").returncode == 0
+
+
 def test_a_broken_sshd_config_is_never_put_in_place(
     lab: Lab, hardened: dict[str, str], tmp_path: Path
 ) -> None:

@@ -59,8 +59,9 @@ from harness import (
     run_sh,
 )
 
+from gpunode.base import SECURITY_LIST
 from gpunode.config import load
-from gpunode.facts.server import HostInfo
+from gpunode.facts.server import AptSources, HostInfo
 from gpunode.facts.sudo import SudoersDropin
 from gpunode.schema.base import DEFAULT_HOLD
 from gpunode.schema.node import NodeConfig
@@ -160,6 +161,28 @@ def live_file(remote: str, local: Path) -> Handler:
     return handler
 
 
+APT_SOURCES = FIXTURES / "apt-sources"
+# each apt distro's stock sources (fixtures/apt-sources/README.md)
+STOCK_SOURCES = {"debian12": "debian12", "ubuntu2204": "ubuntu2204", "ubuntu2404": "ubuntu2404"}
+
+
+def apt_sources_output(etc_apt: Path) -> Response:
+    """What the AptSources fact's command prints on a host whose /etc/apt/ is ``etc_apt``: the
+    real command, run by sh on that directory, its paths shown as the host's."""
+    command = AptSources().command()
+    assert "/etc/apt/" in command
+    done = run_sh(command.replace("/etc/apt/", f"{shlex.quote(str(etc_apt))}/"))
+    done["stdout"] = done["stdout"].replace(f"{etc_apt}/", "/etc/apt/")
+    return done
+
+
+def apt_sources_on(etc_apt: Path) -> Handler:
+    def handler(command: str) -> Response | None:
+        return apt_sources_output(etc_apt) if command == AptSources().command() else None
+
+    return handler
+
+
 def run_base(
     config: NodeConfig, os_release: str, container: str = "", handlers: Iterable[Handler] = ()
 ) -> Run:
@@ -171,6 +194,8 @@ def run_base(
             "SubState=running",
         ],
     }
+    if os_release in STOCK_SOURCES:  # a test's own apt sources come first
+        handlers = [*handlers, apt_sources_on(APT_SOURCES / STOCK_SOURCES[os_release])]
     return run_deploys(config, responses, [base], handlers)
 
 
@@ -736,7 +761,168 @@ def test_apt_mirror_deb822_sources_on_ubuntu2404() -> None:
 def test_no_mirror_keeps_the_distro_sources(distro: str) -> None:
     run = fresh(distro)
     assert not {SOURCES_LIST, UBUNTU_SOURCES} & set(run.files)
-    assert not run.grep(r"/etc/apt/sources\.list")
+    # only read (the AptSources fact), never written or removed
+    touched = [c for c in run.commands if re.search(r"/etc/apt/sources\.list(?!\.d/gpunode)", c)]
+    assert touched == [AptSources().command()], touched
+
+
+# --- the security suite ----------------------------------------------------------------------
+
+
+def test_apt_sources_fact_reads_both_formats() -> None:
+    def read(name: str) -> list[dict[str, Any]]:
+        done = apt_sources_output(APT_SOURCES / name)
+        assert done["success"], done
+        return AptSources().process(done["stdout"].splitlines())
+
+    assert read("debian12-debootstrap") == [
+        {
+            "file": SOURCES_LIST,
+            "uris": ["http://deb.debian.org/debian"],
+            "suites": ["bookworm"],
+            "components": ["main"],
+        }
+    ]
+    debian = read("debian12")
+    assert [(e["file"], e["suites"], e["components"]) for e in debian] == [
+        ("/etc/apt/sources.list.d/debian.sources", ["bookworm", "bookworm-updates"], ["main"]),
+        ("/etc/apt/sources.list.d/debian.sources", ["bookworm-security"], ["main"]),
+    ]
+    assert debian[1]["uris"] == ["http://deb.debian.org/debian-security"]
+    jammy = read("ubuntu2204")
+    assert len(jammy) == 10 and {e["file"] for e in jammy} == {SOURCES_LIST}
+    assert jammy[-1] == {
+        "file": SOURCES_LIST,
+        "uris": ["http://security.ubuntu.com/ubuntu/"],
+        "suites": ["jammy-security"],
+        "components": ["multiverse"],
+    }
+    noble = read("ubuntu2404")
+    assert [e["suites"] for e in noble] == [
+        ["noble", "noble-updates", "noble-backports"],
+        ["noble-security"],
+    ]
+    assert all(e["components"] == UBUNTU_COMPONENTS.split() for e in noble)
+
+
+def test_apt_sources_fact_skips_what_apt_skips() -> None:
+    lines = [
+        "==> /etc/apt/sources.list",
+        "deb-src http://deb.debian.org/debian bookworm main",
+        "# deb http://deb.debian.org/debian-security bookworm-security main",
+        "deb [ arch=amd64 signed-by=/k.gpg ] http://x.example/debian bookworm main contrib # note",
+        "==> /etc/apt/sources.list.d/off.sources",
+        "Types: deb",
+        "URIs: http://deb.debian.org/debian-security",
+        "Suites: bookworm-security",
+        "Components: main",
+        "Enabled: no",
+        "",
+        "Types: deb-src deb",
+        "URIs: http://a.example/debian",
+        "Suites: bookworm",
+        "  bookworm-updates",
+        "Components: main",
+    ]
+    assert AptSources().process(lines) == [
+        {
+            "file": SOURCES_LIST,
+            "uris": ["http://x.example/debian"],
+            "suites": ["bookworm"],
+            "components": ["main", "contrib"],
+        },
+        {
+            "file": "/etc/apt/sources.list.d/off.sources",
+            "uris": ["http://a.example/debian"],
+            "suites": ["bookworm", "bookworm-updates"],
+            "components": ["main"],
+        },
+    ]
+
+
+def test_a_debootstrapped_debian_gets_the_security_suite() -> None:
+    run = run_base(
+        node_config("debian12"),
+        "debian12",
+        handlers=[apt_sources_on(APT_SOURCES / "debian12-debootstrap")],
+    )
+    assert not run.failed
+    assert sources_list_entries(run.files[SECURITY_LIST]) == [
+        (DEBIAN_KEYRING, "http://deb.debian.org/debian-security", "bookworm-security", "main")
+    ]
+    assert run.grep(rf"^chmod 644 {re.escape(SECURITY_LIST)}$")
+    assert run.grep(rf"^chown root:root {re.escape(SECURITY_LIST)}$")
+    # the lists are refreshed after the source is added, before anything is installed
+    update = max(i for i, c in enumerate(run.commands) if re.search(r"apt-get .*update", c))
+    written = run.commands.index(f"chmod 644 {SECURITY_LIST}")  # right after its upload
+    install = min(i for i, c in enumerate(run.commands) if re.search(r"apt-get .*install", c))
+    assert written < update < install
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_stock_sources_with_a_security_suite_get_nothing_added(distro: str) -> None:
+    run = fresh(distro)
+    assert SECURITY_LIST not in run.files
+    changes = [c for c in run.commands if re.match(rf"(chmod|chown|rm|mv) .*{SECURITY_LIST}", c)]
+    assert changes == []  # a fresh host has no file of gpunode's to remove either
+
+
+def test_the_added_source_follows_the_hosts_components_and_goes_when_not_needed(
+    tmp_path: Path,
+) -> None:
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text(
+        "deb http://deb.debian.org/debian bookworm main non-free-firmware\n"
+        "deb http://deb.debian.org/debian bookworm-updates main contrib\n"
+    )
+    ours = "# an older version\ndeb http://deb.debian.org/debian-security bookworm-security main\n"
+    (etc / "sources.list.d" / "gpunode-security.list").write_text(ours)
+    run = run_base(node_config("debian12"), "debian12", handlers=[apt_sources_on(etc)])
+    # gpunode's own file does not count as the host having the suite
+    assert sources_list_entries(run.files[SECURITY_LIST]) == [
+        (
+            DEBIAN_KEYRING,
+            "http://deb.debian.org/debian-security",
+            "bookworm-security",
+            "main non-free-firmware",
+        )
+    ]
+    # the admins add the suite themselves: gpunode's file goes
+    (etc / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
+        "Components: main\n"
+    )
+    present = converged({SECURITY_LIST: ours}, {SECURITY_LIST: "644"})
+    run = run_base(node_config("debian12"), "debian12", handlers=[apt_sources_on(etc), present])
+    assert SECURITY_LIST not in run.files
+    assert run.grep(rf"^rm -f {re.escape(SECURITY_LIST)}$")
+
+
+def test_a_mirror_takes_the_added_source_away(tmp_path: Path) -> None:
+    present = converged({SECURITY_LIST: "deb x bookworm-security main\n"}, {SECURITY_LIST: "644"})
+    run = run_base(
+        node_config("debian12", apt_mirror="http://deb.example.net/debian"),
+        "debian12",
+        handlers=[present],
+    )
+    assert run.grep(rf"^rm -f {re.escape(SECURITY_LIST)}$")
+    assert not [c for c in run.commands if c == AptSources().command()]  # not even read
+
+
+def test_a_component_that_is_not_a_plain_name_fails_the_host(tmp_path: Path, caplog) -> None:
+    etc = tmp_path / "apt"
+    etc.mkdir()
+    (etc / "sources.list").write_text("deb http://deb.debian.org/debian bookworm main $(reboot)\n")
+    run = run_base(node_config("debian12"), "debian12", handlers=[apt_sources_on(etc)])
+    assert run.failed
+    assert SECURITY_LIST not in run.files
+    said = [r.getMessage() for r in caplog.records if "apt sources:" in r.getMessage()]
+    assert said and said[0].endswith(
+        "gpunode: host @fake/gpu-01: base: apt sources: the bookworm suite in the host's apt "
+        "sources has components that are not plain names: '$(reboot)' (allowed: "
+        "[a-z0-9][a-z0-9.+-]*)"
+    ), said
 
 
 def test_apt_mirror_is_refused_for_dnf_distros() -> None:
