@@ -6,6 +6,7 @@ pyinfra -y inventories/prod.py deploys/gpu_stack.py
 from gpunode import pipeline
 from roles.base import base
 from roles.cuda import cuda
+from roles.hardening import file_integrity
 from roles.nvidia_driver import nvidia_driver
 
 pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
@@ -13,3 +14,4 @@ pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
 base()
 nvidia_driver()
 cuda()
+file_integrity()  # this run's changes into AIDE's database (none: nothing runs)

@@ -20,6 +20,7 @@ from gpunode.gateway import active_clients
 from gpunode.inventory import node_and_distro
 from gpunode.schema.types import ConfigError
 from roles.gateway import gateway
+from roles.hardening import file_integrity
 
 client = host.data.get("gpunode_gateway_client") or None
 version = host.data.get("gpunode_gateway_client_version")
@@ -39,3 +40,4 @@ if client is not None and config.gateway.enabled and client not in active_client
         f"of this gateway (allowed: {', '.join(active_clients(config)) or 'none'})"
     )
 gateway(versions={client: int(version)} if client and version is not None else None)
+file_integrity()  # this run's changes into AIDE's database (none: nothing runs)

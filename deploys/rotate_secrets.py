@@ -19,6 +19,7 @@ import os
 from pyinfra import host
 
 from gpunode.schema.types import ConfigError
+from roles.hardening import file_integrity
 from roles.secrets import secrets
 
 only = host.data.get("gpunode_secret") or os.environ.get("GPUNODE_SECRET") or None
@@ -29,3 +30,4 @@ if version is not None and only is None:
         "secret at one version)"
     )
 secrets(only=only, versions={only: int(version)} if only and version is not None else None)
+file_integrity()  # this run's changes into AIDE's database (none: nothing runs)

@@ -9,6 +9,11 @@ import re
 
 from gpunode.render import environment, sudoers_value
 from gpunode.schema.hardening import (
+    AIDE_BINARY,
+    AIDE_DATABASE_KEY,
+    AIDE_IGNORE,
+    AIDE_RULES,
+    AIDE_WATCH,
     CONTAINER_SYSCTL,
     DISABLED_MODULES,
     NEEDRESTART_LIST_ONLY,
@@ -30,6 +35,11 @@ MODPROBE_FILE = "/etc/modprobe.d/60-gpunode-modules.conf"
 CORE_LIMITS_FILE = "/etc/security/limits.d/60-gpunode-core.conf"
 COREDUMP_DROPIN = "/etc/systemd/coredump.conf.d/60-gpunode.conf"
 NEEDRESTART_FILE = "/etc/needrestart/conf.d/60-gpunode.conf"  # read after needrestart.conf
+AIDE_CONF = "/etc/gpunode/aide.conf"
+AIDE_DIR = "/var/lib/gpunode/aide"
+AIDE_DB, AIDE_DB_NEW = f"{AIDE_DIR}/aide.db.gz", f"{AIDE_DIR}/aide.db.new.gz"
+INTEGRITY_SERVICE = "gpunode-file-integrity.service"
+INTEGRITY_TIMER = "gpunode-file-integrity.timer"
 VERIFY_SERVICE = "gpunode-package-verify.service"
 VERIFY_TIMER = "gpunode-package-verify.timer"
 KERNEL_PREFIXES = ("kernel.", "fs.", "vm.", "dev.", "user.")  # not per network namespace
@@ -202,6 +212,104 @@ def render_verify_units(config: NodeConfig, family: str) -> dict[str, str]:
             calendar=config.hardening.verify_packages
         ),
     }
+
+
+_AIDE_PATH_RE = re.compile(r"/[A-Za-z0-9._+@:,=/-]*")
+
+
+def aide_path(path: str) -> str:
+    """A path as an AIDE selection line takes it: a regular expression, so every character
+    that is not a letter, digit, '/', '_' or '-' is escaped. Paths are AbsPath (no spaces or
+    control characters); anything else is refused."""
+    if not _AIDE_PATH_RE.fullmatch(path) or "/../" in f"{path}/":
+        raise ValueError(f"{path!r} is not a plain absolute path")
+    return "".join(c if c.isalnum() or c in "/_-" else f"\\{c}" for c in path)
+
+
+def aide_watch(config: NodeConfig) -> list[tuple[str, str]]:
+    """(path, rule) for every watched path: AIDE_WATCH, and each secret file's own
+    destination (owner and mode only: no digest of a secret in the database)."""
+    watch = dict(AIDE_WATCH)
+    for name, secret in config.secrets.items():
+        watch.setdefault(secret.dest_for(name), "PERMS")
+    return sorted(watch.items())
+
+
+def render_aide(config: NodeConfig, distro: str, family: str) -> str:
+    return (
+        environment("hardening")
+        .get_template("aide.conf.j2")
+        .render(
+            database_key=AIDE_DATABASE_KEY[distro],
+            database=AIDE_DB,
+            database_new=AIDE_DB_NEW,
+            rules=list(AIDE_RULES.items()),
+            # a secret file's path is the file only ("$"); AIDE_WATCH's are trees
+            watch=[
+                (aide_path(p) + ("" if p in AIDE_WATCH else "$"), rule)
+                for p, rule in aide_watch(config)
+            ],
+            ignore=[aide_path(p) for p in AIDE_IGNORE],
+        )
+    )
+
+
+def render_integrity_units(config: NodeConfig, family: str) -> dict[str, str]:
+    """gpunode-file-integrity.service and .timer, by file name."""
+    env = environment("hardening")
+    return {
+        INTEGRITY_SERVICE: env.get_template("file-integrity.service.j2").render(
+            command=integrity_check_command(family)
+        ),
+        INTEGRITY_TIMER: env.get_template("file-integrity.timer.j2").render(
+            calendar=config.hardening.file_integrity
+        ),
+    }
+
+
+def integrity_check_command(family: str) -> str:
+    """What gpunode-file-integrity.service runs: exit status 0 when nothing differs."""
+    return f"{AIDE_BINARY[family]} --config={AIDE_CONF} --check"
+
+
+def aide_init_command(family: str) -> str:
+    """A new database of the watched files, put in place only when AIDE succeeded."""
+    aide = AIDE_BINARY[family]
+    return "\n".join(
+        [
+            "set -e",
+            f"install -d -m 700 -o root -g root {AIDE_DIR}",
+            f"rm -f {AIDE_DB_NEW}",
+            f"{aide} --config={AIDE_CONF} --init >/dev/null",
+            f"chmod 600 {AIDE_DB_NEW}",
+            f"mv -f {AIDE_DB_NEW} {AIDE_DB}",
+        ]
+    )
+
+
+def aide_update_command(family: str) -> str:
+    """Take a deploy's changes into the database: AIDE reports what differs (exit status 1 to 7:
+    entries added, removed, changed), each difference goes to the journal
+    (``gpunode-file-integrity``, authpriv.notice) so none is taken in silently, then the new
+    database replaces the old one. Exit status 8 and above is AIDE's own error: the old
+    database stays."""
+    aide = AIDE_BINARY[family]
+    return "\n".join(
+        [
+            f"report=$(mktemp {AIDE_DIR}/.report.XXXXXX) || exit 1",
+            "rc=0",
+            f'{aide} --config={AIDE_CONF} --update >"$report" 2>&1 || rc=$?',
+            'if [ "$rc" -gt 7 ]; then',
+            '  echo "gpunode: AIDE could not update its database (exit status $rc):" >&2',
+            '  tail -n 20 "$report" >&2; rm -f "$report"; exit 1',
+            "fi",
+            "grep -E '^[a-z!][^:]*: /' \"$report\" | sed 's/^/taken in by a gpunode deploy: /' "
+            "| logger -t gpunode-file-integrity -p authpriv.notice || true",
+            'rm -f "$report"',
+            f"chmod 600 {AIDE_DB_NEW}",
+            f"mv -f {AIDE_DB_NEW} {AIDE_DB}",
+        ]
+    )
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:

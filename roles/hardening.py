@@ -23,6 +23,9 @@ files with strict modes).
   (but lists only the inference services and the gateway, which ``gpunode rollout``
   restarts behind a health gate); gpunode-package-verify.timer checks every package's files
   against their checksums (debsums, ``rpm --verify``) and fails on a changed one.
+- file integrity: AIDE with gpunode's settings (/etc/gpunode/aide.conf, AIDE_WATCH) and a
+  database made here; gpunode-file-integrity.timer compares. :func:`file_integrity` (run
+  last in a deploy, before the seal) takes that deploy's own changes into the database.
 - core dumps off, telnet/rsh/NIS/TFTP/inetd absent, strict modes on /etc/shadow & co.
 
 .. code:: python
@@ -38,6 +41,7 @@ from io import StringIO
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import File
 from pyinfra.facts.rpm import RpmPackages
 from pyinfra.operations import apt, dnf, files, server, systemd
 
@@ -78,6 +82,7 @@ def hardening() -> None:
     _packages(config, spec)
     _after_upgrades(config, spec)
     _file_modes(config, spec)
+    _integrity(config, spec)
 
 
 def _sshd(config: NodeConfig, spec: distros.DistroSpec) -> None:
@@ -254,17 +259,7 @@ def _after_upgrades(config: NodeConfig, spec: distros.DistroSpec) -> None:
             )
         return
     _install(spec, "Package verification tool", [rules.verify_package(spec.family)])
-    units = [
-        files.put(
-            name=f"Package verification unit {unit}",
-            src=StringIO(text),
-            dest=f"/etc/systemd/system/{unit}",
-            user="root",
-            group="root",
-            mode="644",
-        )
-        for unit, text in rules.render_verify_units(config, spec.family).items()
-    ]
+    units = _units("Package verification", rules.render_verify_units(config, spec.family))
     systemd.daemon_reload(
         name="systemd daemon-reload (package verification)",
         _if=lambda: any(u.did_change() for u in units),
@@ -294,3 +289,101 @@ def _file_modes(config: NodeConfig, spec: distros.DistroSpec) -> None:
             group=entry.group,
             mode=entry.mode,
         )
+
+
+def _units(what: str, units: dict[str, str]) -> list:
+    return [
+        files.put(
+            name=f"{what} unit {unit}",
+            src=StringIO(text),
+            dest=f"/etc/systemd/system/{unit}",
+            user="root",
+            group="root",
+            mode="644",
+        )
+        for unit, text in units.items()
+    ]
+
+
+def _integrity(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    if config.hardening.file_integrity is None:
+        systemd.service(
+            name="File integrity timer (off)",
+            service=rules.INTEGRITY_TIMER,
+            running=False,
+            enabled=False,
+        )
+        for path in (
+            *(f"/etc/systemd/system/{u}" for u in (rules.INTEGRITY_TIMER, rules.INTEGRITY_SERVICE)),
+            rules.AIDE_CONF,
+        ):
+            files.file(name=f"File integrity (none): {path}", path=path, present=False)
+        return
+    _install(spec, "AIDE", ["aide"])
+    files.directory(
+        name="File integrity database folder",
+        path=rules.AIDE_DIR,
+        user="root",
+        group="root",
+        mode="700",
+    )
+    conf = files.put(
+        name="File integrity settings (AIDE)",
+        src=StringIO(rules.render_aide(config, spec.key, spec.family)),
+        dest=rules.AIDE_CONF,
+        user="root",
+        group="root",
+        mode="600",
+    )
+    database = host.get_fact(File, path=rules.AIDE_DB)
+    server.shell(
+        name="File integrity database (new)",
+        commands=[rules.aide_init_command(spec.family)],
+        _if=lambda: not database or conf.did_change(),
+    )
+    units = _units("File integrity", rules.render_integrity_units(config, spec.family))
+    systemd.daemon_reload(
+        name="systemd daemon-reload (file integrity)",
+        _if=lambda: any(u.did_change() for u in units),
+    )
+    systemd.service(
+        name="File integrity timer", service=rules.INTEGRITY_TIMER, running=True, enabled=True
+    )
+    systemd.service(
+        name="Restart file integrity timer",  # applies a new schedule
+        service=rules.INTEGRITY_TIMER,
+        restarted=True,
+        _if=units[1].did_change,
+    )
+
+
+def _changed_before_now() -> bool:
+    """Whether an operation of this run changed this host (those run so far)."""
+    state = host.state
+    return any(
+        data.operation_meta.is_complete() and data.operation_meta.did_change()
+        for data in state.ops[host].values()
+    )
+
+
+@deploy("gpunode file integrity")
+def file_integrity() -> None:
+    """Run last in a deploy (before the seal): the changes this run made to watched files go
+    into AIDE's database, each written to the journal first, so a deploy is not reported as
+    tampering. Nothing runs on a host this run did not change.
+
+    .. code:: python
+
+        from roles.hardening import file_integrity
+        file_integrity()
+    """
+    config, spec = node_and_distro(host)
+    if not host_matches(spec, host.get_fact(HostInfo)):
+        return
+    if not config.hardening.enabled or config.hardening.file_integrity is None:
+        return
+    server.shell(
+        name="File integrity database: this deploy's changes",
+        commands=[rules.aide_update_command(spec.family)],
+        _if=_changed_before_now,
+    )

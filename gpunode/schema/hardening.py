@@ -30,6 +30,7 @@ from gpunode.schema.types import (
     SysctlValue,
     listed_twice,
 )
+from gpunode.schema.vault import SECRETS_DIR
 
 # --- sshd (dev-sec ssh-baseline) -------------------------------------------------------
 
@@ -216,6 +217,40 @@ PACKAGE_VERIFY: dict[str, tuple[str, str]] = {
 }
 
 
+# --- file integrity (AIDE) ---------------------------------------------------------------------
+
+# AIDE's database (/var/lib/gpunode/aide/) keeps, for each file under these paths, what the rule
+# names; gpunode-file-integrity.timer compares. Package files are also checked against the
+# package database (PACKAGE_VERIFY); AIDE adds configuration and what no package owns.
+AIDE_RULES: dict[str, str] = {
+    "CONTENT": "p+u+g+n+l+s+sha256",  # mode, owner, group, links, link target, size, digest
+    "PERMS": "p+u+g+l",  # no digest: the secrets' content never enters the database
+}
+# path -> rule (a more specific path's rule wins)
+AIDE_WATCH: dict[str, str] = {
+    "/usr/bin": "CONTENT",
+    "/usr/sbin": "CONTENT",
+    "/usr/local": "CONTENT",  # gpunode-probe, gpunode-seal, whatever was installed by hand
+    "/etc": "CONTENT",  # configuration: sshd, sudoers, units, the firewall ruleset, provenance
+    "/root/.ssh": "CONTENT",
+    "/opt/gpunode": "CONTENT",  # the pip runtimes' virtual environments
+    "/var/lib/gpunode/runtimes": "CONTENT",  # runtime artifacts (llama-server, ...)
+    SECRETS_DIR: "PERMS",  # and each secret's own `dest`
+}
+# rewritten by the system itself, not by anyone's hand
+AIDE_IGNORE: tuple[str, ...] = ("/etc/adjtime", "/etc/ld.so.cache", "/etc/.pwd.lock")
+# family -> the aide binary; distro -> the key of the database to read (AIDE 0.17 renamed it)
+AIDE_BINARY: dict[str, str] = {"apt": "/usr/bin/aide", "dnf": "/usr/sbin/aide"}
+AIDE_DATABASE_KEY: dict[str, str] = {
+    "debian12": "database_in",  # AIDE 0.18
+    "ubuntu2204": "database_in",  # 0.17
+    "ubuntu2404": "database_in",  # 0.18
+    "rhel9": "database",  # 0.16
+    "rocky9": "database",
+    "alma9": "database",
+}
+
+
 @dataclass(frozen=True)
 class FileMode:
     path: str
@@ -314,6 +349,10 @@ class Hardening(Model):
     )
     """The login banner's lines, on /etc/issue, /etc/issue.net and sshd's `Banner`; null:
     leave the distro's files and sshd without a banner."""
+    file_integrity: Literal["hourly", "daily", "weekly"] | None = "daily"
+    """How often gpunode-file-integrity.timer has AIDE compare the files of AIDE_WATCH with
+    its database (a deploy that changes them updates it); null: AIDE not configured (its
+    settings and units removed)."""
     restart_services: bool = True
     """needrestart after every package upgrade: daemons still running old libraries restarted
     automatically, except those of NEEDRESTART_LIST_ONLY (listed only); false: needrestart is

@@ -259,3 +259,25 @@ def test_package_verification_runs_and_found_nothing(
     assert result == "success", (
         f"the last package verification failed: journalctl -u {hardening.VERIFY_SERVICE}"
     )
+
+
+def test_file_integrity_database_matches_the_files(
+    hardening_on, host, node: Host, spec: distros.DistroSpec, as_root
+) -> None:
+    """AIDE's settings as gpunode renders them, its database root's alone, the daily check
+    scheduled, and nothing changed since the last deploy took its own changes in."""
+    if node.config.hardening.file_integrity is None:
+        pytest.skip("hardening.file_integrity is null for this host")
+    conf = host.file(hardening.AIDE_CONF)
+    assert (conf.user, conf.group, conf.mode) == ("root", "root", 0o600)
+    assert as_root(f"cat {hardening.AIDE_CONF}").stdout == hardening.render_aide(
+        node.config, spec.key, spec.family
+    )
+    db = as_root(f"stat -c '%U %G %a' {hardening.AIDE_DIR} {hardening.AIDE_DB}").stdout
+    assert db.split("\n")[:2] == ["root root 700", "root root 600"], db
+    for unit, text in hardening.render_integrity_units(node.config, spec.family).items():
+        assert host.file(f"/etc/systemd/system/{unit}").content_string == text, unit
+    timer = host.service(hardening.INTEGRITY_TIMER)
+    assert timer.is_enabled and timer.is_running
+    check = as_root(hardening.integrity_check_command(spec.family))
+    assert check.rc == 0, f"AIDE found differences (exit status {check.rc}):\n{check.stdout}"

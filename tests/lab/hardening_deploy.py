@@ -6,8 +6,9 @@ inference roles so the lab test converges and re-runs quickly.
 
 from roles.base import base
 from roles.firewall import firewall
-from roles.hardening import hardening
+from roles.hardening import file_integrity, hardening
 
 base()
 firewall()
 hardening()
+file_integrity()

@@ -269,6 +269,52 @@ def test_package_verification_names_a_changed_file(lab: Lab, hardened: dict[str,
     assert lab.ssh("lab-01", f"systemctl start {unit}").returncode == 0
 
 
+AIDE_CHECK = "aide --config=/etc/gpunode/aide.conf --check"
+
+
+def test_file_integrity_reports_a_changed_binary(lab: Lab, hardened: dict[str, str]) -> None:
+    assert lab.ssh("lab-01", AIDE_CHECK).returncode == 0  # as the last deploy left it
+    binary = "/usr/bin/sleep"
+    lab.ssh("lab-01", f"cp -p {binary} /root/sleep.saved && echo x >> {binary}", check=True)
+    try:
+        found = lab.ssh("lab-01", AIDE_CHECK)
+        assert found.returncode == 4, found.stdout  # AIDE: changed entries
+        assert f": {binary}\n" in found.stdout, found.stdout
+        unit = lab.ssh("lab-01", "systemctl start gpunode-file-integrity.service")
+        assert unit.returncode != 0  # the timer's unit fails on it too
+        journal = lab.ssh(
+            "lab-01", "journalctl -u gpunode-file-integrity -n 60 --no-pager", check=True
+        ).stdout
+        assert binary in journal, journal
+    finally:
+        lab.ssh("lab-01", f"cp -p /root/sleep.saved {binary} && rm /root/sleep.saved", check=True)
+    assert lab.ssh("lab-01", AIDE_CHECK).returncode == 0
+
+
+def test_a_deploy_is_not_reported_as_tampering(
+    lab: Lab, hardened: dict[str, str], tmp_path: Path
+) -> None:
+    doc = yaml.safe_load(Path(hardened["GPUNODE_LAB_DATA"]).read_text())
+    doc["defaults"]["hardening"] = {"banner": ["Lab hosts: authorized uses only."]}
+    data = tmp_path / "banner.yml"
+    data.write_text(yaml.safe_dump(doc))
+    env = {**hardened, "GPUNODE_LAB_DATA": str(data)}
+    try:
+        proc = pyinfra(INVENTORY, DEPLOY, "--limit", "lab-01", env=env, check=True)
+        assert "File integrity database: this deploy's changes" in proc.stdout + proc.stderr
+        issue = lab.ssh("lab-01", "cat /etc/issue", check=True).stdout
+        assert issue == "Lab hosts: authorized uses only.\n"
+        check = lab.ssh("lab-01", AIDE_CHECK)
+        assert check.returncode == 0, check.stdout  # the deploy's own change is not reported
+        journal = lab.ssh(
+            "lab-01", "journalctl -t gpunode-file-integrity -n 20 --no-pager", check=True
+        ).stdout
+        assert "taken in by a gpunode deploy: " in journal and "/etc/issue" in journal, journal
+    finally:
+        pyinfra(INVENTORY, DEPLOY, "--limit", "lab-01", env=hardened, check=True)
+    assert lab.ssh("lab-01", AIDE_CHECK).returncode == 0
+
+
 def test_a_broken_sshd_config_is_never_put_in_place(
     lab: Lab, hardened: dict[str, str], tmp_path: Path
 ) -> None:

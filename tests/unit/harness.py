@@ -236,10 +236,13 @@ def run_deploys(
     connector_cls: type[RecordingFakeConnector] | None = None,
     host_name: str = HOST,
     state_out: list[State] | None = None,
+    host_data: dict[str, Any] | None = None,
 ) -> Run:
-    """Run ``deploys`` for real through pyinfra's API on one @fake host answering ``responses``."""
+    """Run ``deploys`` for real through pyinfra's API on one @fake host answering ``responses``
+    (``host_data``: more host data, as gpunode's inventory sets it, e.g. ``ssh_port``)."""
     assert not pyinfra.is_cli  # add_deploy refuses to run in CLI mode
     data = {"gpunode": config, "fake_delay": 0, "fake_delay_jitter": 0, "fake_responses": responses}
+    data.update(host_data or {})
     inventory = Inventory(([(f"@fake/{host_name}", data)], {}))
     for each in inventory:
         each.connector_cls = connector_cls or RecordingFakeConnector

@@ -20,6 +20,7 @@ harness), fed with outputs recorded on real hosts in ``fixtures/hardening/``:
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import re
@@ -59,6 +60,7 @@ from gpunode.schema.hardening import Hardening
 from gpunode.schema.node import Connection, NodeConfig
 from gpunode.schema.types import ConfigError
 from roles.firewall import firewall
+from roles.hardening import file_integrity
 from roles.hardening import hardening as hardening_role
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardening"
@@ -626,10 +628,12 @@ def run_roles(
     responses: dict[Any, Response],
     handlers: Iterable[Handler] = (),
     container: str = "",
+    host_data: dict[str, Any] | None = None,
+    deploys: Iterable[Any] = (firewall, hardening_role),
 ) -> Run:
     responses = {HostInfo().command(): list(host_info_output(distro, container)), **responses}
     return run_deploys(
-        cfg, responses, [firewall, hardening_role], handlers, SharedLogConnector, HOST
+        cfg, responses, deploys, handlers, SharedLogConnector, HOST, host_data=host_data
     )
 
 
@@ -1213,3 +1217,397 @@ def test_the_docs_tables_name_every_control_the_schema_has() -> None:
     assert [m for m in modules if not re.search(rf"\b{re.escape(m)}\b", text)] == []
     commands = [c for _, c in hardening_schema.PACKAGE_VERIFY.values()]
     assert [c for c in commands if c.rsplit("/", 1)[-1] not in text] == []
+
+
+# --- the firewall role, every path (what `make mutate` found unchecked in roles/firewall.py) ---
+
+
+def firewall_ops(
+    cfg: NodeConfig,
+    distro: str,
+    responses: dict[Any, Response],
+    handlers: Iterable[Handler] = (),
+    host_data: dict[str, Any] | None = None,
+) -> tuple[list[str], Run]:
+    """The firewall role alone: the names of the operations it planned, in order, as pyinfra
+    prints them (and `gpunode drift` reports them), and the run."""
+    states: list[Any] = []
+    responses = {HostInfo().command(): list(host_info_output(distro, "")), **responses}
+    run = run_deploys(
+        cfg,
+        responses,
+        [firewall],
+        handlers,
+        SharedLogConnector,
+        HOST,
+        state_out=states,
+        host_data=host_data,
+    )
+    state = states[0]
+    names = [name for h in state.get_op_order() for name in state.op_meta[h].names]
+    return [n.removeprefix("gpunode firewall | ") for n in names], run
+
+
+APPLY_OPS = [
+    "nftables",
+    "Firewall directory",
+    "Firewall ruleset candidate",
+    "Check the candidate ruleset (nft -c)",
+    "Arm the firewall rollback timer",
+    "Load the candidate ruleset",
+    "Confirm a new SSH connection gets in",
+    "Disarm the rollback and keep the ruleset for boot",
+    "Firewall boot unit",
+    "Reload systemd units",
+    "Firewall loaded at boot",
+]
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_a_first_apply_names_each_step_and_uses_the_familys_package_manager(distro: str) -> None:
+    names, run = firewall_ops(config(distro), distro, fresh_responses(distro))
+    assert not run.failed
+    stops = ["Stop a firewall that conflicts with gpunode's"] if distro in DNF else []
+    assert names == APPLY_OPS + stops
+    (install,) = run.grep(r"install.* nftables")
+    if distro in APT:
+        assert install.startswith("DEBIAN_FRONTEND=noninteractive apt-get") or "apt-get" in install
+        assert "--no-install-recommends" in install and "dnf" not in install
+    else:
+        assert re.match(r"^dnf install -y nftables$", install), install
+    # the directory root-only, the candidate and the boot unit with their modes
+    assert run.grep(rf"^mkdir -p {firewall_rules.FIREWALL_DIR}$")
+    assert run.grep(rf"^chmod 700 {firewall_rules.FIREWALL_DIR}$")
+    assert run.grep(rf"^chmod 600 {firewall_rules.FIREWALL_CANDIDATE}$")
+    assert run.grep(rf"^chmod 644 /etc/systemd/system/{firewall_rules.FIREWALL_UNIT}$")
+    # the unit written is the template's, and systemd reloads before it is enabled
+    assert (
+        run.files[f"/etc/systemd/system/{firewall_rules.FIREWALL_UNIT}"]
+        == (REPO_ROOT / "templates" / "firewall" / firewall_rules.FIREWALL_UNIT).read_text()
+    )
+    assert first(run, r"systemctl daemon-reload") < first(
+        run, rf"systemctl enable {firewall_rules.FIREWALL_UNIT}"
+    )
+    assert not run.grep(rf"systemctl (start|restart) {firewall_rules.FIREWALL_UNIT}")
+
+
+def test_the_ssh_rule_opens_the_port_gpunode_connects_to() -> None:
+    cfg = config()
+    _, run = firewall_ops(
+        cfg, "debian12", fresh_responses("debian12"), host_data={"ssh_port": 2222}
+    )
+    ruleset = run.files[firewall_rules.FIREWALL_CANDIDATE]
+    assert ruleset == firewall_rules.render_ruleset(cfg, 2222)
+    assert ruleset != firewall_rules.render_ruleset(cfg, 22)
+
+
+def test_a_converged_firewall_only_clears_a_leftover_candidate() -> None:
+    cfg = config()
+    sha = firewall_rules.sha1(firewall_rules.render_ruleset(cfg, 22))
+    live = lines("firewall-state.converged", active_sha1=sha)
+    unit = f"/etc/systemd/system/{firewall_rules.FIREWALL_UNIT}"
+    leftover = converged(
+        {
+            firewall_rules.FIREWALL_CANDIDATE: "old",
+            unit: (REPO_ROOT / "templates" / "firewall" / firewall_rules.FIREWALL_UNIT).read_text(),
+        },
+        {firewall_rules.FIREWALL_CANDIDATE: "600", unit: "644"},
+    )
+    responses = {**fresh_responses("debian12"), FirewallState().command(): live}
+    names, run = firewall_ops(cfg, "debian12", responses, handlers=[leftover])
+    assert names == [
+        "nftables",
+        "Firewall directory",
+        "No leftover candidate ruleset",
+        "Firewall boot unit",
+        "Reload systemd units",
+        "Firewall loaded at boot",
+    ]
+    assert run.grep(rf"^rm -f {firewall_rules.FIREWALL_CANDIDATE}$")
+    assert not run.grep(r"^nft |systemd-run|daemon-reload")
+
+
+@pytest.mark.parametrize(
+    ("distro", "running", "stopped"),
+    [
+        ("debian12", ["ufw.service"], ["ufw.service"]),
+        ("ubuntu2404", ["ufw.service", "firewalld.service"], ["ufw.service", "firewalld.service"]),
+        ("rocky9", ["firewalld.service"], ["firewalld.service"]),
+        ("rhel9", ["ufw.service"], []),  # not one of EL9's: left alone
+        ("debian12", [], []),
+    ],
+)
+def test_only_the_familys_conflicting_firewalls_are_stopped_and_disabled(
+    distro: str, running: list[str], stopped: list[str]
+) -> None:
+    def systemd(command: str) -> Response | None:
+        """systemctl show for all units ('*') or one: the running ones, enabled."""
+        m = re.search(r"--property (SubState|UnitFileState) ('\*'|\S+) \)", command)
+        if not m:
+            return None
+        asked = running if m[2] == "'*'" else [u for u in running if u == m[2]]
+        value = "running" if m[1] == "SubState" else "enabled"
+        return [line for u in asked for line in (f"Id={u}", f"{m[1]}={value}")]
+
+    responses = dict(fresh_responses(distro))
+    del responses[
+        re.compile(r"systemctl show --all --property Id --property SubState ('\*'|firewalld)")
+    ]
+    names, run = firewall_ops(config(distro), distro, responses, handlers=[systemd])
+    assert names == APPLY_OPS + ["Stop a firewall that conflicts with gpunode's"] * len(stopped)
+    for unit in stopped:
+        assert first(run, rf"systemctl enable {firewall_rules.FIREWALL_UNIT}") < first(
+            run, rf"^systemctl stop {unit}$"
+        )
+        assert run.grep(rf"^systemctl disable {unit}$")
+    assert len(run.grep(r"^systemctl (stop|disable) (ufw|firewalld)")) == 2 * len(stopped)
+
+
+def test_a_disabled_firewall_takes_gpunodes_table_and_boot_unit_away(caplog) -> None:
+    cfg = load_one({"distro": "debian12", "firewall": {"enabled": False}})
+    responses = {
+        **fresh_responses("debian12"),
+        FirewallState().command(): lines("firewall-state.converged"),  # table loaded
+        re.compile(r"--property UnitFileState gpunode-firewall\.service"): [
+            "Id=gpunode-firewall.service",
+            "UnitFileState=enabled",
+        ],
+    }
+    on_host = converged({firewall_rules.FIREWALL_ACTIVE: "table"}, {})
+    with caplog.at_level(logging.DEBUG, logger="pyinfra"):
+        names, run = firewall_ops(cfg, "debian12", responses, handlers=[on_host])
+    assert not run.failed
+    assert names == [
+        "Remove gpunode's nftables table (firewall disabled)",
+        "Firewall not loaded at boot (disabled)",
+        "No firewall ruleset (disabled)",
+        "Firewall",
+    ]
+    assert run.grep(r"^nft delete table inet gpunode$")
+    assert run.grep(rf"^systemctl disable {firewall_rules.FIREWALL_UNIT}$")
+    assert not run.grep(rf"systemctl (stop|start) {firewall_rules.FIREWALL_UNIT}")
+    assert run.grep(rf"^rm -f {firewall_rules.FIREWALL_ACTIVE}$")
+    assert not run.grep(r"install.* nftables|systemd-run")
+    said = [r.getMessage() for r in caplog.records if "enabled is false" in r.getMessage()]
+    assert said and said[0].endswith("firewall.enabled is false: gpunode's table is not loaded")
+
+
+def test_a_disabled_firewall_without_a_table_deletes_nothing() -> None:
+    cfg = load_one({"distro": "debian12", "firewall": {"enabled": False}})
+    names, run = firewall_ops(cfg, "debian12", fresh_responses("debian12"))
+    assert names == [
+        "Firewall not loaded at boot (disabled)",
+        "No firewall ruleset (disabled)",
+        "Firewall",
+    ]
+    assert not run.grep(r"^nft ")
+
+
+# --- file integrity (AIDE) -------------------------------------------------------------------
+
+
+def aide_lines(text: str) -> list[str]:
+    return [line for line in content_lines(text) if not line.startswith("#")]
+
+
+@pytest.mark.parametrize(
+    ("distro", "key"),
+    [("debian12", "database_in"), ("ubuntu2204", "database_in"), ("rocky9", "database")],
+)
+def test_aide_settings_watch_binaries_and_configuration(distro: str, key: str) -> None:
+    family = "apt" if distro in APT else "dnf"
+    lines = aide_lines(hardening.render_aide(config(distro), distro, family))
+    assert lines[:4] == [
+        f"{key}=file:/var/lib/gpunode/aide/aide.db.gz",
+        "database_out=file:/var/lib/gpunode/aide/aide.db.new.gz",
+        "gzip_dbout=yes",
+        "report_url=stdout",
+    ]
+    assert "CONTENT = p+u+g+n+l+s+sha256" in lines and "PERMS = p+u+g+l" in lines
+    for path in ("/usr/bin", "/usr/sbin", "/usr/local", "/etc", r"/root/\.ssh"):
+        assert f"{path} CONTENT" in lines, path
+    # the secrets: owner and mode only, never a digest of their content
+    assert "/etc/gpunode/secrets PERMS" in lines
+    assert r"!/etc/ld\.so\.cache$" in lines
+
+
+def test_a_secret_file_elsewhere_is_watched_for_its_mode_only() -> None:
+    cfg = load_one(
+        {
+            "distro": "debian12",
+            "vault": {"addr": "https://vault.example.net:8200"},
+            "secrets": {
+                "hf-token": {"path": "kv/data/hf", "key": "token", "dest": "/etc/my+app/hf.env"},
+            },
+        }
+    )
+    lines = aide_lines(hardening.render_aide(cfg, "debian12", "apt"))
+    assert r"/etc/my\+app/hf\.env$ PERMS" in lines, lines
+
+
+@pytest.mark.parametrize("path", ["/etc/x y", "relative", "/etc/a\nb", "/etc/../shadow"])
+def test_aide_paths_that_are_not_plain_are_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="is not a plain absolute path"):
+        hardening.aide_path(path)
+
+
+def test_aide_paths_are_escaped_for_its_regular_expressions() -> None:
+    assert hardening.aide_path("/etc/a.b+c@d:e,f=g/h_i-j") == r"/etc/a\.b\+c\@d\:e\,f\=g/h_i-j"
+
+
+def aide_units(distro: str, tmp_path: Path) -> tuple[Path, Path]:
+    family = "apt" if distro in APT else "dnf"
+    out = []
+    for name, text in hardening.render_integrity_units(config(distro), family).items():
+        path = tmp_path / name
+        path.write_text(text)
+        out.append(path)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("distro", ["debian12", "rocky9"])
+def test_file_integrity_units(distro: str, tmp_path: Path) -> None:
+    service, timer = aide_units(distro, tmp_path)
+    aide = "/usr/bin/aide" if distro in APT else "/usr/sbin/aide"
+    assert re.findall(r"^ExecStart=.*$", service.read_text(), re.M) == [
+        f"ExecStart={aide} --config=/etc/gpunode/aide.conf --check"
+    ]
+    assert re.findall(r"^OnCalendar=.*$", timer.read_text(), re.M) == ["OnCalendar=daily"]
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(timer), str(service)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    absent = f"Command {aide} is not executable: No such file or directory"
+    noise = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and not (line.endswith(absent) and not Path(aide).exists())
+    ]
+    assert noise == [], proc.stderr
+    exposure = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(service)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", exposure.stdout)
+    assert score and float(score[1]) <= 1.3, exposure.stdout  # measured: 1.3
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_a_fresh_host_gets_aide_its_settings_and_a_first_database(distro: str) -> None:
+    run = run_roles(config(distro), distro, fresh_responses(distro))
+    assert not run.failed
+    assert any(re.search(r"install.* aide\b", c) for c in _installs(run))
+    family = "apt" if distro in APT else "dnf"
+    assert run.files[hardening.AIDE_CONF] == hardening.render_aide(config(distro), distro, family)
+    assert run.grep(rf"^chmod 600 {re.escape(hardening.AIDE_CONF)}$")
+    assert run.grep(rf"^chmod 700 {re.escape(hardening.AIDE_DIR)}$")
+    (init,) = run.grep(r"--init")
+    assert init == hardening.aide_init_command(family)
+    assert run.commands.index(f"chmod 600 {hardening.AIDE_CONF}") < run.commands.index(init)
+    assert run.grep(rf"systemctl enable {re.escape(hardening.INTEGRITY_TIMER)}")
+
+
+def test_a_host_with_a_database_and_the_same_settings_is_not_scanned_again() -> None:
+    cfg = config()
+    on_host = converged(
+        {
+            hardening.AIDE_CONF: hardening.render_aide(cfg, "debian12", "apt"),
+            hardening.AIDE_DB: "db",
+        },
+        {hardening.AIDE_CONF: "600", hardening.AIDE_DB: "600"},
+    )
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"), handlers=[on_host])
+    assert hardening.AIDE_CONF not in run.files
+    assert not run.grep(r"--init")
+
+
+def test_changed_settings_make_a_new_database() -> None:
+    cfg = config()
+    on_host = converged(
+        {hardening.AIDE_CONF: "old settings", hardening.AIDE_DB: "db"},
+        {hardening.AIDE_CONF: "600", hardening.AIDE_DB: "600"},
+    )
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"), handlers=[on_host])
+    assert hardening.AIDE_CONF in run.files
+    assert run.grep(r"--init")
+
+
+def _changes_a_file() -> Any:
+    from pyinfra.api import deploy
+    from pyinfra.operations import files
+
+    @deploy("a role")
+    def role() -> None:
+        files.put(name="A file", src=io.StringIO("new"), dest="/etc/example.conf")
+
+    return role
+
+
+def test_a_deploy_takes_its_own_changes_into_the_database_and_only_then() -> None:
+    cfg = config()
+    changed = run_roles(
+        cfg,
+        "debian12",
+        fresh_responses("debian12"),
+        deploys=(_changes_a_file(), file_integrity),
+    )
+    assert changed.grep(r"--update") == [hardening.aide_update_command("apt")]
+    nothing = run_roles(
+        cfg,
+        "debian12",
+        fresh_responses("debian12"),
+        handlers=[converged({"/etc/example.conf": "new"}, {"/etc/example.conf": "644"})],
+        deploys=(_changes_a_file(), file_integrity),
+    )
+    assert not nothing.grep(r"--update")
+    off = load_one({"distro": "debian12", "hardening": {"file_integrity": None}})
+    run = run_roles(
+        off, "debian12", fresh_responses("debian12"), deploys=(_changes_a_file(), file_integrity)
+    )
+    assert not run.grep(r"--update")
+
+
+def test_the_update_puts_each_difference_in_the_journal_and_keeps_the_old_database_on_error(
+    tmp_path: Path,
+) -> None:
+    """The update command under a real sh, its paths in a temporary directory: a fake aide that
+    reports one changed file (AIDE 0.18's line) and exits 4; then one that fails (exit 17)."""
+    command = hardening.aide_update_command("apt")
+    root = tmp_path / "aide"
+    root.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    journal = tmp_path / "journal"
+    (bin_dir / "logger").write_text(f'#!/bin/sh\necho "$*" >> {journal}\ncat >> {journal}\n')
+    (bin_dir / "logger").chmod(0o755)
+    command = command.replace(hardening.AIDE_DIR, str(root)).replace("/usr/bin/aide", "aide")
+    (root / "aide.db.gz").write_text("old")
+
+    def fake_aide(status: int, creates: bool) -> None:
+        new = f"echo new > {root}/aide.db.new.gz\n" if creates else ""
+        (bin_dir / "aide").write_text(
+            f"#!/bin/sh\n{new}echo 'Summary:'\necho 'f > ...    .H     : /etc/issue'\n"
+            f"exit {status}\n"
+        )
+        (bin_dir / "aide").chmod(0o755)
+
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    fake_aide(4, creates=True)
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (root / "aide.db.gz").read_text() == "new\n"
+    assert journal.read_text() == (
+        "-t gpunode-file-integrity -p authpriv.notice\n"
+        "taken in by a gpunode deploy: f > ...    .H     : /etc/issue\n"
+    )
+    assert list(root.iterdir()) == [root / "aide.db.gz"]  # no report left behind
+    fake_aide(17, creates=False)
+    failed = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert "AIDE could not update its database (exit status 17)" in failed.stderr
+    assert (root / "aide.db.gz").read_text() == "new\n"  # the old one stays
