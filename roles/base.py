@@ -76,6 +76,8 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
             dest="/etc/apt/apt.conf.d/01gpunode-proxy",
             mode="644",
             proxy=config.base.apt_proxy,
+            user="root",
+            group="root",
         )
     else:
         files.file(
@@ -92,6 +94,8 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
             spec=spec,
             mirror=config.base.apt_mirror.rstrip("/"),
             security_mirror=security_mirror(config.base.apt_mirror, spec),
+            user="root",
+            group="root",
         )
         files.file(name="apt security source (the mirror's)", path=SECURITY_LIST, present=False)
         return
@@ -166,9 +170,15 @@ def _journald(config: NodeConfig) -> None:
         dest="/etc/systemd/journald.conf.d/50-gpunode.conf",
         mode="644",
         journald=config.base.journald,
+        user="root",
+        group="root",
     )
     files.directory(
-        name="Persistent journal", path="/var/log/journal", mode="2755", group="systemd-journal"
+        name="Persistent journal",
+        path="/var/log/journal",
+        mode="2755",
+        group="systemd-journal",
+        user="root",
     )
     systemd.service(
         name="Restart journald",  # applies the new limits
@@ -186,6 +196,8 @@ def _chrony(config: NodeConfig, spec: distros.DistroSpec, in_container: bool) ->
         mode="644",
         servers=config.base.ntp_servers,
         spec=spec,
+        user="root",
+        group="root",
     )
     if in_container:
         # The clock belongs to the machine underneath; chronyd skips itself there
@@ -213,6 +225,8 @@ def _auto_updates(config: NodeConfig, spec: distros.DistroSpec) -> None:
             dest="/etc/apt/apt.conf.d/20auto-upgrades",
             mode="644",
             auto=auto,
+            user="root",
+            group="root",
         )
         files.template(
             name="Automatic updates hold list",
@@ -221,6 +235,8 @@ def _auto_updates(config: NodeConfig, spec: distros.DistroSpec) -> None:
             mode="644",
             auto=auto,
             hold=hold,
+            user="root",
+            group="root",
         )
         return
     files.template(
@@ -230,6 +246,8 @@ def _auto_updates(config: NodeConfig, spec: distros.DistroSpec) -> None:
         mode="644",
         auto=auto,
         hold=hold,
+        user="root",
+        group="root",
     )
     assert spec.auto_update_timer
     systemd.service(

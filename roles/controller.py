@@ -75,6 +75,8 @@ def controller() -> None:
         src=io.BytesIO(archive),
         dest=f"{ctl.HOME}/repo.tar.gz",
         mode="644",
+        user="root",
+        group="root",
     )
     server.shell(
         name="Unpack the gpunode repository",
@@ -96,6 +98,8 @@ def controller() -> None:
         src=io.BytesIO(wheelhouse),
         dest=f"{ctl.HOME}/wheelhouse.tar",
         mode="644",
+        user="root",
+        group="root",
     )
     lock_file = files.put(
         name="Lock file of the wheelhouse",
@@ -164,6 +168,8 @@ def controller() -> None:
         dest=f"/etc/systemd/system/{ctl.SERVICE}",
         mode="644",
         **unit_args,
+        user="root",
+        group="root",
     )
     timer = files.template(
         name="gpunode-drift timer",
@@ -172,6 +178,8 @@ def controller() -> None:
         mode="644",
         schedule=drift.schedule,
         randomized_delay=drift.randomized_delay,
+        user="root",
+        group="root",
     )
     systemd.daemon_reload(
         name="Reload systemd units (gpunode-drift)",

@@ -91,6 +91,8 @@ def cuda() -> None:
             dest=nv.CUDA_PROFILE,
             mode="644",
             cuda_home=cuda_home,
+            user="root",
+            group="root",
         )
     else:
         files.file(name="CUDA on PATH (none)", path=nv.CUDA_PROFILE, present=False)
@@ -158,6 +160,8 @@ def _container_toolkit_repo(config: NodeConfig, spec: distros.DistroSpec) -> lis
                 mode="644",
                 base=base,
                 keyring=keyring,
+                user="root",
+                group="root",
             ),
         ]
     files.template(
@@ -167,5 +171,7 @@ def _container_toolkit_repo(config: NodeConfig, spec: distros.DistroSpec) -> lis
         mode="644",
         base=base,
         gpgkey=f"file://{keyring}",
+        user="root",
+        group="root",
     )
     return []

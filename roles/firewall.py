@@ -62,7 +62,9 @@ def firewall() -> None:
 
     ssh_port = int(host.data.get("ssh_port") or 22)
     ruleset = rules.render_ruleset(config, ssh_port)
-    files.directory(name="Firewall directory", path=rules.FIREWALL_DIR, mode="700")
+    files.directory(
+        name="Firewall directory", path=rules.FIREWALL_DIR, mode="700", user="root", group="root"
+    )
     now = host.get_fact(FirewallState)
     converged = (
         now["active_sha1"] == rules.sha1(ruleset)
@@ -81,6 +83,8 @@ def firewall() -> None:
         src=template("firewall", rules.FIREWALL_UNIT),
         dest=f"/etc/systemd/system/{rules.FIREWALL_UNIT}",
         mode="644",
+        user="root",
+        group="root",
     )
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
     systemd.service(
@@ -98,6 +102,8 @@ def _apply(ruleset: str, rollback_seconds: int) -> None:
         src=StringIO(ruleset),
         dest=rules.FIREWALL_CANDIDATE,
         mode="600",
+        user="root",
+        group="root",
     )
     server.shell(
         name="Check the candidate ruleset (nft -c)",

@@ -176,6 +176,8 @@ def gateway(versions: dict[str, int] | None = None) -> None:
             mode="0644",
             cert_file=front.CERT_FILE,
             textfile_dir=config.monitoring.textfile_dir,
+            user="root",
+            group="root",
         )
         for unit in CERT_UNITS
     ]

@@ -110,9 +110,20 @@ def _sshd(config: NodeConfig, spec: distros.DistroSpec) -> None:
         return
     if state["dropin_sha1"] == sha1(wanted):
         return
-    files.directory(name="sshd staging directory", path="/etc/gpunode/sshd", mode="700")
+    files.directory(
+        name="sshd staging directory",
+        path="/etc/gpunode/sshd",
+        mode="700",
+        user="root",
+        group="root",
+    )
     files.put(
-        name="sshd hardening (staged)", src=StringIO(wanted), dest=rules.SSHD_STAGED, mode="600"
+        name="sshd hardening (staged)",
+        src=StringIO(wanted),
+        dest=rules.SSHD_STAGED,
+        mode="600",
+        user="root",
+        group="root",
     )
     server.shell(
         name="Validate and install the sshd hardening, reload sshd",
@@ -127,6 +138,8 @@ def _sysctl(config: NodeConfig) -> None:
         src=StringIO(rules.render_sysctl(config)),
         dest=rules.SYSCTL_FILE,
         mode="644",
+        user="root",
+        group="root",
     )
     network = {k: v for k, v in values.items() if not rules.is_kernel_key(k)}
     kernel = {k: v for k, v in values.items() if rules.is_kernel_key(k)}
@@ -192,12 +205,16 @@ def _core_dumps(config: NodeConfig) -> None:
         src=template("hardening/core-limits.conf"),
         dest=rules.CORE_LIMITS_FILE,
         mode="644",
+        user="root",
+        group="root",
     )
     files.put(
         name="systemd-coredump stores nothing",
         src=template("hardening/coredump.conf"),
         dest=rules.COREDUMP_DROPIN,
         mode="644",
+        user="root",
+        group="root",
     )
 
 
@@ -378,8 +395,6 @@ def file_integrity() -> None:
         file_integrity()
     """
     config, spec = node_and_distro(host)
-    if not host_matches(spec, host.get_fact(HostInfo)):
-        return
     if not config.hardening.enabled or config.hardening.file_integrity is None:
         return
     server.shell(

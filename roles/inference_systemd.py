@@ -226,6 +226,8 @@ def _service(
                 src=io.StringIO(f"{svc.api_key_secret} {version}\n"),
                 dest=f"{units.service_dir(name)}/secret.version",
                 mode="644",
+                user="root",
+                group="root",
             )
         )
     systemd.daemon_reload(name="Reload systemd (a unit changed)", _if=unit_op.did_change)

@@ -73,6 +73,8 @@ def node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
         mode="644",
         monitoring=config.monitoring,
         args_variable=exporter.args_variable,
+        user="root",
+        group="root",
     )
     systemd.service(
         name="node_exporter running", service=exporter.service, running=True, enabled=True
@@ -108,6 +110,8 @@ def _dcgm_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
         dest=exporters.DCGM_EXPORTER_DROPIN,
         mode="644",
         monitoring=config.monitoring,
+        user="root",
+        group="root",
     )
     systemd.daemon_reload(name="Reload systemd units (dcgm-exporter)", _if=dropin.did_change)
     systemd.service(

@@ -69,6 +69,8 @@ def nomad_client() -> None:
             mode="644",
             repo=repo_url,
             gpgkey=f"file://{repo.keyring}",
+            user="root",
+            group="root",
         )
         dnf.packages(name="Nomad (pinned)", packages=["unzip", repo.package(config.nomad.version)])
 
@@ -84,7 +86,13 @@ def nomad_client() -> None:
         plugin_dir=hashicorp.plugin_dir(config),
         ports={"http": HTTP_PORT, "rpc": RPC_PORT, "serf": SERF_PORT},
     )
-    files.directory(name="Nomad data directory", path=config.nomad.data_dir, mode="711")
+    files.directory(
+        name="Nomad data directory",
+        path=config.nomad.data_dir,
+        mode="711",
+        user="root",
+        group="root",
+    )
     unit = files.template(
         name="Nomad systemd unit (hardened)",
         src=template("nomad/nomad.service.j2"),
@@ -93,6 +101,8 @@ def nomad_client() -> None:
         config_dir=config.nomad.config_dir,
         config_file=f"{config.nomad.config_dir}/{hashicorp.CONFIG_FILE}",
         data_dir=config.nomad.data_dir,
+        user="root",
+        group="root",
     )
     systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
     systemd.service(name="Nomad running", service="nomad.service", running=True, enabled=True)
@@ -125,6 +135,8 @@ def _apt_repo(
         repo=repo_url,
         keyring=repo.keyring,
         codename=spec.codename,
+        user="root",
+        group="root",
     )
     installed = host.get_fact(DebPackages)
     if repo.package(config.nomad.version).split("=", 1)[1] not in installed.get("nomad", ()):
@@ -145,8 +157,20 @@ def _device_plugin(config: NodeConfig) -> None:
         return
     assert plugin.sha256 is not None  # checked at config load
     zip_path = f"{hashicorp.STATE_DIR}/nomad-device-nvidia_{plugin.version}.zip"
-    files.directory(name="gpunode Nomad state directory", path=hashicorp.STATE_DIR, mode="700")
-    files.directory(name="Nomad plugin directory", path=hashicorp.plugin_dir(config), mode="755")
+    files.directory(
+        name="gpunode Nomad state directory",
+        path=hashicorp.STATE_DIR,
+        mode="700",
+        user="root",
+        group="root",
+    )
+    files.directory(
+        name="Nomad plugin directory",
+        path=hashicorp.plugin_dir(config),
+        mode="755",
+        user="root",
+        group="root",
+    )
     download = files.download(
         name="NVIDIA device plugin release",
         src=plugin.release_url(),

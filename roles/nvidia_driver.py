@@ -137,6 +137,8 @@ def _module_signing(config: NodeConfig) -> None:
             mode="644",
             signing=signing,
             sh=shell_value,  # DKMS sources the file as shell
+            user="root",
+            group="root",
         )
     else:
         files.file(name="DKMS module signing (none)", path=nv.DKMS_SIGNING_CONF, present=False)
@@ -168,6 +170,8 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any] | None:
                 archive=archive_url,
                 security=security if spec.apt_security_path else None,
                 components=archive.components,
+                user="root",
+                group="root",
             )
         ]
     repo = nv.CUDA_REPOS[config.distro]
@@ -200,6 +204,8 @@ def _sources(config: NodeConfig, spec: distros.DistroSpec) -> list[Any] | None:
             mode="644",
             keyring=repo.keyring,
             url=url,
+            user="root",
+            group="root",
         )
         return [key, listing]
     # EPEL (for dkms): its release RPM by URL, or the package in the distro's extras.
@@ -249,6 +255,8 @@ def _version_pin(config: NodeConfig, family: str) -> None:
             mode="644",
             version=version,
             patterns=nv.FAMILIES["apt"].hold,
+            user="root",
+            group="root",
         )
     else:
         files.file(name="Pin the NVIDIA driver version (none)", path=nv.APT_PIN_FILE, present=False)
@@ -331,6 +339,8 @@ def _nouveau(family: str, in_container: bool) -> None:
         src=template("nvidia/blacklist-nouveau.conf"),
         dest=nv.NOUVEAU_BLACKLIST,
         mode="644",
+        user="root",
+        group="root",
     )
     if in_container:
         notice(

@@ -211,3 +211,37 @@ def test_facts_and_operations_mirror_each_other() -> None:
     operations = {p.stem for p in (PACKAGE / "operations").glob("*.py")} - {"__init__"}
     assert facts, "no facts found"
     assert facts <= operations, f"facts without operations: {sorted(facts - operations)}"
+
+
+def _unowned_writes(source: str) -> list[str]:
+    """files.put / files.template / files.directory calls that do not name both the owner
+    and the group: connected as an admin user with sudo, pyinfra would leave such a file
+    owned by that user (issue 17: every file gpunode writes is root's unless said otherwise)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "files"
+            and node.func.attr in ("put", "template", "directory")
+            and not {"user", "group"} <= {k.arg for k in node.keywords}
+        ):
+            found.append(f"line {node.lineno}: files.{node.func.attr}")
+    return found
+
+
+def test_every_file_a_role_writes_names_its_owner_and_group() -> None:
+    unowned = {
+        str(path.relative_to(REPO_ROOT)): found
+        for path in sorted((REPO_ROOT / "roles").glob("*.py"))
+        if (found := _unowned_writes(path.read_text()))
+    }
+    assert unowned == {}
+
+
+def test_the_owner_check_sees_a_write_without_one() -> None:
+    assert _unowned_writes('files.put(name="x", src="a", dest="/b", user="root")') == [
+        "line 1: files.put"
+    ]
+    assert _unowned_writes('files.directory(path="/b", user="root", group="root")') == []
