@@ -16,7 +16,7 @@ from roles.cuda import cuda
 from roles.firewall import firewall
 from roles.gateway import gateway
 from roles.gpu_probe import gpu_probe
-from roles.hardening import file_integrity, hardening
+from roles.hardening import hardening
 from roles.inference_systemd import inference_systemd
 from roles.monitoring import monitoring
 from roles.nvidia_driver import nvidia_driver
@@ -44,5 +44,6 @@ else:
     inference_systemd()
     gateway()  # after the services it fronts
     provenance()  # records what the roles above recorded
-    file_integrity()  # this run's changes into AIDE's database (none: nothing runs)
-    seal()  # last: seals what this run's facts saw (the next run of a converged node: one command)
+    # last: AIDE takes this run's changes in, then the seal records what this run's facts saw
+    # (the next run of a converged node: one command)
+    seal()

@@ -6,6 +6,8 @@ Every default and table is in gpunode/schema/hardening.py.
 from __future__ import annotations
 
 import re
+import shlex
+from pathlib import PurePosixPath
 
 from gpunode.render import environment, sudoers_value
 from gpunode.schema.hardening import (
@@ -14,6 +16,10 @@ from gpunode.schema.hardening import (
     AIDE_IGNORE,
     AIDE_RULES,
     AIDE_WATCH,
+    AUDIT_LOG_GROUP,
+    AUDIT_ROOT_COMMANDS_KEY,
+    AUDIT_SYSCALLS,
+    AUDIT_WATCHES,
     CONTAINER_SYSCTL,
     DISABLED_MODULES,
     NEEDRESTART_LIST_ONLY,
@@ -35,6 +41,9 @@ MODPROBE_FILE = "/etc/modprobe.d/60-gpunode-modules.conf"
 CORE_LIMITS_FILE = "/etc/security/limits.d/60-gpunode-core.conf"
 COREDUMP_DROPIN = "/etc/systemd/coredump.conf.d/60-gpunode.conf"
 NEEDRESTART_FILE = "/etc/needrestart/conf.d/60-gpunode.conf"  # read after needrestart.conf
+AUDITD_CONF = "/etc/audit/auditd.conf"
+AUDIT_RULES = "/etc/audit/rules.d/60-gpunode.rules"
+AUDIT_IMMUTABLE_RULES = "/etc/audit/rules.d/99-gpunode-immutable.rules"  # -e 2 comes last
 AIDE_CONF = "/etc/gpunode/aide.conf"
 AIDE_DIR = "/var/lib/gpunode/aide"
 AIDE_DB, AIDE_DB_NEW = f"{AIDE_DIR}/aide.db.gz", f"{AIDE_DIR}/aide.db.new.gz"
@@ -265,6 +274,63 @@ def render_integrity_units(config: NodeConfig, family: str) -> dict[str, str]:
             calendar=config.hardening.file_integrity
         ),
     }
+
+
+def audit_watches(config: NodeConfig) -> list[tuple[str, str]]:
+    """(path, key) of every watched path, deeper paths first (the first matching rule's key
+    is the event's): AUDIT_WATCHES and each secret file's own destination."""
+    watches = dict(AUDIT_WATCHES)
+    for name, secret in config.secrets.items():
+        watches.setdefault(secret.dest_for(name), "gpunode-secrets")
+    for path in watches:
+        if not _AIDE_PATH_RE.fullmatch(path) or "/../" in f"{path}/":
+            raise ValueError(f"{path!r} is not a plain absolute path")
+    return sorted(watches.items(), key=lambda item: -item[0].count("/"))
+
+
+def render_audit_rules(config: NodeConfig) -> str:
+    return (
+        environment("hardening")
+        .get_template("audit.rules.j2")
+        .render(
+            watches=audit_watches(config),
+            syscalls=[(key, ",".join(names)) for key, names in AUDIT_SYSCALLS.items()],
+            root_commands=AUDIT_ROOT_COMMANDS_KEY,
+        )
+    )
+
+
+def render_auditd_conf(config: NodeConfig, family: str) -> str:
+    audit = config.hardening.audit
+    return (
+        environment("hardening")
+        .get_template("auditd.conf.j2")
+        .render(
+            log_group=AUDIT_LOG_GROUP[family],
+            max_log_file=audit.max_log_file_mb,
+            num_logs=audit.num_logs,
+        )
+    )
+
+
+def audit_load_command(config: NodeConfig) -> str:
+    """Load the rules into the kernel (augenrules: the distro's rules files, then gpunode's).
+    A watch needs its parent directory: missing ones are made (root 0755) first. Rules locked
+    until reboot (``-e 2``) fail the host with the reason."""
+    parents = sorted({str(PurePosixPath(path).parent) for path, _ in audit_watches(config)})
+    return "\n".join(
+        [
+            "if auditctl -s | grep -qx 'enabled 2'; then",
+            "  echo 'gpunode: the audit rules are locked until the next boot (hardening.audit."
+            "immutable): reboot the node to load the new ones' >&2",
+            "  exit 1",
+            "fi",
+            f"for d in {' '.join(shlex.quote(p) for p in parents)}; do",
+            '  [ -d "$d" ] || install -d -m 755 -o root -g root "$d"',
+            "done",
+            "augenrules --load",
+        ]
+    )
 
 
 def integrity_check_command(family: str) -> str:

@@ -23,6 +23,11 @@ files with strict modes).
   (but lists only the inference services and the gateway, which ``gpunode rollout``
   restarts behind a health gate); gpunode-package-verify.timer checks every package's files
   against their checksums (debsums, ``rpm --verify``) and fails on a changed one.
+- audit trail: auditd with gpunode's rules (``/etc/audit/rules.d/60-gpunode.rules``: identity
+  files, sudoers, sshd, gpunode's files and secrets, units, module loading, time changes, every
+  program run as root by a logged-in user), logs bounded by size and count, ``-e 2`` when
+  ``hardening.audit.immutable``. In a container the kernel's audit is the machine's
+  underneath: nothing is installed, a notice says so.
 - file integrity: AIDE with gpunode's settings (/etc/gpunode/aide.conf, AIDE_WATCH) and a
   database made here; gpunode-file-integrity.timer compares. :func:`file_integrity` (run
   last in a deploy, before the seal) takes that deploy's own changes into the database.
@@ -57,7 +62,7 @@ from gpunode.operations.server import fail, notice
 from gpunode.operations.sudo import sudoers_dropin
 from gpunode.paths import template
 from gpunode.schema import distros
-from gpunode.schema.hardening import ABSENT_PACKAGES, STRICT_FILES
+from gpunode.schema.hardening import ABSENT_PACKAGES, AUDIT_PACKAGE, STRICT_FILES
 from gpunode.schema.node import NodeConfig
 
 
@@ -82,6 +87,7 @@ def hardening() -> None:
     _packages(config, spec)
     _after_upgrades(config, spec)
     _file_modes(config, spec)
+    _audit(config, spec, host.get_fact(HostInfo)["container"])
     _integrity(config, spec)
 
 
@@ -320,6 +326,64 @@ def _units(what: str, units: dict[str, str]) -> list:
         )
         for unit, text in units.items()
     ]
+
+
+def _audit(config: NodeConfig, spec: distros.DistroSpec, container: str) -> None:
+    audit = config.hardening.audit
+    if not audit.enabled:
+        for path in (rules.AUDIT_RULES, rules.AUDIT_IMMUTABLE_RULES):
+            files.file(name=f"Audit rules (none): {path}", path=path, present=False)
+        return
+    if container:
+        notice(
+            name="Audit trail",
+            message=(
+                f"the kernel's audit belongs to the machine underneath ({container}): auditd "
+                "is not installed here; it is where the host boots its own kernel"
+            ),
+        )
+        return
+    _install(spec, "auditd", [AUDIT_PACKAGE[spec.family]])
+    conf = files.put(
+        name="auditd settings (log size and count)",
+        src=StringIO(rules.render_auditd_conf(config, spec.family)),
+        dest=rules.AUDITD_CONF,
+        user="root",
+        group="root",
+        mode="640",
+    )
+    rules_file = files.put(
+        name="Audit rules",
+        src=StringIO(rules.render_audit_rules(config)),
+        dest=rules.AUDIT_RULES,
+        user="root",
+        group="root",
+        mode="640",
+    )
+    if audit.immutable:
+        lock = files.put(
+            name="Audit rules locked until reboot",
+            src=StringIO("## Managed by gpunode (hardening.audit.immutable): last rule\n-e 2\n"),
+            dest=rules.AUDIT_IMMUTABLE_RULES,
+            user="root",
+            group="root",
+            mode="640",
+        )
+    else:
+        lock = files.file(
+            name="Audit rules not locked", path=rules.AUDIT_IMMUTABLE_RULES, present=False
+        )
+    systemd.service(name="auditd running", service="auditd.service", running=True, enabled=True)
+    server.shell(
+        name="auditd reads its settings again",
+        commands=["systemctl kill --signal=HUP auditd.service"],
+        _if=conf.did_change,
+    )
+    server.shell(
+        name="Load the audit rules",
+        commands=[rules.audit_load_command(config)],
+        _if=lambda: rules_file.did_change() or lock.did_change(),
+    )
 
 
 def _integrity(config: NodeConfig, spec: distros.DistroSpec) -> None:

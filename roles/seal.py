@@ -1,8 +1,9 @@
 """Seal role (runs last, after provenance): the node keeps what this deploy left in place,
 so a drift check of a converged node costs one command (gpunode/seal.py).
 
-It installs the node-side checker (gpunode/sealcheck.py, Python 3 standard library) and
-seals what every fact of this run saw.
+It installs the node-side checker (gpunode/sealcheck.py, Python 3 standard library), has
+AIDE take this run's changes in (roles/hardening.py ``file_integrity``), and seals what every
+fact of this run saw.
 
 .. code:: python
 
@@ -17,6 +18,7 @@ from pyinfra.operations import files
 
 from gpunode import seal as sealing
 from gpunode.operations.seal import seal as seal_op
+from roles.hardening import file_integrity
 
 
 @deploy("gpunode seal")
@@ -32,4 +34,7 @@ def seal() -> None:
         group="root",
         mode="755",
     )
+    # this run's changes, the checker above included, into AIDE's database before the seal
+    # records what the node holds (the database is one of the files it seals)
+    file_integrity()
     seal_op(name="Drift seal")

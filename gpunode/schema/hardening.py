@@ -217,13 +217,47 @@ PACKAGE_VERIFY: dict[str, tuple[str, str]] = {
 }
 
 
+# --- audit trail (auditd) ------------------------------------------------------------------------
+
+# Watched paths (writes and attribute changes), path -> key (`ausearch -k KEY`); a deeper path
+# is listed before the one above it (the kernel takes the first rule that matches). Each
+# secret's own `dest` is watched as gpunode-secrets too. CIS Debian 12 6.2.3 (auditd rules).
+AUDIT_WATCHES: dict[str, str] = {
+    SECRETS_DIR: "gpunode-secrets",
+    "/etc/gpunode": "gpunode",  # the firewall ruleset, provenance, AIDE's settings
+    "/var/lib/gpunode": "gpunode",  # the seal, artifacts, services' state
+    "/etc/systemd/system": "units",
+    "/etc/passwd": "identity",
+    "/etc/group": "identity",
+    "/etc/shadow": "identity",
+    "/etc/gshadow": "identity",
+    "/etc/sudoers": "sudoers",
+    "/etc/sudoers.d": "sudoers",
+    "/etc/ssh/sshd_config": "sshd",
+    "/etc/ssh/sshd_config.d": "sshd",
+    "/etc/modprobe.d": "modules",
+    "/etc/localtime": "time-change",
+}
+# System calls, key -> names, recorded for 64- and 32-bit callers.
+AUDIT_SYSCALLS: dict[str, tuple[str, ...]] = {
+    "modules": ("init_module", "finit_module", "delete_module"),
+    "time-change": ("adjtimex", "settimeofday", "clock_settime"),
+}
+# Every program run as root by someone who logged in (sudo, su, ...): euid 0 and a login uid.
+AUDIT_ROOT_COMMANDS_KEY = "root-commands"
+# family -> package, group that may read the log
+AUDIT_PACKAGE: dict[str, str] = {"apt": "auditd", "dnf": "audit"}
+AUDIT_LOG_GROUP: dict[str, str] = {"apt": "adm", "dnf": "root"}
+
 # --- file integrity (AIDE) ---------------------------------------------------------------------
 
 # AIDE's database (/var/lib/gpunode/aide/) keeps, for each file under these paths, what the rule
 # names; gpunode-file-integrity.timer compares. Package files are also checked against the
 # package database (PACKAGE_VERIFY); AIDE adds configuration and what no package owns.
 AIDE_RULES: dict[str, str] = {
-    "CONTENT": "p+u+g+n+l+s+sha256",  # mode, owner, group, links, link target, size, digest
+    # mode, owner, group, link target, digest (a directory's size and link count change when
+    # an entry comes and goes, which AIDE reports as added or removed entries already)
+    "CONTENT": "p+u+g+l+sha256",
     "PERMS": "p+u+g+l",  # no digest: the secrets' content never enters the database
 }
 # path -> rule (a more specific path's rule wins)
@@ -326,6 +360,20 @@ class Sudo(Model):
     to this file (CIS 5.3.3), besides syslog/the journal; null: syslog only."""
 
 
+class Audit(Model):
+    """auditd with gpunode's rules (AUDIT_WATCHES, AUDIT_SYSCALLS, root commands)."""
+
+    enabled: bool = True
+    """false: gpunode installs no auditd and removes its rules."""
+    immutable: bool = False
+    """`-e 2`: the loaded rules cannot be changed until the next boot (CIS 6.2.3.20); a
+    deploy that changes them then fails with the reason until the node reboots."""
+    max_log_file_mb: Annotated[int, Field(ge=1, le=1024)] = 50
+    """`max_log_file`: size of one audit log, in MiB."""
+    num_logs: Annotated[int, Field(ge=2, le=99)] = 8
+    """`num_logs`: logs kept (the oldest goes): at most num_logs x max_log_file_mb on disk."""
+
+
 class Hardening(Model):
     """sshd, sysctl and OS hardening (roles/hardening.py)."""
 
@@ -349,6 +397,8 @@ class Hardening(Model):
     )
     """The login banner's lines, on /etc/issue, /etc/issue.net and sshd's `Banner`; null:
     leave the distro's files and sshd without a banner."""
+    audit: Audit = Field(default_factory=Audit)
+    """The audit trail: auditd, its rules, its logs' size."""
     file_integrity: Literal["hourly", "daily", "weekly"] | None = "daily"
     """How often gpunode-file-integrity.timer has AIDE compare the files of AIDE_WATCH with
     its database (a deploy that changes them updates it); null: AIDE not configured (its

@@ -281,3 +281,25 @@ def test_file_integrity_database_matches_the_files(
     assert timer.is_enabled and timer.is_running
     check = as_root(hardening.integrity_check_command(spec.family))
     assert check.rc == 0, f"AIDE found differences (exit status {check.rc}):\n{check.stdout}"
+
+
+def test_audit_trail_runs_with_gpunodes_rules(
+    hardening_on, host, node: Host, spec: distros.DistroSpec, in_container: bool, as_root
+) -> None:
+    if not node.config.hardening.audit.enabled:
+        pytest.skip("hardening.audit.enabled is false for this host")
+    if in_container:
+        pytest.skip("the kernel's audit is the machine's underneath (the role says so every run)")
+    assert host.service("auditd").is_running and host.service("auditd").is_enabled
+    assert as_root(f"cat {hardening.AUDIT_RULES}").stdout == hardening.render_audit_rules(
+        node.config
+    )
+    assert as_root(f"cat {hardening.AUDITD_CONF}").stdout == hardening.render_auditd_conf(
+        node.config, spec.family
+    )
+    listed = as_root("auditctl -l").stdout
+    for path, key in hardening.audit_watches(node.config):
+        assert f"-w {path} -p wa -k {key}" in listed, path
+    assert "-k root-commands" in listed or "key=root-commands" in listed
+    locked = as_root("auditctl -s").stdout.splitlines()
+    assert ("enabled 2" in locked) == node.config.hardening.audit.immutable

@@ -577,3 +577,30 @@ def need_root(what: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{what} needs root, and CI=true: CI runs the unit tests as root")
     pytest.skip(f"{what} needs root (in CI, with CI=true, this is a failure)")
+
+
+# --- Debian packages' programs, extracted (nothing installed) ----------------------------------
+
+
+def missing_libraries(binary: Path, libdirs: list[Path]) -> list[str]:
+    """The shared libraries ``binary`` cannot find with ``libdirs`` on LD_LIBRARY_PATH."""
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(str(d) for d in libdirs)}
+    out = subprocess.run(
+        ["ldd", str(binary)], capture_output=True, text=True, env=env, timeout=30
+    ).stdout
+    return [line.split()[0] for line in out.splitlines() if "not found" in line]
+
+
+def apt_extract(package: str, into: Path) -> None:
+    """``apt-get download`` a Debian package and unpack it under ``into`` (dpkg-deb -x)."""
+    into.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=into.parent) as tmp:
+        subprocess.run(
+            ["apt-get", "download", package],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        deb = next(Path(tmp).glob(f"{package}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True, timeout=120)

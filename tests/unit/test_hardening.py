@@ -904,7 +904,7 @@ def test_in_a_container_the_module_file_is_written_with_a_notice(caplog) -> None
     with caplog.at_level(logging.DEBUG, logger="pyinfra"):
         run = run_roles(config(), "debian12", fresh_responses("debian12"), container="lxc")
     assert hardening.MODPROBE_FILE in run.files
-    notices = [r.getMessage() for r in caplog.records if "machine underneath" in r.getMessage()]
+    notices = [r.getMessage() for r in caplog.records if "kernel is the one" in r.getMessage()]
     assert notices and all(
         n.endswith(
             "the kernel is the one of the machine underneath (lxc): "
@@ -1423,7 +1423,7 @@ def test_aide_settings_watch_binaries_and_configuration(distro: str, key: str) -
         "gzip_dbout=yes",
         "report_url=stdout",
     ]
-    assert "CONTENT = p+u+g+n+l+s+sha256" in lines and "PERMS = p+u+g+l" in lines
+    assert "CONTENT = p+u+g+l+sha256" in lines and "PERMS = p+u+g+l" in lines
     for path in ("/usr/bin", "/usr/sbin", "/usr/local", "/etc", r"/root/\.ssh"):
         assert f"{path} CONTENT" in lines, path
     # the secrets: owner and mode only, never a digest of their content
@@ -1611,3 +1611,73 @@ def test_the_update_puts_each_difference_in_the_journal_and_keeps_the_old_databa
     assert failed.returncode == 1
     assert "AIDE could not update its database (exit status 17)" in failed.stderr
     assert (root / "aide.db.gz").read_text() == "new\n"  # the old one stays
+
+
+# --- audit trail (auditd) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_auditd_gets_gpunodes_rules_and_bounded_logs(distro: str) -> None:
+    cfg = config(distro)
+    run = run_roles(cfg, distro, fresh_responses(distro))
+    assert not run.failed
+    family = "apt" if distro in APT else "dnf"
+    package = "auditd" if family == "apt" else "audit"
+    assert any(re.search(rf"install.* {package}\b", c) for c in _installs(run))
+    assert run.files[hardening.AUDIT_RULES] == hardening.render_audit_rules(cfg)
+    assert run.files[hardening.AUDITD_CONF] == hardening.render_auditd_conf(cfg, family)
+    for path in (hardening.AUDIT_RULES, hardening.AUDITD_CONF):
+        assert run.grep(rf"^chmod 640 {re.escape(path)}$"), path
+        assert run.grep(rf"^chown root:root {re.escape(path)}$"), path
+    assert hardening.AUDIT_IMMUTABLE_RULES not in run.files
+    load = run.commands.index(hardening.audit_load_command(cfg))
+    assert run.commands.index(f"chmod 640 {hardening.AUDIT_RULES}") < load
+    assert run.grep(r"^systemctl kill --signal=HUP auditd\.service$")
+    assert run.grep(r"systemctl enable auditd\.service")
+
+
+def test_audit_rules_can_be_locked_until_reboot() -> None:
+    cfg = load_one({"distro": "debian12", "hardening": {"audit": {"immutable": True}}})
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"))
+    assert content_lines(run.files[hardening.AUDIT_IMMUTABLE_RULES]) == ["-e 2"]
+    assert "99-" in hardening.AUDIT_IMMUTABLE_RULES  # after every other rules file
+
+
+def test_locked_rules_fail_the_load_with_the_reason(tmp_path: Path) -> None:
+    """The load command under a real sh with auditctl saying the rules are locked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "auditctl").write_text("#!/bin/sh\necho 'enabled 2'\necho 'failure 1'\n")
+    (bin_dir / "augenrules").write_text(f"#!/bin/sh\ntouch {tmp_path}/loaded\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    command = hardening.audit_load_command(config())
+    command = re.sub(r"(?m)^for d in .*\n.*\ndone\n", "", command)  # no directories made here
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    done = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "locked until the next boot (hardening.audit.immutable)" in done.stderr
+    assert not (tmp_path / "loaded").exists()
+    (bin_dir / "auditctl").write_text("#!/bin/sh\necho 'enabled 1'\n")
+    assert subprocess.run(["sh", "-c", command], env=env).returncode == 0
+    assert (tmp_path / "loaded").exists()
+
+
+def test_in_a_container_auditd_is_a_notice(caplog) -> None:
+    with caplog.at_level(logging.DEBUG, logger="pyinfra"):
+        run = run_roles(config(), "debian12", fresh_responses("debian12"), container="lxc")
+    assert hardening.AUDIT_RULES not in run.files
+    assert not any(re.search(r"install.* auditd\b", c) for c in _installs(run))
+    said = [r.getMessage() for r in caplog.records if "kernel's audit" in r.getMessage()]
+    assert said and said[0].endswith(
+        "the kernel's audit belongs to the machine underneath (lxc): auditd is not installed "
+        "here; it is where the host boots its own kernel"
+    )
+
+
+def test_audit_turned_off_takes_gpunodes_rules_away() -> None:
+    cfg = load_one({"distro": "debian12", "hardening": {"audit": {"enabled": False}}})
+    on_host = converged({hardening.AUDIT_RULES: "-w /x -k y\n"}, {hardening.AUDIT_RULES: "640"})
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"), handlers=[on_host])
+    assert run.grep(rf"^rm -f {re.escape(hardening.AUDIT_RULES)}$")
+    assert not any(re.search(r"install.* auditd\b", c) for c in _installs(run))

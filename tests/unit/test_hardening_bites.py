@@ -24,11 +24,11 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import apt_extract, missing_libraries
 
 from gpunode import hardening
 from gpunode.config import load
@@ -126,27 +126,6 @@ def test_an_explicit_permit_root_login_wins_over_the_default(
 SSHD_CACHE = Path("/var/cache/gpunode/openssh-server")
 
 
-def _missing_libraries(binary: Path, libdir: Path) -> list[str]:
-    env = {**os.environ, "LD_LIBRARY_PATH": str(libdir)}
-    out = subprocess.run(
-        ["ldd", str(binary)], capture_output=True, text=True, env=env, timeout=30
-    ).stdout
-    return [line.split()[0] for line in out.splitlines() if "not found" in line]
-
-
-def _apt_extract(package: str, into: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=into.parent) as tmp:
-        subprocess.run(
-            ["apt-get", "download", package],
-            cwd=tmp,
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-        deb = next(Path(tmp).glob(f"{package}_*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True, timeout=120)
-
-
 def find_sshd() -> tuple[str, dict[str, str]]:
     """Debian's sshd and the environment to run it in: the installed one, or extracted once
     from the openssh-server package (with libwrap0, which bookworm's sshd links) into
@@ -161,10 +140,10 @@ def find_sshd() -> tuple[str, dict[str, str]]:
     try:
         if not binary.exists():
             SSHD_CACHE.mkdir(parents=True, exist_ok=True)
-            _apt_extract("openssh-server", root)
-        if any(lib.startswith("libwrap") for lib in _missing_libraries(binary, libdir)):
-            _apt_extract("libwrap0", root)
-        missing = _missing_libraries(binary, libdir)
+            apt_extract("openssh-server", root)
+        if any(lib.startswith("libwrap") for lib in missing_libraries(binary, [libdir])):
+            apt_extract("libwrap0", root)
+        missing = missing_libraries(binary, [libdir])
         if missing:
             raise OSError(f"{binary} needs {', '.join(missing)}")
     except (OSError, subprocess.SubprocessError, StopIteration) as exc:

@@ -1,0 +1,226 @@
+"""The audit trail (hardening.audit): auditd's rules and settings as gpunode renders them, and
+the rules at work in this machine's own kernel.
+
+The lab's hosts are containers, whose kernel's audit belongs to the machine underneath
+(auditd cannot start there: the role says so on every run). This machine boots its own
+kernel, so the kernel side is tested here, for real, as root: the rules gpunode renders are
+loaded with Debian's ``auditctl`` (auditd 3.0.9, extracted once from Debian's packages into
+/var/cache/gpunode/auditd, nothing installed), a real ``auditd`` runs in the foreground with a
+configuration of the test's own (its log in a temporary directory), and the events are read
+back with ``ausearch``. Every rule is removed and auditing switched off again afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import apt_extract, missing_libraries, need_root
+
+from gpunode import hardening
+from gpunode.config import load
+from gpunode.schema import hardening as schema
+from gpunode.schema.node import NodeConfig
+
+AUDIT_CACHE = Path("/var/cache/gpunode/auditd")
+
+
+def node(**hardening_data: Any) -> NodeConfig:
+    raw = {
+        "defaults": {
+            "distro": "debian12",
+            "firewall": {"enabled": False},
+            "hardening": hardening_data,
+            "vault": {"addr": "https://vault.example.net:8200"},
+            "secrets": {
+                "hf-token": {"path": "kv/data/hf", "key": "token", "dest": "/srv/app/hf.env"},
+            },
+        },
+        "hosts": {"gpu-01": {"connection": {"address": "192.0.2.10"}}},
+    }
+    return load(raw, source="test_audit").hosts["gpu-01"].config
+
+
+def rule_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_rules_watch_gpunodes_files_identity_sudo_sshd_modules_and_time() -> None:
+    lines = rule_lines(hardening.render_audit_rules(node()))
+    watches = [line for line in lines if line.startswith("-w ")]
+    assert "-w /etc/gpunode/secrets -p wa -k gpunode-secrets" in watches
+    assert "-w /srv/app/hf.env -p wa -k gpunode-secrets" in watches  # a secret elsewhere
+    for path, key in schema.AUDIT_WATCHES.items():
+        assert f"-w {path} -p wa -k {key}" in watches, path
+    # the secrets' own key wins over gpunode's: the deeper path comes first
+    assert watches.index("-w /etc/gpunode/secrets -p wa -k gpunode-secrets") < watches.index(
+        "-w /etc/gpunode -p wa -k gpunode"
+    )
+    for arch in ("b64", "b32"):
+        assert (
+            f"-a always,exit -F arch={arch} -S init_module,finit_module,delete_module -k modules"
+        ) in lines
+        assert (
+            f"-a always,exit -F arch={arch} -S adjtimex,settimeofday,clock_settime -k time-change"
+        ) in lines
+        assert (
+            f"-a always,exit -F arch={arch} -S execve -F euid=0 -F auid>=1000 -F auid!=unset "
+            "-k root-commands"
+        ) in lines
+    assert not any(line.startswith("-e") or line == "-D" for line in lines)
+
+
+@pytest.mark.parametrize(("family", "group"), [("apt", "adm"), ("dnf", "root")])
+def test_auditd_keeps_its_logs_bounded(family: str, group: str) -> None:
+    text = hardening.render_auditd_conf(node(audit={"max_log_file_mb": 20, "num_logs": 4}), family)
+    settings = dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition("=") for line in rule_lines(text))
+    )
+    assert settings["max_log_file"] == "20" and settings["num_logs"] == "4"
+    assert settings["max_log_file_action"] == "ROTATE"
+    assert settings["log_group"] == group
+    # a full disk suspends logging instead of halting an inference node
+    assert settings["disk_full_action"] == settings["admin_space_left_action"] == "SUSPEND"
+    assert len(settings) == len(rule_lines(text))  # every line is key = value
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({"audit": {"num_logs": 1}}, "hardening.audit.num_logs"),
+        ({"audit": {"max_log_file_mb": 0}}, "hardening.audit.max_log_file_mb"),
+        ({"audit": {"immutable": "sometimes"}}, "hardening.audit.immutable"),
+    ],
+)
+def test_bad_audit_settings_are_refused_at_load(data: dict[str, Any], says: str) -> None:
+    from gpunode.schema.types import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        node(**data)
+
+
+# --- the kernel side, on this machine --------------------------------------------------------
+
+
+def audit_tools() -> tuple[Path, dict[str, str]]:
+    root = AUDIT_CACHE / "root"
+    libdirs = [root / "lib/x86_64-linux-gnu", root / "usr/lib/x86_64-linux-gnu"]
+    try:
+        if not (root / "sbin/auditd").exists():
+            for package in ("auditd", "libauparse0", "libwrap0"):
+                apt_extract(package, root)
+        missing = missing_libraries(root / "sbin/auditd", libdirs)
+        if missing:
+            raise OSError(f"auditd needs {', '.join(missing)}")
+    except (OSError, subprocess.SubprocessError, StopIteration) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"auditd could not be fetched from Debian's packages: {exc}")
+        pytest.skip(f"auditd not available ({exc})")
+    return root / "sbin", {"LD_LIBRARY_PATH": ":".join(str(d) for d in libdirs)}
+
+
+@pytest.fixture
+def kernel_audit(tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    """A real auditd in the foreground, its log under tmp_path; yields a runner for the audit
+    tools and the log. Leaves the kernel with no rules and auditing off."""
+    need_root("loading audit rules into the kernel")
+    sbin, env = audit_tools()
+    env = {**os.environ, **env}
+
+    def tool(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(sbin / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=check,
+        )
+
+    status = tool("auditctl", "-s", check=False)
+    if status.returncode != 0 or re.search(r"^pid [1-9]", status.stdout, re.M):
+        pytest.fail(f"this machine's kernel audit is not free for the test: {status.stdout}")
+    conf_dir = tmp_path / "conf"
+    (conf_dir / "plugins").mkdir(parents=True)
+    log = tmp_path / "audit.log"
+    text = hardening.render_auditd_conf(node(), "apt")
+    text = re.sub(r"(?m)^log_file = .*$", f"log_file = {log}", text)
+    text = re.sub(r"(?m)^log_group = .*$", "log_group = root", text)
+    text = re.sub(r"(?m)^plugin_dir = .*$", f"plugin_dir = {conf_dir / 'plugins'}", text)
+    (conf_dir / "auditd.conf").write_text(text)
+    (conf_dir / "auditd.conf").chmod(0o640)
+    daemon = subprocess.Popen(
+        [str(sbin / "auditd"), "-n", "-c", str(conf_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(50):
+            if log.exists():
+                break
+            time.sleep(0.1)
+        assert log.exists(), "auditd did not start"
+        yield tool, log
+    finally:
+        tool("auditctl", "-D", check=False)
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        tool("auditctl", "-e", "0", check=False)
+
+
+def moved_rules(tmp_path: Path) -> Path:
+    """The rules as rendered, every watched path moved under tmp_path (this machine has no
+    /etc/gpunode), their parents made as the role's load command makes them."""
+    text = hardening.render_audit_rules(node())
+    text = re.sub(r"(?m)^-w (/\S+)", lambda m: f"-w {tmp_path}{m[1]}", text)
+    for path in re.findall(r"(?m)^-w (\S+)", text):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    rules = tmp_path / "60-gpunode.rules"
+    rules.write_text(text)
+    return rules
+
+
+def test_every_rendered_rule_loads_into_the_kernel(kernel_audit, tmp_path: Path) -> None:
+    tool, _ = kernel_audit
+    rules = moved_rules(tmp_path)
+    loaded = tool("auditctl", "-R", str(rules), check=False)
+    assert loaded.returncode == 0, loaded.stderr
+    listed = tool("auditctl", "-l").stdout.splitlines()
+    keys = {m[1] for line in listed if (m := re.search(r"(?:-F key=|-k )(\S+)$", line))}
+    assert keys == {*schema.AUDIT_WATCHES.values(), *schema.AUDIT_SYSCALLS, "root-commands"}
+    assert len(listed) == len(rule_lines(rules.read_text()))
+
+
+def test_a_write_to_the_secrets_and_a_command_as_root_are_recorded(
+    kernel_audit, tmp_path: Path
+) -> None:
+    """A secret written, and a program run as root by a user who logged in (login uid 1000,
+    as sshd and PAM set it; what sudo runs), read back with ausearch by their keys."""
+    tool, log = kernel_audit
+    tool("auditctl", "-R", str(moved_rules(tmp_path)))
+    secrets = tmp_path / "etc" / "gpunode" / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True)
+    (secrets / "demo.env").write_text("TOKEN=x\n")
+    marker = tmp_path / "ran-as-root"
+    subprocess.run(
+        ["sh", "-c", f"echo 1000 > /proc/self/loginuid && exec /usr/bin/touch {marker}"],
+        check=True,
+        timeout=30,
+    )
+    time.sleep(1)  # auditd writes asynchronously
+
+    def search(key: str) -> str:
+        return tool("ausearch", "-if", str(log), "-k", key, check=False).stdout
+
+    secret_events = search("gpunode-secrets")
+    assert "demo.env" in secret_events, secret_events
+    root_events = search("root-commands")
+    assert str(marker) in root_events and " auid=1000 " in root_events, root_events
