@@ -62,6 +62,10 @@ def root_login(config: NodeConfig, connection_user: str) -> str:
     return chosen
 
 
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
 def sshd_options(config: NodeConfig, connection_user: str) -> dict[str, str]:
     """Every option of the sshd drop-in, as ``sshd -T`` prints it (lowercase names)."""
     ssh = config.hardening.ssh
@@ -78,6 +82,10 @@ def sshd_options(config: NodeConfig, connection_user: str) -> dict[str, str]:
         "kexalgorithms": ",".join(ssh.kex_algorithms),
         "macs": ",".join(ssh.macs),
         "banner": ISSUE_NET_FILE if config.hardening.banner is not None else "none",
+        "allowtcpforwarding": _yes(ssh.allow_tcp_forwarding),
+        "allowagentforwarding": _yes(ssh.allow_agent_forwarding),
+        "compression": _yes(ssh.compression),
+        "tcpkeepalive": _yes(ssh.tcp_keepalive),
     }
 
 

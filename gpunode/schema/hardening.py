@@ -61,7 +61,8 @@ SSH_MACS = (
 )
 
 # Options gpunode always sets (sshd -T names, lowercase). The ones users may change are
-# in the Ssh model below and are added by sshd_options().
+# in the Ssh model below (forwarding, compression, TCP keep-alives, limits, algorithms) and
+# are added by sshd_options().
 SSHD_FIXED: dict[str, str] = {
     "passwordauthentication": "no",
     "kbdinteractiveauthentication": "no",
@@ -69,8 +70,6 @@ SSHD_FIXED: dict[str, str] = {
     "pubkeyauthentication": "yes",
     "hostbasedauthentication": "no",
     "ignorerhosts": "yes",
-    "allowtcpforwarding": "no",
-    "allowagentforwarding": "no",
     "allowstreamlocalforwarding": "no",
     "x11forwarding": "no",
     "permittunnel": "no",
@@ -78,10 +77,8 @@ SSHD_FIXED: dict[str, str] = {
     "permituserenvironment": "no",
     "strictmodes": "yes",
     "usedns": "no",
-    "compression": "no",
     "printlastlog": "yes",
     "loglevel": "VERBOSE",
-    "tcpkeepalive": "no",  # dev-sec: ClientAlive* (inside the encrypted channel) instead
 }
 
 # The login banner (CIS Debian 12, 1.7: no OS or version in it), on /etc/issue (the
@@ -341,6 +338,17 @@ class Ssh(Model):
     """`KexAlgorithms`, at least one (see SSH_KEX)."""
     macs: list[SshAlgorithm] = Field(default_factory=lambda: list(SSH_MACS), min_length=1)
     """`MACs`, at least one (see SSH_MACS)."""
+    allow_tcp_forwarding: bool = False
+    """`AllowTcpForwarding` (CIS Debian 12 5.1.4, dev-sec sshd-25): port forwarding through
+    the node; true for admins who tunnel to a service on loopback."""
+    allow_agent_forwarding: bool = False
+    """`AllowAgentForwarding` (dev-sec sshd-26): a forwarded agent on the node can be used by
+    anyone who is root there."""
+    compression: bool = False
+    """`Compression` (dev-sec sshd-21)."""
+    tcp_keepalive: bool = False
+    """`TCPKeepAlive` (dev-sec sshd-13): false, ClientAlive* probes (inside the encrypted
+    channel, not spoofable) drop dead sessions instead."""
     allow_groups: list[GroupName] = Field(default_factory=list)
     """`AllowGroups`: groups allowed to log in over SSH besides those always allowed:
     `base.admin_group`, the primary group of the user gpunode connects as (`root` for

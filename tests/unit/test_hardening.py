@@ -1280,6 +1280,12 @@ def test_a_first_apply_names_each_step_and_uses_the_familys_package_manager(dist
     assert run.grep(rf"^chmod 700 {firewall_rules.FIREWALL_DIR}$")
     assert run.grep(rf"^chmod 600 {firewall_rules.FIREWALL_CANDIDATE}$")
     assert run.grep(rf"^chmod 644 /etc/systemd/system/{firewall_rules.FIREWALL_UNIT}$")
+    for path in (
+        firewall_rules.FIREWALL_DIR,
+        firewall_rules.FIREWALL_CANDIDATE,
+        f"/etc/systemd/system/{firewall_rules.FIREWALL_UNIT}",
+    ):
+        assert run.grep(rf"^chown root:root {re.escape(path)}$"), path
     # the unit written is the template's, and systemd reloads before it is enabled
     assert (
         run.files[f"/etc/systemd/system/{firewall_rules.FIREWALL_UNIT}"]
@@ -1681,3 +1687,24 @@ def test_audit_turned_off_takes_gpunodes_rules_away() -> None:
     run = run_roles(cfg, "debian12", fresh_responses("debian12"), handlers=[on_host])
     assert run.grep(rf"^rm -f {re.escape(hardening.AUDIT_RULES)}$")
     assert not any(re.search(r"install.* auditd\b", c) for c in _installs(run))
+
+
+@pytest.mark.parametrize(("rollback", "timeout"), [(60, 15.0), (20, 10.0), (24, 12.0)])
+def test_the_confirmation_waits_half_the_rollback_at_most_15_s(
+    rollback: int, timeout: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new connection is tried for half the rollback time (it must succeed well before the
+    timer fires), and never longer than 15 s."""
+    import roles.firewall as firewall_role
+
+    asked: list[float] = []
+
+    def confirm(state: Any, host: Any, timeout: float) -> bool:
+        asked.append(timeout)
+        return True
+
+    monkeypatch.setattr(firewall_role, "confirm_new_connection", confirm)
+    cfg = config(rollback_seconds=rollback)
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"), deploys=(firewall,))
+    assert not run.failed
+    assert asked == [timeout]

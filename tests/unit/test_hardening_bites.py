@@ -52,6 +52,10 @@ SSH = {
     "ciphers": ["aes256-gcm@openssh.com", "aes128-ctr"],
     "kex_algorithms": ["curve25519-sha256", "diffie-hellman-group16-sha512"],
     "macs": ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512"],
+    "allow_tcp_forwarding": True,
+    "allow_agent_forwarding": True,
+    "compression": True,
+    "tcp_keepalive": True,
 }
 EXPECTED = {
     "MaxAuthTries": "4",
@@ -63,6 +67,10 @@ EXPECTED = {
     "Ciphers": "aes256-gcm@openssh.com,aes128-ctr",
     "KexAlgorithms": "curve25519-sha256,diffie-hellman-group16-sha512",
     "MACs": "hmac-sha2-256-etm@openssh.com,hmac-sha2-512",
+    "AllowTcpForwarding": "yes",
+    "AllowAgentForwarding": "yes",
+    "Compression": "yes",
+    "TCPKeepAlive": "yes",
 }
 
 
@@ -99,6 +107,8 @@ def test_the_default_sshd_values_are_the_schemas() -> None:
     assert options["Ciphers"] == ",".join(hardening_schema.SSH_CIPHERS)
     assert options["KexAlgorithms"] == ",".join(hardening_schema.SSH_KEX)
     assert options["MACs"] == ",".join(hardening_schema.SSH_MACS)
+    for keyword in ("AllowTcpForwarding", "AllowAgentForwarding", "Compression", "TCPKeepAlive"):
+        assert options[keyword] == "no", keyword
 
 
 @pytest.mark.parametrize(
