@@ -366,10 +366,12 @@ def aide_update_command(family: str) -> str:
     entries added, removed, changed), each difference goes to the journal
     (``gpunode-file-integrity``, authpriv.notice) so none is taken in silently, then the new
     database replaces the old one. Exit status 8 and above is AIDE's own error: the old
-    database stays."""
+    database stays. A host without a database (the hardening role never ran there: a GPU
+    stack deploy alone) has nothing to update."""
     aide = AIDE_BINARY[family]
     return "\n".join(
         [
+            f"[ -s {AIDE_DB} ] && [ -x {aide} ] || exit 0",
             f"report=$(mktemp {AIDE_DIR}/.report.XXXXXX) || exit 1",
             "rc=0",
             f'{aide} --config={AIDE_CONF} --update >"$report" 2>&1 || rc=$?',

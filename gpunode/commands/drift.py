@@ -256,7 +256,7 @@ def check(
         stale: list[str] = []
         for name, result in planned.results().items():
             report.hosts[name].checked = result.planned
-            report.hosts[name].drifted = [c for c in result.changes if c != SEAL_OP]
+            report.hosts[name].drifted = [c for c in result.changes if c not in BOOKKEEPING]
             if SEAL_OP in result.changes and name not in planned.errors:
                 stale.append(name)
         errors.update(planned.errors)
@@ -266,7 +266,9 @@ def check(
             # (renewed: the next check of that host costs one command again)
             for name, result in planned.execute().items():
                 if result.ran:
-                    report.hosts[name].corrected = [c for c in result.executed if c != SEAL_OP]
+                    report.hosts[name].corrected = [
+                        c for c in result.executed if c not in BOOKKEEPING
+                    ]
                     report.hosts[name].applied = name in drifted
                     report.hosts[name].seal_renewed = name in stale and SEAL_OP in result.executed
             errors.update(planned.errors)
@@ -277,7 +279,7 @@ def check(
             with _full_plans():
                 again = run.run(load_inventory(inventory_path, again_names), deploy)
             for name, result in again.items():
-                report.hosts[name].remaining = [c for c in result.changes if c != SEAL_OP]
+                report.hosts[name].remaining = [c for c in result.changes if c not in BOOKKEEPING]
                 if result.error:
                     errors.setdefault(name, f"re-check: {result.error}")
 
@@ -324,6 +326,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 SEAL_OP = "gpunode seal | Drift seal"  # its change is bookkeeping, never drift
+# AIDE taking a run's changes in: it follows any other change, bookkeeping too
+INTEGRITY_OP = "gpunode file integrity | File integrity database: this deploy's changes"
+BOOKKEEPING = (SEAL_OP, INTEGRITY_OP)
 
 
 def seal_verdicts(inventory: Any) -> dict[str, SealVerdict]:

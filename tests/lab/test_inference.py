@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from gpunode.commands import lab_front_door as door
-from gpunode.commands.drift import SEAL_OP
+from gpunode.commands.drift import BOOKKEEPING
 from gpunode.commands.lab_front_door import MODEL_SHA256
 from gpunode.config import _deep_merge
 from gpunode.paths import REPO_ROOT
@@ -168,12 +168,13 @@ def request(lab: Lab, host: str, path: str, body: dict | None = None, key: str |
 
 def changed_ops(proc: subprocess.CompletedProcess[str]) -> set[str]:
     """The operations pyinfra's results table shows with a success (= a change) on a host,
-    less the drift seal's, rewritten after any change (bookkeeping, docs/performance.md)."""
+    less the bookkeeping that follows any change: the drift seal (docs/performance.md) and
+    AIDE taking the run's changes in (docs/hardening.md)."""
     return {
         line.split("|", 1)[1].rsplit(None, 4)[0].strip()
         for line in (proc.stdout + proc.stderr).splitlines()
         if "|" in line and re.search(r"\s\d+\s+[1-9]\d*\s+\S+\s+\S+\s*$", line)
-    } - {SEAL_OP.split(" | ", 1)[1]}
+    } - {op.split(" | ", 1)[1] for op in BOOKKEEPING}
 
 
 def sh(lab: Lab, host: str, command: str) -> str:

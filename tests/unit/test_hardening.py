@@ -1591,7 +1591,8 @@ def test_the_update_puts_each_difference_in_the_journal_and_keeps_the_old_databa
     journal = tmp_path / "journal"
     (bin_dir / "logger").write_text(f'#!/bin/sh\necho "$*" >> {journal}\ncat >> {journal}\n')
     (bin_dir / "logger").chmod(0o755)
-    command = command.replace(hardening.AIDE_DIR, str(root)).replace("/usr/bin/aide", "aide")
+    command = command.replace(hardening.AIDE_DIR, str(root))
+    command = command.replace("/usr/bin/aide", str(bin_dir / "aide"))
     (root / "aide.db.gz").write_text("old")
 
     def fake_aide(status: int, creates: bool) -> None:
@@ -1617,6 +1618,11 @@ def test_the_update_puts_each_difference_in_the_journal_and_keeps_the_old_databa
     assert failed.returncode == 1
     assert "AIDE could not update its database (exit status 17)" in failed.stderr
     assert (root / "aide.db.gz").read_text() == "new\n"  # the old one stays
+    # a host AIDE was never set up on (no database): nothing to update, not a failure
+    (root / "aide.db.gz").unlink()
+    fake_aide(4, creates=True)
+    untouched = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+    assert untouched.returncode == 0 and not (root / "aide.db.gz").exists()
 
 
 # --- audit trail (auditd) ------------------------------------------------------------------
