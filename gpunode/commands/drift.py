@@ -256,7 +256,7 @@ def check(
         stale: list[str] = []
         for name, result in planned.results().items():
             report.hosts[name].checked = result.planned
-            report.hosts[name].drifted = [c for c in result.changes if c not in BOOKKEEPING]
+            report.hosts[name].drifted = [c for c in result.changes if not bookkeeping(c)]
             if SEAL_OP in result.changes and name not in planned.errors:
                 stale.append(name)
         errors.update(planned.errors)
@@ -267,7 +267,7 @@ def check(
             for name, result in planned.execute().items():
                 if result.ran:
                     report.hosts[name].corrected = [
-                        c for c in result.executed if c not in BOOKKEEPING
+                        c for c in result.executed if not bookkeeping(c)
                     ]
                     report.hosts[name].applied = name in drifted
                     report.hosts[name].seal_renewed = name in stale and SEAL_OP in result.executed
@@ -279,7 +279,7 @@ def check(
             with _full_plans():
                 again = run.run(load_inventory(inventory_path, again_names), deploy)
             for name, result in again.items():
-                report.hosts[name].remaining = [c for c in result.changes if c not in BOOKKEEPING]
+                report.hosts[name].remaining = [c for c in result.changes if not bookkeeping(c)]
                 if result.error:
                     errors.setdefault(name, f"re-check: {result.error}")
 
@@ -326,9 +326,14 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 SEAL_OP = "gpunode seal | Drift seal"  # its change is bookkeeping, never drift
-# AIDE taking a run's changes in: it follows any other change, bookkeeping too
+# AIDE taking a run's changes in: it follows any other change, bookkeeping too (named with
+# the deploys around it: "gpunode seal | gpunode file integrity | ..." in gpu_node.py)
 INTEGRITY_OP = "gpunode file integrity | File integrity database: this deploy's changes"
-BOOKKEEPING = (SEAL_OP, INTEGRITY_OP)
+
+
+def bookkeeping(op: str) -> bool:
+    """The seal's and AIDE's operations: they follow any change, and are never drift."""
+    return op == SEAL_OP or op == INTEGRITY_OP or op.endswith(f" | {INTEGRITY_OP}")
 
 
 def seal_verdicts(inventory: Any) -> dict[str, SealVerdict]:

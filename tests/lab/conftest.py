@@ -20,7 +20,7 @@ from pathlib import Path
 import hvac
 import pytest
 
-from gpunode.commands.drift import BOOKKEEPING
+from gpunode.commands.drift import bookkeeping
 from gpunode.commands.lab import LabSettings
 from gpunode.facts.seal import SEAL_SWITCH
 from gpunode.paths import REPO_ROOT
@@ -105,7 +105,7 @@ def planned_changes(inventory: str, deploy: str, env: dict[str, str]) -> dict[st
     plan = json.loads(proc.stdout)["plan"]
     per_host: dict[str, list[str]] = {}
     for op in plan:
-        if op["name"] in BOOKKEEPING:
+        if bookkeeping(op["name"]):
             continue  # the seal, AIDE's database: follow any change, not drift (drift agrees)
         for host in op["hosts_with_change"]:
             per_host.setdefault(host, []).append(op["name"])

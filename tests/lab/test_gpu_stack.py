@@ -73,7 +73,11 @@ def test_driver_and_toolkit_come_from_debian_non_free(gpu_lab: Lab, first_run: s
     assert "Components: contrib non-free non-free-firmware" in sources
     # proprietary modules only (kernel_modules: proprietary), nothing from NVIDIA's repository
     assert gpu_lab.ssh("lab-01", "dpkg-query -W nvidia-open-kernel-dkms").returncode != 0
-    assert sh(gpu_lab, "ls /etc/apt/sources.list.d/").split() == ["gpunode-nvidia-distro.sources"]
+    # and the base role's security suite, which the lab's debootstrapped hosts lack
+    assert sh(gpu_lab, "ls /etc/apt/sources.list.d/").split() == [
+        "gpunode-nvidia-distro.sources",
+        "gpunode-security.list",
+    ]
 
 
 def test_every_nvidia_package_is_held(gpu_lab: Lab, first_run: str) -> None:

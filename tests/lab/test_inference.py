@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from gpunode.commands import lab_front_door as door
-from gpunode.commands.drift import BOOKKEEPING
+from gpunode.commands.drift import bookkeeping
 from gpunode.commands.lab_front_door import MODEL_SHA256
 from gpunode.config import _deep_merge
 from gpunode.paths import REPO_ROOT
@@ -173,8 +173,10 @@ def changed_ops(proc: subprocess.CompletedProcess[str]) -> set[str]:
     return {
         line.split("|", 1)[1].rsplit(None, 4)[0].strip()
         for line in (proc.stdout + proc.stderr).splitlines()
-        if "|" in line and re.search(r"\s\d+\s+[1-9]\d*\s+\S+\s+\S+\s*$", line)
-    } - {op.split(" | ", 1)[1] for op in BOOKKEEPING}
+        if "|" in line
+        and re.search(r"\s\d+\s+[1-9]\d*\s+\S+\s+\S+\s*$", line)
+        and not bookkeeping(line.rsplit(None, 4)[0].strip())
+    }
 
 
 def sh(lab: Lab, host: str, command: str) -> str:

@@ -752,3 +752,14 @@ def test_a_refused_secret_id_stops_the_run_before_any_host(bao: Bao, tmp_path: P
     (tmp_path / "controller" / "secret_id").write_text("not-a-secret-id\n")
     with pytest.raises(DriftError, match=r"^credential step: vault login"):
         drift.rotate_credentials(drift.load_inventory(inventory))
+
+
+def test_the_seal_and_aides_update_are_bookkeeping_wherever_they_run() -> None:
+    from gpunode.commands.drift import INTEGRITY_OP, SEAL_OP, bookkeeping
+
+    assert bookkeeping(SEAL_OP)
+    assert bookkeeping(INTEGRITY_OP)  # deploys/rotate_*.py, gpu_stack.py
+    assert bookkeeping(f"gpunode seal | {INTEGRITY_OP}")  # inside the seal role
+    assert not bookkeeping("gpunode base | journald limits")
+    assert not bookkeeping(f"{INTEGRITY_OP} (not quite)")
+    assert not bookkeeping("gpunode seal | Drift seal checker")
