@@ -59,7 +59,9 @@ def security_source(spec: distros.DistroSpec, sources: list[dict[str, Any]]) -> 
     it (or the distro has no such archive). A component that is not a plain name (apt's own
     words) raises ValueError."""
     suite = f"{spec.codename}-security"
-    others = [e for e in sources if e["file"] != SECURITY_LIST]
+    # the host's own sources only: gpunode's files (this one, the NVIDIA role's non-free
+    # suite, ...) come and go within a run, and would make the result differ on the next one
+    others = [e for e in sources if not e["file"].rsplit("/", 1)[-1].startswith("gpunode-")]
     if not spec.apt_security_archive or any(suite in e["suites"] for e in others):
         return None
     components = list(

@@ -952,3 +952,19 @@ def test_operation_labels_carry_no_config_values(distro: str) -> None:
     ]
     leaks = [(label, v) for label in run.op_labels for v in values if v in label]
     assert leaks == []
+
+
+def test_gpunodes_own_sources_do_not_count_as_the_hosts(tmp_path: Path) -> None:
+    """The NVIDIA role's non-free suite (written later in the same run) changes neither the
+    components of the security source nor whether it is needed: a second run changes nothing."""
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text("deb http://deb.debian.org/debian bookworm main\n")
+    (etc / "sources.list.d" / "gpunode-nvidia-distro.sources").write_text(
+        "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-security\n"
+        "Components: contrib non-free non-free-firmware\n"
+    )
+    run = run_base(node_config("debian12"), "debian12", handlers=[apt_sources_on(etc)])
+    assert sources_list_entries(run.files[SECURITY_LIST]) == [
+        (DEBIAN_KEYRING, "http://deb.debian.org/debian-security", "bookworm-security", "main")
+    ]
