@@ -282,23 +282,7 @@ def _after_upgrades(config: NodeConfig, spec: distros.DistroSpec) -> None:
             )
         return
     _install(spec, "Package verification tool", [rules.verify_package(spec.family)])
-    units = _units("Package verification", rules.render_verify_units(config, spec.family))
-    systemd.daemon_reload(
-        name="systemd daemon-reload (package verification)",
-        _if=lambda: any(u.did_change() for u in units),
-    )
-    systemd.service(
-        name="Package verification timer",
-        service=rules.VERIFY_TIMER,
-        running=True,
-        enabled=True,
-    )
-    systemd.service(
-        name="Restart package verification timer",  # applies a new schedule
-        service=rules.VERIFY_TIMER,
-        restarted=True,
-        _if=units[1].did_change,
-    )
+    _timer("Package verification", rules.render_verify_units(config, spec.family))
 
 
 def _file_modes(config: NodeConfig, spec: distros.DistroSpec) -> None:
@@ -386,6 +370,24 @@ def _audit(config: NodeConfig, spec: distros.DistroSpec, container: str) -> None
     )
 
 
+def _timer(what: str, units: dict[str, str]) -> None:
+    """A service and its timer (``units``: service, then timer): written, systemd reloaded,
+    the timer enabled and running, restarted when its schedule changed."""
+    written = _units(what, units)
+    systemd.daemon_reload(
+        name=f"systemd daemon-reload ({what.lower()})",
+        _if=lambda: any(u.did_change() for u in written),
+    )
+    timer = list(units)[1]
+    systemd.service(name=f"{what} timer", service=timer, running=True, enabled=True)
+    systemd.service(
+        name=f"Restart {what.lower()} timer",  # applies a new schedule
+        service=timer,
+        restarted=True,
+        _if=written[1].did_change,
+    )
+
+
 def _integrity(config: NodeConfig, spec: distros.DistroSpec) -> None:
     if config.hardening.file_integrity is None:
         systemd.service(
@@ -422,20 +424,7 @@ def _integrity(config: NodeConfig, spec: distros.DistroSpec) -> None:
         commands=[rules.aide_init_command(spec.family)],
         _if=lambda: not database or conf.did_change(),
     )
-    units = _units("File integrity", rules.render_integrity_units(config, spec.family))
-    systemd.daemon_reload(
-        name="systemd daemon-reload (file integrity)",
-        _if=lambda: any(u.did_change() for u in units),
-    )
-    systemd.service(
-        name="File integrity timer", service=rules.INTEGRITY_TIMER, running=True, enabled=True
-    )
-    systemd.service(
-        name="Restart file integrity timer",  # applies a new schedule
-        service=rules.INTEGRITY_TIMER,
-        restarted=True,
-        _if=units[1].did_change,
-    )
+    _timer("File integrity", rules.render_integrity_units(config, spec.family))
 
 
 def _changed_before_now() -> bool:
