@@ -22,6 +22,7 @@ from gpunode.schema.hardening import (
     AUDIT_WATCHES,
     CONTAINER_SYSCTL,
     DISABLED_MODULES,
+    LOGIN_DEFS_HASH,
     NEEDRESTART_LIST_ONLY,
     PACKAGE_VERIFY,
     RESTART_PACKAGES,
@@ -46,6 +47,8 @@ AUDIT_RULES = "/etc/audit/rules.d/60-gpunode.rules"
 AUDIT_IMMUTABLE_RULES = "/etc/audit/rules.d/99-gpunode-immutable.rules"  # -e 2 comes last
 AIDE_CONF = "/etc/gpunode/aide.conf"
 AIDE_DIR = "/var/lib/gpunode/aide"
+LOGIN_DEFS = "/etc/login.defs"
+PROFILE_UMASK = "/etc/profile.d/60-gpunode-umask.sh"  # login shells, after the distro's
 AIDE_DB, AIDE_DB_NEW = f"{AIDE_DIR}/aide.db.gz", f"{AIDE_DIR}/aide.db.new.gz"
 INTEGRITY_SERVICE = "gpunode-file-integrity.service"
 INTEGRITY_TIMER = "gpunode-file-integrity.timer"
@@ -198,6 +201,29 @@ def render_modprobe(config: NodeConfig) -> str:
     for module in disabled_modules(config):
         lines += [f"install {module} /bin/false", f"blacklist {module}"]
     return "\n".join(lines) + "\n"
+
+
+def login_defs(config: NodeConfig) -> dict[str, str]:
+    """The /etc/login.defs keys gpunode sets, from hardening.login (LOGIN_DEFS_HASH)."""
+    login = config.hardening.login
+    return {
+        "UMASK": login.umask,
+        "PASS_MAX_DAYS": str(login.password_max_days),
+        "PASS_MIN_DAYS": str(login.password_min_days),
+        "PASS_WARN_AGE": str(login.password_warn_days),
+        "ENCRYPT_METHOD": LOGIN_DEFS_HASH,
+        "SHA_CRYPT_MIN_ROUNDS": str(login.hash_rounds),
+        "SHA_CRYPT_MAX_ROUNDS": str(login.hash_rounds),
+    }
+
+
+def render_profile_umask(config: NodeConfig) -> str:
+    """/etc/profile.d/60-gpunode-umask.sh: login shells' umask (read after /etc/profile's
+    own, which on EL9 sets 002/022)."""
+    return (
+        "# The login shells' umask, from hardening.login.umask. Written by gpunode.\n"
+        f"umask {config.hardening.login.umask}\n"
+    )
 
 
 def render_needrestart() -> str:

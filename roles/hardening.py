@@ -52,17 +52,22 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from gpunode import hardening as rules
 from gpunode.base import host_matches
-from gpunode.facts.hardening import PrimaryGroup, SshdState, WritableSysctls
+from gpunode.facts.hardening import PasswordAccounts, PrimaryGroup, SshdState, WritableSysctls
 from gpunode.facts.server import HostInfo
 from gpunode.firewall import sha1
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import file_mode
-from gpunode.operations.hardening import sysctl_values
+from gpunode.operations.hardening import key_values, password_aging, sysctl_values
 from gpunode.operations.server import fail, notice
 from gpunode.operations.sudo import sudoers_dropin
 from gpunode.paths import template
 from gpunode.schema import distros
-from gpunode.schema.hardening import ABSENT_PACKAGES, AUDIT_PACKAGE, STRICT_FILES
+from gpunode.schema.hardening import (
+    ABSENT_PACKAGES,
+    AUDIT_PACKAGE,
+    PAM_TMPDIR_PACKAGE,
+    STRICT_FILES,
+)
 from gpunode.schema.node import NodeConfig
 
 
@@ -83,6 +88,7 @@ def hardening() -> None:
     _sysctl(config)
     _modules(config, host.get_fact(HostInfo)["container"])
     _banner(config)
+    _login(config, spec)
     _core_dumps(config)
     _packages(config, spec)
     _after_upgrades(config, spec)
@@ -177,6 +183,53 @@ def _banner(config: NodeConfig) -> None:
             group="root",
             mode="644",
         )
+
+
+def _login(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    login = config.hardening.login
+    key_values(
+        name="Login defaults (login.defs: umask, password aging, hashing)",
+        path=rules.LOGIN_DEFS,
+        values=rules.login_defs(config),
+    )
+    files.put(
+        name="Login shells' umask",
+        src=StringIO(rules.render_profile_umask(config)),
+        dest=rules.PROFILE_UMASK,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    user = str(host.data.get("ssh_user") or "root")
+    password_aging(
+        name="Password aging (accounts with a password)",
+        minimum=login.password_min_days,
+        maximum=login.password_max_days,
+        warn=login.password_warn_days,
+        skip=(user,),
+    )
+    if user in host.get_fact(PasswordAccounts):
+        notice(
+            name="Password aging",
+            message=(
+                f"{user}, the account gpunode connects as, has a password: its aging is left "
+                "as it is (an expired password would refuse its SSH key too)"
+            ),
+        )
+    package = PAM_TMPDIR_PACKAGE[spec.family]
+    if package is None:
+        if login.private_tmp:
+            notice(
+                name="Private TMPDIR",
+                message=(
+                    f"pam_tmpdir is not packaged on {spec.key}: logins share /tmp "
+                    "(hardening.login.private_tmp: false silences this)"
+                ),
+            )
+    elif login.private_tmp:
+        _install(spec, "Private TMPDIR per login (pam_tmpdir)", [package])
+    else:
+        apt.packages(name="Private TMPDIR per login (off)", packages=[package], present=False)
 
 
 def _modules(config: NodeConfig, container: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -145,6 +146,13 @@ def _install_runtime(runtime: str, install: RuntimeInstall, spec: DistroSpec) ->
                     ],
                 )
             )
+        # the service user reads and runs the venv whatever the umask of gpunode's session
+        # (pam_umask applies login.defs' UMASK, 027 by default, on Ubuntu)
+        server.shell(
+            name="Runtime venv readable by its service",
+            commands=[f"chmod -R u+rwX,go+rX,go-w {shlex.quote(venv)}"],
+            _if=any_changed(*changed),
+        )
         return units.Installed(f"{venv}/{binary}", None, " ".join(pins), changed)
     assert install.package and install.version
     if spec.family == "apt":

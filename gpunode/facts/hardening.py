@@ -70,3 +70,58 @@ class PrimaryGroup(FactBase):
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output else None
+
+
+class KeyValues(FactBase):
+    """
+    The settings of a ``KEY value`` file such as /etc/login.defs: comments and blank lines
+    left out, the last of a key's lines wins (as shadow's getdef reads them); ``{}`` when
+    the file is missing.
+
+    .. code:: python
+
+        host.get_fact(KeyValues, path="/etc/login.defs")
+        {"UMASK": "022", "PASS_MAX_DAYS": "99999", ...}
+    """
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+    def command(self, path: str) -> str:
+        return f"cat -- {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for line in output:
+            words = line.split(None, 1)
+            if words and not words[0].startswith("#"):
+                values[words[0]] = words[1].strip() if len(words) > 1 else ""
+        return values
+
+
+class PasswordAccounts(FactBase):
+    """
+    Local accounts that have a password (a hash in /etc/shadow, not locked with ``!`` or
+    ``*``, or an empty one), with their aging fields as /etc/shadow keeps them (days; ``""``
+    when unset). Reads /etc/shadow: needs root. No hash is read into gpunode.
+
+    .. code:: python
+
+        {"alice": {"min": "0", "max": "99999", "warn": "7"}}
+    """
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+    def command(self) -> str:
+        return 'awk -F: \'$2 !~ /^[!*]/ { print $1 ":" $4 ":" $5 ":" $6 }\' /etc/shadow'
+
+    def process(self, output: list[str]) -> dict[str, dict[str, str]]:
+        accounts = {}
+        for line in output:
+            name, _, rest = line.partition(":")
+            low, high, warn = (rest.split(":") + ["", "", ""])[:3]
+            accounts[name] = {"min": low, "max": high, "warn": warn}
+        return accounts

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from gpunode.schema.types import (
     AbsPath,
@@ -246,6 +246,18 @@ AUDIT_ROOT_COMMANDS_KEY = "root-commands"
 AUDIT_PACKAGE: dict[str, str] = {"apt": "auditd", "dnf": "audit"}
 AUDIT_LOG_GROUP: dict[str, str] = {"apt": "adm", "dnf": "root"}
 
+# --- logins: login.defs, PAM ---------------------------------------------------------------------
+
+# /etc/login.defs keys gpunode sets, from hardening.login (CIS Debian 12 5.4.1 password aging,
+# 5.4.3.3 umask, dev-sec os-05). `passwd` and `chpasswd` hash through PAM's pam_unix, already
+# yescrypt (Debian 12, Ubuntu) or sha512 (EL9) as shipped; ENCRYPT_METHOD is for the tools that
+# hash by themselves (`chpasswd -c`, newusers): SHA512, which every supported shadow knows, with
+# hardening.login.hash_rounds rounds.
+LOGIN_DEFS_HASH = "SHA512"
+# A private TMPDIR per login (/tmp/user/<uid>): family -> package; None: not packaged there
+# (EL9 polyinstantiates /tmp with pam_namespace instead, which gpunode does not configure).
+PAM_TMPDIR_PACKAGE: dict[str, str | None] = {"apt": "libpam-tmpdir", "dnf": None}
+
 # --- file integrity (AIDE) ---------------------------------------------------------------------
 
 # AIDE's database (/var/lib/gpunode/aide/) keeps, for each file under these paths, what the rule
@@ -382,6 +394,45 @@ class Audit(Model):
     """`num_logs`: logs kept (the oldest goes): at most num_logs x max_log_file_mb on disk."""
 
 
+class Login(Model):
+    """Local logins: the default umask, password aging and hashing, a private TMPDIR."""
+
+    umask: Literal["022", "027", "077"] = "027"
+    """`UMASK` in /etc/login.defs (new home directories, and sessions where pam_umask reads
+    it: Ubuntu's stock PAM) and `umask` in /etc/profile.d for login shells (CIS Debian 12
+    5.4.3.3): files a user makes are not readable by others. gpunode's own operations do not
+    depend on it: whatever it installs for other users gets explicit modes."""
+    password_max_days: Annotated[int, Field(ge=1, le=99999)] = 365
+    """`PASS_MAX_DAYS` (CIS 5.4.1.1), and `chage -M` on every local account that has a
+    password, except the account gpunode connects as (an expired password would refuse its
+    SSH key too): that one gets a notice."""
+    password_min_days: Annotated[int, Field(ge=0, le=365)] = 1
+    """`PASS_MIN_DAYS` (CIS 5.4.1.2), and `chage -m` on accounts with a password."""
+    password_warn_days: Annotated[int, Field(ge=0, le=90)] = 7
+    """`PASS_WARN_AGE` (CIS 5.4.1.3), and `chage -W` on accounts with a password."""
+    hash_rounds: Annotated[int, Field(ge=5000, le=1_000_000)] = 65536
+    """`SHA_CRYPT_MIN_ROUNDS` and `SHA_CRYPT_MAX_ROUNDS`, with `ENCRYPT_METHOD SHA512`
+    (LOGIN_DEFS_HASH), for the tools that hash by themselves (PAM's pam_unix hashes
+    `passwd`'s: yescrypt or sha512 as the distro ships it)."""
+    private_tmp: bool = True
+    """pam_tmpdir (PAM_TMPDIR_PACKAGE): each login gets its own TMPDIR, /tmp/user/<uid>
+    (mode 700); where it is not packaged (EL9) a notice says so."""
+
+    @model_validator(mode="after")
+    def _aging(self) -> Login:
+        if self.password_min_days > self.password_max_days:
+            raise ValueError(
+                f"password_min_days ({self.password_min_days}) is above password_max_days "
+                f"({self.password_max_days}) (allowed: min <= max)"
+            )
+        if self.password_warn_days >= self.password_max_days:
+            raise ValueError(
+                f"password_warn_days ({self.password_warn_days}) is not below "
+                f"password_max_days ({self.password_max_days}) (allowed: warn < max)"
+            )
+        return self
+
+
 class Hardening(Model):
     """sshd, sysctl and OS hardening (roles/hardening.py)."""
 
@@ -407,6 +458,8 @@ class Hardening(Model):
     leave the distro's files and sshd without a banner."""
     audit: Audit = Field(default_factory=Audit)
     """The audit trail: auditd, its rules, its logs' size."""
+    login: Login = Field(default_factory=Login)
+    """Local logins: umask, password aging and hashing (login.defs, chage), pam_tmpdir."""
     file_integrity: Literal["hourly", "daily", "weekly"] | None = "daily"
     """How often gpunode-file-integrity.timer has AIDE compare the files of AIDE_WATCH with
     its database (a deploy that changes them updates it); null: AIDE not configured (its

@@ -170,6 +170,53 @@ def test_login_banner(hardening_on, host, node: Host) -> None:
         assert (f.user, f.group, f.mode) == ("root", "root", 0o644), path
 
 
+# --- logins ----------------------------------------------------------------------------------
+
+
+def test_login_defs(hardening_on, host, node: Host) -> None:
+    """The last line of each key wins (shadow's getdef reads them in order)."""
+    settings: dict[str, str] = {}
+    for line in host.file(hardening.LOGIN_DEFS).content_string.splitlines():
+        words = line.split()
+        if words and not words[0].startswith("#"):
+            settings[words[0]] = " ".join(words[1:])
+    wanted = hardening.login_defs(node.config)
+    assert {k: settings.get(k) for k in wanted} == wanted
+
+
+def test_login_shells_get_the_umask(hardening_on, host, node: Host) -> None:
+    f = host.file(hardening.PROFILE_UMASK)
+    assert (f.user, f.group, f.mode) == ("root", "root", 0o644)
+    assert host.check_output("bash -lc umask") == "0" + node.config.hardening.login.umask
+
+
+def test_accounts_with_a_password_age(hardening_on, host, node: Host, as_root) -> None:
+    login = node.config.hardening.login
+    want = [str(login.password_min_days), str(login.password_max_days)]
+    want.append(str(login.password_warn_days))
+    wrong = []
+    for line in as_root("getent shadow").stdout.splitlines():
+        fields = line.split(":")
+        if fields[1][:1] in ("!", "*") or fields[0] == node.connection.user:
+            continue  # no password (locked), or gpunode's own (a notice says why)
+        if fields[3:6] != want:
+            wrong.append(f"{fields[0]}: min/max/warn {fields[3:6]}")
+    assert wrong == []
+
+
+def test_each_login_gets_a_private_tmpdir(
+    hardening_on, host, node: Host, spec: distros.DistroSpec
+) -> None:
+    if not node.config.hardening.login.private_tmp:
+        pytest.skip("hardening.login.private_tmp is false for this host")
+    if hardening_schema.PAM_TMPDIR_PACKAGE[spec.family] is None:
+        pytest.skip(f"pam_tmpdir is not packaged on {spec.key} (the role says so on every run)")
+    assert "pam_tmpdir.so" in host.file("/etc/pam.d/common-session").content_string
+    uid = host.check_output("id -u")
+    assert host.check_output('echo "$TMPDIR"') == f"/tmp/user/{uid}"
+    assert host.check_output('stat -c "%u %a" "$TMPDIR"') == f"{uid} 700"
+
+
 # --- kernel modules ------------------------------------------------------------------------
 
 

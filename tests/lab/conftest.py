@@ -169,6 +169,20 @@ def lab() -> Iterator[Lab]:
     gpunode("lab", "down", env=env, check=True)
 
 
+def umask_027_sessions(lab: Lab, host: str) -> None:
+    """Make ``host`` run as a CIS-built Ubuntu does: pam_umask in common-session (Ubuntu's stock
+    line) and UMASK 027 in login.defs before gpunode's first deploy, so every command gpunode
+    runs there has umask 027 from the first one. What gpunode installs for its services must
+    not depend on the umask of its own session."""
+    lab.ssh(
+        host,
+        "sed -i -E 's/^UMASK[[:space:]].*/UMASK\\t\\t027/' /etc/login.defs && "
+        "echo 'session optional pam_umask.so' >> /etc/pam.d/common-session",
+        check=True,
+    )
+    assert lab.ssh(host, "umask", check=True).stdout.strip() == "0027"
+
+
 def front_door_lab(deploy: str = "deploys/gpu_node.py") -> Iterator[Lab]:
     """The test lab with the front door (`gpunode lab up --front-door`, what `make lab`
     runs: lab-01 serves a real model behind the gateway), deployed once; down afterwards.
@@ -181,6 +195,7 @@ def front_door_lab(deploy: str = "deploys/gpu_node.py") -> Iterator[Lab]:
         pytest.fail(f"the lab did not start:\n{up.stdout}\n{up.stderr}")
     state_dir = REPO_ROOT / ".lab" / env["GPUNODE_LAB_NAME"]
     the_lab = Lab(env=env, state_dir=state_dir, hosts=["lab-01", "lab-02"])
+    umask_027_sessions(the_lab, "lab-01")  # the node that serves the model
     done = pyinfra("inventories/lab.py", deploy, env=env, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     yield the_lab

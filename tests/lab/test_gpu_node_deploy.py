@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET  # noqa: S405
 
 import pytest
 
-from .conftest import Lab, changes, gpunode, planned_changes, pyinfra
+from .conftest import Lab, changes, gpunode, planned_changes, pyinfra, umask_027_sessions
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_node.py"
@@ -14,6 +14,7 @@ DEPLOY = "deploys/gpu_node.py"
 
 @pytest.fixture(scope="module")
 def converged(lab: Lab) -> Lab:
+    umask_027_sessions(lab, "lab-01")  # lab-02 keeps Debian's stock 022
     first = pyinfra(INVENTORY, DEPLOY, env=lab.env, check=True)
     changed, errors = changes(first.stdout + first.stderr)
     assert errors == 0

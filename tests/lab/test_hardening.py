@@ -23,6 +23,7 @@ import yaml
 
 from gpunode.config import read_yaml
 from gpunode.paths import REPO_ROOT
+from gpunode.schema.hardening import Hardening
 
 from .conftest import Lab, changes, planned_changes, pyinfra, run
 
@@ -30,6 +31,7 @@ INVENTORY = "inventories/lab.py"
 DEPLOY = "tests/lab/hardening_deploy.py"
 ROLLBACK_SECONDS = 20  # the smallest bound gpunode accepts: keeps the test short
 PORT_CONTROLLER, PORT_PEER, PORT_NOBODY = 18081, 18082, 18083
+AGED_USER = "gpunode-pw"
 
 
 def lab_data(lab: Lab, tmp: Path, name: str, **firewall: Any) -> dict[str, str]:
@@ -80,6 +82,13 @@ def live_table(lab: Lab, host: str) -> str:
 @pytest.fixture(scope="module")
 def hardened(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = lab_data(lab, tmp_path_factory.mktemp("hardening"), "probes")
+    # a local account with a password (random, never leaves the host): the role ages it
+    lab.ssh(
+        "lab-01",
+        f"useradd -m {AGED_USER} && printf '{AGED_USER}:%s\\n' "
+        '"$(head -c 12 /dev/urandom | base64)" | chpasswd',
+        check=True,
+    )
     first = pyinfra(INVENTORY, DEPLOY, env=env, check=True)
     changed, errors = changes(first.stdout + first.stderr)
     assert errors == 0 and changed > 0
@@ -193,6 +202,44 @@ def test_host_checks_pass(lab: Lab, hardened: dict[str, str]) -> None:
         )
         assert proc.returncode == 0, proc.stdout[-4000:]
         assert " failed" not in proc.stdout and " passed" in proc.stdout
+
+
+def _shadow(lab: Lab, user: str, host: str = "lab-01") -> list[str]:
+    return lab.ssh(host, f"getent shadow {user}", check=True).stdout.strip().split(":")
+
+
+def test_logins_are_aged_hashed_and_masked(lab: Lab, hardened: dict[str, str]) -> None:
+    login = Hardening().login  # the lab's data keeps the defaults
+    aging = [str(login.password_min_days), str(login.password_max_days)]
+    aging.append(str(login.password_warn_days))
+    # the account that had a password before the converge: aged by chage
+    assert _shadow(lab, AGED_USER)[3:6] == aging
+    # root (gpunode connects as root) keeps what it had: no password, no aging from gpunode
+    assert _shadow(lab, "root")[1][:1] in ("*", "!")
+    # an account made now takes login.defs' values: aging, home directory mode, hashing (on
+    # lab-02: lab-01's identity files stay as the deploy left them, for AIDE's tests)
+    made = "gpunode-new"
+    random = '"$(head -c 12 /dev/urandom | base64)"'
+    lab.ssh(
+        "lab-02",
+        f"useradd -m {made} && printf '{made}:%s\\n' {random} | chpasswd",
+        check=True,
+    )
+    try:
+        entry = _shadow(lab, made, "lab-02")
+        assert entry[3:6] == aging
+        assert entry[1].startswith("$y$"), entry[1][:8]  # PAM's pam_unix: yescrypt, as shipped
+        # a tool that hashes by itself takes login.defs' rounds
+        lab.ssh("lab-02", f"printf '{made}:%s\\n' {random} | chpasswd -c SHA512", check=True)
+        hashed = _shadow(lab, made, "lab-02")[1]
+        assert hashed.startswith(f"$6$rounds={login.hash_rounds}$"), hashed[:20]
+        mode = lab.ssh("lab-02", f"stat -c %a /home/{made}", check=True).stdout.strip()
+        assert mode == "750"  # 777 less the umask 027
+    finally:
+        lab.ssh("lab-02", f"userdel -r {made}")
+    # a login shell has the umask; a new SSH session has a TMPDIR of its own
+    assert lab.ssh("lab-01", "bash -lc umask", check=True).stdout.strip() == "0027"
+    assert lab.ssh("lab-01", 'echo "$TMPDIR"', check=True).stdout.strip() == "/tmp/user/0"
 
 
 # Two services running a copy of sleep(1) from a directory needrestart watches; the copy is

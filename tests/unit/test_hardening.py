@@ -16,6 +16,9 @@ harness), fed with outputs recorded on real hosts in ``fixtures/hardening/``:
   root (stock openssh-server ``sshd_config``). Ubuntu 22.04/24.04 and EL9 ship the same
   ``Include /etc/ssh/sshd_config.d/*.conf`` line at the top of theirs.
 * ``writable-sysctls.controller``: the WritableSysctls command on a non-container machine.
+* ``login-defs.fresh``, ``password-accounts.fresh``: the KeyValues command on /etc/login.defs
+  and the PasswordAccounts command on the lab's freshly debootstrapped Debian 12 root (no
+  account has a password there: the output is empty).
 """
 
 from __future__ import annotations
@@ -46,13 +49,20 @@ from harness import (
     run_deploys,
 )
 from pydantic import BaseModel
+from pyinfra.api import OperationValueError
 from pyinfra.facts.server import Sysctl
 
 from gpunode import firewall as firewall_rules
 from gpunode import hardening
 from gpunode.config import load
 from gpunode.facts.firewall import FirewallState
-from gpunode.facts.hardening import PrimaryGroup, SshdState, WritableSysctls
+from gpunode.facts.hardening import (
+    KeyValues,
+    PasswordAccounts,
+    PrimaryGroup,
+    SshdState,
+    WritableSysctls,
+)
 from gpunode.facts.server import HostInfo
 from gpunode.paths import REPO_ROOT
 from gpunode.schema import hardening as hardening_schema
@@ -642,6 +652,8 @@ def fresh_responses(distro: str) -> dict[Any, Response]:
         FirewallState().command(): lines("firewall-state.fresh"),
         SshdState().command(): lines("sshd-state.fresh"),
         PrimaryGroup().command("root"): "root",  # `id -gn -- root` on every distro
+        KeyValues().command(hardening.LOGIN_DEFS): lines("login-defs.fresh"),
+        PasswordAccounts().command(): lines("password-accounts.fresh"),
         WritableSysctls().command(sorted(hardening_schema.SYSCTL_KERNEL)): lines(
             "writable-sysctls.controller"
         ),
@@ -1714,3 +1726,159 @@ def test_the_confirmation_waits_half_the_rollback_at_most_15_s(
     run = run_roles(cfg, "debian12", fresh_responses("debian12"), deploys=(firewall,))
     assert not run.failed
     assert asked == [timeout]
+
+
+# --- logins: login.defs, password aging, pam_tmpdir -------------------------------------------
+
+
+def _apply_to_copy(command: str, tmp_path: Path) -> dict[str, str]:
+    """Run the role's login.defs command with a real sh on a copy of the recorded file; the
+    KeyValues fact reads the result back."""
+    copy = tmp_path / "login.defs"
+    copy.write_text("\n".join(lines("login-defs.fresh")) + "\n")
+    script = command.replace(hardening.LOGIN_DEFS, str(copy))
+    subprocess.run(["sh", "-c", script], check=True)
+    return KeyValues().process(copy.read_text().splitlines())
+
+
+def test_login_defs_get_their_values_and_keep_the_rest(tmp_path: Path) -> None:
+    """On Debian 12's stock login.defs (EL9's has the same KEY value form)."""
+    distro = "debian12"
+    cfg = config(distro)
+    run = run_roles(cfg, distro, fresh_responses(distro))
+    (command,) = run.grep(rf"^(sed|printf) .*{re.escape(hardening.LOGIN_DEFS)}$")
+    after = _apply_to_copy(command, tmp_path)
+    assert {k: after.get(k) for k in hardening.login_defs(cfg)} == hardening.login_defs(cfg)
+    assert (after["UMASK"], after["PASS_MAX_DAYS"]) == ("027", "365")
+    before = KeyValues().process(lines("login-defs.fresh"))
+    # the distro's other settings are untouched, its comments kept
+    managed = hardening.login_defs(cfg)
+    assert {k: v for k, v in after.items() if k not in managed} == {
+        k: v for k, v in before.items() if k not in managed
+    }
+    kept = (tmp_path / "login.defs").read_text()
+    assert "# /etc/login.defs - Configuration control definitions" in kept
+    # converged: the fact reads the values back, and nothing is run
+    converged = {
+        **fresh_responses(distro),
+        KeyValues().command(hardening.LOGIN_DEFS): (tmp_path / "login.defs")
+        .read_text()
+        .splitlines(),
+    }
+    again = run_roles(cfg, distro, converged)
+    assert not again.grep(rf"^(sed|printf) .*{re.escape(hardening.LOGIN_DEFS)}$")
+
+
+def test_a_key_that_is_set_twice_is_rewritten_on_every_line(tmp_path: Path) -> None:
+    copy = tmp_path / "login.defs"
+    copy.write_text("UMASK 022\n# UMASK 077 (a comment stays)\n  UMASK\t002\nUMASKX 1\n")
+    run = run_roles(
+        config(),
+        "debian12",
+        {
+            **fresh_responses("debian12"),
+            KeyValues().command(hardening.LOGIN_DEFS): copy.read_text().splitlines(),
+        },
+    )
+    (command,) = run.grep(rf"^(sed|printf) .*{re.escape(hardening.LOGIN_DEFS)}$")
+    subprocess.run(["sh", "-c", command.replace(hardening.LOGIN_DEFS, str(copy))], check=True)
+    text = copy.read_text().splitlines()
+    assert text[:4] == ["UMASK\t027", "# UMASK 077 (a comment stays)", "UMASK\t027", "UMASKX 1"]
+
+
+def test_login_shells_umask_file(tmp_path: Path) -> None:
+    cfg = load_one({"distro": "debian12", "hardening": {"login": {"umask": "077"}}})
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"))
+    script = run.files[hardening.PROFILE_UMASK]
+    out = subprocess.run(
+        ["sh", "-c", "umask 022; . /dev/stdin; umask"],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "0077"
+
+
+# /etc/shadow lines of accounts with a password (hashes made with `openssl passwd -6`) and
+# one without; PasswordAccounts' real command runs on them (awk over a copy).
+SHADOW = [
+    "root:*:19700:0:99999:7:::",
+    "alice:$6$Q0Yk1c1E$x4uWc3VnS3Kk0d9kqj0jvJ7E0pWm3bb8U9eXb7lGxS1:19700:0:99999:7:::",
+    "bob:$y$j9T$abc$def:19700:1:365:7:::",
+    "locked:!$6$abc$def:19700:0:99999:7:::",
+    "ops:$6$salt$hash:19700:0:99999:7:::",
+]
+
+
+def _password_accounts(tmp_path: Path) -> list[str]:
+    shadow = tmp_path / "shadow"
+    shadow.write_text("\n".join(SHADOW) + "\n")
+    command = PasswordAccounts().command().replace("/etc/shadow", str(shadow))
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_accounts_with_a_password_are_aged_but_not_the_connection_user(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    accounts = _password_accounts(tmp_path)
+    assert PasswordAccounts().process(accounts) == {
+        "alice": {"min": "0", "max": "99999", "warn": "7"},
+        "bob": {"min": "1", "max": "365", "warn": "7"},
+        "ops": {"min": "0", "max": "99999", "warn": "7"},
+    }
+    responses = {
+        **fresh_responses("debian12"),
+        PasswordAccounts().command(): accounts,
+        PrimaryGroup().command("ops"): "ops",
+    }
+    with caplog.at_level(logging.DEBUG, logger="pyinfra"):
+        run = run_roles(config(), "debian12", responses, host_data={"ssh_user": "ops"})
+    # bob has the aging already; ops is the account gpunode connects as; root has no password
+    assert run.grep(r"^chage ") == ["chage -m 1 -M 365 -W 7 -- alice"]
+    notes = [
+        r.getMessage() for r in caplog.records if "connects as, has a password" in r.getMessage()
+    ]
+    assert notes and notes[0].endswith(
+        "ops, the account gpunode connects as, has a password: its aging is left as it is "
+        "(an expired password would refuse its SSH key too)"
+    )
+
+
+def test_private_tmpdir_is_packaged_on_apt_and_a_notice_on_el(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run = run_roles(config(), "debian12", fresh_responses("debian12"))
+    assert run.grep(r"apt-get .*install.* libpam-tmpdir")
+    with caplog.at_level(logging.DEBUG, logger="pyinfra"):
+        el = run_roles(config("rhel9"), "rhel9", fresh_responses("rhel9"))
+    assert not el.grep(r"pam-tmpdir|pam_tmpdir")
+    assert [r for r in caplog.records if "pam_tmpdir is not packaged on rhel9" in r.getMessage()]
+    off = load_one({"distro": "debian12", "hardening": {"login": {"private_tmp": False}}})
+    run = run_roles(off, "debian12", fresh_responses("debian12"))
+    assert not run.grep(r"install.* libpam-tmpdir")
+
+
+@pytest.mark.parametrize(
+    ("login", "says"),
+    [
+        ({"password_min_days": 30, "password_max_days": 7}, "allowed: min <= max"),
+        ({"password_warn_days": 7, "password_max_days": 7}, "allowed: warn < max"),
+        ({"umask": "0022"}, "hardening.login.umask"),
+        ({"hash_rounds": 1000}, "hardening.login.hash_rounds"),
+        ({"umask": "027\nUMASK 000"}, "hardening.login.umask"),
+    ],
+)
+def test_bad_login_settings_are_refused_at_load(login: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_one({"distro": "debian12", "hardening": {"login": login}})
+    assert says in str(err.value), str(err.value)
+    assert "Traceback" not in str(err.value)
+
+
+def test_key_values_refuses_what_is_not_a_key_and_a_word() -> None:
+    from gpunode.operations.hardening import key_values  # noqa: PLC0415
+
+    with pytest.raises(OperationValueError):
+        key_values._inner(path="/etc/login.defs", values={"UMASK": "027; reboot"}).__next__()

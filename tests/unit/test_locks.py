@@ -473,3 +473,41 @@ def test_a_new_lock_gives_a_new_venv(tmp_path: Path) -> None:
     second = run_role(load_node(node({"method": "pip", "packages": [VLLM], "lock": str(own)})))
     paths = [[p for p, _ in r.uploads if p.endswith(".lock.txt")][0] for r in (first, second)]
     assert paths[0] != paths[1]
+
+
+def test_a_venv_made_under_umask_027_is_readable_by_its_service(venv: Path, tmp_path: Path) -> None:
+    """pam_umask gives gpunode's own session login.defs' UMASK (027 by default) on Ubuntu: the
+    role's fix-up after a new venv or install leaves every file readable (and directories and
+    programs enterable/runnable) by the service user, nothing writable by it."""
+    config = load_node(node({"method": "pip", "packages": [VLLM]}))
+    run = run_role(config)
+    (lock_path,) = [p for p, _ in run.uploads if p.endswith(".lock.txt")]
+    made = lock_path.removesuffix(".lock.txt")
+    (fixup,) = [c for c in run.commands if c.startswith("chmod -R ")]
+    assert run.commands.index(fixup) > run.commands.index(installs(run)[0])
+    tree = tmp_path / "venv"
+    subprocess.run(
+        ["sh", "-c", f"umask 027 && {sys.executable} -m venv --without-pip {tree}"], check=True
+    )
+    assert (tree.stat().st_mode & 0o777) == 0o750  # what the service user could not enter
+    subprocess.run(["sh", "-c", fixup.replace(made, str(tree))], check=True)
+    for path in [tree, *tree.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o044 == 0o044 and not mode & 0o022, (path, oct(mode))
+        if path.is_dir() or mode & 0o100:
+            assert mode & 0o011 == 0o011, (path, oct(mode))
+    # converged: no install, so no fix-up either
+    lock = locks.read(locks.RUNTIME_LOCKS / "vllm-0.6.6.post1.txt")
+    activate = f"{made}/bin/activate"
+
+    def venv_exists(command: str) -> list[str] | None:  # the File fact's `stat` of activate
+        if "stat " in command and activate in command:
+            stat = "user=root group=root mode=-rw-r--r-- atime=1 mtime=1 ctime=1 size=9"
+            return [f"{stat} '{activate}'"]
+        return None
+
+    again = run_role(config, (freeze_handler(lock), venv_exists))
+    assert not [c for c in again.commands if "-m venv" in c or "virtualenv" in c]
+    assert not [c for c in again.commands if c.startswith("chmod -R ")]
