@@ -16,6 +16,19 @@ from gpunode.schema.types import ConfigError
 DNF_CONF = "/etc/dnf/dnf.conf"
 ADMIN_SUDOERS = "/etc/sudoers.d/90-gpunode-admins"
 
+# gpunode's top directories on a node, made by the base role before any role puts files under
+# them. Made implicitly (by `mkdir -p` or a put into a new folder) they would take the umask of
+# gpunode's own session, 027 where pam_umask applies login.defs' UMASK (Ubuntu, and
+# hardening.login.umask's default), and the services, which run as their own users, could not
+# reach their runtimes and models. What is private under them has a mode of its own.
+NODE_DIRS: dict[str, str] = {
+    "/etc/gpunode": "755",
+    "/var/lib/gpunode": "755",
+    "/var/cache/gpunode": "755",
+    "/opt/gpunode": "755",
+    "/usr/local/lib/gpunode": "755",
+}
+
 
 def render_admin_sudoers(config: NodeConfig) -> str:
     """The admin group's sudoers drop-in (the group name is a checked GroupName)."""

@@ -24,6 +24,7 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 from gpunode.base import (
     ADMIN_SUDOERS,
     DNF_CONF,
+    NODE_DIRS,
     SECURITY_LIST,
     hold_patterns,
     host_matches,
@@ -56,6 +57,8 @@ def base() -> None:
         )
         return
 
+    for path, mode in NODE_DIRS.items():
+        files.directory(name="gpunode directory", path=path, user="root", group="root", mode=mode)
     if spec.family == "apt":
         _apt_sources(config, spec)
     else:

@@ -41,6 +41,9 @@ def fetch_script(store: str, uri: str, sha256: str, entry: str, unpack: bool) ->
     return " && ".join(
         [
             "set -e",
+            # the store is read by services under their own users: its directories must not
+            # take the umask of gpunode's session (027 where pam_umask applies login.defs')
+            "umask 022",
             f"mkdir -p {q(base)}",
             f"t=$(mktemp -d {q(base + '/.fetch.XXXXXX')})",
             "trap 'rm -rf \"$t\"' EXIT",

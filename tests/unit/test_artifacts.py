@@ -31,6 +31,19 @@ def test_fetch_verifies_then_moves_into_place(tmp_path: Path) -> None:
     assert os.listdir(store / "sha256") == [digest]  # no temporary directory left
 
 
+def test_the_store_is_readable_by_services_under_any_session_umask(tmp_path: Path) -> None:
+    """gpunode's session may have umask 027 (pam_umask with login.defs' UMASK, as on Ubuntu):
+    the store's directories, made by the script, still let a service user through."""
+    store = tmp_path / "store"
+    uri, digest = blob(tmp_path, "rt.tar.gz", tarball({"bin/server": b"#!/bin/sh\n"}))
+    script = fetch_script(str(store), uri, digest, "root", unpack=True)
+    proc = subprocess.run(["sh", "-c", f"umask 027 && {script}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    final = store / "sha256" / digest
+    for path in (store, store / "sha256", final, final / "root", final / "root" / "bin"):
+        assert path.stat().st_mode & 0o005 == 0o005, (path, oct(path.stat().st_mode))
+
+
 def test_checksum_mismatch_changes_nothing(tmp_path: Path) -> None:
     store = tmp_path / "store"
     good_uri, good = blob(tmp_path, "good.gguf", b"good")
