@@ -114,6 +114,11 @@ def entries(reads: Iterable[FactRead]) -> list[tuple[str, str]] | None:
             return None
         if read.fact is SealCheck:
             continue  # the seal's own check: what it says changes with every seal
+        if read.fact is server.TmpDir:
+            # the login's temporary directory, where pyinfra stages uploads: it decides no
+            # operation's change, and it is the session's (pam_tmpdir gives each login its
+            # own TMPDIR, so the run that installs it would unseal the next one)
+            continue
         if issubclass(read.fact, PATH_FACTS) and isinstance(read.argument("path"), str):
             out[("path", read.argument("path"))] = None
         elif read.fact in WHOLE_FILES:

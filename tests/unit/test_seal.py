@@ -554,6 +554,15 @@ PATH_READERS = [
 ]
 
 
+def test_the_sessions_temporary_directory_is_not_sealed() -> None:
+    """pyinfra reads TmpDir to stage uploads; pam_tmpdir (the hardening role installs it) gives
+    each login its own TMPDIR, so the session that installed it saw another value than every
+    later one: sealed, it would unseal the run after a first converge."""
+    tmp = read(server.TmpDir, command=server.TmpDir().command())
+    other = read(server.Hostname, command="uname -n")
+    assert entries([tmp, other]) == [("sh", "uname -n")]
+
+
 @pytest.mark.parametrize("fact", PATH_READERS, ids=[f.__name__ for f in PATH_READERS])
 def test_a_file_fact_is_sealed_by_its_path(fact: type) -> None:
     assert entries([read(fact, path="/etc/gpunode/x.conf")]) == [("path", "/etc/gpunode/x.conf")]
