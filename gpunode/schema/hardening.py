@@ -302,8 +302,9 @@ AIDE_DATABASE_KEY: dict[str, str] = {
 # hardening.remote_logs: rsyslog forwards every message it gets from the journal to a central log
 # host over TLS (RFC 5425, syslog over TLS: port 6514, octet-counted RFC 5424 messages), through a
 # disk-assisted queue. CIS Debian 12, logging: "Ensure rsyslog is configured to send logs to a
-# remote log host" (and the journald items' remote part). family -> packages (Debian/Ubuntu: logrotate is only rsyslog's
-# Recommends, and without it /var/log/syslog grows without bound; EL9's rsyslog requires it).
+# remote log host" (and the journald items' remote part). family -> packages (Debian/Ubuntu:
+# logrotate is only rsyslog's Recommends, and without it /var/log/syslog grows without bound;
+# EL9's rsyslog requires it).
 REMOTE_LOGS_PACKAGES: dict[str, tuple[str, ...]] = {
     "apt": ("rsyslog", "rsyslog-gnutls", "logrotate"),
     "dnf": ("rsyslog", "rsyslog-gnutls"),

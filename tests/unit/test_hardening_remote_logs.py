@@ -40,7 +40,8 @@ from harness import (
 )
 
 from gpunode import firewall as firewall_rules
-from gpunode import hardening
+from gpunode import hardening, seal
+from gpunode.commands.run import inventory_from
 from gpunode.config import load
 from gpunode.facts.firewall import FirewallState
 from gpunode.facts.hardening import PrimaryGroup, SshdState, WritableSysctls
@@ -599,6 +600,8 @@ def test_the_drop_in_delivers_only_to_the_ca_it_pins_and_keeps_the_rest(
     _log(port, kept)
     assert not _received(received, kept, 8)
     err = daemon.stop()
+    assert "not permitted to talk to peer, certificate invalid: signer not found" in err, err
+    assert "queue.saveonshutdown is set, so data will now be spooled to disk" in err, err
     queued = [p for p in spool.iterdir() if p.name.startswith("gpunode-remote-logs.")]
     assert any(kept.encode() in p.read_bytes() for p in queued), (queued, err)
 
@@ -865,7 +868,7 @@ def test_a_drop_in_rsyslogd_accepts_goes_in_place(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["60-gpunode-remote.conf"]
 
 
-# --- the firewall's egress allow-list lets the forwarding out -------------------------------------
+# --- the firewall's egress allow-list lets the forwarding out ------------------------------------
 
 
 def _egress(remote_logs: dict[str, Any] | None, **base: Any) -> dict[str, Any]:
@@ -916,3 +919,28 @@ def test_the_log_host_does_not_stand_for_a_package_source() -> None:
     with pytest.raises(ConfigError) as exc:
         _load(data)
     assert "the node would fetch packages from its distro's default mirrors" in str(exc.value)
+
+
+# --- the drift seal sees a new CA in the same file -----------------------------------------------
+
+
+def test_a_new_ca_in_the_same_file_is_a_new_plan_for_the_seal(
+    tmp_path: Path, ca_file: Path
+) -> None:
+    """gpunode's drift seal skips the plan while its inputs are the same: the CA file's content
+    is one of them (the inventory names only its path)."""
+    cfg = on(ca_file)
+
+    def digest() -> str:
+        (host,) = list(inventory_from([(HOST, {"gpunode": cfg})]))
+        return seal.input_digest(host)
+
+    before = digest()
+    assert digest() == before
+    ca_file.write_text(pem(make_cert("rotated CA")[0]))
+    rotated = digest()
+    assert rotated != before
+    ca_file.unlink()
+    assert digest() not in (before, rotated)
+    (off,) = list(inventory_from([(HOST, {"gpunode": load_one(None)})]))
+    assert seal.controller_files(off) == {}
