@@ -64,7 +64,9 @@ INTEGRITY_TIMER = "gpunode-file-integrity.timer"
 VERIFY_SERVICE = "gpunode-package-verify.service"
 VERIFY_TIMER = "gpunode-package-verify.timer"
 REMOTE_LOGS_CONF = "/etc/rsyslog.d/60-gpunode-remote.conf"
-REMOTE_LOGS_CA = "/etc/gpunode/remote-logs-ca.pem"
+# beside the drop-in: Ubuntu 24.04's AppArmor profile of rsyslogd lets it read /etc/rsyslog.d/**
+# (not /etc/gpunode); the include takes *.conf only, so the .pem is no configuration
+REMOTE_LOGS_CA = "/etc/rsyslog.d/gpunode-remote-logs-ca.pem"
 REMOTE_LOGS_JOURNALD = "/etc/systemd/journald.conf.d/60-gpunode-remote-logs.conf"
 REMOTE_LOGS_QUEUE = "gpunode-remote-logs"  # the queue's file names in rsyslog's work directory
 KERNEL_PREFIXES = ("kernel.", "fs.", "vm.", "dev.", "user.")  # not per network namespace

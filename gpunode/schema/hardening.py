@@ -477,7 +477,8 @@ class RemoteLogs(Model):
     that runs the deploy (a drift controller too: list it in `monitoring.drift.credentials`),
     read when the deploy starts and refused, before any host is touched, unless it holds only
     CA certificates (basicConstraints CA:TRUE, valid now). Only this CA is trusted for the log
-    host, not the system's bundle. Written to the node as /etc/gpunode/remote-logs-ca.pem."""
+    host, not the system's bundle. Written to the node as
+    /etc/rsyslog.d/gpunode-remote-logs-ca.pem."""
     queue_max_mb: Annotated[int, Field(ge=16, le=16384)] = 256
     """The most disk space, in MiB, the messages waiting for the log host take (rsyslog's
     disk-assisted queue, kept across restarts): while the log host is unreachable nothing is
