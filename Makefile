@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++ haproxy qemu-system-x86
+APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++ haproxy qemu-system-x86 rsyslog rsyslog-gnutls
 
 .PHONY: deps venv lab lab-down check test unit reference mutate
 

@@ -113,7 +113,8 @@ def _url(url: str | None) -> tuple[str, int] | None:
 
 def egress_servers(config: NodeConfig) -> list[tuple[str, str, str, int]]:
     """(key, host, proto, port) of every server the node connects to that the output chain
-    allows: NTP, the package proxy (or, without one, the mirrors) and Vault."""
+    allows: NTP, the package proxy (or, without one, the mirrors), Vault and the central log
+    host."""
     out = [("base.ntp_servers", s.lower(), "udp", NTP_PORT) for s in config.base.ntp_servers]
     proxy = _url(config.base.apt_proxy)
     mirrors = [
@@ -136,6 +137,9 @@ def egress_servers(config: NodeConfig) -> list[tuple[str, str, str, int]]:
     vault = _url(config.vault.addr)
     if vault:
         out.append(("vault.addr", vault[0], "tcp", vault[1]))
+    logs = config.hardening.remote_logs
+    if logs is not None and config.hardening.enabled:
+        out.append(("hardening.remote_logs.host", logs.host, "tcp", logs.port))
     return out
 
 
@@ -308,7 +312,8 @@ def _check_egress(where: str, config: NodeConfig) -> list[str]:
     problems = []
     eg = config.firewall.egress
     servers = egress_servers(config)
-    if not any(key != "base.ntp_servers" and key != "vault.addr" for key, *_ in servers):
+    not_packages = ("base.ntp_servers", "vault.addr", "hardening.remote_logs.host")
+    if not any(key not in not_packages for key, *_ in servers):
         problems.append(
             f"{where}: firewall.egress.enabled: the node would fetch packages from its distro's "
             "default mirrors, whose addresses no rule can hold (allowed: set base.apt_proxy, "

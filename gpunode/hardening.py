@@ -5,11 +5,18 @@ Every default and table is in gpunode/schema/hardening.py.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
-from pathlib import PurePosixPath
+import stat
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 
-from gpunode.render import environment, sudoers_value
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from pyinfra.api.exceptions import PyinfraError
+
+from gpunode.render import environment, rainerscript_string, sudoers_value
 from gpunode.schema.hardening import (
     AIDE_BINARY,
     AIDE_DATABASE_KEY,
@@ -25,7 +32,9 @@ from gpunode.schema.hardening import (
     LOGIN_DEFS_HASH,
     NEEDRESTART_LIST_ONLY,
     PACKAGE_VERIFY,
+    REMOTE_LOGS_PACKAGES,
     RESTART_PACKAGES,
+    RSYSLOG_WORK_DIR,
     SSHD_FIXED,
     SYSCTL_KERNEL,
     SYSCTL_NETWORK,
@@ -54,6 +63,12 @@ INTEGRITY_SERVICE = "gpunode-file-integrity.service"
 INTEGRITY_TIMER = "gpunode-file-integrity.timer"
 VERIFY_SERVICE = "gpunode-package-verify.service"
 VERIFY_TIMER = "gpunode-package-verify.timer"
+REMOTE_LOGS_CONF = "/etc/rsyslog.d/60-gpunode-remote.conf"
+# beside the drop-in: Ubuntu 24.04's AppArmor profile of rsyslogd lets it read /etc/rsyslog.d/**
+# (not /etc/gpunode); the include takes *.conf only, so the .pem is no configuration
+REMOTE_LOGS_CA = "/etc/rsyslog.d/gpunode-remote-logs-ca.pem"
+REMOTE_LOGS_JOURNALD = "/etc/systemd/journald.conf.d/60-gpunode-remote-logs.conf"
+REMOTE_LOGS_QUEUE = "gpunode-remote-logs"  # the queue's file names in rsyslog's work directory
 KERNEL_PREFIXES = ("kernel.", "fs.", "vm.", "dev.", "user.")  # not per network namespace
 SSHD_SERVICE: dict[str, str] = {"apt": "ssh", "dnf": "sshd"}
 
@@ -451,3 +466,114 @@ def install_sshd_command(service: str) -> str:
             f"systemctl try-reload-or-restart {service}",
         ]
     )
+
+
+# --- remote logs (rsyslog over TLS) ---------------------------------------------------------
+
+CA_MAX_BYTES = 1 << 20  # a CA bundle of a few certificates: far less
+
+
+class RemoteLogsCaError(PyinfraError):
+    """``hardening.remote_logs.ca_file`` cannot be used. Raised while the deploy file runs, it
+    stops the whole run with its message before any operation on any host."""
+
+
+def remote_logs_packages(family: str) -> list[str]:
+    return list(REMOTE_LOGS_PACKAGES[family])
+
+
+def remote_logs_ca(host_name: str, path: str, now: datetime | None = None) -> str:
+    """The CA certificates of ``hardening.remote_logs.ca_file`` (``path``, on the machine that
+    runs the deploy) as the PEM text the node gets: each certificate re-encoded from what was
+    parsed, nothing else of the file (comments, other blocks) carried over. Refused with
+    :class:`RemoteLogsCaError` naming the host, the key and the file, and never echoing the
+    file: a file that is missing, not regular, empty or over 1 MiB, not ASCII PEM, holding
+    any block but certificates (a private key is never uploaded), a certificate that is not a
+    CA's (basicConstraints CA:TRUE; keyCertSign when it has a key usage) or not valid now."""
+    where = f"host {host_name}: hardening.remote_logs.ca_file: {path}"
+    allowed = (
+        "(allowed: a PEM file of at most 1 MiB holding only CA certificates: basicConstraints "
+        "CA:TRUE, valid now)"
+    )
+
+    def refuse(reason: str) -> RemoteLogsCaError:
+        return RemoteLogsCaError(f"{where}: {reason} {allowed}")
+
+    try:
+        fd = os.open(Path(path).expanduser(), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise refuse((exc.strerror or str(exc)).lower()) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refuse("not a regular file")
+        data = os.read(fd, CA_MAX_BYTES + 1)
+    except OSError as exc:
+        raise refuse((exc.strerror or str(exc)).lower()) from None
+    finally:
+        os.close(fd)
+    if len(data) > CA_MAX_BYTES:
+        raise refuse("larger than 1 MiB")
+    if not data.strip():
+        raise refuse("the file is empty")
+    if not data.isascii():
+        raise refuse("not a PEM file (it holds non-ASCII bytes)")
+    labels = re.findall(rb"^-----BEGIN ([A-Z0-9 ]+)-----\r?$", data, re.M)
+    if not labels:
+        raise refuse("no PEM certificate in it")
+    others = sorted({label.decode() for label in labels} - {"CERTIFICATE"})
+    if others:
+        raise refuse(f"it holds {', '.join(others)} block(s), which are never uploaded")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise refuse("a certificate in it cannot be parsed") from None
+    moment = now or datetime.now(UTC)
+    for number, cert in enumerate(certs, start=1):
+        subject = cert.subject.rfc4514_string()[:120] or "(no subject)"
+        what = f"certificate {number} ({subject})"
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.ca:
+            raise refuse(f"{what} is not a CA certificate (its basicConstraints lack CA:TRUE)")
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is not None and not usage.key_cert_sign:
+            raise refuse(f"{what} may not sign certificates (its key usage lacks keyCertSign)")
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        if moment < start:
+            raise refuse(f"{what} is not valid before {start:%Y-%m-%d %H:%M} UTC")
+        if moment > end:
+            raise refuse(f"{what} expired on {end:%Y-%m-%d %H:%M} UTC")
+    return "".join(cert.public_bytes(Encoding.PEM).decode() for cert in certs)
+
+
+def remote_logs_off_command(family: str) -> str:
+    """After the drop-in is gone: rsyslog restarted where it runs (it then no longer has the
+    action), then the forwarding queue's files removed (what was still waiting for the log
+    host; it stays in the local journal)."""
+    queue = f"{RSYSLOG_WORK_DIR[family]}/{REMOTE_LOGS_QUEUE}"
+    return f"systemctl try-restart rsyslog.service && rm -f {queue}.*"
+
+
+def render_remote_logs(config: NodeConfig, family: str) -> str:
+    """/etc/rsyslog.d/60-gpunode-remote.conf: one omfwd action that forwards every message to
+    hardening.remote_logs over TLS, every value a RainerScript string
+    (:func:`gpunode.render.rainerscript_string`)."""
+    logs = config.hardening.remote_logs
+    if logs is None:
+        raise ValueError("hardening.remote_logs is null: nothing to render")
+    where = "hardening.remote_logs"
+    values = {
+        "target": rainerscript_string(logs.host, f"{where}.host"),
+        "port": rainerscript_string(logs.port, f"{where}.port"),
+        "peer": rainerscript_string(logs.host, f"{where}.host"),
+        "ca_file": rainerscript_string(REMOTE_LOGS_CA, f"{where}.ca_file"),
+        "queue_file": rainerscript_string(REMOTE_LOGS_QUEUE, where),
+        "spool": rainerscript_string(RSYSLOG_WORK_DIR[family], where),
+        "max_disk": rainerscript_string(logs.queue_max_mb * 1024 * 1024, f"{where}.queue_max_mb"),
+    }
+    return environment("hardening").get_template("rsyslog-remote.conf.j2").render(**values)

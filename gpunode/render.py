@@ -7,6 +7,7 @@ what the format cannot represent with a :class:`ConfigError` that says what is a
 - :func:`ssh_config_value` / :func:`ssh_config_line`: one ssh_config(5) argument.
 - :func:`ini_value`: one value of an ini file read by libdnf (dnf.conf).
 - :func:`sudoers_value`: one sudoers(5) ``Defaults`` string value.
+- :func:`rainerscript_string`: one rsyslog RainerScript string constant (rsyslog.conf).
 - :func:`haproxy_word`, :func:`haproxy_path`, :func:`haproxy_string`,
   :func:`haproxy_address`, :func:`haproxy_map_line`: haproxy.cfg words and map file lines.
 """
@@ -198,6 +199,27 @@ def sudoers_value(value: str, where: str = "value") -> str:
     control characters are refused."""
     _no_control(value, where)
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+# --- rsyslog (RainerScript) ----------------------------------------------------------------
+
+
+def rainerscript_string(value: str | int, where: str = "value") -> str:
+    """``value`` as one double-quoted RainerScript string constant (an rsyslog parameter value)
+    that rsyslog reads back as exactly ``value`` (rsyslog's "String Constants": escapes as in
+    C): ``\\`` and ``"`` backslash-escaped, and ``$``, which rsyslog reserves for variable
+    expansion in double quotes (unescaped, it is a syntax error). Control characters are
+    refused (``\\n`` and ``\\t`` would be written as escapes, but no value gpunode writes
+    may hold one), and so is any non-ASCII character (rsyslog takes bytes, a reader of the
+    config sees a look-alike)."""
+    text = str(value)
+    _no_control(text, where)
+    if not text.isascii():
+        raise ConfigError(
+            f"{where}: {text!r} holds a non-ASCII character (allowed: printable ASCII only)"
+        )
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
     return f'"{escaped}"'
 
 

@@ -5,7 +5,8 @@ node (gpunode/sealcheck.py, run there). It holds:
 
 * ``inputs``: a digest of everything on the controller that decides the plan apart from
   the node's state: gpunode's code, roles, deploy and templates (:func:`code_digest`), the
-  versions of pyinfra and nvidia-ml-py, and the host's inventory data (:func:`input_digest`);
+  versions of pyinfra and nvidia-ml-py, the host's inventory data and the content of the
+  controller's files that data names for upload (the remote logs' CA) (:func:`input_digest`);
 * ``extra``: inputs read from Vault, checked again by the controller: the version of
   each unpinned KV secret the deploy read, the digest of the PKI CA that issued the
   gateway's certificate, and ``expires``, the time a plan would start to differ by itself
@@ -114,14 +115,31 @@ def _plain(value: Any) -> Any:
     return f"<{kind}>" if " at 0x" in text else f"<{kind}>{text}"
 
 
+def controller_files(host: Host) -> dict[str, str]:
+    """The files on the controller whose content a deploy uploads to ``host`` although the
+    inventory names only their path (``hardening.remote_logs.ca_file``): path -> sha256 of
+    the content, "-" when unreadable (the deploy then stops with the reason). A new CA in
+    the same file is a new plan."""
+    config = host.data.get("gpunode")
+    logs = getattr(getattr(config, "hardening", None), "remote_logs", None)
+    if logs is None:
+        return {}
+    try:
+        content = Path(logs.ca_file).expanduser().read_bytes()
+    except OSError:
+        return {logs.ca_file: "-"}
+    return {logs.ca_file: hashlib.sha256(content).hexdigest()}
+
+
 def input_digest(host: Host) -> str:
     """The digest of what decides this host's plan on the controller: code, dependencies,
-    the host's name and inventory data."""
+    the host's name, inventory data and the controller files it names for upload."""
     doc = {
         "code": code_digest(),
         "dependencies": _dependencies(),
         "host": host.name,
         "data": _plain(host.data.dict()),
+        "files": controller_files(host),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 

@@ -31,6 +31,11 @@ files with strict modes).
 - file integrity: AIDE with gpunode's settings (/etc/gpunode/aide.conf, AIDE_WATCH) and a
   database made here; gpunode-file-integrity.timer compares. :func:`file_integrity` (run
   last in a deploy, before the seal) takes that deploy's own changes into the database.
+- remote logs (``hardening.remote_logs``): rsyslog (with its GnuTLS driver) forwards every
+  message of the journal to the central log host over TLS, trusting only the configured CA
+  and the host's name, through a disk-assisted queue bounded in size. The drop-in takes
+  effect only once ``rsyslogd -N1`` accepts it (gpunode/operations/rsyslog.py); rsyslog is
+  restarted only when it or the CA changed. null removes gpunode's files (rsyslog stays).
 - core dumps off, telnet/rsh/NIS/TFTP/inetd absent, strict modes on /etc/shadow & co.
 
 .. code:: python
@@ -58,6 +63,7 @@ from gpunode.firewall import sha1
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import file_mode
 from gpunode.operations.hardening import key_values, password_aging, sysctl_values
+from gpunode.operations.rsyslog import rsyslog_dropin
 from gpunode.operations.server import fail, notice
 from gpunode.operations.sudo import sudoers_dropin
 from gpunode.paths import template
@@ -65,6 +71,7 @@ from gpunode.schema import distros
 from gpunode.schema.hardening import (
     ABSENT_PACKAGES,
     AUDIT_PACKAGE,
+    JOURNAL_TO_RSYSLOG,
     PAM_TMPDIR_PACKAGE,
     STRICT_FILES,
 )
@@ -93,6 +100,7 @@ def hardening() -> None:
     _packages(config, spec)
     _after_upgrades(config, spec)
     _file_modes(config, spec)
+    _remote_logs(config, spec)
     _audit(config, spec, host.get_fact(HostInfo)["container"])
     _integrity(config, spec)
 
@@ -349,6 +357,70 @@ def _file_modes(config: NodeConfig, spec: distros.DistroSpec) -> None:
             group=entry.group,
             mode=entry.mode,
         )
+
+
+def _remote_logs(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    logs = config.hardening.remote_logs
+    forward = JOURNAL_TO_RSYSLOG[spec.family] == "forward"
+    if logs is None:
+        removed = [
+            files.file(name=f"Remote logs (none): {path}", path=path, present=False)
+            for path in (rules.REMOTE_LOGS_CONF, rules.REMOTE_LOGS_CA)
+        ]
+        journald = files.file(
+            name="Remote logs (none): journald drop-in",
+            path=rules.REMOTE_LOGS_JOURNALD,
+            present=False,
+        )
+        systemd.service(
+            name="Restart journald (remote logs off)",
+            service="systemd-journald.service",
+            restarted=True,
+            _if=journald.did_change,
+        )
+        server.shell(  # rsyslog without the action (if it runs), then its queue's files go
+            name="Restart rsyslog without the forwarding (remote logs off)",
+            commands=[rules.remote_logs_off_command(spec.family)],
+            _if=removed[0].did_change,
+        )
+        return
+    ca = rules.remote_logs_ca(host.name, logs.ca_file)  # refused here: before any host changes
+    _install(spec, "rsyslog with TLS", rules.remote_logs_packages(spec.family))
+    if forward:
+        journald = files.put(
+            name="journald hands the journal to rsyslog",
+            src=template("hardening/journald-forward.conf"),
+            dest=rules.REMOTE_LOGS_JOURNALD,
+            user="root",
+            group="root",
+            mode="644",
+        )
+        systemd.service(
+            name="Restart journald (forward to rsyslog)",
+            service="systemd-journald.service",
+            restarted=True,
+            _if=journald.did_change,
+        )
+    trust = files.put(
+        name="Remote logs: the log host's CA",
+        src=StringIO(ca),
+        dest=rules.REMOTE_LOGS_CA,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    dropin = rsyslog_dropin(
+        name="Remote logs: forward the journal over TLS (checked by rsyslogd -N1)",
+        path=rules.REMOTE_LOGS_CONF,
+        content=rules.render_remote_logs(config, spec.family),
+    )
+    systemd.service(name="rsyslog running", service="rsyslog.service", running=True, enabled=True)
+    systemd.service(
+        name="Restart rsyslog (remote logs changed)",
+        service="rsyslog.service",
+        restarted=True,
+        _if=lambda: trust.did_change() or dropin.did_change(),
+    )
 
 
 def _units(what: str, units: dict[str, str]) -> list:

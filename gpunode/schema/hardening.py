@@ -22,9 +22,12 @@ from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from gpunode.schema.types import (
     AbsPath,
+    ControllerPath,
     GroupName,
+    HostOrAddress,
     KernelModule,
     Model,
+    Port,
     SshAlgorithm,
     SysctlKey,
     SysctlValue,
@@ -294,6 +297,32 @@ AIDE_DATABASE_KEY: dict[str, str] = {
 }
 
 
+# --- remote logs (rsyslog over TLS) -----------------------------------------------------------
+
+# hardening.remote_logs: rsyslog forwards every message it gets from the journal to a central log
+# host over TLS (RFC 5425, syslog over TLS: port 6514, octet-counted RFC 5424 messages), through a
+# disk-assisted queue. CIS Debian 12, logging: "Ensure rsyslog is configured to send logs to a
+# remote log host" (and the journald items' remote part). family -> packages (Debian/Ubuntu:
+# logrotate is only rsyslog's Recommends, and without it /var/log/syslog grows without bound;
+# EL9's rsyslog requires it).
+REMOTE_LOGS_PACKAGES: dict[str, tuple[str, ...]] = {
+    "apt": ("rsyslog", "rsyslog-gnutls", "logrotate"),
+    "dnf": ("rsyslog", "rsyslog-gnutls"),
+}
+# rsyslog's work directory as the distro's /etc/rsyslog.conf sets it (Debian/Ubuntu
+# `$WorkDirectory`, EL9 `global(workDirectory=...)`): the queue's disk part is kept there.
+RSYSLOG_WORK_DIR: dict[str, str] = {"apt": "/var/spool/rsyslog", "dnf": "/var/lib/rsyslog"}
+# How the journal reaches rsyslog, per family. "forward": journald passes every message to
+# /run/systemd/journal/syslog (ForwardToSyslog=yes: Debian's and Ubuntu's default, which gpunode
+# also writes in a journald drop-in) and rsyslog's imuxsock, loaded by their /etc/rsyslog.conf,
+# reads it. "imjournal": EL9's /etc/rsyslog.conf loads imjournal, which reads the journal itself
+# (journald's ForwardToSyslog stays at EL9's "no", or every message would arrive twice).
+JOURNAL_TO_RSYSLOG: dict[str, Literal["forward", "imjournal"]] = {
+    "apt": "forward",
+    "dnf": "imjournal",
+}
+
+
 @dataclass(frozen=True)
 class FileMode:
     path: str
@@ -433,6 +462,30 @@ class Login(Model):
         return self
 
 
+class RemoteLogs(Model):
+    """The central log host the journal is forwarded to (rsyslog, TLS)."""
+
+    host: HostOrAddress
+    """The log host: a DNS name or an IP address. rsyslog connects to it and accepts only a
+    certificate for this name, signed by `ca_file` (`StreamDriverAuthMode="x509/name"`); the
+    name is matched against the certificate's DNS names and CN (an IP address too: the
+    rsyslog of the supported distros does not read a certificate's IP address entries)."""
+    port: Port = 6514
+    """The log host's syslog-over-TLS port (RFC 5425: 6514)."""
+    ca_file: ControllerPath
+    """The CA certificate (PEM) that signs the log host's certificate: a file on the machine
+    that runs the deploy (a drift controller too: list it in `monitoring.drift.credentials`),
+    read when the deploy starts and refused, before any host is touched, unless it holds only
+    CA certificates (basicConstraints CA:TRUE, valid now). Only this CA is trusted for the log
+    host, not the system's bundle. Written to the node as
+    /etc/rsyslog.d/gpunode-remote-logs-ca.pem."""
+    queue_max_mb: Annotated[int, Field(ge=16, le=16384)] = 256
+    """The most disk space, in MiB, the messages waiting for the log host take (rsyslog's
+    disk-assisted queue, kept across restarts): while the log host is unreachable nothing is
+    lost up to this bound; beyond it new messages are not forwarded (they stay in the local
+    journal) and the disk never fills."""
+
+
 class Hardening(Model):
     """sshd, sysctl and OS hardening (roles/hardening.py)."""
 
@@ -475,6 +528,9 @@ class Hardening(Model):
     """Kernel modules of DISABLED_MODULES this node needs (e.g. [sctp]): left loadable."""
     disable_modules: list[KernelModule] = Field(default_factory=list)
     """Kernel modules turned off besides DISABLED_MODULES."""
+    remote_logs: RemoteLogs | None = None
+    """Forward the journal to a central log host over TLS (rsyslog); null: nothing forwarded
+    (gpunode's forwarding settings are removed; rsyslog stays installed)."""
 
     @field_validator("allow_modules")
     @classmethod

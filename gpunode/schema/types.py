@@ -194,6 +194,12 @@ ROLE_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 RUN_PATH_RE = r"^[A-Za-z0-9._/-]*[A-Za-z0-9._-]$"
 CALENDAR_RE = r"^[A-Za-z0-9*:/,.~ -]{1,64}$"  # systemd OnCalendar=
 SERVER_ADDR_RE = r"^[A-Za-z0-9]([A-Za-z0-9.:\[\]-]*[A-Za-z0-9\]])?(:[0-9]{1,5})?$"
+# A DNS name (checked by _host_or_address with the IP addresses): labels of letters, digits
+# and '-' (not first or last), at most 63 each, separated by single dots, at most 253 in all.
+DNS_NAME_RE = (
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 # An authorized_keys line without options: key type, base64 key, optional comment.
 SSH_KEY_RE = r"^(ssh|ecdsa|sk)-[a-z0-9@.-]+ [A-Za-z0-9+/.]+=*( [A-Za-z0-9@._+:,=/ -]*)?$"
 SERVED_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -267,6 +273,8 @@ PATTERN_HELP: dict[str, str] = {
     "letters, digits, '.', '_', '-' and '/'",
     CALENDAR_RE: "a systemd OnCalendar= expression such as hourly or *:0/15: letters, digits, "
     "spaces and * : / , . ~ -, at most 64 characters",
+    DNS_NAME_RE: "a DNS name such as logs.example.com (labels of letters, digits and '-', "
+    "not starting or ending with '-', separated by single dots) or an IP address",
     SERVER_ADDR_RE: "a server address: a DNS name, an IPv4 address or [IPv6], with an optional "
     ":port, e.g. 10.0.0.10:4647",
     SSH_KEY_RE: "an OpenSSH public key line: the key type (ssh-ed25519, ecdsa-sha2-nistp256, "
@@ -321,6 +329,19 @@ def _ip_address(value: str) -> str:
         raise ValueError(
             f"{value!r} is not an IP address (allowed: e.g. 0.0.0.0, 127.0.0.1, ::, 192.0.2.10)"
         ) from None
+
+
+def _host_or_address(value: str) -> str:
+    """An IP address (canonical spelling) or a DNS name (lowercase: DNS names and the names in
+    a certificate compare without case)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    labels = value.split(".")
+    if not re.fullmatch(DNS_NAME_RE, value) or labels[-1].isdigit():
+        raise ValueError(f"{value[:80]!r} is not allowed (allowed: {PATTERN_HELP[DNS_NAME_RE]})")
+    return value.lower()
 
 
 def redact_url(value: str) -> str:
@@ -454,6 +475,9 @@ UnitName = Annotated[str, _pattern(UNIT_NAME_RE)]
 HttpUrl = Annotated[str, _url(HTTP_URL_RE)]
 Uri = Annotated[str, _url(URI_RE)]
 IpAddress = Annotated[str, AfterValidator(_ip_address)]
+# A server's DNS name or IP address, without a port (a log host: also the name its
+# certificate must carry)
+HostOrAddress = Annotated[str, AfterValidator(_host_or_address)]
 
 AbsPath = Annotated[str, _pattern(ABS_PATH_RE), AfterValidator(_plain_segments)]
 RelPath = Annotated[str, _pattern(REL_PATH_RE), AfterValidator(_plain_segments)]

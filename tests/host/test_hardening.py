@@ -8,6 +8,7 @@ import pytest
 
 from gpunode import firewall as firewall_rules
 from gpunode import hardening
+from gpunode.paths import TEMPLATES
 from gpunode.schema import distros
 from gpunode.schema import hardening as hardening_schema
 from gpunode.schema.node import Host
@@ -350,3 +351,35 @@ def test_audit_trail_runs_with_gpunodes_rules(
     assert "-k root-commands" in listed or "key=root-commands" in listed
     locked = as_root("auditctl -s").stdout.splitlines()
     assert ("enabled 2" in locked) == node.config.hardening.audit.immutable
+
+
+# --- remote logs ---------------------------------------------------------------------------------
+
+
+def test_remote_logs_forwarded_over_tls_or_not_configured(
+    hardening_on, host, node: Host, spec: distros.DistroSpec, as_root
+) -> None:
+    """hardening.remote_logs: rsyslog runs with gpunode's drop-in (as rendered for this node),
+    the CA of `ca_file` (read on this controller) and, on Debian/Ubuntu, journald's forwarding;
+    rsyslogd accepts the whole configuration. Null: none of gpunode's files is there."""
+    logs = node.config.hardening.remote_logs
+    files = (hardening.REMOTE_LOGS_CONF, hardening.REMOTE_LOGS_CA, hardening.REMOTE_LOGS_JOURNALD)
+    if logs is None:
+        assert [p for p in files if host.file(p).exists] == []
+        return
+    wanted = {
+        hardening.REMOTE_LOGS_CONF: hardening.render_remote_logs(node.config, spec.family),
+        hardening.REMOTE_LOGS_CA: hardening.remote_logs_ca(node.name, logs.ca_file),
+    }
+    if hardening_schema.JOURNAL_TO_RSYSLOG[spec.family] == "forward":
+        wanted[hardening.REMOTE_LOGS_JOURNALD] = (
+            TEMPLATES / "hardening" / "journald-forward.conf"
+        ).read_text()
+    for path, text in wanted.items():
+        f = host.file(path)
+        assert (f.user, f.group, f.mode) == ("root", "root", 0o644), path
+        assert f.content_string == text, path
+    rsyslog = host.service("rsyslog")
+    assert rsyslog.is_running and rsyslog.is_enabled
+    check = as_root("rsyslogd -N1")
+    assert check.rc == 0, check.stderr

@@ -29,6 +29,8 @@ import logging
 import re
 import shutil
 import subprocess
+import types
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -1208,8 +1210,15 @@ def test_bad_verify_schedule_is_refused_at_load() -> None:
 
 
 def _keys(model: type[BaseModel], prefix: str) -> Iterable[str]:
+    """Every key under ``prefix``; a section that may be null (``X | None``) is a key of its
+    own (null turns it off) and has its keys too."""
     for name, field in model.model_fields.items():
         kind = field.annotation
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(options) == 1:
+            if isinstance(options[0], type) and issubclass(options[0], BaseModel):
+                yield f"{prefix}.{name}"
+                kind = options[0]
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             yield from _keys(kind, f"{prefix}.{name}")
         else:
@@ -1222,6 +1231,7 @@ def test_the_docs_tables_name_every_control_the_schema_has() -> None:
     text = (REPO_ROOT / "docs" / "hardening.md").read_text()
     keys = list(_keys(Hardening, "hardening"))
     assert "hardening.ssh.max_startups" in keys and "hardening.verify_packages" in keys
+    assert "hardening.remote_logs" in keys and "hardening.remote_logs.ca_file" in keys
     assert [k for k in keys if not re.search(rf"`{re.escape(k)}[`:]", text)] == []
     options = [k for k in hardening.SSHD_KEYWORDS.values() if k not in ("Ciphers", "MACs")]
     assert [o for o in options if not re.search(rf"\b{o}\b", text)] == []

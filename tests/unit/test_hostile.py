@@ -171,6 +171,7 @@ BASE: dict[str, Any] = {
             "ssh": {"allow_groups": ["ops"], "permit_root_login": "prohibit-password"},
             "allow_modules": ["sctp"],
             "disable_modules": ["bluetooth"],
+            "remote_logs": {"host": "logs.example.com", "ca_file": "~/pki/logs-ca.pem"},
         },
         "vault": {
             "addr": "https://vault.example.com:8200",
