@@ -1239,6 +1239,17 @@ def test_the_docs_tables_name_every_control_the_schema_has() -> None:
     assert [m for m in modules if not re.search(rf"\b{re.escape(m)}\b", text)] == []
     commands = [c for _, c in hardening_schema.PACKAGE_VERIFY.values()]
     assert [c for c in commands if c.rsplit("/", 1)[-1] not in text] == []
+    # each control of the sshd and OS tables names its source (a CIS item, a dev-sec control)
+    for title in ("## sshd (", "## Kernel, network and OS ("):
+        section = text.split(title, 1)[1].split("\n## ", 1)[0]
+        rows = [line for line in section.splitlines() if line.startswith("| ")]
+        assert rows[0] == "| control | default | key | source |", rows[0]
+        unsourced = [
+            row.split("|")[1].strip()
+            for row in rows[1:]
+            if not re.search(r"\b(CIS|dev-sec|Lynis)\b", row.rsplit("|", 2)[-2])
+        ]
+        assert unsourced == (["where", "all of it"] if "Kernel" in title else []), unsourced
 
 
 # --- the firewall role, every path (what `make mutate` found unchecked in roles/firewall.py) ---
