@@ -52,6 +52,7 @@ from harness import (
 )
 from pydantic import BaseModel
 from pyinfra.api import OperationValueError
+from pyinfra.facts.files import Directory
 from pyinfra.facts.server import Sysctl
 
 from gpunode import firewall as firewall_rules
@@ -1903,3 +1904,21 @@ def test_key_values_refuses_what_is_not_a_key_and_a_word() -> None:
 
     with pytest.raises(OperationValueError):
         key_values._inner(path="/etc/login.defs", values={"UMASK": "027; reboot"}).__next__()
+
+
+@pytest.mark.parametrize("distro", ["debian12", "rhel9"])
+def test_a_firewall_directory_owned_by_another_user_is_given_back_to_root(distro: str) -> None:
+    """The directory exists, root-only by mode but owned by someone else (what `make mutate`
+    found: on a fresh host the candidate's upload makes the directory root's anyway, so a
+    role that named no owner for it passed)."""
+    directory = Directory().command(path=firewall_rules.FIREWALL_DIR).get_raw_value()
+    stat = (
+        "user=nobody group=nogroup mode=drwx------ atime=1 mtime=1 ctime=1 size=4096 "
+        f"'{firewall_rules.FIREWALL_DIR}'"
+    )
+    responses = {**fresh_responses(distro), directory: [stat]}
+    _, run = firewall_ops(config(distro), distro, responses)
+    assert not run.failed
+    assert not run.grep(rf"^mkdir -p {firewall_rules.FIREWALL_DIR}$")  # it is there
+    assert run.grep(rf"^chown root:root {firewall_rules.FIREWALL_DIR}$")
+    assert not run.grep(rf"^chmod [0-7]+ {firewall_rules.FIREWALL_DIR}$")  # its mode is right
