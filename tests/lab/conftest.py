@@ -169,6 +169,30 @@ def lab() -> Iterator[Lab]:
     gpunode("lab", "down", env=env, check=True)
 
 
+def host_checks(lab: Lab, name: str, checks: str, env: dict[str, str], inventory: str) -> None:
+    """tests/host/``checks`` on lab host ``name``, as `gpunode verify` runs them (testinfra
+    over the lab's SSH config), with ``env`` (the lab's, and the test's data): every check
+    passes, and at least one ran."""
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(REPO_ROOT / "tests" / "host" / checks),
+            f"--hosts=ssh://{name}",
+            f"--ssh-config={lab.state_dir / 'ssh_config'}",
+            "--rootdir",
+            str(REPO_ROOT / "tests" / "host"),
+        ],
+        env={**env, "GPUNODE_INVENTORY": inventory, "GPUNODE_HOST": name},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert " failed" not in proc.stdout and " passed" in proc.stdout
+
+
 def umask_027_sessions(lab: Lab, host: str) -> None:
     """Make ``host`` run as a CIS-built Ubuntu does: pam_umask in common-session (Ubuntu's stock
     line) and UMASK 027 in login.defs before gpunode's first deploy, so every command gpunode

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from gpunode.config import read_yaml
 from gpunode.paths import REPO_ROOT
 from gpunode.schema.hardening import Hardening
 
-from .conftest import Lab, changes, planned_changes, pyinfra, run
+from .conftest import Lab, changes, host_checks, planned_changes, pyinfra, run
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "tests/lab/hardening_deploy.py"
@@ -183,25 +182,7 @@ def test_sshd_takes_keys_only_and_keeps_admin_access(lab: Lab, hardened: dict[st
 def test_host_checks_pass(lab: Lab, hardened: dict[str, str]) -> None:
     """tests/host/test_hardening.py as `gpunode verify` runs it (testinfra), on lab-01 (the
     gpu_node deploy test verifies both hosts with every check)."""
-    for name in ["lab-01"]:
-        proc = run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                str(REPO_ROOT / "tests" / "host" / "test_hardening.py"),
-                f"--hosts=ssh://{name}",
-                f"--ssh-config={lab.state_dir / 'ssh_config'}",
-                "--rootdir",
-                str(REPO_ROOT / "tests" / "host"),
-            ],
-            env={**hardened, "GPUNODE_INVENTORY": INVENTORY, "GPUNODE_HOST": name},
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:]
-        assert " failed" not in proc.stdout and " passed" in proc.stdout
+    host_checks(lab, "lab-01", "test_hardening.py", hardened, INVENTORY)
 
 
 def _shadow(lab: Lab, user: str, host: str = "lab-01") -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import secrets
 import shlex
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +32,7 @@ from gpunode import hardening
 from gpunode.config import read_yaml
 from gpunode.paths import REPO_ROOT
 
-from .conftest import Lab, changes, planned_changes, pyinfra, run
+from .conftest import Lab, changes, host_checks, planned_changes, pyinfra
 
 INVENTORY = "inventories/lab.py"
 DEPLOY = "tests/lab/hardening_deploy.py"
@@ -223,24 +222,7 @@ def test_a_second_run_changes_nothing(lab: Lab, forwarding: dict[str, Any]) -> N
 def test_the_host_checks_pass(lab: Lab, forwarding: dict[str, Any], name: str) -> None:
     """tests/host/test_hardening.py as `gpunode verify` runs it: every hardening check, the
     remote logs' among them, on the node that forwards and on the one that does not."""
-    proc = run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(REPO_ROOT / "tests" / "host" / "test_hardening.py"),
-            f"--hosts=ssh://{name}",
-            f"--ssh-config={lab.state_dir / 'ssh_config'}",
-            "--rootdir",
-            str(REPO_ROOT / "tests" / "host"),
-        ],
-        env={**forwarding["env"], "GPUNODE_INVENTORY": INVENTORY, "GPUNODE_HOST": name},
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert " failed" not in proc.stdout and " passed" in proc.stdout
+    host_checks(lab, name, "test_hardening.py", forwarding["env"], INVENTORY)
 
 
 def test_messages_wait_while_the_log_host_is_down(lab: Lab, forwarding: dict[str, Any]) -> None:
