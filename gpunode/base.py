@@ -30,6 +30,21 @@ NODE_DIRS: dict[str, str] = {
 }
 
 
+# apt on a node waits for the package lock instead of failing at once: a deploy that meets
+# unattended-upgrades (base.auto_updates, 06:00 to 07:00 by default) at work waits for it to end.
+# dnf waits by itself. Written before the base role's first apt command.
+APT_LOCK_FILE = "/etc/apt/apt.conf.d/01gpunode-lock-timeout"
+APT_LOCK_TIMEOUT_S = 900
+
+
+def render_apt_lock_timeout() -> str:
+    return (
+        "// Managed by gpunode (roles/base.py). Local changes are overwritten.\n"
+        "// apt waits this long (seconds) for the dpkg lock another apt holds, then fails.\n"
+        f'DPkg::Lock::Timeout "{APT_LOCK_TIMEOUT_S}";\n'
+    )
+
+
 def render_admin_sudoers(config: NodeConfig) -> str:
     """The admin group's sudoers drop-in (the group name is a checked GroupName)."""
     return (

@@ -27,10 +27,12 @@ from gpunode.schema.hardening import (
     AUDIT_ROOT_COMMANDS_KEY,
     AUDIT_SYSCALLS,
     AUDIT_WATCHES,
+    AUTO_UPGRADE_SERVICE,
     CONTAINER_SYSCTL,
     DISABLED_MODULES,
     LOGIN_DEFS_HASH,
     NEEDRESTART_LIST_ONLY,
+    PACKAGE_DATABASE,
     PACKAGE_VERIFY,
     REMOTE_LOGS_PACKAGES,
     RESTART_PACKAGES,
@@ -61,6 +63,9 @@ PROFILE_UMASK = "/etc/profile.d/60-gpunode-umask.sh"  # login shells, after the 
 AIDE_DB, AIDE_DB_NEW = f"{AIDE_DIR}/aide.db.gz", f"{AIDE_DIR}/aide.db.new.gz"
 INTEGRITY_SERVICE = "gpunode-file-integrity.service"
 INTEGRITY_TIMER = "gpunode-file-integrity.timer"
+# after the automatic upgrades (AUTO_UPGRADE_SERVICE): AIDE takes their changes in
+INTEGRITY_UPDATE_SERVICE = "gpunode-file-integrity-update.service"
+INTEGRITY_UPDATE_SCRIPT = "/usr/local/sbin/gpunode-file-integrity-update"
 VERIFY_SERVICE = "gpunode-package-verify.service"
 VERIFY_TIMER = "gpunode-package-verify.timer"
 REMOTE_LOGS_CONF = "/etc/rsyslog.d/60-gpunode-remote.conf"
@@ -402,13 +407,15 @@ def aide_init_command(family: str) -> str:
     )
 
 
-def aide_update_command(family: str) -> str:
-    """Take a deploy's changes into the database: AIDE reports what differs (exit status 1 to 7:
-    entries added, removed, changed), each difference goes to the journal
-    (``gpunode-file-integrity``, authpriv.notice) so none is taken in silently, then the new
-    database replaces the old one. Exit status 8 and above is AIDE's own error: the old
-    database stays. A host without a database (the hardening role never ran there: a GPU
-    stack deploy alone) has nothing to update."""
+def aide_update_command(family: str, by: str = "a gpunode deploy") -> str:
+    """Take a deploy's changes (or those of ``by``) into the database: AIDE reports what differs
+    (exit status 1 to 7: entries added, removed, changed), each difference goes to the journal
+    (``gpunode-file-integrity``, authpriv.notice, "taken in by ``by``: ...") so none is taken in
+    silently, then the new database replaces the old one. Exit status 8 and above is AIDE's own
+    error: the old database stays. A host without a database (the hardening role never ran
+    there: a GPU stack deploy alone) has nothing to update."""
+    if not re.fullmatch(r"[a-z][a-z0-9 .()-]*", by):
+        raise ValueError(f"{by!r}: not a plain description")  # it goes in a sed replacement
     aide = AIDE_BINARY[family]
     return "\n".join(
         [
@@ -420,13 +427,53 @@ def aide_update_command(family: str) -> str:
             '  echo "gpunode: AIDE could not update its database (exit status $rc):" >&2',
             '  tail -n 20 "$report" >&2; rm -f "$report"; exit 1',
             "fi",
-            "grep -E '^[a-z!][^:]*: /' \"$report\" | sed 's/^/taken in by a gpunode deploy: /' "
+            "grep -E '^[a-z!][^:]*: /' \"$report\" | sed 's/^/taken in by " + by + ": /' "
             "| logger -t gpunode-file-integrity -p authpriv.notice || true",
             'rm -f "$report"',
             f"chmod 600 {AIDE_DB_NEW}",
             f"mv -f {AIDE_DB_NEW} {AIDE_DB}",
         ]
     )
+
+
+def integrity_update_dropin(family: str) -> str:
+    """The drop-in that makes the automatic upgrades' unit want INTEGRITY_UPDATE_SERVICE."""
+    return f"/etc/systemd/system/{AUTO_UPGRADE_SERVICE[family]}.d/60-gpunode-file-integrity.conf"
+
+
+def integrity_update_script(family: str) -> str:
+    """INTEGRITY_UPDATE_SCRIPT: the update command, when a package was installed, upgraded or
+    removed after AIDE's database was written (the package database is newer); else nothing."""
+    service = AUTO_UPGRADE_SERVICE[family]
+    return "\n".join(
+        [
+            "#!/bin/sh",
+            "# Managed by gpunode (roles/hardening.py, hardening.file_integrity with",
+            f"# base.auto_updates). Local changes are overwritten. Run once {service} ran.",
+            f"packages={PACKAGE_DATABASE[family]}",
+            f'if [ -e "$packages" ] && [ -s {AIDE_DB} ] && ! [ "$packages" -nt {AIDE_DB} ]; then',
+            '  echo "no package changed since the file integrity database was written"',
+            "  exit 0",
+            "fi",
+            aide_update_command(family, by=f"the automatic upgrades ({service})"),
+            "",
+        ]
+    )
+
+
+def render_integrity_update(family: str) -> dict[str, str]:
+    """Path -> text: the script, its unit, and the drop-in on the automatic upgrades' unit."""
+    env = environment("hardening")
+    service = AUTO_UPGRADE_SERVICE[family]
+    return {
+        INTEGRITY_UPDATE_SCRIPT: integrity_update_script(family),
+        f"/etc/systemd/system/{INTEGRITY_UPDATE_SERVICE}": env.get_template(
+            "file-integrity-update.service.j2"
+        ).render(after=service, script=INTEGRITY_UPDATE_SCRIPT, aide_dir=AIDE_DIR),
+        integrity_update_dropin(family): env.get_template("file-integrity-update.conf.j2").render(
+            service=INTEGRITY_UPDATE_SERVICE
+        ),
+    }
 
 
 def check_host(where: str, config: NodeConfig, connection: Connection) -> list[str]:

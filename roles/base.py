@@ -23,12 +23,14 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from gpunode.base import (
     ADMIN_SUDOERS,
+    APT_LOCK_FILE,
     DNF_CONF,
     NODE_DIRS,
     SECURITY_LIST,
     hold_patterns,
     host_matches,
     render_admin_sudoers,
+    render_apt_lock_timeout,
     security_mirror,
     security_source,
 )
@@ -72,6 +74,14 @@ def base() -> None:
 
 
 def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
+    files.put(
+        name="apt waits for the package lock",
+        src=StringIO(render_apt_lock_timeout()),
+        dest=APT_LOCK_FILE,
+        user="root",
+        group="root",
+        mode="644",
+    )
     if config.base.apt_proxy:
         files.template(
             name="apt proxy",

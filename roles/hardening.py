@@ -526,6 +526,7 @@ def _integrity(config: NodeConfig, spec: distros.DistroSpec) -> None:
             rules.AIDE_CONF,
         ):
             files.file(name=f"File integrity (none): {path}", path=path, present=False)
+        _integrity_after_upgrades(spec, on=False)
         return
     _install(spec, "AIDE", ["aide"])
     files.directory(
@@ -550,6 +551,39 @@ def _integrity(config: NodeConfig, spec: distros.DistroSpec) -> None:
         _if=lambda: not database or conf.did_change(),
     )
     _timer("File integrity", rules.render_integrity_units(config, spec.family))
+    _integrity_after_upgrades(spec, on=config.base.auto_updates.enabled)
+
+
+def _integrity_after_upgrades(spec: distros.DistroSpec, on: bool) -> None:
+    """With automatic upgrades on, AIDE takes their changes in once they ran (a drop-in on
+    their unit wants gpunode-file-integrity-update.service): a security update is not reported
+    as tampering the next day. Off: the three files are removed."""
+    wanted = rules.render_integrity_update(spec.family)
+    if on:
+        written = [
+            files.put(
+                name=f"File integrity after automatic upgrades: {path}",
+                src=StringIO(text),
+                dest=path,
+                user="root",
+                group="root",
+                mode="700" if path == rules.INTEGRITY_UPDATE_SCRIPT else "644",
+            )
+            for path, text in wanted.items()
+        ]
+    else:
+        written = [
+            files.file(
+                name=f"File integrity after automatic upgrades (off): {path}",
+                path=path,
+                present=False,
+            )
+            for path in wanted
+        ]
+    systemd.daemon_reload(
+        name="systemd daemon-reload (file integrity after automatic upgrades)",
+        _if=lambda: any(op.did_change() for op in written),
+    )
 
 
 def _changed_before_now() -> bool:

@@ -49,7 +49,7 @@ from gpunode.schema.distros import DISTROS
 BASE_SUITE = "bookworm"
 LAB_DISTRO = "debian12"  # what the lab's hosts run (BASE_SUITE)
 BASE_INCLUDE = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "iproute2", "sudo")
-BASE_VERSION = 1  # bump when the base image preparation changes
+BASE_VERSION = 2  # bump when the base image preparation changes
 HOST_PREFIX = "lab-"
 BOOT_TIMEOUT = 90.0
 STOP_TIMEOUT = 20.0
@@ -368,6 +368,7 @@ def ensure_base_image(settings: LabSettings, mirror: str) -> Path:
             ],
             timeout=1800,
         )
+        _upgrade_base(tmp)
         _prepare_base(tmp)
         (tmp / ".gpunode-base.json").write_text(json.dumps(stamp))
         if base.exists():
@@ -375,6 +376,37 @@ def ensure_base_image(settings: LabSettings, mirror: str) -> Path:
         tmp.rename(base)
         _say(f"base image ready in {time.monotonic() - started:.0f} s at {base}")
     return base
+
+
+def _upgrade_base(root: Path) -> None:
+    """The distro's security updates of today, installed in the image: a debootstrap takes the
+    main suite only, and the lab's hosts would otherwise install them by themselves
+    (unattended-upgrades, between 06:00 and 07:00) while a test runs. The security suite is
+    in the image's sources for this step only: the hosts' own sources stay as debootstrap
+    wrote them (the base role adds the suite). Best effort: without the security archive
+    the image is used as it is, and says so."""
+    spec = DISTROS[LAB_DISTRO]
+    source = root / "etc/apt/sources.list.d/gpunode-image-security.list"
+    source.write_text(f"deb {spec.apt_security_archive} {spec.codename}-security main\n")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
+    proc_dir = root / "proc"
+    _run(["mount", "-t", "proc", "proc", str(proc_dir)])
+    try:
+        for step in (["apt-get", "update", "-q"], ["apt-get", "-y", "-q", "upgrade"]):
+            done = _run(["chroot", str(root), *step], check=False, env=env, timeout=1200)
+            if done.returncode != 0:
+                _say(
+                    f"the base image is not upgraded ({' '.join(step)}: "
+                    f"{done.stderr.strip()[-300:]}); its hosts install the security updates "
+                    "themselves"
+                )
+                break
+        _run(["chroot", str(root), "apt-get", "clean"], check=False, env=env)
+    finally:
+        _run(["umount", str(proc_dir)], check=False)
+        source.unlink()
+        for lists in (root / "var/lib/apt/lists").glob("*-security_*"):
+            lists.unlink()
 
 
 def _prepare_base(root: Path) -> None:

@@ -287,6 +287,17 @@ AIDE_WATCH: dict[str, str] = {
 AIDE_IGNORE: tuple[str, ...] = ("/etc/adjtime", "/etc/ld.so.cache", "/etc/.pwd.lock")
 # family -> the aide binary; distro -> the key of the database to read (AIDE 0.17 renamed it)
 AIDE_BINARY: dict[str, str] = {"apt": "/usr/bin/aide", "dnf": "/usr/sbin/aide"}
+# family -> the unit that installs the automatic upgrades `base.auto_updates` turns on, and the
+# package database every install rewrites: once that unit ran and the package database is newer
+# than AIDE's, AIDE takes the upgrades' changes in (each written to the journal), as a deploy does
+AUTO_UPGRADE_SERVICE: dict[str, str] = {
+    "apt": "apt-daily-upgrade.service",  # APT::Periodic::Unattended-Upgrade: unattended-upgrade
+    "dnf": "dnf-automatic.service",  # dnf-automatic.timer's
+}
+PACKAGE_DATABASE: dict[str, str] = {
+    "apt": "/var/lib/dpkg/status",
+    "dnf": "/var/lib/rpm/rpmdb.sqlite",
+}
 AIDE_DATABASE_KEY: dict[str, str] = {
     "debian12": "database_in",  # AIDE 0.18
     "ubuntu2204": "database_in",  # 0.17

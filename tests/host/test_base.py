@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpunode.base import hold_patterns
+from gpunode.base import APT_LOCK_FILE, APT_LOCK_TIMEOUT_S, hold_patterns
 from gpunode.schema import distros
 from gpunode.schema.node import Host
 
@@ -34,6 +34,15 @@ def test_apt_proxy(host, node: Host, spec: distros.DistroSpec) -> None:
     assert proxy.mode == 0o644
     effective = host.check_output("apt-config dump Acquire::http::Proxy")
     assert f'"{node.config.base.apt_proxy}"' in effective
+
+
+def test_apt_waits_for_the_package_lock(host, spec: distros.DistroSpec) -> None:
+    """apt as apt itself reads its settings (another file could override gpunode's)."""
+    if spec.family != "apt":
+        pytest.skip("apt distros only: dnf waits for its lock by itself")
+    assert host.file(APT_LOCK_FILE).mode == 0o644
+    effective = host.check_output("apt-config dump DPkg::Lock::Timeout")
+    assert effective == f'DPkg::Lock::Timeout "{APT_LOCK_TIMEOUT_S}";', effective
 
 
 def test_apt_sources_have_the_security_suite(host, spec: distros.DistroSpec) -> None:

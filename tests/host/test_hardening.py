@@ -327,6 +327,26 @@ def test_file_integrity_database_matches_the_files(
         assert host.file(f"/etc/systemd/system/{unit}").content_string == text, unit
     timer = host.service(hardening.INTEGRITY_TIMER)
     assert timer.is_enabled and timer.is_running
+    # automatic upgrades on: their unit wants the update after them (systemd read the drop-in)
+    upgrades = hardening_schema.AUTO_UPGRADE_SERVICE[spec.family]
+    wants = host.check_output(f"systemctl show -p Wants --value {upgrades}").split()
+    update = hardening.render_integrity_update(spec.family)
+    if node.config.base.auto_updates.enabled:
+        assert hardening.INTEGRITY_UPDATE_SERVICE in wants, (upgrades, wants)
+        for path, text in update.items():
+            assert as_root(f"cat {path}").stdout == text, path
+        script = as_root(f"stat -c '%U %G %a' {hardening.INTEGRITY_UPDATE_SCRIPT}").stdout
+        assert script.strip() == "root root 700", script
+        result = host.check_output(
+            f"systemctl show -p Result --value {hardening.INTEGRITY_UPDATE_SERVICE}"
+        )
+        assert result == "success", (
+            f"AIDE could not take the automatic upgrades in: journalctl -u "
+            f"{hardening.INTEGRITY_UPDATE_SERVICE}"
+        )
+    else:
+        assert hardening.INTEGRITY_UPDATE_SERVICE not in wants, (upgrades, wants)
+        assert not any(host.file(path).exists for path in update)
     check = as_root(hardening.integrity_check_command(spec.family))
     assert check.rc == 0, f"AIDE found differences (exit status {check.rc}):\n{check.stdout}"
 

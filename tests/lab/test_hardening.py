@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gpunode import hardening
 from gpunode.config import read_yaml
 from gpunode.paths import REPO_ROOT
 from gpunode.schema.hardening import Hardening
@@ -340,6 +343,86 @@ def test_a_deploy_is_not_reported_as_tampering(
         assert "taken in by a gpunode deploy: " in journal and "/etc/issue" in journal, journal
     finally:
         pyinfra(INVENTORY, DEPLOY, "--limit", "lab-01", env=hardened, check=True)
+    assert lab.ssh("lab-01", AIDE_CHECK).returncode == 0
+
+
+PROBE_PACKAGE, PROBE_BINARY = "gpunode-upgrade-probe", "/usr/bin/gpunode-upgrade-probe"
+UPGRADES, UPDATE_UNIT = "apt-daily-upgrade.service", "gpunode-file-integrity-update.service"
+
+
+def _install_probe_package(lab: Lab) -> None:
+    """A package built here and installed with dpkg, as an upgrade installs one: a new file in
+    /usr/bin (watched by AIDE), the package database rewritten."""
+    control = (
+        f"Package: {PROBE_PACKAGE}\nVersion: 1\nArchitecture: all\n"
+        "Maintainer: gpunode lab <lab@gpunode.test>\n"
+        "Description: installed by a lab test the way an upgrade installs a package\n"
+    )
+    lab.ssh(
+        "lab-01",
+        "set -e; d=$(mktemp -d); mkdir -p $d/DEBIAN $d/usr/bin; "
+        f"printf %s {shlex.quote(control)} > $d/DEBIAN/control; "
+        f"printf '#!/bin/sh\\necho probe\\n' > $d{PROBE_BINARY}; chmod 755 $d{PROBE_BINARY}; "
+        "dpkg-deb --root-owner-group --build $d /root/probe.deb >/dev/null; "
+        "dpkg -i /root/probe.deb >/dev/null; rm -rf $d /root/probe.deb",
+        check=True,
+    )
+
+
+def _run_upgrades(lab: Lab) -> str:
+    """The automatic upgrades' unit started as its timer starts it, then (up to 3 minutes) the
+    update unit it wants done; the journal of this round (the update unit's, AIDE's lines)."""
+    cursor = lab.ssh("lab-01", "journalctl -q -n 0 --show-cursor", check=True).stdout
+    after = shlex.quote(cursor.strip().removeprefix("-- cursor: "))
+    lab.ssh("lab-01", f"systemctl start {UPGRADES}", check=True, timeout=900)
+    deadline = time.monotonic() + 180
+    while True:
+        ran = lab.ssh(
+            "lab-01",
+            f"journalctl --after-cursor={after} -u {UPDATE_UNIT} -o cat --no-pager",
+            check=True,
+        ).stdout
+        if "Finished" in ran or "Failed" in ran:
+            break
+        assert time.monotonic() < deadline, ran
+        time.sleep(1)
+    result = lab.ssh("lab-01", f"systemctl show -p Result --value {UPDATE_UNIT}", check=True)
+    assert result.stdout.strip() == "success", ran
+    return ran
+
+
+def test_automatic_upgrades_are_taken_in_once_they_ran(lab: Lab, hardened: dict[str, str]) -> None:
+    """What unattended-upgrades installs is not reported as tampering by the next daily check:
+    the upgrades' unit (started as its timer starts it) wants the update unit, which takes the
+    changes in with each one in the journal; with no package changed since, it takes nothing."""
+    assert lab.ssh("lab-01", AIDE_CHECK).returncode == 0  # as the last deploy left it
+    _install_probe_package(lab)
+    try:
+        found = lab.ssh("lab-01", AIDE_CHECK)
+        assert found.returncode != 0 and f": {PROBE_BINARY}\n" in found.stdout, found.stdout
+        journal = _run_upgrades(lab)
+        taken = f"taken in by the automatic upgrades ({UPGRADES}): "
+        assert any(
+            line.startswith(taken) and line.endswith(f": {PROBE_BINARY}")
+            for line in journal.splitlines()
+        ), journal
+        fields = lab.ssh(
+            "lab-01",
+            f"journalctl -t gpunode-file-integrity -o json --no-pager -g {PROBE_BINARY} -n 1",
+            check=True,
+        ).stdout
+        entry = json.loads(fields.splitlines()[-1])
+        assert (entry["SYSLOG_FACILITY"], entry["PRIORITY"]) == ("10", "5")  # authpriv.notice
+        check = lab.ssh("lab-01", AIDE_CHECK)
+        assert check.returncode == 0, check.stdout
+        database = f"stat -c %Y {hardening.AIDE_DB}"
+        before = lab.ssh("lab-01", database, check=True).stdout
+        again = _run_upgrades(lab)
+        assert "no package changed since the file integrity database was written" in again, again
+        assert lab.ssh("lab-01", database, check=True).stdout == before
+    finally:
+        lab.ssh("lab-01", f"dpkg --purge {PROBE_PACKAGE} >/dev/null", check=True)
+        _run_upgrades(lab)  # takes the removal in
     assert lab.ssh("lab-01", AIDE_CHECK).returncode == 0
 
 

@@ -135,6 +135,7 @@ EXPECT = {
 }
 
 APT_PROXY_FILE = "/etc/apt/apt.conf.d/01gpunode-proxy"
+APT_LOCK_FILE = "/etc/apt/apt.conf.d/01gpunode-lock-timeout"
 APT_PERIODIC_FILE = "/etc/apt/apt.conf.d/20auto-upgrades"
 APT_HOLD_FILE = "/etc/apt/apt.conf.d/52gpunode-unattended-upgrades"
 DNF_AUTOMATIC_FILE = "/etc/dnf/automatic.conf"
@@ -338,7 +339,7 @@ def test_files_written(distro: str) -> None:
     run, expect = fresh(distro), EXPECT[distro]
     common = {KEYS_FILE, SUDOERS_STAGED, JOURNALD_FILE, expect.chrony_conf}
     if expect.family == "apt":
-        wanted = common | {APT_PROXY_FILE, APT_PERIODIC_FILE, APT_HOLD_FILE}
+        wanted = common | {APT_PROXY_FILE, APT_PERIODIC_FILE, APT_HOLD_FILE, APT_LOCK_FILE}
     else:
         wanted = common | {DNF_AUTOMATIC_FILE}
     assert set(run.files) == wanted
@@ -353,6 +354,23 @@ def test_apt_proxy(distro: str) -> None:
         f'Acquire::https::Proxy "{PROXY}";',
     ]
     assert fresh(distro).grep(rf"^chmod 644 {APT_PROXY_FILE}$")
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_apt_waits_for_the_package_lock_from_its_first_command(distro: str) -> None:
+    """A deploy that meets unattended-upgrades at work waits for it (up to 15 minutes) instead
+    of failing that host: the setting is in place before the base role's first apt command."""
+    run = fresh(distro)
+    assert content_lines(run.files[APT_LOCK_FILE]) == ['DPkg::Lock::Timeout "900";']
+    assert run.grep(rf"^chmod 644 {APT_LOCK_FILE}$")
+    written = run.commands.index(f"chmod 644 {APT_LOCK_FILE}")
+    apt_commands = [i for i, c in enumerate(run.commands) if re.search(r"\bapt-get\b", c)]
+    assert apt_commands and written < min(apt_commands)
+
+
+@pytest.mark.parametrize("distro", DNF)
+def test_dnf_hosts_get_no_apt_lock_setting(distro: str) -> None:
+    assert APT_LOCK_FILE not in fresh(distro).files
 
 
 @pytest.mark.parametrize("distro", APT)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -1657,6 +1658,147 @@ def test_the_update_puts_each_difference_in_the_journal_and_keeps_the_old_databa
     fake_aide(4, creates=True)
     untouched = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
     assert untouched.returncode == 0 and not (root / "aide.db.gz").exists()
+
+
+def _integrity_update(distro: str) -> dict[str, str]:
+    return hardening.render_integrity_update("apt" if distro in APT else "dnf")
+
+
+@pytest.mark.parametrize("distro", ALL)
+def test_with_automatic_upgrades_aide_takes_their_changes_in_once_they_ran(distro: str) -> None:
+    """A security update the host installs by itself is not reported as tampering the next day:
+    the automatic upgrades' unit wants gpunode-file-integrity-update.service, ordered after it."""
+    family = "apt" if distro in APT else "dnf"
+    upgrades = hardening_schema.AUTO_UPGRADE_SERVICE[family]
+    assert upgrades == ("apt-daily-upgrade.service" if family == "apt" else "dnf-automatic.service")
+    run = run_roles(config(distro), distro, fresh_responses(distro))
+    assert not run.failed
+    wanted = _integrity_update(distro)
+    for path, text in wanted.items():
+        assert run.files[path] == text, path
+        mode = "700" if path == hardening.INTEGRITY_UPDATE_SCRIPT else "644"
+        assert run.grep(rf"^chmod {mode} {re.escape(path)}$"), path
+        assert run.grep(rf"^chown root:root {re.escape(path)}$"), path
+    dropin = wanted[hardening.integrity_update_dropin(family)]
+    assert hardening.integrity_update_dropin(family).startswith(
+        f"/etc/systemd/system/{upgrades}.d/"
+    )
+    assert re.findall(r"^\w+=.*$", dropin, re.M) == [f"Wants={hardening.INTEGRITY_UPDATE_SERVICE}"]
+    unit = wanted[f"/etc/systemd/system/{hardening.INTEGRITY_UPDATE_SERVICE}"]
+    assert re.findall(r"^(?:After|ExecStart|ReadWritePaths)=.*$", unit, re.M) == [
+        f"After={upgrades}",
+        f"ExecStart={hardening.INTEGRITY_UPDATE_SCRIPT}",
+        f"ReadWritePaths={hardening.AIDE_DIR}",
+    ]
+    script = wanted[hardening.INTEGRITY_UPDATE_SCRIPT]
+    assert script.startswith("#!/bin/sh\n")
+    assert hardening.aide_update_command(family, f"the automatic upgrades ({upgrades})") in script
+    assert f"packages={hardening_schema.PACKAGE_DATABASE[family]}\n" in script
+    last_write = max(
+        run.commands.index(f"chmod 644 {p}") for p in wanted if p.endswith((".conf", ".service"))
+    )
+    reloads = [i for i, c in enumerate(run.commands) if c == "systemctl daemon-reload"]
+    assert any(i > last_write for i in reloads)  # systemd reads the drop-in before the next run
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"base": {"auto_updates": {"enabled": False}}}, {"hardening": {"file_integrity": None}}],
+)
+def test_without_automatic_upgrades_or_aide_the_update_unit_is_removed(
+    data: dict[str, Any],
+) -> None:
+    cfg = load_one({"distro": "debian12", **data})
+    on_host = _integrity_update("debian12")
+    run = run_roles(
+        cfg,
+        "debian12",
+        fresh_responses("debian12"),
+        handlers=[converged(on_host, dict.fromkeys(on_host, "644"))],
+    )
+    assert not run.failed
+    for path in on_host:
+        assert run.grep(rf"^rm -f {re.escape(path)}$"), path
+        assert path not in run.files
+    assert "systemctl daemon-reload" in run.commands
+
+
+def test_the_update_unit_is_valid_and_as_confined_as_the_check(tmp_path: Path) -> None:
+    units = {
+        Path(p).name: t for p, t in _integrity_update("debian12").items() if p.endswith(".service")
+    }
+    ((name, text),) = units.items()
+    (tmp_path / name).write_text(text)
+    (tmp_path / "apt-daily-upgrade.service").write_text(
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n"
+    )
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / name)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    script = hardening.INTEGRITY_UPDATE_SCRIPT
+    absent = f"Command {script} is not executable: No such file or directory"
+    noise = [
+        line for line in proc.stderr.splitlines() if line.strip() and not line.endswith(absent)
+    ]
+    assert noise == [], proc.stderr
+    exposure = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(tmp_path / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", exposure.stdout)
+    assert score and float(score[1]) <= 1.3, exposure.stdout  # the check's figure
+
+
+def test_the_update_after_upgrades_runs_only_when_a_package_changed(tmp_path: Path) -> None:
+    """The script under a real sh, its paths in a temporary directory: a package database older
+    than AIDE's runs nothing; a newer one (an upgrade installed since) takes the changes in,
+    each in the journal under the upgrades' name."""
+    root, bin_dir = tmp_path / "aide", tmp_path / "bin"
+    root.mkdir()
+    bin_dir.mkdir()
+    journal, ran, packages = tmp_path / "journal", tmp_path / "aide-ran", tmp_path / "status"
+    (bin_dir / "logger").write_text(f'#!/bin/sh\necho "$*" >> {journal}\ncat >> {journal}\n')
+    (bin_dir / "aide").write_text(
+        f"#!/bin/sh\ntouch {ran}\necho new > {root}/aide.db.new.gz\n"
+        "echo 'f > ...    .H     : /usr/bin/apt'\nexit 4\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = (
+        hardening.integrity_update_script("apt")
+        .replace(hardening.AIDE_DIR, str(root))
+        .replace("/usr/bin/aide", str(bin_dir / "aide"))
+        .replace(hardening_schema.PACKAGE_DATABASE["apt"], str(packages))
+    )
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    packages.write_text("installed")
+    (root / "aide.db.gz").write_text("old")
+    os.utime(packages, (1_000_000, 1_000_000))  # the last install: before the database
+    quiet = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+    assert quiet.returncode == 0 and not ran.exists(), quiet.stderr
+    assert "no package changed" in quiet.stdout
+    assert (root / "aide.db.gz").read_text() == "old" and not journal.exists()
+    os.utime(packages)  # an upgrade rewrote it: now
+    os.utime(root / "aide.db.gz", (1_000_000, 1_000_000))
+    taken = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+    assert taken.returncode == 0 and ran.exists(), taken.stderr
+    assert (root / "aide.db.gz").read_text() == "new\n"
+    assert journal.read_text().splitlines()[1] == (
+        "taken in by the automatic upgrades (apt-daily-upgrade.service): "
+        "f > ...    .H     : /usr/bin/apt"
+    )
+
+
+@pytest.mark.parametrize("by", ["x/y", "a & b", "it's", "new\nline", ""])
+def test_the_update_commands_description_goes_into_sed_only_when_plain(by: str) -> None:
+    with pytest.raises(ValueError, match="not a plain description"):
+        hardening.aide_update_command("apt", by)
 
 
 # --- audit trail (auditd) ------------------------------------------------------------------
