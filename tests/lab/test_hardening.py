@@ -384,7 +384,7 @@ def _run_upgrades(lab: Lab) -> str:
         ).stdout
         if "Finished" in ran or "Failed" in ran:
             break
-        assert time.monotonic() < deadline, ran
+        assert time.monotonic() < deadline, f"{UPDATE_UNIT} did not run after {UPGRADES}: {ran}"
         time.sleep(1)
     result = lab.ssh("lab-01", f"systemctl show -p Result --value {UPDATE_UNIT}", check=True)
     assert result.stdout.strip() == "success", ran
