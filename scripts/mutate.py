@@ -102,8 +102,8 @@ MODULES: dict[str, Module] = {
     ),
     "hardening": Module(
         "gpunode/hardening.py",
-        _tests("hardening", "hostile", "hardening_bites"),
-        "sshd options, AllowGroups, sudo defaults, sysctl",
+        _tests("hardening", "hostile", "hardening_bites", "hardening_remote_logs", "audit"),
+        "sshd options, AllowGroups, sudo defaults, sysctl, audit rules, AIDE, remote logs",
     ),
     "drift": Module(
         "gpunode/commands/drift.py",
