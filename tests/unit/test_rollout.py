@@ -100,7 +100,7 @@ def _executable(path: Path, text: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_real_ssh(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+def _no_real_ssh(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """The module's default runner runs ``ssh``: in these tests it finds a stub that fails
     (exit 255, as ssh does when it cannot connect) unless a test puts FAKE_SSH first."""
     stub = tmp_path_factory.getbasetemp() / "no-ssh-bin"
@@ -271,9 +271,8 @@ class Fleet:
     Called as a runner: a DeployRequest switches each enabled service of the batch's hosts
     to ``deploy_to`` (previous -> the old current, current -> the new model) and answers
     ``answers[tuple(hosts)]`` (exit status, stdout, stderr; default: success, no output);
-    an ssh argv must be exactly
-    ``ssh_command(host, command)`` for a host of the inventory, and runs for real through
-    FAKE_SSH. Every call is recorded in ``calls``."""
+    an ssh argv must be exactly ``ssh_command(host, command)`` for a host of the inventory,
+    and runs for real through FAKE_SSH. Every call is recorded in ``calls``."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.root = tmp_path / "nodes"
@@ -1161,7 +1160,7 @@ def test_a_rollout_by_default_goes_one_host_at_a_time_and_does_not_revert(
         ("deploys/gpu_node.py", ["b"]),
         ("deploys/gpu_node.py", ["c"]),
     ]
-    assert not report.ok
+    assert not report.ok and [s.ok for s in report.steps] == [True, True, False]
     assert report.lines() == [
         "a: ok: canary: deployed and healthy",
         "b: ok: batch 1: deployed and healthy",
@@ -1215,6 +1214,19 @@ def test_each_service_waits_its_own_health_timeout_unless_one_is_given(
     )
     assert report.lines() == [f"a: FAILED: canary: chat: {url} not healthy after 2s (HTTP 503)"]
     assert clock.sleeps == [1.0, 1.0]
+
+
+def test_a_rollout_checks_a_service_on_loopback_on_its_node_through_the_runner(
+    fleet: Fleet,
+) -> None:
+    """chat on 127.0.0.1: the check is the curl script sent over ssh (the stub runs it here,
+    where host a's Health server listens on that address)."""
+    fleet.inventory = fleet.make_inventory(listen="127.0.0.1")
+    report = rollout("inv.py", fleet.inventory, hosts=["a"], runner=fleet, say=lambda _: None)
+    assert report.lines() == ["a: ok: canary: deployed and healthy"]
+    checks = [c for c in fleet.calls if not isinstance(c, DeployRequest) and "curl" in c[-1]]
+    assert checks == [ssh_command(fleet.inventory.hosts["a"], health_script(url_of(fleet, "a"), 5))]
+    assert fleet.servers[0].requests == ["/health"]
 
 
 def test_a_failed_deploy_fails_the_host_it_names_and_stops_the_rollout(fleet: Fleet) -> None:
