@@ -1361,3 +1361,32 @@ def test_a_rollout_with_the_default_runner_runs_ssh_and_the_deploy_in_this_proce
     ]
     assert fleet.current("b", "chat") == f"{STORE}/{M1}"
     assert fleet.systemctl("b") == [f"reset-failed {UNIT}", f"restart {UNIT}"]
+
+
+def test_revert_leaves_a_host_whose_links_could_not_be_read_before_its_deploy(
+    fleet: Fleet, clock: Clock
+) -> None:
+    """ssh failed when the links were read before the deploy, whose planning then failed
+    (nothing changed on the host): what this rollout switched is not known, so nothing is
+    swapped back (a swap would put chat on M0, older than what it ran before the rollout)."""
+    failed_reads: list[list[str]] = []
+
+    def runner(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        if isinstance(argv, DeployRequest):
+            fleet.calls.append(argv)
+            return subprocess.CompletedProcess(argv, 1, "", "[a] Error: could not plan\n")
+        if not failed_reads:
+            failed_reads.append(argv)
+            return subprocess.CompletedProcess(argv, 255, "", "ssh: connection reset\n")
+        return fleet(argv)
+
+    report = rollout(
+        "inv.py", fleet.inventory, hosts=["a"], timeout=3, revert=True, runner=runner, say=print
+    )
+    assert report.lines() == [
+        "a: FAILED: canary: deploy failed: [a] Error: could not plan; "
+        "not reverted: the model links could not be read before the deploy",
+    ]
+    assert fleet.current("a", "chat") == f"{STORE}/{M1}"
+    assert fleet.current("a", "chat", "previous") == f"{STORE}/{M0}"
+    assert fleet.systemctl("a") == [] and fleet.deploys() == [["a"]]
