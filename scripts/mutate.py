@@ -122,7 +122,7 @@ MODULES: dict[str, Module] = {
     ),
     "rollout": Module(
         "gpunode/commands/rollout.py",
-        _tests("gateway", "inference"),
+        _tests("rollout", "gateway", "inference"),
         "canary / batch roll-out, health waits, revert",
     ),
 }

@@ -10,7 +10,9 @@ On a failure (the deploy failed on a host, or a service is not healthy in time) 
 the hosts after the batch are not touched, the report names the host, the service and why.
 With ``--revert`` a failed host's services whose model link this rollout switched are put
 back on their previous model (the ``current``/``previous`` links are swapped atomically and
-the unit is restarted), and their health is checked again.
+the unit is restarted), and their health is checked again. A host whose links could not be
+read before its deploy (ssh failed) is not reverted, and the report says so: what the rollout
+switched there is not known, and a swap could put a service on an older model than it had.
 
 .. code:: shell
 
@@ -190,7 +192,15 @@ def _deploy(request: DeployRequest) -> subprocess.CompletedProcess[str]:
 
 
 def current_links(host: Host, runner: Runner = _run) -> dict[str, str]:
-    """service -> where its ``current`` link points now ("" when none)."""
+    """service -> where its ``current`` link points now ("" when none, and for every
+    service when the host could not be asked)."""
+    links = _read_links(host, runner)
+    return {n: "" for n in host.config.inference.services} if links is None else links
+
+
+def _read_links(host: Host, runner: Runner) -> dict[str, str] | None:
+    """service -> where its ``current`` link points now ("" when none); None when the host
+    could not be asked (ssh failed)."""
     names = list(host.config.inference.services)
     if not names:
         return {}
@@ -199,7 +209,7 @@ def current_links(host: Host, runner: Runner = _run) -> dict[str, str]:
     )
     proc = runner(ssh_command(host, script))
     if proc.returncode != 0:
-        return {n: "" for n in names}
+        return None
     links = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     return {n: links.get(n, "") for n in names}
 
@@ -223,7 +233,7 @@ def rollout(
     for index, batch in enumerate(plan):
         label = "canary" if index == 0 and canary else f"batch {index}"
         say(f"rollout: {label}: {', '.join(batch)}")
-        before = {h: current_links(inventory.hosts[h], runner) for h in batch}
+        before = {h: _read_links(inventory.hosts[h], runner) for h in batch}
         proc = runner(DeployRequest(inventory_file, deploy, batch))
         failed = False
         for name in batch:
@@ -266,7 +276,11 @@ def _last_error(proc: subprocess.CompletedProcess[str], name: str) -> str:
     return (mine or lines or [f"exit status {proc.returncode}"])[-1][:300]
 
 
-def _revert(host: Host, before: dict[str, str], runner: Runner, timeout: float | None) -> str:
+def _revert(
+    host: Host, before: dict[str, str] | None, runner: Runner, timeout: float | None
+) -> str:
+    if before is None:  # what this rollout switched is not known: a swap could go further back
+        return "not reverted: the model links could not be read before the deploy"
     after = current_links(host, runner)
     switched = [n for n, target in after.items() if target and target != before.get(n)]
     if not switched:
