@@ -11,8 +11,9 @@ the hosts after the batch are not touched, the report names the host, the servic
 With ``--revert`` a failed host's services whose model link this rollout switched are put
 back on their previous model (the ``current``/``previous`` links are swapped atomically and
 the unit is restarted), and their health is checked again. A host whose links could not be
-read before its deploy (ssh failed) is not reverted, and the report says so: what the rollout
-switched there is not known, and a swap could put a service on an older model than it had.
+read before its deploy, or after it (ssh failed), is not reverted, and the report says so:
+what the rollout switched there is not known, and a swap could put a service on an older
+model than it had.
 
 .. code:: shell
 
@@ -198,9 +199,11 @@ def current_links(host: Host, runner: Runner = _run) -> dict[str, str]:
     return {n: "" for n in host.config.inference.services} if links is None else links
 
 
-def _read_links(host: Host, runner: Runner) -> dict[str, str] | None:
+def _read_links(
+    host: Host, runner: Runner, errors: list[str] | None = None
+) -> dict[str, str] | None:
     """service -> where its ``current`` link points now ("" when none); None when the host
-    could not be asked (ssh failed)."""
+    could not be asked (ssh failed: the end of its error is added to ``errors``)."""
     names = list(host.config.inference.services)
     if not names:
         return {}
@@ -209,6 +212,8 @@ def _read_links(host: Host, runner: Runner) -> dict[str, str] | None:
     )
     proc = runner(ssh_command(host, script))
     if proc.returncode != 0:
+        if errors is not None:
+            errors.append(proc.stderr.strip()[-200:] or f"exit status {proc.returncode}")
         return None
     links = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     return {n: links.get(n, "") for n in names}
@@ -281,7 +286,10 @@ def _revert(
 ) -> str:
     if before is None:  # what this rollout switched is not known: a swap could go further back
         return "not reverted: the model links could not be read before the deploy"
-    after = current_links(host, runner)
+    errors: list[str] = []
+    after = _read_links(host, runner, errors)
+    if after is None:  # not known what the deploy switched: nothing is swapped blind
+        return f"not reverted: the model links could not be read after the deploy ({errors[0]})"
     switched = [n for n, target in after.items() if target and target != before.get(n)]
     if not switched:
         return "nothing to revert (no model link was switched)"

@@ -1390,3 +1390,24 @@ def test_revert_leaves_a_host_whose_links_could_not_be_read_before_its_deploy(
     assert fleet.current("a", "chat") == f"{STORE}/{M1}"
     assert fleet.current("a", "chat", "previous") == f"{STORE}/{M0}"
     assert fleet.systemctl("a") == [] and fleet.deploys() == [["a"]]
+
+
+def test_revert_says_so_when_the_links_cannot_be_read_after_the_deploy(fleet: Fleet) -> None:
+    """ssh fails when _revert reads the links after the deploy: nothing is swapped, and the
+    report says the links could not be read (not that nothing was switched, which is not
+    known)."""
+    host = fleet.inventory.hosts["a"]
+    before = current_links(host, fleet)
+
+    def unreachable(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 255, "", "ssh: connection refused\n")
+
+    assert _revert(host, before, unreachable, 3) == (
+        "not reverted: the model links could not be read after the deploy (ssh: connection refused)"
+    )
+
+    def silent(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 255, "", " \n")
+
+    assert _revert(host, before, silent, 3).endswith("after the deploy (exit status 255)")
+    assert fleet.systemctl("a") == [] and fleet.current("a", "chat") == f"{STORE}/{M1}"
