@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import types
@@ -48,6 +49,7 @@ from harness import (
     content_lines,
     converged,
     host_info_output,
+    need_root,
     nft_check,
     run_deploys,
 )
@@ -1849,6 +1851,36 @@ def test_locked_rules_fail_the_load_with_the_reason(tmp_path: Path) -> None:
     (bin_dir / "auditctl").write_text("#!/bin/sh\necho 'enabled 1'\n")
     assert subprocess.run(["sh", "-c", command], env=env).returncode == 0
     assert (tmp_path / "loaded").exists()
+
+
+def test_the_load_makes_each_missing_parent_of_a_watch_root_0755_first(tmp_path: Path) -> None:
+    """auditctl refuses a watch whose directory does not exist: the load command's loop makes
+    each missing parent (root 0755) and leaves an existing one as it is. Run under a real sh
+    with the parents moved under a temporary directory."""
+    need_root("giving the made directories to root")
+    cfg = load_one(
+        {
+            "distro": "debian12",
+            "vault": {"addr": "https://vault.example.net:8200"},
+            "secrets": {"tok": {"path": "kv/data/t", "key": "v", "dest": "/etc/new-app/t.env"}},
+        }
+    )
+    command = hardening.audit_load_command(cfg)
+    (loop,) = re.findall(r"(?m)^for d in .*\n.*\ndone$", command)
+    parents = shlex.split(loop.splitlines()[0].removeprefix("for d in ").removesuffix("; do"))
+    assert "/etc/new-app" in parents and "/etc/gpunode" in parents
+    moved = {p: tmp_path / p.lstrip("/") for p in parents}
+    existing = moved["/etc/gpunode"]
+    existing.mkdir(parents=True, mode=0o700)
+    first, *rest = loop.splitlines()
+    script = "\n".join(
+        [f"for d in {' '.join(shlex.quote(str(moved[p])) for p in parents)}; do", *rest]
+    )
+    done = subprocess.run(["sh", "-ec", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    made = moved["/etc/new-app"]
+    assert made.is_dir() and (made.stat().st_mode & 0o7777, made.stat().st_uid) == (0o755, 0)
+    assert existing.stat().st_mode & 0o7777 == 0o700  # an existing one is left as it is
 
 
 def test_in_a_container_auditd_is_a_notice(caplog) -> None:

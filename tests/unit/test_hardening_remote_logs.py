@@ -299,21 +299,64 @@ def test_a_private_key_in_the_file_is_refused_and_never_echoed(
     assert not any(chunk in said for chunk in re.findall(".{16}", body))
 
 
+def _ca_reason(tmp_path: Path, content: bytes | None) -> str:
+    """The reason alone, between the message's host/key/file and its allowed clause."""
+    said = _ca_refusal(tmp_path, content)
+    head = f"host {HOST}: hardening.remote_logs.ca_file: {tmp_path / 'ca.pem'}: "
+    return said.removeprefix(head).split(" (allowed: ")[0]
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [
         (None, "no such file or directory"),
         (b"", "the file is empty"),
+        (b" \n\t\n", "the file is empty"),
         (b"not a certificate\n", "no PEM certificate in it"),
-        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "cannot be parsed"),
-        ("-----BEGIN CERTIFICATE-----\n\u00e9\n".encode(), "non-ASCII"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "a certificate in it cannot be parsed",
+        ),
+        (
+            "-----BEGIN CERTIFICATE-----\n\u00e9\n".encode(),
+            "not a PEM file (it holds non-ASCII bytes)",
+        ),
         (b"x" * ((1 << 20) + 1), "larger than 1 MiB"),
+        (b"x" * (1 << 20), "no PEM certificate in it"),  # 1 MiB exactly is not too large
     ],
 )
 def test_what_is_not_a_pem_file_is_refused(
     tmp_path: Path, content: bytes | None, says: str
 ) -> None:
-    assert says in _ca_refusal(tmp_path, content)
+    assert _ca_reason(tmp_path, content) == says
+
+
+def test_an_unreadable_ca_file_says_why_in_the_systems_words(tmp_path: Path) -> None:
+    """The reason is the system's own words (strerror, lowercased): here a path through a
+    regular file (ENOTDIR; file modes do not stop root, who runs the tests in CI)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(hardening.RemoteLogsCaError) as exc:
+        hardening.remote_logs_ca(HOST, str(tmp_path / "file" / "ca.pem"))
+    assert f"{tmp_path / 'file' / 'ca.pem'}: not a directory (allowed: " in str(exc.value)
+
+
+def test_a_certificate_without_a_subject_is_named_by_its_place(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(x509.Name([]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    assert _ca_reason(tmp_path, pem(cert).encode()) == (
+        "certificate 1 ((no subject)) is not a CA certificate (its basicConstraints lack CA:TRUE)"
+    )
 
 
 def test_a_directory_is_refused(tmp_path: Path) -> None:
