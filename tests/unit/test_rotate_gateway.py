@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shlex
 import shutil
 import socket
 import ssl
@@ -46,7 +47,7 @@ from harness import (
 from test_haproxy import HAPROXY, Backend, make_cert, need  # the real HAProxy tests' helpers
 
 from gpunode.clients.pki import Issuer, controller_policy, setup_pki
-from gpunode.clients.vault import Session, close_all
+from gpunode.clients.vault import Session, VaultError, close_all
 from gpunode.commands import rotate as rot
 from gpunode.commands import run
 from gpunode.commands.cli import build_parser
@@ -115,7 +116,7 @@ def inventory(
     hosts: dict[str, dict[str, Any]] | None = None,
 ) -> list[Host]:
     """Hosts whose gateway (on 127.0.0.1) fronts one llama.cpp service and has the clients
-    alice and bob; ``hosts``: name -> {"ssh_port": ..., "data": {...}}."""
+    alice and bob; ``hosts``: name -> {"ssh_port": ..., "address": ..., "data": {...}}."""
     clients = {
         name: {"key": {"path": f"gpunode/clients/{tag}-{name}"}, "rate": 1000}
         for name in ("alice", "bob")
@@ -145,7 +146,10 @@ def inventory(
         },
         "hosts": {
             name: {
-                "connection": {"address": "127.0.0.1", "port": h.get("ssh_port", 22 + i)},
+                "connection": {
+                    "address": h.get("address", "127.0.0.1"),
+                    "port": h.get("ssh_port", 22 + i),
+                },
                 "data": h.get("data", {}),
             }
             for i, (name, h) in enumerate(hosts.items())
@@ -542,7 +546,10 @@ def test_a_client_key_is_rolled_out_host_by_host_and_never_shown(
     )
     assert [line.split(":")[0] for line in said[1:3]] == ["gpu-01", "gpu-02"]  # host by host
     for line in said[1:3]:
-        assert f": version {old + 1}: healthy: haproxy.service active, /health 200" in line
+        assert (
+            f": version {old + 1}: healthy: haproxy.service active, /health 200 over TLS on the "
+            "node, the key's SHA-256 in /etc/haproxy/gpunode/keys.map; GET /v1/models"
+        ) in line
         assert f"GET /v1/models with key version {old + 1} from the controller: 200 (TLS " in line
     assert said[3:] == [
         f"gateway.clients.alice: destroyed version {old}",
@@ -591,6 +598,7 @@ def test_a_host_that_keeps_the_old_key_fails_and_is_put_back(
     )
 
     assert not rotation.ok
+    assert [(r.host, r.ok) for r in rotation.results] == [("gpu-01", False)]
     assert said[1] == (
         f"gpu-01: version {old + 1}: FAILED: health check GET /v1/models with key version "
         f"{old + 1} from the controller: 401 failing after 1 s"
@@ -629,6 +637,62 @@ def test_a_key_another_client_has_is_refused_before_anything_is_written(
         "a key no other client has; --generate makes one)"
     )
     assert bao.client().secrets.kv.v2.read_secret_metadata(path)["data"]["current_version"] == old
+
+
+def test_a_gateway_that_is_down_fails_its_first_check(
+    bao: Bao, gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HAProxy is not running (and a reload does not start it): the check that fails is
+    named, the first one, and the host is not healthy."""
+    node, hosts, _, _ = gateway
+    node.stuck = True
+    node.stop()
+    monkeypatch.setattr(rot, "GATEWAY_HEALTH_TIMEOUT", 1.0)
+    said: list[str] = []
+    rotation = rot.rotate(
+        hosts, "gateway.clients.alice", rot.generate_value(), rollback=False, say=said.append
+    )
+    assert not rotation.ok
+    new = rotation.new_version
+    assert (
+        said[1]
+        == f"gpu-01: version {new}: FAILED: health check haproxy.service active failing after 1 s"
+    )
+
+
+def test_a_key_any_other_client_has_is_refused(bao: Bao, login: None) -> None:
+    """Each other client's key is compared, not only the first one's."""
+    keys = put_keys(bao, "shared3")
+    carol = "carol-" + os.urandom(12).hex()
+    bao.client().secrets.kv.v2.create_or_update_secret(
+        "gpunode/clients/shared3-carol", {"api_key": carol}
+    )
+    carols = {"gateway": {"clients": {"carol": client("carol", "shared3")}}}
+    hosts = inventory(vault_of(bao), "shared3", hosts={"gpu-01": {"data": carols}})
+    with pytest.raises(rot.RotateError) as err:
+        rot.rotate(hosts, "gateway.clients.alice", carol, say=print)
+    assert str(err.value).startswith(
+        "gateway.clients.alice: the new key is the key of client carol on host gpu-01 "
+    )
+    assert keys["bob"] != carol
+
+
+def test_a_vault_error_names_the_clients_key(bao: Bao, login: None) -> None:
+    """A key outside the rotation's policy: Vault's refusal names the key as the gateway role
+    does (gateway.clients.<client>.key) and its source; nothing is written."""
+    put_keys(bao, "denied")
+    outside = {"key": {"path": "elsewhere/denied-alice"}}
+    hosts = inventory(
+        vault_of(bao),
+        "denied",
+        hosts={"gpu-01": {"data": {"gateway": {"clients": {"alice": outside}}}}},
+    )
+    with pytest.raises(VaultError) as err:
+        rot.rotate(hosts, "gateway.clients.alice", rot.generate_value(), say=print)
+    assert str(err.value).startswith(
+        "secret gateway.clients.alice.key (secret/elsewhere/denied-alice) metadata: permission "
+        "denied by Vault"
+    )
 
 
 # --- the checks, one by one, against a real HAProxy -------------------------------------------
@@ -705,6 +769,10 @@ def test_the_controller_says_why_it_does_not_ask() -> None:
         f"the controller cannot reach 127.0.0.1:{port} within 2 s"
     )
     assert rot._why_not_asked(hosts[1], "alice") == "/v1/models is not in gateway.routes"
+    (v6,) = inventory(UNREACHABLE_VAULT, gateway_port=port, hosts={"gpu-04": {"address": "::1"}})
+    assert rot._why_not_asked(v6, "alice") == (
+        f"the controller cannot reach [::1]:{port} within 2 s"
+    )
     assert rot._why_not_asked(hosts[2], "alice") == (
         "client alice needs a client certificate (mtls), the controller has none"
     )
@@ -712,3 +780,27 @@ def test_the_controller_says_why_it_does_not_ask() -> None:
         listener.bind(("127.0.0.1", port))
         listener.listen()
         assert rot._why_not_asked(hosts[0], "alice") == ""
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "hostport"),
+    [
+        ("0.0.0.0", "127.0.0.1", "127.0.0.1:18443"),  # noqa: S104 - a wildcard listener
+        ("::", "127.0.0.1", "127.0.0.1:18443"),  # v4v6: IPv4 too
+        ("10.1.2.3", "10.1.2.3", "10.1.2.3:18443"),
+        ("fd00::7", "fd00::7", "[fd00::7]:18443"),
+    ],
+)
+def test_the_health_command_asks_the_gateways_own_listener(
+    listen: str, host: str, hostport: str
+) -> None:
+    """On the node, /health goes to the address the gateway listens on (loopback for a
+    wildcard), with that address as the Host header; the openssl form connects there too."""
+    (node,) = inventory(
+        UNREACHABLE_VAULT, hosts={"gpu-01": {"data": {"gateway": {"listen": listen}}}}
+    )
+    command = str(rot.health_command(node.config))
+    url = shlex.quote(f"https://{hostport}/health")
+    assert f"curl -fsS -k -o /dev/null --max-time 5 {url};" in command
+    assert f"GET /health HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close" in command
+    assert f"openssl s_client -quiet -connect {shlex.quote(hostport)} 2>/dev/null" in command

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from harness import Bao, RecordingFakeConnector, Response, fail_op, start_bao, stop_bao
 
-from gpunode.clients.vault import close_all
+from gpunode.clients.vault import VaultError, close_all
 from gpunode.commands import rotate as rot
 from gpunode.commands import run
 from gpunode.config import load
@@ -356,6 +356,34 @@ def test_vault_gone_mid_rotation_stops_before_the_next_host(
         "; not touched: gpu-01, gpu-02; Vault's latest version is 2 (the next deploy rolls it out)"
     )
     assert "/etc/gpunode/secrets/llm.env" not in seen_by_nodes(nodes)  # nothing written
+
+
+def test_a_destroy_vault_refuses_names_the_secret_after_the_roll_out(
+    bao: Bao, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--destroy-old with a policy that does not grant it: the one host has the new version,
+    and the error names the secret and the version it could not destroy."""
+    role = "no-destroy"
+    c = bao.client()
+    c.sys.create_or_update_policy(role, POLICY.replace("destroy", "nothing"))
+    c.auth.approle.create_or_update_approle(role, token_policies=[role])
+    monkeypatch.setenv("VAULT_SECRET_ID", bao.secret_id(role))
+    monkeypatch.setattr(bao, "role_id", c.auth.approle.read_role_id(role)["data"]["role_id"])
+    close_all()
+    path, _ = put_secret(bao, tag_of(tmp_path))
+    hosts = inventory(bao, path, names=("gpu-01",))
+    fake_nodes(monkeypatch)
+    said: list[str] = []
+    try:
+        with pytest.raises(VaultError) as err:
+            rot.rotate(hosts, "llm", "new-value-7", destroy_old=True, say=said.append)
+    finally:
+        close_all()
+    assert str(err.value).startswith(
+        f"secret llm (secret/{path}) destroy versions [1]: permission denied by Vault"
+    )
+    assert said[1].startswith("gpu-01: version 2: healthy: ")
+    assert latest(bao, path)["api_key"] == "new-value-7"
 
 
 # --- refusals and the CLI ---------------------------------------------------------------------
