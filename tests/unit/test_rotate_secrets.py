@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from harness import Bao, RecordingFakeConnector, Response, fail_op, start_bao, stop_bao
+from pyinfra.api.exceptions import ConnectError
 
 from gpunode.clients.vault import VaultError, close_all
 from gpunode.commands import rotate as rot
@@ -60,10 +61,11 @@ def login(bao: Bao, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @dataclass
 class Nodes:
     """The nodes' answers: a unit in ``down`` is not active on that host; a host in
-    ``unhealthy`` fails its health URL while its file holds a value in ``bad_values``."""
+    ``unhealthy`` fails its health URL; a host in ``unreachable`` cannot be connected to."""
 
     down: dict[str, set[str]] = field(default_factory=dict)
     unhealthy: set[str] = field(default_factory=set)
+    unreachable: set[str] = field(default_factory=set)  # SSH to these hosts is refused
     connectors: list[RecordingFakeConnector] = field(default_factory=list)
 
     def handler(self, connector: RecordingFakeConnector) -> Any:
@@ -89,6 +91,11 @@ def fake_nodes(monkeypatch: pytest.MonkeyPatch) -> Nodes:
             super().__init__(state, host)
             self.handlers = [fail_op, nodes.handler(self)]
             nodes.connectors.append(self)
+
+        def connect(self) -> None:
+            if self.host.name in nodes.unreachable:
+                raise ConnectError("Connection refused")
+            super().connect()
 
     real = run.inventory_from
 
@@ -325,6 +332,24 @@ def test_a_failed_deploy_is_reported_and_the_rest_is_not_touched(
 
     assert not rotation.ok
     assert said[1] == "gpu-01: version 2: FAILED: the deploy failed (file or service restart)"
+    assert said[-1].startswith("secret llm: rotation stopped at gpu-01; not touched: gpu-02;")
+
+
+def test_a_host_that_cannot_be_reached_is_named_with_its_error(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = put_secret(bao, tag_of(tmp_path))
+    hosts = inventory(bao, path)
+    nodes = fake_nodes(monkeypatch)
+    nodes.unreachable = {"gpu-01"}
+    said: list[str] = []
+    rotation = rot.rotate(hosts, "llm", "new-value-8", say=said.append)
+
+    assert not rotation.ok
+    assert said[1] == "gpu-01: version 2: FAILED: cannot connect: Connection refused"
+    assert said[2] == (
+        "gpu-01: rolled back to version 1: STILL FAILING: cannot connect: Connection refused"
+    )
     assert said[-1].startswith("secret llm: rotation stopped at gpu-01; not touched: gpu-02;")
 
 
