@@ -116,7 +116,8 @@ def inventory(
     hosts: dict[str, dict[str, Any]] | None = None,
 ) -> list[Host]:
     """Hosts whose gateway (on 127.0.0.1) fronts one llama.cpp service and has the clients
-    alice and bob; ``hosts``: name -> {"ssh_port": ..., "address": ..., "data": {...}}."""
+    alice and bob; ``hosts``: name -> {"ssh_port": ..., "address": ..., "user": ..., "data":
+    {...}}."""
     clients = {
         name: {"key": {"path": f"gpunode/clients/{tag}-{name}"}, "rate": 1000}
         for name in ("alice", "bob")
@@ -149,6 +150,7 @@ def inventory(
                 "connection": {
                     "address": h.get("address", "127.0.0.1"),
                     "port": h.get("ssh_port", 22 + i),
+                    "user": h.get("user", "root"),
                 },
                 "data": h.get("data", {}),
             }
@@ -438,7 +440,12 @@ def fake_connectors(
         def __init__(self, state: Any, host: Any) -> None:
             super().__init__(state, host)
             self.handlers = [fail_op, *([node.handler(self)] if node else [])]
+            self.sudo: list[tuple[str, bool]] = []  # (command, whether it ran with sudo)
             made.append(self)
+
+        def run_shell_command(self, command: Any, *args: Any, **arguments: Any) -> Any:
+            self.sudo.append((str(command), bool(arguments.get("_sudo"))))
+            return super().run_shell_command(command, *args, **arguments)
 
     real = run.inventory_from
 
@@ -497,7 +504,7 @@ def gateway(
         tag,
         gateway_port=_free_port(),
         service_port=backend.port,
-        hosts={"gpu-01": {"ssh_port": 22}, "gpu-02": {"ssh_port": 2222}},
+        hosts={"gpu-01": {"ssh_port": 22}, "gpu-02": {"ssh_port": 2222, "user": "deploy"}},
     )
     node = Node(tmp_path, hosts[0].config)
     node.start(keys, issue(bao))
@@ -564,6 +571,10 @@ def test_a_client_key_is_rolled_out_host_by_host_and_never_shown(
     digest_check = f"grep -qxF -- '{key_digest(new_key)} alice' /etc/haproxy/gpunode/keys.map"
     for connector in made:
         assert digest_check in [str(c) for c in connector.executed_commands]
+    # the keys map is 0640 root:haproxy: read with sudo when the SSH user is not root
+    for connector, sudo in zip(made, (False, True), strict=True):
+        checks = [s for c, s in connector.sudo if c == digest_check]
+        assert checks and set(checks) == {sudo}, connector.host.name
     seen = everything_seen(made, said, capsys, caplog) + repr(rotation)
     assert key_digest(new_key) in seen  # the search below looks where the digest is
     assert new_key not in seen and keys["alice"] not in seen and keys["bob"] not in seen
