@@ -459,14 +459,14 @@ def fake_connectors(
     return made
 
 
-def issue(bao: Bao) -> bytes:
+def issue(bao: Bao, names: tuple[str, ...] = ("gpu-01",)) -> bytes:
     session = Session(
         Vault(addr=bao.addr, role_id=bao.role_id), {"VAULT_SECRET_ID": bao.secret_id(ROLE)}
     )
     try:
         return (
             Issuer(session, "pki", "gpunode-gateway")
-            .issue(["gpu-01"], ["127.0.0.1"], 3600)
+            .issue(list(names), ["127.0.0.1"], 3600)
             .bundle()
         )
     finally:
@@ -763,6 +763,22 @@ def test_the_controllers_request_verifies_the_pki_ca(bao: Bao, gateway: Any) -> 
     result = rot._ask_models(hosts[0], keys["alice"], Path(stranger.ca).read_text())
     assert isinstance(result, str) and result.startswith("TLS verification failed ("), result
     assert keys["alice"] not in result
+
+
+def test_the_controller_verifies_the_name_it_reaches_the_host_by(bao: Bao, gateway: Any) -> None:
+    """A host reached by a DNS name: the controller's request checks the certificate for that
+    name (which the gateway role puts in the certificate), not for the host's name."""
+    node, _, keys, _ = gateway
+    (by_name,) = inventory(
+        vault_of(bao),
+        gateway_port=node.config.gateway.port,
+        hosts={"gpu-01": {"address": "localhost"}},
+    )
+    failed = rot._ask_models(by_name, keys["alice"], pki_ca(bao))  # a certificate for gpu-01
+    assert isinstance(failed, str), failed
+    assert failed.startswith("TLS verification failed (") and "server name localhost" in failed
+    node.start(keys, issue(bao, names=("localhost",)))  # now one for localhost alone
+    assert rot._ask_models(by_name, keys["alice"], pki_ca(bao)) == 200
 
 
 def test_the_controller_says_why_it_does_not_ask() -> None:
