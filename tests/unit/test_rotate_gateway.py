@@ -89,6 +89,13 @@ def login(bao: Bao, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     close_all()
 
 
+@pytest.fixture(autouse=True)
+def _short_health_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A healthy gateway here passes its checks at once: a failing one gives up after 10 s,
+    not the minute a real node gets."""
+    monkeypatch.setattr(rot, "GATEWAY_HEALTH_TIMEOUT", 10.0)
+
+
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:
     be = Backend("chat")

@@ -123,7 +123,8 @@ def inventory(bao: Bao, path: str, names: tuple[str, ...] = ("gpu-01", "gpu-02")
             "distro": "debian12",
             "firewall": {"enabled": False},
             "vault": {"addr": bao.addr, "role_id": bao.role_id, "retries": 0},
-            "secrets": {"llm": {"path": path, "key": "api_key", **secret}},
+            # a failing check gives up within seconds here, not the default minute
+            "secrets": {"llm": {"path": path, "key": "api_key", "health_timeout": 5, **secret}},
         },
         "hosts": {
             name: {"connection": {"address": "127.0.0.1", "port": 22 + i}}
