@@ -267,6 +267,9 @@ def test_check_and_set_write_keeps_other_keys_and_refuses_a_stale_version(bao: B
     assert data["data"]["data"] == {"api_key": "b", "keep": "k"}
     with pytest.raises(VaultError, match=r"someone wrote a newer version than 1 meanwhile"):
         s.write("cas", secret, "c", cas=1)
+    with pytest.raises(VaultError) as err:  # the version it checks against is gone
+        s.write("cas", secret, "c", cas=7)
+    assert str(err.value) == "secret cas (secret/gpunode/cas#api_key): not found in Vault"
     s.close()
 
 
@@ -602,6 +605,7 @@ def test_a_secret_without_keys_or_with_a_nul_is_refused(bao: Bao) -> None:
     kv = bao.client().secrets.kv.v2
     kv.create_or_update_secret("gpunode/empty", {})
     kv.create_or_update_secret("gpunode/nul", {"api_key": "a\0b"})
+    kv.create_or_update_secret("gpunode/two-lines", {"api_key": "a\nb"})
     s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
     with pytest.raises(VaultError) as err:
         s.read("e", Secret(path="gpunode/empty", key="api_key"))
@@ -613,7 +617,28 @@ def test_a_secret_without_keys_or_with_a_nul_is_refused(bao: Bao) -> None:
         "(allowed: one line of text)"
     )
     assert "a\0b" not in str(err.value)
+    with pytest.raises(VaultError, match="the value is not a one-line string"):
+        s.read("t", Secret(path="gpunode/two-lines", key="api_key"))
     s.close()
+
+
+def test_a_deploy_notes_the_unpinned_secrets_it_read_for_its_seal(bao: Bao) -> None:
+    """gpunode/seal.py checks again the latest version of what a host's deploy read
+    unpinned; a pinned read (in the inventory, or rotation's given version) is not noted."""
+    from pyinfra.context import ctx_host
+
+    from gpunode import seal
+    from gpunode.commands import run
+
+    host = run.inventory_from([("h1", {})]).get_host("h1")
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    with ctx_host.use(host):
+        s.read("pinned", Secret(path="gpunode/demo", key="api_key", version=1))
+        s.read("given", Secret(path="gpunode/demo", key="other"), version=1)
+        assert seal.extra_inputs(host)["vault"] == []
+        s.read("demo", DEMO)
+    s.close()
+    assert seal.extra_inputs(host)["vault"] == [["secret", "gpunode/demo", 2]]
 
 
 def test_a_wrapping_token_that_wraps_no_secret_id_is_refused(bao: Bao) -> None:
