@@ -838,3 +838,24 @@ def test_the_health_command_asks_the_gateways_own_listener(
     assert f"curl -fsS -k -o /dev/null --max-time 5 {url};" in command
     assert f"GET /health HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close" in command
     assert f"openssl s_client -quiet -connect {shlex.quote(hostport)} 2>/dev/null" in command
+
+
+def test_the_controller_gives_up_on_a_gateway_that_never_answers() -> None:
+    """A port that drops the connection attempt (here: a listener whose queue is full, so
+    the kernel ignores the SYN, as a firewall that drops would): the controller waits 2 s,
+    not the minutes a TCP connect can take, and says so."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=1)]  # fills the queue
+        try:
+            (node,) = inventory(UNREACHABLE_VAULT, gateway_port=port)
+            started = time.monotonic()
+            said = rot._why_not_asked(node, "alice")
+            took = time.monotonic() - started
+        finally:
+            for s in held:
+                s.close()
+    assert said == f"the controller cannot reach 127.0.0.1:{port} within 2 s"
+    assert 1.5 < took < 10

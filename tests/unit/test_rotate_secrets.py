@@ -148,6 +148,12 @@ def latest(bao: Bao, path: str) -> dict[str, str]:
     return dict(kv.read_secret_version(path, raise_on_deleted_version=True)["data"]["data"])
 
 
+def written(connector: RecordingFakeConnector) -> str:
+    """What the deploy uploaded to a host for the secret's file (the one upload)."""
+    (text,) = [text for _, text in connector.uploads]
+    return text
+
+
 def seen_by_nodes(nodes: Nodes) -> str:
     parts = []
     for c in nodes.connectors:
@@ -239,7 +245,7 @@ def test_a_host_that_stays_unhealthy_fails_is_put_back_and_stops_the_rotation(
     monkeypatch: pytest.MonkeyPatch,
     rollback: bool | None,
 ) -> None:
-    path, _ = put_secret(bao, tag_of(tmp_path))
+    path, old_value = put_secret(bao, tag_of(tmp_path))
     hosts = inventory(
         bao,
         path,
@@ -265,6 +271,11 @@ def test_a_host_that_stays_unhealthy_fails_is_put_back_and_stops_the_rotation(
         )
         assert failed.rolled_back_to is None  # still failing: not back
         assert [c.host.name for c in nodes.connectors] == ["gpu-01", "gpu-01"]
+        # what the file got: the new value, then the old one back
+        assert [written(c) for c in nodes.connectors] == [
+            "API_KEY=new-value-3\n",
+            f"API_KEY={old_value}\n",
+        ]
     else:
         assert not any("rolled back" in line for line in said)
         assert [c.host.name for c in nodes.connectors] == ["gpu-01"]
