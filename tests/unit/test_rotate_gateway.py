@@ -859,3 +859,35 @@ def test_the_controller_gives_up_on_a_gateway_that_never_answers() -> None:
                 s.close()
     assert said == f"the controller cannot reach 127.0.0.1:{port} within 2 s"
     assert 1.5 < took < 10
+
+
+def test_a_gateway_without_the_models_route_is_checked_on_the_node_alone(
+    bao: Bao, login: None, backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gateway.routes without /v1/models: the controller cannot ask it with the key (the
+    gateway would refuse the route), so the host is judged by the checks on the node, and
+    the report says why."""
+    need("haproxy", HAPROXY)
+    keys = put_keys(bao, "noroute")
+    routes = {"gateway": {"routes": ["/v1/chat/completions"]}}
+    hosts = inventory(
+        vault_of(bao),
+        "noroute",
+        gateway_port=_free_port(),
+        service_port=backend.port,
+        hosts={"gpu-01": {"data": routes}},
+    )
+    node = Node(tmp_path, hosts[0].config)
+    node.start(keys, issue(bao))
+    try:
+        fake_connectors(monkeypatch, node)
+        said: list[str] = []
+        rotation = rot.rotate(hosts, "gateway.clients.alice", rot.generate_value(), say=said.append)
+    finally:
+        node.stop()
+    assert rotation.ok, said
+    assert said[1].startswith(f"gpu-01: version {rotation.new_version}: healthy: haproxy.service")
+    assert (
+        "; /v1/models is not in gateway.routes: relying on the checks on the node (after "
+        in (said[1])
+    )
