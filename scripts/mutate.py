@@ -117,7 +117,7 @@ MODULES: dict[str, Module] = {
     ),
     "rotate": Module(
         "gpunode/commands/rotate.py",
-        _tests("vault", "rotate_gateway"),
+        _tests("vault", "rotate_gateway", "rotate_secrets"),
         "secret and client-key rotation, roll-out and health checks",
     ),
     "rollout": Module(

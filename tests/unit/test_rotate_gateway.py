@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shlex
 import shutil
 import socket
 import ssl
@@ -46,7 +47,7 @@ from harness import (
 from test_haproxy import HAPROXY, Backend, make_cert, need  # the real HAProxy tests' helpers
 
 from gpunode.clients.pki import Issuer, controller_policy, setup_pki
-from gpunode.clients.vault import Session, close_all
+from gpunode.clients.vault import Session, VaultError, close_all
 from gpunode.commands import rotate as rot
 from gpunode.commands import run
 from gpunode.commands.cli import build_parser
@@ -88,6 +89,13 @@ def login(bao: Bao, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     close_all()
 
 
+@pytest.fixture(autouse=True)
+def _short_health_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A healthy gateway here passes its checks at once: a failing one gives up after 10 s,
+    not the minute a real node gets."""
+    monkeypatch.setattr(rot, "GATEWAY_HEALTH_TIMEOUT", 10.0)
+
+
 @pytest.fixture(scope="module")
 def backend() -> Iterator[Backend]:
     be = Backend("chat")
@@ -115,7 +123,8 @@ def inventory(
     hosts: dict[str, dict[str, Any]] | None = None,
 ) -> list[Host]:
     """Hosts whose gateway (on 127.0.0.1) fronts one llama.cpp service and has the clients
-    alice and bob; ``hosts``: name -> {"ssh_port": ..., "data": {...}}."""
+    alice and bob; ``hosts``: name -> {"ssh_port": ..., "address": ..., "user": ..., "data":
+    {...}}."""
     clients = {
         name: {"key": {"path": f"gpunode/clients/{tag}-{name}"}, "rate": 1000}
         for name in ("alice", "bob")
@@ -145,7 +154,11 @@ def inventory(
         },
         "hosts": {
             name: {
-                "connection": {"address": "127.0.0.1", "port": h.get("ssh_port", 22 + i)},
+                "connection": {
+                    "address": h.get("address", "127.0.0.1"),
+                    "port": h.get("ssh_port", 22 + i),
+                    "user": h.get("user", "root"),
+                },
                 "data": h.get("data", {}),
             }
             for i, (name, h) in enumerate(hosts.items())
@@ -434,7 +447,12 @@ def fake_connectors(
         def __init__(self, state: Any, host: Any) -> None:
             super().__init__(state, host)
             self.handlers = [fail_op, *([node.handler(self)] if node else [])]
+            self.sudo: list[tuple[str, bool]] = []  # (command, whether it ran with sudo)
             made.append(self)
+
+        def run_shell_command(self, command: Any, *args: Any, **arguments: Any) -> Any:
+            self.sudo.append((str(command), bool(arguments.get("_sudo"))))
+            return super().run_shell_command(command, *args, **arguments)
 
     real = run.inventory_from
 
@@ -448,14 +466,14 @@ def fake_connectors(
     return made
 
 
-def issue(bao: Bao) -> bytes:
+def issue(bao: Bao, names: tuple[str, ...] = ("gpu-01",)) -> bytes:
     session = Session(
         Vault(addr=bao.addr, role_id=bao.role_id), {"VAULT_SECRET_ID": bao.secret_id(ROLE)}
     )
     try:
         return (
             Issuer(session, "pki", "gpunode-gateway")
-            .issue(["gpu-01"], ["127.0.0.1"], 3600)
+            .issue(list(names), ["127.0.0.1"], 3600)
             .bundle()
         )
     finally:
@@ -493,7 +511,7 @@ def gateway(
         tag,
         gateway_port=_free_port(),
         service_port=backend.port,
-        hosts={"gpu-01": {"ssh_port": 22}, "gpu-02": {"ssh_port": 2222}},
+        hosts={"gpu-01": {"ssh_port": 22}, "gpu-02": {"ssh_port": 2222, "user": "deploy"}},
     )
     node = Node(tmp_path, hosts[0].config)
     node.start(keys, issue(bao))
@@ -542,7 +560,10 @@ def test_a_client_key_is_rolled_out_host_by_host_and_never_shown(
     )
     assert [line.split(":")[0] for line in said[1:3]] == ["gpu-01", "gpu-02"]  # host by host
     for line in said[1:3]:
-        assert f": version {old + 1}: healthy: haproxy.service active, /health 200" in line
+        assert (
+            f": version {old + 1}: healthy: haproxy.service active, /health 200 over TLS on the "
+            "node, the key's SHA-256 in /etc/haproxy/gpunode/keys.map; GET /v1/models"
+        ) in line
         assert f"GET /v1/models with key version {old + 1} from the controller: 200 (TLS " in line
     assert said[3:] == [
         f"gateway.clients.alice: destroyed version {old}",
@@ -557,6 +578,10 @@ def test_a_client_key_is_rolled_out_host_by_host_and_never_shown(
     digest_check = f"grep -qxF -- '{key_digest(new_key)} alice' /etc/haproxy/gpunode/keys.map"
     for connector in made:
         assert digest_check in [str(c) for c in connector.executed_commands]
+    # the keys map is 0640 root:haproxy: read with sudo when the SSH user is not root
+    for connector, sudo in zip(made, (False, True), strict=True):
+        checks = [s for c, s in connector.sudo if c == digest_check]
+        assert checks and set(checks) == {sudo}, connector.host.name
     seen = everything_seen(made, said, capsys, caplog) + repr(rotation)
     assert key_digest(new_key) in seen  # the search below looks where the digest is
     assert new_key not in seen and keys["alice"] not in seen and keys["bob"] not in seen
@@ -591,6 +616,7 @@ def test_a_host_that_keeps_the_old_key_fails_and_is_put_back(
     )
 
     assert not rotation.ok
+    assert [(r.host, r.ok) for r in rotation.results] == [("gpu-01", False)]
     assert said[1] == (
         f"gpu-01: version {old + 1}: FAILED: health check GET /v1/models with key version "
         f"{old + 1} from the controller: 401 failing after 1 s"
@@ -629,6 +655,62 @@ def test_a_key_another_client_has_is_refused_before_anything_is_written(
         "a key no other client has; --generate makes one)"
     )
     assert bao.client().secrets.kv.v2.read_secret_metadata(path)["data"]["current_version"] == old
+
+
+def test_a_gateway_that_is_down_fails_its_first_check(
+    bao: Bao, gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HAProxy is not running (and a reload does not start it): the check that fails is
+    named, the first one, and the host is not healthy."""
+    node, hosts, _, _ = gateway
+    node.stuck = True
+    node.stop()
+    monkeypatch.setattr(rot, "GATEWAY_HEALTH_TIMEOUT", 1.0)
+    said: list[str] = []
+    rotation = rot.rotate(
+        hosts, "gateway.clients.alice", rot.generate_value(), rollback=False, say=said.append
+    )
+    assert not rotation.ok
+    new = rotation.new_version
+    assert (
+        said[1]
+        == f"gpu-01: version {new}: FAILED: health check haproxy.service active failing after 1 s"
+    )
+
+
+def test_a_key_any_other_client_has_is_refused(bao: Bao, login: None) -> None:
+    """Each other client's key is compared, not only the first one's."""
+    keys = put_keys(bao, "shared3")
+    carol = "carol-" + os.urandom(12).hex()
+    bao.client().secrets.kv.v2.create_or_update_secret(
+        "gpunode/clients/shared3-carol", {"api_key": carol}
+    )
+    carols = {"gateway": {"clients": {"carol": client("carol", "shared3")}}}
+    hosts = inventory(vault_of(bao), "shared3", hosts={"gpu-01": {"data": carols}})
+    with pytest.raises(rot.RotateError) as err:
+        rot.rotate(hosts, "gateway.clients.alice", carol, say=print)
+    assert str(err.value).startswith(
+        "gateway.clients.alice: the new key is the key of client carol on host gpu-01 "
+    )
+    assert keys["bob"] != carol
+
+
+def test_a_vault_error_names_the_clients_key(bao: Bao, login: None) -> None:
+    """A key outside the rotation's policy: Vault's refusal names the key as the gateway role
+    does (gateway.clients.<client>.key) and its source; nothing is written."""
+    put_keys(bao, "denied")
+    outside = {"key": {"path": "elsewhere/denied-alice"}}
+    hosts = inventory(
+        vault_of(bao),
+        "denied",
+        hosts={"gpu-01": {"data": {"gateway": {"clients": {"alice": outside}}}}},
+    )
+    with pytest.raises(VaultError) as err:
+        rot.rotate(hosts, "gateway.clients.alice", rot.generate_value(), say=print)
+    assert str(err.value).startswith(
+        "secret gateway.clients.alice.key (secret/elsewhere/denied-alice) metadata: permission "
+        "denied by Vault"
+    )
 
 
 # --- the checks, one by one, against a real HAProxy -------------------------------------------
@@ -690,6 +772,22 @@ def test_the_controllers_request_verifies_the_pki_ca(bao: Bao, gateway: Any) -> 
     assert keys["alice"] not in result
 
 
+def test_the_controller_verifies_the_name_it_reaches_the_host_by(bao: Bao, gateway: Any) -> None:
+    """A host reached by a DNS name: the controller's request checks the certificate for that
+    name (which the gateway role puts in the certificate), not for the host's name."""
+    node, _, keys, _ = gateway
+    (by_name,) = inventory(
+        vault_of(bao),
+        gateway_port=node.config.gateway.port,
+        hosts={"gpu-01": {"address": "localhost"}},
+    )
+    failed = rot._ask_models(by_name, keys["alice"], pki_ca(bao))  # a certificate for gpu-01
+    assert isinstance(failed, str), failed
+    assert failed.startswith("TLS verification failed (") and "server name localhost" in failed
+    node.start(keys, issue(bao, names=("localhost",)))  # now one for localhost alone
+    assert rot._ask_models(by_name, keys["alice"], pki_ca(bao)) == 200
+
+
 def test_the_controller_says_why_it_does_not_ask() -> None:
     port = _free_port()  # nothing listens there
     hosts = inventory(
@@ -705,6 +803,10 @@ def test_the_controller_says_why_it_does_not_ask() -> None:
         f"the controller cannot reach 127.0.0.1:{port} within 2 s"
     )
     assert rot._why_not_asked(hosts[1], "alice") == "/v1/models is not in gateway.routes"
+    (v6,) = inventory(UNREACHABLE_VAULT, gateway_port=port, hosts={"gpu-04": {"address": "::1"}})
+    assert rot._why_not_asked(v6, "alice") == (
+        f"the controller cannot reach [::1]:{port} within 2 s"
+    )
     assert rot._why_not_asked(hosts[2], "alice") == (
         "client alice needs a client certificate (mtls), the controller has none"
     )
@@ -712,3 +814,80 @@ def test_the_controller_says_why_it_does_not_ask() -> None:
         listener.bind(("127.0.0.1", port))
         listener.listen()
         assert rot._why_not_asked(hosts[0], "alice") == ""
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "hostport"),
+    [
+        ("0.0.0.0", "127.0.0.1", "127.0.0.1:18443"),  # noqa: S104 - a wildcard listener
+        ("::", "127.0.0.1", "127.0.0.1:18443"),  # v4v6: IPv4 too
+        ("10.1.2.3", "10.1.2.3", "10.1.2.3:18443"),
+        ("fd00::7", "fd00::7", "[fd00::7]:18443"),
+    ],
+)
+def test_the_health_command_asks_the_gateways_own_listener(
+    listen: str, host: str, hostport: str
+) -> None:
+    """On the node, /health goes to the address the gateway listens on (loopback for a
+    wildcard), with that address as the Host header; the openssl form connects there too."""
+    (node,) = inventory(
+        UNREACHABLE_VAULT, hosts={"gpu-01": {"data": {"gateway": {"listen": listen}}}}
+    )
+    command = str(rot.health_command(node.config))
+    url = shlex.quote(f"https://{hostport}/health")
+    assert f"curl -fsS -k -o /dev/null --max-time 5 {url};" in command
+    assert f"GET /health HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close" in command
+    assert f"openssl s_client -quiet -connect {shlex.quote(hostport)} 2>/dev/null" in command
+
+
+def test_the_controller_gives_up_on_a_gateway_that_never_answers() -> None:
+    """A port that drops the connection attempt (here: a listener whose queue is full, so
+    the kernel ignores the SYN, as a firewall that drops would): the controller waits 2 s,
+    not the minutes a TCP connect can take, and says so."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        held = [socket.create_connection(("127.0.0.1", port), timeout=1)]  # fills the queue
+        try:
+            (node,) = inventory(UNREACHABLE_VAULT, gateway_port=port)
+            started = time.monotonic()
+            said = rot._why_not_asked(node, "alice")
+            took = time.monotonic() - started
+        finally:
+            for s in held:
+                s.close()
+    assert said == f"the controller cannot reach 127.0.0.1:{port} within 2 s"
+    assert 1.5 < took < 10
+
+
+def test_a_gateway_without_the_models_route_is_checked_on_the_node_alone(
+    bao: Bao, login: None, backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gateway.routes without /v1/models: the controller cannot ask it with the key (the
+    gateway would refuse the route), so the host is judged by the checks on the node, and
+    the report says why."""
+    need("haproxy", HAPROXY)
+    keys = put_keys(bao, "noroute")
+    routes = {"gateway": {"routes": ["/v1/chat/completions"]}}
+    hosts = inventory(
+        vault_of(bao),
+        "noroute",
+        gateway_port=_free_port(),
+        service_port=backend.port,
+        hosts={"gpu-01": {"data": routes}},
+    )
+    node = Node(tmp_path, hosts[0].config)
+    node.start(keys, issue(bao))
+    try:
+        fake_connectors(monkeypatch, node)
+        said: list[str] = []
+        rotation = rot.rotate(hosts, "gateway.clients.alice", rot.generate_value(), say=said.append)
+    finally:
+        node.stop()
+    assert rotation.ok, said
+    assert said[1].startswith(f"gpu-01: version {rotation.new_version}: healthy: haproxy.service")
+    assert (
+        "; /v1/models is not in gateway.routes: relying on the checks on the node (after "
+        in (said[1])
+    )

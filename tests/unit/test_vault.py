@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import certifi
 import hvac
 import pytest
+import urllib3
 from harness import Bao, _free_port, run_deploys, start_bao, stop_bao
 
 from gpunode.clients.vault import SecretValue, Session, VaultError, read_root_only
@@ -235,6 +237,14 @@ def test_tls_with_the_ca_certificate_and_a_clear_error_without_it(tmp_path: Path
         with pytest.raises(VaultError) as err:
             session(server, env).read("demo", DEMO)  # the system CAs do not know it
         assert f"TLS verification of {server.addr} failed (allowed: vault.ca_cert" in str(err.value)
+        # tls_verify: false checks nothing, even with a ca_cert set (here one that does not
+        # know Vault's CA: with it checked, the read would fail as above)
+        other_ca = tmp_path / "other-ca.pem"
+        other_ca.write_text(Path(certifi.where()).read_text())
+        off = session(server, env, ca_cert=str(other_ca), tls_verify=False)
+        with pytest.warns(urllib3.exceptions.InsecureRequestWarning):
+            assert off.read("demo", DEMO).value == "tls-value"
+            off.close()
     finally:
         stop_bao(server)
 
@@ -257,6 +267,9 @@ def test_check_and_set_write_keeps_other_keys_and_refuses_a_stale_version(bao: B
     assert data["data"]["data"] == {"api_key": "b", "keep": "k"}
     with pytest.raises(VaultError, match=r"someone wrote a newer version than 1 meanwhile"):
         s.write("cas", secret, "c", cas=1)
+    with pytest.raises(VaultError) as err:  # the version it checks against is gone
+        s.write("cas", secret, "c", cas=7)
+    assert str(err.value) == "secret cas (secret/gpunode/cas#api_key): not found in Vault"
     s.close()
 
 
@@ -474,3 +487,221 @@ def test_the_secrets_role_creates_the_files_group_before_writing(
     )
     assert group < write, "\n".join(run.commands)
     assert not any("v2-value" in c for c in run.commands)  # the value never on a command line
+
+
+# --- what a user reads when Vault answers an error (a recording stand-in on loopback) ------
+#
+# A real OpenBao cannot be made to answer 412, 500 or 502, or to list two errors: the
+# `server` fixture (conftest.py) answers each request as told and records it.
+
+LOGIN = "/v1/auth/approle/login"
+LOGGED_IN = (200, {"auth": {"client_token": "t-fake", "lease_duration": 60}})
+
+
+def fake_session(server, **kw) -> Session:  # noqa: ANN001 - harness.Server
+    config = Vault(addr=server.address, role_id="r", **{"retries": 0, **kw})
+    return Session(config, environ={"VAULT_SECRET_ID": "s-fake"})
+
+
+def test_vault_errors_are_joined_with_semicolons_and_cut(server) -> None:  # noqa: ANN001
+    server.replay.add("POST", LOGIN, (400, {"errors": ["role is bad", "secret_id is bad"]}))
+    with pytest.raises(VaultError) as err:
+        fake_session(server).read("demo", DEMO)
+    assert str(err.value) == (
+        "secret demo (secret/gpunode/demo#api_key): vault login (AppRole approle): Vault "
+        "refused the request: role is bad; secret_id is bad"
+    )
+    server.replay.add("POST", LOGIN, (400, {"errors": ["x" * 200, "y" * 200]}))
+    with pytest.raises(VaultError) as err:
+        fake_session(server).read("demo", DEMO)
+    assert str(err.value).endswith("Vault refused the request: " + "x" * 200 + "; " + "y" * 98)
+
+
+def test_an_unexpected_answer_is_named_by_its_kind(server) -> None:  # noqa: ANN001
+    server.replay.add("POST", LOGIN, (412, {"errors": ["needs a newer index"]}))
+    with pytest.raises(VaultError) as err:
+        fake_session(server, retries=3).read("demo", DEMO)
+    assert str(err.value) == (
+        "secret demo (secret/gpunode/demo#api_key): vault login (AppRole approle): "
+        "UnexpectedError: needs a newer index"
+    )
+    assert len(server.replay.calls("POST", LOGIN)) == 1  # an answer, not retried
+
+
+@pytest.mark.parametrize(("status", "kind"), [(500, "InternalServerError"), (502, "BadGateway")])
+def test_a_5xx_answer_is_retried_with_doubling_waits_then_named(
+    server,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    kind: str,
+) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    server.replay.add("POST", LOGIN, (status, {"errors": ["internal error"]}))
+    with pytest.raises(VaultError) as err:
+        fake_session(server, retries=3, backoff=0.5).read("demo", DEMO)
+    assert str(err.value) == (
+        "secret demo (secret/gpunode/demo#api_key): vault login (AppRole approle): "
+        f"Vault at {server.address} answered {kind} after 4 attempt(s)"
+    )
+    assert len(server.replay.calls("POST", LOGIN)) == 4
+    assert waits == [0.5, 1.0, 2.0]
+
+
+def test_a_5xx_answer_then_a_good_one_reads_the_secret(server) -> None:  # noqa: ANN001
+    server.replay.add("POST", LOGIN, (503, {"errors": []}), LOGGED_IN)
+    server.replay.add(
+        "GET",
+        "/v1/secret/data/gpunode/demo",
+        (200, {"data": {"data": {"api_key": "fake-value"}, "metadata": {"version": 4}}}),
+    )
+    read = fake_session(server, retries=1, backoff=0.01).read("demo", DEMO)
+    assert (read.value, read.version) == ("fake-value", 4)
+    assert len(server.replay.calls("POST", LOGIN)) == 2
+
+
+def test_rotation_keeps_the_old_secret_id_when_vault_gives_no_usable_one(
+    server,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    from gpunode.clients.vault import rotate_secret_id
+
+    path = tmp_path / "secret_id"
+    path.write_text("old-secret-id-0001\n")
+    path.chmod(0o600)
+    server.replay.add("POST", LOGIN, LOGGED_IN)
+    server.replay.add(
+        "GET", "/v1/auth/token/lookup-self", (200, {"data": {"meta": {"role_name": "ctl"}}})
+    )
+    server.replay.add("POST", "/v1/auth/approle/role/ctl/secret-id", (200, {"data": {}}))
+    server.replay.add("POST", "/v1/auth/token/revoke-self", (204, ""))
+    config = Vault(addr=server.address, role_id="r", secret_id_file=str(path), retries=0)
+    with pytest.raises(VaultError) as err:
+        rotate_secret_id(config, environ={})
+    assert str(err.value) == (
+        f"vault: AppRole role ctl answered without a usable secret_id; the old one in {path} "
+        "is kept"
+    )
+    assert path.read_text() == "old-secret-id-0001\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret_id"]
+    assert not server.replay.calls("POST", "/v1/auth/approle/role/ctl/secret-id/destroy")
+    assert len(server.replay.calls("POST", "/v1/auth/token/revoke-self")) == 1  # its token
+    sent = server.replay.calls("POST", LOGIN)[0].body
+    assert sent["secret_id"] == "old-secret-id-0001"  # noqa: S105 - a test's fake
+
+
+# --- more of what a user reads ---------------------------------------------------------
+
+
+def test_metadata_of_a_missing_secret_names_it(bao: Bao) -> None:
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    with pytest.raises(VaultError) as err:
+        s.metadata("x", Secret(path="gpunode/nope", key="api_key"))
+    assert str(err.value) == "secret x (secret/gpunode/nope) metadata: not found in Vault"
+    s.close()
+
+
+def test_a_secret_without_keys_or_with_a_nul_is_refused(bao: Bao) -> None:
+    kv = bao.client().secrets.kv.v2
+    kv.create_or_update_secret("gpunode/empty", {})
+    kv.create_or_update_secret("gpunode/nul", {"api_key": "a\0b"})
+    kv.create_or_update_secret("gpunode/two-lines", {"api_key": "a\nb"})
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    with pytest.raises(VaultError) as err:
+        s.read("e", Secret(path="gpunode/empty", key="api_key"))
+    assert str(err.value).endswith("key 'api_key' is missing (keys there: none)")
+    with pytest.raises(VaultError) as err:
+        s.read("n", Secret(path="gpunode/nul", key="api_key"))
+    assert str(err.value) == (
+        "secret n (secret/gpunode/nul#api_key): the value is not a one-line string "
+        "(allowed: one line of text)"
+    )
+    assert "a\0b" not in str(err.value)
+    with pytest.raises(VaultError, match="the value is not a one-line string"):
+        s.read("t", Secret(path="gpunode/two-lines", key="api_key"))
+    s.close()
+
+
+def test_a_deploy_notes_the_unpinned_secrets_it_read_for_its_seal(bao: Bao) -> None:
+    """gpunode/seal.py checks again the latest version of what a host's deploy read
+    unpinned; a pinned read (in the inventory, or rotation's given version) is not noted."""
+    from pyinfra.context import ctx_host
+
+    from gpunode import seal
+    from gpunode.commands import run
+
+    host = run.inventory_from([("h1", {})]).get_host("h1")
+    s = session(bao, {"VAULT_SECRET_ID": bao.secret_id()})
+    with ctx_host.use(host):
+        s.read("pinned", Secret(path="gpunode/demo", key="api_key", version=1))
+        s.read("given", Secret(path="gpunode/demo", key="other"), version=1)
+        assert seal.extra_inputs(host)["vault"] == []
+        s.read("demo", DEMO)
+    s.close()
+    assert seal.extra_inputs(host)["vault"] == [["secret", "gpunode/demo", 2]]
+
+
+def test_a_wrapping_token_that_wraps_no_secret_id_is_refused(bao: Bao) -> None:
+    wrapped = bao.client().write_data("sys/wrapping/wrap", data={"foo": "bar"}, wrap_ttl="60s")
+    token = wrapped["wrap_info"]["token"]
+    with pytest.raises(VaultError) as err:
+        session(bao, {"VAULT_WRAPPED_SECRET_ID": token}).read("demo", DEMO)
+    assert str(err.value) == (
+        "secret demo (secret/gpunode/demo#api_key): vault login: $VAULT_WRAPPED_SECRET_ID did "
+        "not wrap a secret_id (allowed: the token from `write -wrap-ttl=... "
+        "auth/approle/role/R/secret-id`)"
+    )
+
+
+def test_a_root_only_file_of_another_user_or_empty_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "secret_id"
+    path.write_text("  \n")
+    path.chmod(0o600)
+    with pytest.raises(VaultError) as err:
+        read_root_only(str(path))
+    assert str(err.value) == f"vault.secret_id_file {path}: the file is empty"
+    if os.geteuid() != 0:
+        return  # only root can give a file to another user
+    path.write_text("s3cr3t-canary\n")
+    os.chown(path, 1, 1)
+    with pytest.raises(VaultError) as err:
+        read_root_only(str(path))
+    assert str(err.value) == (
+        f"vault.secret_id_file {path}: owned by uid 1 with mode 0600 (allowed: a regular file "
+        "owned by root, mode 0600 or 0400)"
+    )
+
+
+def test_each_vault_config_has_its_own_session() -> None:
+    from gpunode.clients import vault as vault_module
+
+    a = Vault(addr="https://a.example:8200", role_id="r")
+    b = Vault(addr="https://b.example:8200", role_id="r")
+    try:
+        first = vault_module.session_for(a)
+        assert vault_module.session_for(a.model_copy()) is first  # one login per config
+        other = vault_module.session_for(b)
+        assert other is not first and other.config.addr == "https://b.example:8200"
+    finally:
+        vault_module.close_all()
+
+
+def test_rotation_needs_approle_and_a_file() -> None:
+    from gpunode.clients.vault import rotate_secret_id
+
+    with pytest.raises(VaultError) as err:
+        rotate_secret_id(Vault(addr="https://v:8200", auth="token"), environ={})
+    assert str(err.value) == (
+        "vault.rotate_secret_id: needs vault.auth: approle and vault.secret_id_file "
+        "(allowed: both set, or rotate_secret_id: false)"
+    )
+
+
+def test_rotation_with_its_directory_missing_names_it(tmp_path: Path) -> None:
+    from gpunode.clients.vault import rotate_secret_id
+
+    gone = tmp_path / "gone"
+    config = Vault(addr="https://v:8200", role_id="r", secret_id_file=str(gone / "secret_id"))
+    with pytest.raises(VaultError) as err:
+        rotate_secret_id(config, environ={})
+    assert str(err.value) == f"vault.secret_id_file: {gone}: No such file or directory"

@@ -188,6 +188,53 @@ def test_the_run_token_is_revoked_and_only_the_role_is_touched(bao: Bao, seeded:
     assert len(accessors(bao, "other")) >= 1 and other  # another role's secret_ids stay
 
 
+def test_the_new_secret_id_says_who_issued_it(bao: Bao, seeded: Vault) -> None:
+    """What an admin sees of a controller's secret_id in Vault (`read auth/approle/role/R/
+    secret-id/lookup`): its metadata names gpunode's drift run."""
+    rotate_secret_id(seeded, environ={})
+    found = bao.client().auth.approle.read_secret_id(ROLE, on_disk(seeded))
+    assert found["data"]["metadata"] == {"issued_by": "gpunode drift"}
+
+
+def test_the_role_id_may_come_from_the_given_environment(bao: Bao, seeded: Vault) -> None:
+    without = seeded.model_copy(update={"role_id": None})
+    old = on_disk(seeded)
+    rotation = rotate_secret_id(without, environ={"VAULT_ROLE_ID": bao.role_id})
+    assert rotation.role == ROLE and on_disk(seeded) != old
+    assert logs_in(bao, on_disk(seeded)) and not logs_in(bao, old)
+
+
+def test_a_policy_without_destroy_keeps_the_new_one_and_says_so(bao: Bao, tmp_path: Path) -> None:
+    role = "nodestroy"
+    c = bao.client()
+    c.sys.create_or_update_policy(
+        role, f'path "auth/approle/role/{role}/secret-id" {{ capabilities = ["update"] }}\n'
+    )
+    c.auth.approle.create_or_update_approle(role, token_policies=[role])
+    path = tmp_path / "secret_id"
+    old = bao.secret_id(role)
+    path.write_text(old + "\n")
+    path.chmod(0o600)
+    config = Vault(
+        addr=bao.addr,
+        role_id=c.auth.approle.read_role_id(role)["data"]["role_id"],
+        secret_id_file=str(path),
+        retries=0,
+    )
+    with pytest.raises(VaultError) as err:
+        rotate_secret_id(config, environ={})
+    assert str(err.value) == (
+        f"vault: destroying the previous secret_id of AppRole role {role} (the new one is "
+        f"already in {path}; the old one stays valid until its TTL): permission denied by "
+        "Vault (allowed: a policy on this login that grants the capability on the path, see "
+        "docs/secrets.md)"
+    )
+    new = path.read_text().strip()
+    assert new != old and path.stat().st_mode & 0o777 == 0o600
+    assert len(accessors(bao, role)) == 2  # both alive: the old one until its TTL
+    destroy_all(bao, role)
+
+
 # --- crashes ----------------------------------------------------------------------------
 
 
@@ -238,6 +285,7 @@ def test_a_revoked_secret_id_fails_once_with_a_clear_message(bao: Bao, seeded: V
     assert "invalid role or secret ID" in msg
     assert f"the controller's secret_id in {seeded.secret_id_file} no longer logs in" in msg
     assert "docs/controller.md" in msg
+    assert "this host's address is outside the role's bound CIDRs" in msg
     assert old not in msg
     assert logins(bao) == before + 1  # a refusal is not retried (retries=3)
     assert on_disk(seeded) == old
