@@ -20,7 +20,7 @@ import certifi
 import hvac
 import pytest
 import urllib3
-from harness import Bao, _free_port, run_deploys, start_bao, stop_bao
+from harness import Bao, _free_port, need_root, run_deploys, start_bao, stop_bao
 
 from gpunode.clients.vault import SecretValue, Session, VaultError, read_root_only
 from gpunode.config import load
@@ -660,8 +660,7 @@ def test_a_root_only_file_of_another_user_or_empty_is_refused(tmp_path: Path) ->
     with pytest.raises(VaultError) as err:
         read_root_only(str(path))
     assert str(err.value) == f"vault.secret_id_file {path}: the file is empty"
-    if os.geteuid() != 0:
-        return  # only root can give a file to another user
+    need_root("giving the file to another user")
     path.write_text("s3cr3t-canary\n")
     os.chown(path, 1, 1)
     with pytest.raises(VaultError) as err:
