@@ -1488,6 +1488,47 @@ def test_a_secret_file_elsewhere_is_watched_for_its_mode_only() -> None:
     assert r"/etc/my\+app/hf\.env$ PERMS" in lines, lines
 
 
+def test_each_secret_file_is_watched_for_its_mode_by_its_own_path() -> None:
+    cfg = load_one(
+        {
+            "distro": "debian12",
+            "vault": {"addr": "https://vault.example.net:8200"},
+            "secrets": {
+                "hf-token": {"path": "kv/data/hf", "key": "token"},  # the default dest
+                "db": {"path": "kv/data/db", "key": "pw", "dest": "/etc/app/db.env"},
+            },
+        }
+    )
+    watched = dict(hardening.aide_watch(cfg))
+    extra = {p: r for p, r in watched.items() if p not in hardening_schema.AIDE_WATCH}
+    assert extra == {"/etc/gpunode/secrets/hf-token.env": "PERMS", "/etc/app/db.env": "PERMS"}
+
+
+def test_a_first_database_goes_in_place_only_when_aide_made_it(tmp_path: Path) -> None:
+    """The init command under a real sh, its paths in a temporary directory: AIDE failing
+    leaves no database in place (set -e stops before the move); AIDE succeeding puts it there,
+    root's alone."""
+    root, bin_dir = tmp_path / "aide", tmp_path / "bin"
+    bin_dir.mkdir()
+    command = (
+        hardening.aide_init_command("apt")
+        .replace(hardening.AIDE_DIR, str(root))
+        .replace("/usr/bin/aide", str(bin_dir / "aide"))
+        .replace(" -o root -g root", "")
+    )
+    aide = bin_dir / "aide"
+    aide.write_text(f"#!/bin/sh\necho half > {root}/aide.db.new.gz\nexit 17\n")
+    aide.chmod(0o755)
+    failed = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    assert failed.returncode != 0 and not (root / "aide.db.gz").exists()
+    aide.write_text(f"#!/bin/sh\necho whole > {root}/aide.db.new.gz\n")
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    db = root / "aide.db.gz"
+    assert db.read_text() == "whole\n" and db.stat().st_mode & 0o777 == 0o600
+    assert root.stat().st_mode & 0o777 == 0o700 and not (root / "aide.db.new.gz").exists()
+
+
 @pytest.mark.parametrize("path", ["/etc/x y", "relative", "/etc/a\nb", "/etc/../shadow"])
 def test_aide_paths_that_are_not_plain_are_refused(path: str) -> None:
     with pytest.raises(ValueError, match="is not a plain absolute path"):
@@ -1945,7 +1986,15 @@ def test_login_defs_get_their_values_and_keep_the_rest(tmp_path: Path) -> None:
     (command,) = run.grep(rf"^(sed|printf) .*{re.escape(hardening.LOGIN_DEFS)}$")
     after = _apply_to_copy(command, tmp_path)
     assert {k: after.get(k) for k in hardening.login_defs(cfg)} == hardening.login_defs(cfg)
-    assert (after["UMASK"], after["PASS_MAX_DAYS"]) == ("027", "365")
+    assert hardening.login_defs(cfg) == {  # the defaults, written out (docs/reference.md)
+        "UMASK": "027",
+        "PASS_MAX_DAYS": "365",
+        "PASS_MIN_DAYS": "1",
+        "PASS_WARN_AGE": "7",
+        "ENCRYPT_METHOD": "SHA512",
+        "SHA_CRYPT_MIN_ROUNDS": "65536",
+        "SHA_CRYPT_MAX_ROUNDS": "65536",
+    }
     before = KeyValues().process(lines("login-defs.fresh"))
     # the distro's other settings are untouched, its comments kept
     managed = hardening.login_defs(cfg)
@@ -1963,6 +2012,29 @@ def test_login_defs_get_their_values_and_keep_the_rest(tmp_path: Path) -> None:
     }
     again = run_roles(cfg, distro, converged)
     assert not again.grep(rf"^(sed|printf) .*{re.escape(hardening.LOGIN_DEFS)}$")
+
+
+def test_login_defs_take_each_value_from_its_own_key() -> None:
+    login = {
+        "umask": "077",
+        "password_max_days": 90,
+        "password_min_days": 2,
+        "password_warn_days": 14,
+        "hash_rounds": 100000,
+    }
+    cfg = load_one({"distro": "debian12", "hardening": {"login": login}})
+    assert hardening.login_defs(cfg) == {
+        "UMASK": "077",
+        "PASS_MAX_DAYS": "90",
+        "PASS_MIN_DAYS": "2",
+        "PASS_WARN_AGE": "14",
+        "ENCRYPT_METHOD": "SHA512",
+        "SHA_CRYPT_MIN_ROUNDS": "100000",
+        "SHA_CRYPT_MAX_ROUNDS": "100000",
+    }
+    assert hardening.render_profile_umask(cfg) == (
+        "# The login shells' umask, from hardening.login.umask. Written by gpunode.\numask 077\n"
+    )
 
 
 def test_a_key_that_is_set_twice_is_rewritten_on_every_line(tmp_path: Path) -> None:
