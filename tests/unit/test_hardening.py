@@ -1691,11 +1691,18 @@ def test_the_update_puts_each_difference_in_the_journal_and_keeps_the_old_databa
         "taken in by a gpunode deploy: f > ...    .H     : /etc/issue\n"
     )
     assert list(root.iterdir()) == [root / "aide.db.gz"]  # no report left behind
+    logged = journal.read_text()
     fake_aide(17, creates=False)
     failed = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
     assert failed.returncode == 1
     assert "AIDE could not update its database (exit status 17)" in failed.stderr
     assert (root / "aide.db.gz").read_text() == "new\n"  # the old one stays
+    assert journal.read_text() == logged  # nothing said to be taken in
+    assert list(root.iterdir()) == [root / "aide.db.gz"]  # its report removed too
+    # nothing differs (AIDE's exit status 0): the database is renewed quietly
+    fake_aide(0, creates=True)
+    quiet = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+    assert (quiet.returncode, quiet.stderr) == (0, "")
     # a host AIDE was never set up on (no database): nothing to update, not a failure
     (root / "aide.db.gz").unlink()
     fake_aide(4, creates=True)
