@@ -484,6 +484,14 @@ class Bao:
     def client(self) -> hvac.Client:
         return hvac.Client(url=self.addr, token=self.root, timeout=5, verify=self.ca)
 
+    def add_approle(self, role: str, policy: str) -> None:
+        """AppRole auth on, a policy and a role of the same name holding it; its role_id kept."""
+        c = self.client()
+        c.sys.enable_auth_method("approle", path="approle")
+        c.sys.create_or_update_policy(role, policy)
+        c.auth.approle.create_or_update_approle(role, token_policies=[role])
+        self.role_id = c.auth.approle.read_role_id(role)["data"]["role_id"]
+
     def secret_id(self, role: str = "gpunode", wrap_ttl: str | None = None) -> str:
         resp = self.client().auth.approle.generate_secret_id(role, wrap_ttl=wrap_ttl)
         return str(resp["wrap_info"]["token"] if wrap_ttl else resp["data"]["secret_id"])

@@ -70,12 +70,8 @@ UNREACHABLE_VAULT = {"addr": "http://127.0.0.1:1", "role_id": "r", "retries": 0}
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
     server = start_bao(tmp_path_factory.mktemp("bao"))
-    c = server.client()
-    c.sys.enable_auth_method("approle", path="approle")
-    c.sys.create_or_update_policy(ROLE, POLICY)
-    c.auth.approle.create_or_update_approle(ROLE, token_policies=[ROLE])
-    server.role_id = c.auth.approle.read_role_id(ROLE)["data"]["role_id"]
-    setup_pki(c)
+    server.add_approle(ROLE, POLICY)
+    setup_pki(server.client())
     yield server
     stop_bao(server)
 

@@ -40,11 +40,7 @@ HEALTH = "http://127.0.0.1:8080/health"
 @pytest.fixture(scope="module")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
     server = start_bao(tmp_path_factory.mktemp("bao"))
-    c = server.client()
-    c.sys.enable_auth_method("approle", path="approle")
-    c.sys.create_or_update_policy(ROLE, POLICY)
-    c.auth.approle.create_or_update_approle(ROLE, token_policies=[ROLE])
-    server.role_id = c.auth.approle.read_role_id(ROLE)["data"]["role_id"]
+    server.add_approle(ROLE, POLICY)
     yield server
     stop_bao(server)
 
