@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class SealCheck(FactBase):
     def command(self) -> str:
         return (
             f"if [ -r {SCRIPT} ] && command -v python3 >/dev/null 2>&1; "
-            f'then python3 {SCRIPT} check; else echo \'{{"seal": "no-checker"}}\'; fi'
+            f'then python3 -I -S {SCRIPT} check; else echo \'{{"seal": "no-checker"}}\'; fi'
         )
 
     def process(self, output: list[str]) -> dict[str, Any]:
@@ -82,6 +83,39 @@ GPU_PRESENCE = (
     "-e '/^gpunode-probe-exit=not-installed$/p' -e '/^pci-gpu=/p'"
 )
 
+# SystemdStatus / SystemdEnabled of named units (pyinfra's systemd.service reads both for
+# each unit it manages): each read's output is that unit's Id and SubState (or
+# UnitFileState) from ``systemctl show --all``. One ``systemctl show`` of every such unit with
+# all three properties prints each of those values too, so it differs whenever one of the
+# reads would: one command instead of two per unit.
+UNIT_FACTS = (systemd.SystemdStatus, systemd.SystemdEnabled)
+UNIT_STATES = (
+    "if command -v systemctl >/dev/null 2>&1; then systemctl show --all --property Id "
+    "--property SubState --property UnitFileState -- {units}; "
+    "else echo '##PYINFRA_NOCMD##'; fi"
+)
+
+
+def unit_states(units: Iterable[str]) -> str:
+    """The seal's one command for these named units (their Id, SubState, UnitFileState)."""
+    return UNIT_STATES.format(units=" ".join(shlex.quote(u) for u in units))
+
+
+def _named_units(read: FactRead) -> list[str] | None:
+    """The units a plain (system manager, this machine) SystemdStatus/SystemdEnabled read
+    of named units asks about; None for any other read."""
+    if read.fact not in UNIT_FACTS or any(
+        read.argument(name) for name in ("user_mode", "machine", "user_name")
+    ):
+        return None
+    services = read.argument("services")
+    if isinstance(services, str):
+        services = (services,)
+    if not services or not all(isinstance(s, str) and s for s in services):
+        return None
+    return list(services)
+
+
 PATH_FACTS: tuple[type, ...] = (
     files.File,
     files.Directory,
@@ -109,6 +143,7 @@ def entries(reads: Iterable[FactRead]) -> list[tuple[str, str]] | None:
     """What the seal keeps for these fact reads (``("path", p)`` or ``("sh", command)``),
     each once, in order; None when one of them cannot be sealed."""
     out: dict[tuple[str, str], None] = {}
+    units: dict[str, None] = {}  # named units, sealed by one command where the first was read
     for read in reads:
         if not read.batchable or read.elsewhere:
             return None
@@ -127,11 +162,14 @@ def entries(reads: Iterable[FactRead]) -> list[tuple[str, str]] | None:
             out[("sh", COMMANDS[read.fact])] = None
         elif read.fact is systemd.SystemdStatus and not read.argument("services"):
             out[("sh", UNIT_FILES)] = None
+        elif (named := _named_units(read)) is not None:
+            out.setdefault(("units", ""), None)
+            units.update(dict.fromkeys(named))
         elif read.fact is GpuProbe:
             out[("sh", GPU_PRESENCE)] = None
         else:
             out[("sh", read.command)] = None
-    return list(out)
+    return [("sh", unit_states(units)) if entry == ("units", "") else entry for entry in out]
 
 
 # --- does the seal prove the node converged (on the controller) -------------------------

@@ -49,5 +49,10 @@ def seal():
     doc = json.loads(sealing.spec(host, sealed))
     yield FileUploadCommand(StringIO(json.dumps(doc)), sealing.SPEC_PATH)
     yield StringCommand(
-        "python3", QuoteString(sealing.SCRIPT_PATH), "record", QuoteString(sealing.SPEC_PATH)
+        "python3",
+        "-I",
+        "-S",
+        QuoteString(sealing.SCRIPT_PATH),
+        "record",
+        QuoteString(sealing.SPEC_PATH),
     )

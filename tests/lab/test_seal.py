@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunode.facts.seal import SEAL_SWITCH
+from gpunode.facts.seal import SEAL_SWITCH, unit_states
 from gpunode.paths import REPO_ROOT
 
 from .conftest import Lab, changes, gpunode, pyinfra, root_vault
@@ -110,6 +110,33 @@ def test_a_converged_host_is_proven_by_its_seal_in_one_command(sealed: Lab, tmp_
     # the seal is root-only: it holds digests of private files
     mode = sealed.ssh(NODE, "stat -c '%a %U' /var/lib/gpunode/seal.json", check=True)
     assert mode.stdout.split() == ["600", "root"]
+
+
+SEALED_UNITS = [
+    "chrony.service",
+    "prometheus-node-exporter.service",
+    "gpunode-firewall.service",
+    "gpunode-file-integrity.timer",
+    "systemd-journald.service",
+    "no-such-unit.service",
+]
+
+
+def test_the_one_units_command_prints_every_line_each_units_read_prints(sealed: Lab) -> None:
+    """The seal keeps the named units' SystemdStatus/SystemdEnabled reads as one
+    ``systemctl show`` (gpunode.facts.seal.unit_states): on a real systemd, each read's own
+    command prints nothing the one command does not, and the facts parse the same."""
+    from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
+
+    merged = sealed.ssh(NODE, unit_states(SEALED_UNITS), check=True).stdout.splitlines()
+    for fact in (SystemdStatus, SystemdEnabled):
+        for unit in SEALED_UNITS:
+            own = sealed.ssh(NODE, str(fact().command(services=[unit])), check=True)
+            lines = [line for line in own.stdout.splitlines() if line]
+            assert lines and set(lines) <= set(merged), (unit, lines)
+            assert fact().process(lines) == {
+                k: v for k, v in fact().process(merged).items() if k == unit
+            }
 
 
 HOST_CASES: dict[str, str] = {

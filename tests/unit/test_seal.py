@@ -55,6 +55,7 @@ from gpunode.facts.seal import (
     entries,
     judge,
     proven,
+    unit_states,
     vault_reason,
 )
 from gpunode.operations.seal import current
@@ -475,6 +476,35 @@ def test_gpunode_seal_runs_as_a_script_on_the_system_python(tmp_path: Path, node
         assert wrong.stderr.startswith("usage: gpunode-seal"), args
 
 
+def test_the_check_command_ignores_the_sessions_python_environment(tmp_path: Path) -> None:
+    """The check runs as root with the SSH session's environment: a PYTHONPATH (or a module
+    beside the script) must not put code into it (``python3 -I -S``)."""
+    if not Path(SYSTEM_PYTHON).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{SYSTEM_PYTHON} missing and CI=true")
+        pytest.skip(f"{SYSTEM_PYTHON} missing")
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    marker = tmp_path / "imported"
+    for name in ("json", "hashlib", "sitecustomize"):
+        (planted / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name} ')\n")
+    script = planted / "gpunode-seal"
+    script.write_text((REPO_ROOT / "gpunode" / "sealcheck.py").read_text())
+    command = SealCheck().command().replace(seal_facts.SCRIPT, str(script))
+    assert command != SealCheck().command()
+    done = subprocess.run(
+        ["/bin/sh", "-c", command],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(planted), "PYTHONSTARTUP": str(script)},
+        stdin=subprocess.DEVNULL,
+        timeout=SHELL_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["seal"] in ("missing", "ok", "unreadable")
+    assert not marker.exists(), marker.read_text()
+
+
 def test_a_change_behind_a_sealed_symlink_is_drift(
     tmp_path: Path, seal_path: Path, node: Node, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -594,10 +624,34 @@ def test_every_unit_is_sealed_by_the_unit_files_named_units_by_their_command() -
     assert entries([read(status, "systemctl show '*'", services=None)]) == [("sh", UNIT_FILES)]
     for fact in (systemd.SystemdStatus, systemd.SystemdEnabled):
         named = read(fact, "systemctl show -- nomad.service", services=("nomad.service",))
-        assert entries([named]) == [("sh", "systemctl show -- nomad.service")]
+        assert entries([named]) == [("sh", unit_states(["nomad.service"]))]
     # every unit's enablement is stable: sealed by its own command
     enabled = read(systemd.SystemdEnabled, "systemctl list-unit-files")
     assert entries([enabled]) == [("sh", "systemctl list-unit-files")]
+
+
+def test_named_units_are_sealed_by_one_command_where_the_first_was_read() -> None:
+    reads = [
+        read(server.Hostname, "uname -n"),
+        read(systemd.SystemdStatus, "s a", services=("a.service",)),
+        read(files.File, path="/x"),
+        read(systemd.SystemdEnabled, "e a", services=("a.service",)),
+        read(systemd.SystemdStatus, "s b c", services=("b.timer", "c.service")),
+        read(systemd.SystemdEnabled, "e d", services="d.socket"),
+    ]
+    assert entries(reads) == [
+        ("sh", "uname -n"),
+        ("sh", unit_states(["a.service", "b.timer", "c.service", "d.socket"])),
+        ("path", "/x"),
+    ]
+    assert unit_states(["a.service", "x;y"]).count("'x;y'") == 1
+
+
+@pytest.mark.parametrize("other", [{"user_mode": True}, {"machine": "m"}, {"user_name": "u"}])
+def test_units_of_another_manager_are_sealed_by_their_own_command(other: dict[str, Any]) -> None:
+    own = read(systemd.SystemdStatus, "own", services=("a.service",), **other)
+    plain = read(systemd.SystemdStatus, "plain", services=("a.service",))
+    assert entries([own, plain]) == [("sh", "own"), ("sh", unit_states(["a.service"]))]
 
 
 def test_the_gpu_probe_is_sealed_by_gpu_presence() -> None:
