@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra.api import FactBase
 
 
@@ -124,3 +126,61 @@ def _deb822(name: str, lines: list[str]) -> list[dict[str, object]]:
             key = key.strip()
             stanza[key] = value.strip()
     return out
+
+
+# Run by the node's python3, isolated (-I -S): the interpreter that will import the module
+# decides where its bytecode lives (the cache tag) and what "current" means (its magic).
+_BYTECODE = (
+    "import hashlib, importlib.util as u, os, sys\n"
+    "src = sys.argv[1]\n"
+    "pyc = u.cache_from_source(src)\n"
+    "try:\n"
+    "    data = open(src, 'rb').read()\n"
+    "except OSError:\n"
+    "    print('state=no-source pyc=' + pyc); sys.exit()\n"
+    "digest = hashlib.sha256(data).hexdigest()\n"
+    "try:\n"
+    "    st = os.lstat(pyc)\n"
+    "    head = open(pyc, 'rb').read(16) if os.path.isfile(pyc) else b''\n"
+    "except OSError:\n"
+    "    print('state=missing pyc=' + pyc + ' source=' + digest); sys.exit()\n"
+    "ok = (head[:4] == u.MAGIC_NUMBER and head[4:8] == b'\\x03\\0\\0\\0'\n"
+    "      and head[8:16] == u.source_hash(data)\n"
+    "      and st.st_uid == 0 and not st.st_mode & 0o022 and os.path.isfile(pyc)\n"
+    "      and not os.path.islink(pyc))\n"
+    "print('state=' + ('current' if ok else 'stale') + ' pyc=' + pyc + ' source=' + digest)\n"
+)
+
+
+class PythonBytecode(FactBase):
+    """
+    Whether the node's ``python3`` has current bytecode for the module at ``path``: a
+    hash-checked ``.pyc`` (Python verifies it against the source on every import, so it can
+    never run stale code) in ``__pycache__`` beside it, owned by root, writable by no one
+    else. ``state`` is ``current``, ``stale`` (another source, interpreter, flag, owner or
+    mode), ``missing``, ``no-source`` or ``no-python``; ``source`` is the source's SHA-256.
+
+    .. code:: python
+
+        {"state": "current", "pyc": "/usr/local/lib/gpunode/__pycache__/pynvml.cpython-311.pyc",
+         "source": "3f1c..."}
+    """
+
+    @staticmethod
+    def default() -> dict[str, str]:
+        return {"state": "unknown", "pyc": "", "source": ""}
+
+    def command(self, path: str) -> str:
+        return (
+            "if command -v python3 >/dev/null 2>&1; then "
+            f"python3 -I -S -c {shlex.quote(_BYTECODE)} {shlex.quote(path)}; "
+            "else echo state=no-python; fi"
+        )
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        fields = dict(word.split("=", 1) for line in output for word in line.split() if "=" in word)
+        return {
+            "state": fields.get("state", "unknown"),
+            "pyc": fields.get("pyc", ""),
+            "source": fields.get("source", ""),
+        }

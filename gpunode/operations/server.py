@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 
 from pyinfra import host
 from pyinfra.api import operation
+
+from gpunode.facts.server import PythonBytecode
 
 
 @operation(is_idempotent=True)
@@ -33,3 +36,51 @@ def fail(message: str):
         fail(name="Check distro", message="declared debian12, found ubuntu 22.04")
     """
     yield f"echo {shlex.quote('gpunode: ' + message)} >&2; exit 1"
+
+
+# py_compile writes the .pyc atomically (a new file, renamed over the old one), with the
+# source's mode; umask 022 so that a stricter login umask (027) leaves it readable to the
+# unprivileged services that import the module
+_COMPILE = (
+    "import py_compile, sys\n"
+    "py_compile.compile(sys.argv[1], doraise=True,\n"
+    "                   invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)\n"
+)
+
+
+def bytecode_path_of(source: str, pyc: str) -> bool:
+    """Whether ``pyc`` is where a Python keeps the bytecode of ``source``
+    (``DIR/__pycache__/NAME.TAG.pyc``)."""
+    folder, _, name = source.rpartition("/")
+    stem = name.removesuffix(".py")
+    prefix = f"{folder}/__pycache__/{stem}."
+    return (
+        name.endswith(".py")
+        and pyc.startswith(prefix)
+        and re.fullmatch(r"[A-Za-z0-9_-]+(\.opt-[12])?\.pyc", pyc[len(prefix) :]) is not None
+    )
+
+
+@operation()
+def python_bytecode(path: str, source_sha256: str):
+    """
+    Give the node's ``python3`` current, hash-checked bytecode for the module at ``path``
+    (``source_sha256``: the content the deploy puts there, so a module replaced in the same
+    run is compiled after it). Python checks such bytecode against the source on every
+    import: it saves the compile (a large module costs tens of milliseconds at each start)
+    and can never run code other than the source's.
+
+    .. code:: python
+
+        python_bytecode(name="pynvml bytecode", path="/usr/local/lib/gpunode/pynvml.py",
+                        source_sha256=hashlib.sha256(source).hexdigest())
+    """
+    now = host.get_fact(PythonBytecode, path=path)
+    if now["state"] == "current" and now["source"] == source_sha256:
+        host.noop(f"bytecode of {path} is current")
+        return
+    # a stale file or a link goes first (never written through); the path is the node's
+    # answer, so only one where the interpreter keeps this module's bytecode is removed
+    if now["state"] == "stale" and bytecode_path_of(path, now["pyc"]):
+        yield f"rm -f -- {shlex.quote(now['pyc'])}"
+    yield (f"umask 022 && python3 -I -S -c {shlex.quote(_COMPILE)} {shlex.quote(path)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,17 @@ def test_probe_files_as_installed(deployed: Lab) -> None:
         assert out[0] == owner_mode, path
         assert out[1].split()[0] == hashlib.sha256(source.read_bytes()).hexdigest(), path
     listing = deployed.ssh("lab-02", f"ls -A {probe.LIB_DIR}", check=True).stdout.split()
-    assert listing == ["pynvml.py"]  # the probe leaves no bytecode behind
+    assert listing == ["__pycache__", "pynvml.py"]  # the probe itself writes no bytecode
+    # pynvml's bytecode, compiled by the node's python3, hash-checked, and the one the
+    # probe loads
+    cache = deployed.ssh(
+        "lab-02", f"cd {probe.LIB_DIR}/__pycache__ && stat -c '%U %G %a %n' *", check=True
+    ).stdout.split("\n")[0]
+    assert re.fullmatch(r"root root 644 pynvml\.cpython-3\d+\.pyc", cache), cache
+    verbose = deployed.ssh("lab-02", f"python3 -v {probe.PROBE_PATH}")
+    assert f"# code object from '{probe.LIB_DIR}/__pycache__/{cache.split()[-1]}'" in (
+        verbose.stderr
+    ), verbose.stderr[-3000:]
 
 
 def test_second_run_plans_no_change_for_the_role(deployed: Lab) -> None:

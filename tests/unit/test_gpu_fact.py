@@ -12,6 +12,7 @@ tests/unit/harness.py, answered with those real fact outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from harness import Run, converged, run_deploys
 from gpunode import probe
 from gpunode.config import load
 from gpunode.facts.nvidia import GpuProbe, parse_probe_output
+from gpunode.facts.server import PythonBytecode
 from gpunode.gpus import PROBE_SOURCE, capacity, capacity_from_report, pynvml_source, sees_no_gpu
 from gpunode.planner import check_placement
 from gpunode.schema.gpu import GPU_MODELS
@@ -158,6 +160,12 @@ def test_role_installs_the_probe_and_pynvml(no_gpu_fact: list[str]) -> None:
     assert run.grep(r"chmod 755 /usr/local/sbin/gpunode-probe")
     assert run.grep(r"chmod 644 /usr/local/lib/gpunode/pynvml\.py")
     assert run.grep(r"apt-get .*install.* python3")
+    # its bytecode, compiled by the node's python3 once pynvml.py is in place
+    compiled = [i for i, c in enumerate(run.commands) if "CHECKED_HASH" in c]
+    put = [i for i, c in enumerate(run.commands) if "chmod 644 /usr/local/lib/gpunode/pynvml" in c]
+    assert len(compiled) == 1 and put and put[0] < compiled[0]
+    assert run.commands[compiled[0]].endswith(" /usr/local/lib/gpunode/pynvml.py")
+    assert run.grep(r"mkdir -p /usr/local/lib/gpunode/__pycache__")
 
 
 def test_gpu_less_host_not_required_is_a_visible_skip(no_gpu_fact: list[str]) -> None:
@@ -193,13 +201,19 @@ def test_converged_host_gets_no_change(no_gpu_fact: list[str]) -> None:
     dpkg = subprocess.run(["dpkg", "-l", "python3"], capture_output=True, text=True)
     if dpkg.returncode != 0:
         pytest.skip("no dpkg here to answer the package fact with")
+    pyc = f"{probe.LIB_DIR}/__pycache__/pynvml.cpython-311.pyc"
     files = {
         probe.PROBE_PATH: PROBE_SOURCE.read_text(),
         f"{probe.LIB_DIR}/pynvml.py": pynvml_source().read_text(),
+        pyc: "bytecode",
     }
     modes = {probe.PROBE_PATH: "755", f"{probe.LIB_DIR}/pynvml.py": "644"}
+    bytecode = PythonBytecode().command(path=f"{probe.LIB_DIR}/pynvml.py")
+    source = hashlib.sha256(pynvml_source().read_bytes()).hexdigest()
 
     def packages(command: str) -> Any:
+        if command.endswith(bytecode):
+            return f"state=current pyc={pyc} source={source}"
         return dpkg.stdout if "dpkg -l" in command else None
 
     run = run_role(node_config(), no_gpu_fact, [converged(files, modes), packages])
