@@ -2,9 +2,11 @@
 
 For each size it prints the first-converge time, the converged re-run time, the drift-check
 time (``gpunode drift``: the seal first, docs/performance.md), the same check with ``--full``
-(every host planned, facts pipelined), the remote commands per host in a converged run and
-in a drift check (counted at pyinfra's connector: commands, uploads and downloads, facts
-included) and, at the end, the 16-host / 1-host ratios.
+(every host planned, facts pipelined), the CPU time of one seal check on a node (what each
+more host adds on a machine whose cores the hosts share), the remote commands per host in a
+converged run and in a drift check (counted at pyinfra's connector: commands, uploads and
+downloads, facts included) and, at the end, the 16-host / 1-host ratios. The re-run, the
+drift check and the node's CPU are the median of 3 runs each (the range is printed).
 
     sudo .venv/bin/python bench/converge.py [--sizes 1 4 16]
 
@@ -40,6 +42,7 @@ ENV = {
 }
 INVENTORY = "inventories/lab.py"
 DEPLOY = "deploys/gpu_node.py"
+REPEAT = 3
 
 
 def run(*cmd: str) -> tuple[float, subprocess.CompletedProcess[str]]:
@@ -121,6 +124,26 @@ def counted(what: str) -> list[int]:
     return per_host
 
 
+def seal_check_cpu() -> float:
+    """CPU seconds (user + sys, children included) of one ``gpunode-seal check`` on lab-01,
+    the median of REPEAT, run there as the drift check runs it (what each host adds)."""
+    ssh = ("ssh", "-F", str(REPO / ".lab" / ENV["GPUNODE_LAB_NAME"] / "ssh_config"), "lab-01")
+    timed = (
+        "python3 -I -S -c 'import os, subprocess, sys\n"
+        'subprocess.run(["python3", "-I", "-S", sys.argv[1], "check"], '
+        "stdout=subprocess.DEVNULL, check=True)\n"
+        "t = os.times()\n"
+        "print(t.children_user + t.children_system)' /usr/local/sbin/gpunode-seal"
+    )
+    samples = []
+    for _ in range(REPEAT):
+        _, proc = run(*ssh, timed)
+        if proc.returncode != 0:
+            raise SystemExit(f"seal check on lab-01: {proc.stderr[-500:]}")
+        samples.append(float(proc.stdout.split()[-1]))
+    return statistics.median(samples)
+
+
 def one_size(n: int) -> dict[str, float]:
     must("lab down", run(sys.executable, "-m", "gpunode.commands.cli", "lab", "down"))
     # `lab up` again keeps healthy hosts and rebuilds those that booted degraded (it
@@ -133,11 +156,17 @@ def one_size(n: int) -> dict[str, float]:
     else:
         must("lab up", (up, proc))
     first = must("first converge", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
-    second = must("converged run", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
+    # the short runs are timed REPEAT times each: their median is reported, and the spread
+    reruns = [
+        must("converged run", run(sys.executable, "-m", "pyinfra", "-y", INVENTORY, DEPLOY))
+        for _ in range(REPEAT)
+    ]
     gpunode = (sys.executable, "-m", "gpunode.commands.cli", "drift", INVENTORY, DEPLOY)
-    check = must("drift", run(*gpunode))
+    checks = [must("drift", run(*gpunode)) for _ in range(REPEAT)]
+    second, check = statistics.median(reruns), statistics.median(checks)
     full = must("drift --full", run(*gpunode, "--full"))
     deploy_cmds, drift_cmds = counted("deploy"), counted("drift")
+    node_cpu = seal_check_cpu()
     result = {
         "hosts": n,
         "lab_up_s": up,
@@ -149,10 +178,13 @@ def one_size(n: int) -> dict[str, float]:
         "commands_max": max(deploy_cmds),
         "drift_commands_per_host": statistics.mean(drift_cmds),
         "drift_commands_max": max(drift_cmds),
+        "seal_check_cpu_s": node_cpu,
     }
     print(
-        f"{n:>2} host(s): first converge {first:6.1f} s, converged re-run {second:5.1f} s, "
-        f"drift check {check:5.2f} s (--full {full:5.2f} s); remote commands per host: "
+        f"{n:>2} host(s): first converge {first:6.1f} s, converged re-run {second:5.2f} s "
+        f"({min(reruns):.2f} to {max(reruns):.2f}), drift check {check:5.2f} s "
+        f"({min(checks):.2f} to {max(checks):.2f}) (--full {full:5.2f} s); "
+        f"the seal check's CPU on lab-01 {node_cpu * 1000:.0f} ms; remote commands per host: "
         f"converged deploy {result['commands_per_host']:.1f} (max {max(deploy_cmds)}), "
         f"drift check {result['drift_commands_per_host']:.1f} (max {max(drift_cmds)})",
         flush=True,
@@ -194,6 +226,7 @@ def main() -> int:
                     "converged_rerun_s",
                     "drift_check_s",
                     "drift_full_s",
+                    "seal_check_cpu_s",
                     "commands_per_host",
                     "drift_commands_per_host",
                 )
