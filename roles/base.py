@@ -37,6 +37,7 @@ from gpunode.base import (
 from gpunode.facts.server import AptSources, HostInfo
 from gpunode.inventory import node_and_distro
 from gpunode.operations.ini import ini_value
+from gpunode.operations.packages import apt_update
 from gpunode.operations.server import fail, notice
 from gpunode.operations.sudo import sudoers_dropin
 from gpunode.paths import template
@@ -130,7 +131,7 @@ def _apt_sources(config: NodeConfig, spec: distros.DistroSpec) -> None:
         group="root",
         mode="644",
     )
-    apt.update(name="Refresh apt package lists (security source)", _if=added.did_change)
+    apt_update(name="Refresh apt package lists (security source)", _if=added.did_change)
 
 
 def _dnf_sources(config: NodeConfig) -> None:
@@ -152,7 +153,7 @@ def _packages(config: NodeConfig, spec: distros.DistroSpec) -> None:
         # Refresh the lists only when something is to be installed: a converged
         # host then reports no change (and a drift run no false positive).
         if any(pkg not in installed for pkg in wanted):
-            apt.update(name="Refresh apt package lists")
+            apt_update(name="Refresh apt package lists")
         apt.packages(name="Base packages", packages=wanted, no_recommends=True)
     else:
         dnf.packages(name="Base packages", packages=wanted)

@@ -42,6 +42,7 @@ from gpunode.facts.files import PrivateFileState
 from gpunode.inventory import node_and_distro
 from gpunode.monitoring import read_credential
 from gpunode.operations.files import MaskedBytes, private_file
+from gpunode.operations.packages import apt_update
 from gpunode.operations.server import fail
 from gpunode.paths import template
 from roles.monitoring import textfile_and_node_exporter
@@ -60,7 +61,7 @@ def controller() -> None:
         )
         return
     if any(p not in host.get_fact(DebPackages) for p in ctl.APT_PACKAGES):
-        apt.update(name="Refresh apt package lists (controller)")
+        apt_update(name="Refresh apt package lists (controller)")
     apt.packages(name="Controller packages", packages=list(ctl.APT_PACKAGES), no_recommends=True)
     machine = host.get_fact(Arch)
 

@@ -35,6 +35,7 @@ from gpunode.inventory import node_and_distro
 from gpunode.nvidia import container_toolkit_packages, toolkit
 from gpunode.operations.keys import pinned_keyring
 from gpunode.operations.nvidia import hold_packages
+from gpunode.operations.packages import apt_update
 from gpunode.operations.server import notice
 from gpunode.paths import template
 from gpunode.provenance import record
@@ -76,7 +77,7 @@ def cuda() -> None:
     if spec.family == "apt":
         installed = host.get_fact(DebPackages)
         missing = any(p.split("=")[0] not in installed for p in packages)
-        apt.update(
+        apt_update(
             name="Refresh apt package lists",
             _if=lambda: missing or any(op.did_change() for op in repo),
         )

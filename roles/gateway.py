@@ -37,6 +37,7 @@ from gpunode.clients.vault import VaultError, session_for
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import MaskedBytes, private_file
 from gpunode.operations.gateway import certificate, haproxy_config
+from gpunode.operations.packages import apt_update
 from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.schema.gateway import HAPROXY_DIR
@@ -84,7 +85,7 @@ def gateway(versions: dict[str, int] | None = None) -> None:
 
     if spec.family == "apt":
         if not set(PACKAGES) <= set(host.get_fact(DebPackages)):
-            apt.update(name="Refresh apt package lists (HAProxy)")
+            apt_update(name="Refresh apt package lists (HAProxy)")
         apt.packages(name="HAProxy package", packages=PACKAGES, no_recommends=True)
     else:
         dnf.packages(name="HAProxy package", packages=PACKAGES)

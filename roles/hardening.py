@@ -63,6 +63,7 @@ from gpunode.firewall import sha1
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import file_mode
 from gpunode.operations.hardening import key_values, password_aging, sysctl_values
+from gpunode.operations.packages import apt_update
 from gpunode.operations.rsyslog import rsyslog_dropin
 from gpunode.operations.server import fail, notice
 from gpunode.operations.sudo import sudoers_dropin
@@ -299,7 +300,7 @@ def _install(spec: distros.DistroSpec, what: str, packages: list[str]) -> None:
     if spec.family == "apt":
         # Refresh the lists only when something is to be installed (0 changes when converged).
         if any(p not in host.get_fact(DebPackages) for p in packages):
-            apt.update(name=f"Refresh apt package lists ({what})")
+            apt_update(name=f"Refresh apt package lists ({what})")
         apt.packages(name=what, packages=packages, no_recommends=True)
     else:
         dnf.packages(name=what, packages=packages)

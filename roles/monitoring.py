@@ -24,6 +24,7 @@ from pyinfra.operations import apt, dnf, files, systemd
 from gpunode import monitoring as exporters
 from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_and_distro
+from gpunode.operations.packages import apt_update
 from gpunode.operations.server import notice
 from gpunode.paths import template
 from gpunode.provenance import record
@@ -64,7 +65,7 @@ def node_exporter(config: NodeConfig, spec: distros.DistroSpec) -> None:
         )
         return
     if exporter.package not in host.get_fact(DebPackages):
-        apt.update(name="Refresh apt package lists (node_exporter)")
+        apt_update(name="Refresh apt package lists (node_exporter)")
     apt.packages(name="node_exporter package", packages=[exporter.package], no_recommends=True)
     conf = files.template(
         name="node_exporter flags",

@@ -28,6 +28,7 @@ from pyinfra.operations.util import any_changed
 from gpunode import nomad as hashicorp
 from gpunode.inventory import node_and_distro
 from gpunode.operations.keys import pinned_keyring
+from gpunode.operations.packages import apt_update
 from gpunode.operations.server import notice
 from gpunode.paths import template
 from gpunode.provenance import record
@@ -140,9 +141,9 @@ def _apt_repo(
     )
     installed = host.get_fact(DebPackages)
     if repo.package(config.nomad.version).split("=", 1)[1] not in installed.get("nomad", ()):
-        apt.update(name="Refresh apt package lists")  # the pinned version is to be installed
+        apt_update(name="Refresh apt package lists")  # the pinned version is to be installed
     else:
-        apt.update(name="Refresh apt package lists", _if=sources.did_change)
+        apt_update(name="Refresh apt package lists", _if=sources.did_change)
     apt.packages(
         name="Nomad (pinned)",
         packages=["unzip", repo.package(config.nomad.version)],

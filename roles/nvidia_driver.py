@@ -44,6 +44,7 @@ from gpunode.inventory import node_and_distro
 from gpunode.nvidia import driver_packages, fabricmanager_packages, mirror_base
 from gpunode.operations.keys import pinned_keyring
 from gpunode.operations.nvidia import check_driver_loaded, dnf_module_stream, hold_packages
+from gpunode.operations.packages import apt_update
 from gpunode.operations.server import fail, notice
 from gpunode.paths import template
 from gpunode.provenance import record
@@ -296,7 +297,7 @@ def _packages(
     if family == "apt":
         installed = host.get_fact(DebPackages)
         missing = any(p not in installed for p in [*build, *wanted])
-        apt.update(
+        apt_update(
             name="Refresh apt package lists",
             _if=lambda: missing or any(op.did_change() for op in sources),
         )

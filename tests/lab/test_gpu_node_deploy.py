@@ -89,3 +89,36 @@ def test_admin_user_logs_in_with_its_key_and_uses_sudo(converged: Lab) -> None:
 
     out = run(["ssh", "-F", str(cfg), "-l", "labadmin", "lab-01", "sudo -n id -u"], check=True)
     assert out.stdout.strip() == "0"
+
+
+HOLD_APT_LISTS_LOCK = (
+    "python3 -c 'import fcntl, os, sys, time\n"
+    'fd = os.open("/var/lib/apt/lists/lock", os.O_RDWR | os.O_CREAT, 0o640)\n'
+    "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+    'open("/run/gpunode-test-held", "w").close()\n'
+    "time.sleep(float(sys.argv[1]))' {seconds} </dev/null >/dev/null 2>&1 &\n"
+    "while [ ! -e /run/gpunode-test-held ]; do sleep 0.1; done; rm -f /run/gpunode-test-held\n"
+)
+
+
+def test_an_apt_update_waits_while_another_apt_holds_its_lock(converged: Lab) -> None:
+    """The roles' apt_update on a real apt whose lists lock another process holds (as the daily
+    update does): apt-get update alone fails at once, even with DPkg::Lock::Timeout set; the
+    operation waits for the lock and then succeeds."""
+    import time
+
+    from gpunode.operations.packages import apt_update_command
+
+    host = "lab-02"
+    plain = converged.ssh(host, HOLD_APT_LISTS_LOCK.format(seconds=3) + "LC_ALL=C apt-get update")
+    assert plain.returncode == 100 and "Could not get lock /var/lib/apt/lists/lock" in plain.stderr
+    time.sleep(3)
+    start = time.monotonic()
+    waited = converged.ssh(
+        host, HOLD_APT_LISTS_LOCK.format(seconds=6) + apt_update_command(wait_s=120, retry_s=1)
+    )
+    took = time.monotonic() - start
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "another apt process holds its lock" in waited.stderr
+    assert "Reading package lists..." in waited.stdout
+    assert took >= 5, took

@@ -63,6 +63,7 @@ from gpunode.base import SECURITY_LIST
 from gpunode.config import load
 from gpunode.facts.server import AptSources, HostInfo
 from gpunode.facts.sudo import SudoersDropin
+from gpunode.operations.packages import apt_update_command
 from gpunode.schema.base import DEFAULT_HOLD
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.types import ConfigError
@@ -323,7 +324,7 @@ def test_packages(distro: str) -> None:
         assert "DEBIAN_FRONTEND=noninteractive" in install
         assert "--no-install-recommends" in install
         # a fresh host has none of them: the lists are refreshed first
-        assert run.commands.index("apt-get update") < run.commands.index(install)
+        assert run.commands.index(apt_update_command()) < run.commands.index(install)
         assert not run.grep(r"\bdnf\b|\brpm\b")
     else:
         (install,) = run.grep(r"^dnf\b.*\binstall\b")

@@ -35,6 +35,7 @@ from pyinfra.api import State
 from gpunode import nvidia as nv
 from gpunode.config import load
 from gpunode.facts.nvidia import DnfModule, NvidiaHost, UnheldPackages
+from gpunode.operations.packages import apt_update_command
 from gpunode.schema.node import NodeConfig
 from gpunode.schema.types import ConfigError
 from roles.cuda import cuda
@@ -410,7 +411,7 @@ def test_driver_packages(distro: str, modules: str, nvswitch: bool) -> None:
         assert installs(run)[:2] == expected
         assert all("--no-install-recommends" in c for c in install_commands(run))
         # lists refreshed after the repository was added, before the first install
-        update = run.commands.index("apt-get update")
+        update = run.commands.index(apt_update_command())
         listfile = f"/etc/apt/sources.list.d/cuda-{CUDA_REPO_DIR[distro]}-x86_64.list"
         assert written_at(run, listfile) < update
         assert update < run.commands.index(install_commands(run)[0])
@@ -792,6 +793,7 @@ def test_cuda_keyring_with_another_key_stops_the_host_before_the_repository(
     )
     assert not [f for f in run.files if "/sources.list.d/" in f or "/yum.repos.d/" in f]
     assert install_commands(run) == [] and not run.grep(r"apt-get update|curl -sSLf|module install")
+    assert apt_update_command() not in run.commands
 
 
 def test_container_toolkit_keyring_with_another_key_stops_the_cuda_role(pinned: Keyrings) -> None:
