@@ -15,7 +15,9 @@ For each entry the seal keeps one SHA-256 over what the entry is now:
 
 * ``path``: missing, or its type, mode, owner and group, plus the content's SHA-256 for
   a regular file and the target for a symlink (never times: reading a file is no drift);
-* ``sh``: the exit status, stdout and stderr of ``/bin/sh -c CMD`` (stdin /dev/null).
+* ``sh``: the exit status, stdout and stderr of ``/bin/sh -c CMD`` (stdin /dev/null);
+* ``unit``: a systemd unit's ``Id``, ``SubState`` and ``UnitFileState``, read for every
+  ``unit`` entry at once by one ``systemctl show`` (each unit's block of its output).
 
 The seal (/var/lib/gpunode/seal.json) is written atomically, 0600 root: it holds digests of
 private files' contents, so it is as private as they are. ``check`` never prints a digest
@@ -94,12 +96,51 @@ def sh_state(command):
     return f"rc={proc.returncode} {out} {err}"
 
 
+UNITS_ARGV = [
+    "systemctl",
+    "show",
+    "--all",
+    "--property",
+    "Id",
+    "--property",
+    "SubState",
+    "--property",
+    "UnitFileState",
+    "--",
+]
+
+
+def unit_states(units):
+    """Each unit's state, from one ``systemctl show`` of them all: its block of the output
+    (systemctl prints one block per unit, in order, a blank line between). When the call
+    fails or its blocks cannot be told apart, every unit gets the whole result."""
+    if not units:
+        return {}
+    try:
+        proc = subprocess.run(
+            UNITS_ARGV + list(units),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=SH_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return dict.fromkeys(units, "timeout")
+    except OSError as exc:
+        return dict.fromkeys(units, "error " + (exc.strerror or ""))
+    blocks = proc.stdout.rstrip(b"\n").split(b"\n\n")
+    if proc.returncode != 0 or len(blocks) != len(units) or proc.stderr:
+        out, err = (hashlib.sha256(b).hexdigest() for b in (proc.stdout, proc.stderr))
+        return dict.fromkeys(units, f"rc={proc.returncode} {out} {err}")
+    return {unit: "rc=0 " + block.decode(errors="replace") for unit, block in pairs(units, blocks)}
+
+
 def entry_id(kind, arg):
     return hashlib.sha256((kind + "\0" + arg).encode()).hexdigest()[:16]
 
 
-def entry_digest(kind, arg):
-    now = path_state(arg) if kind == "path" else sh_state(arg)
+def entry_digest(kind, arg, now=None):
+    if now is None:
+        now = path_state(arg) if kind == "path" else sh_state(arg)
     return hashlib.sha256((kind + "\0" + arg + "\0" + now).encode()).hexdigest()
 
 
@@ -109,16 +150,23 @@ def digests(entries):
     import threading  # not concurrent.futures: it imports logging, a tenth of a check's time
 
     out = [None] * len(entries)
-    queue = iter(range(len(entries)))
+    units = [i for i, (kind, _) in enumerate(entries) if kind == "unit"]
+    # the units first, as one job (one systemctl for them all); then each other entry
+    queue = iter(["units"] + [i for i, (kind, _) in enumerate(entries) if kind != "unit"])
     lock = threading.Lock()
 
     def work():
         while True:
             with lock:
-                index = next(queue, None)
-            if index is None:
+                job = next(queue, None)
+            if job is None:
                 return
-            out[index] = entry_digest(*entries[index])
+            if isinstance(job, str):  # "units"
+                states = unit_states([entries[i][1] for i in units])
+                for i in units:
+                    out[i] = entry_digest("unit", entries[i][1], states[entries[i][1]])
+            else:
+                out[job] = entry_digest(*entries[job])
 
     workers = [
         threading.Thread(target=work) for _ in range(max(2, min(8, 2 * (os.cpu_count() or 1))))
@@ -147,10 +195,11 @@ def valid_entries(entries):
         if (
             not isinstance(entry, list)
             or len(entry) != 2
-            or entry[0] not in ("path", "sh")
+            or entry[0] not in ("path", "sh", "unit")
             or not isinstance(entry[1], str)
             or not entry[1]
             or "\0" in entry[1]
+            or (entry[0] == "unit" and not all(" " < c < "\x7f" for c in entry[1]))
         ):
             return None
         out.append((entry[0], entry[1]))
@@ -229,7 +278,7 @@ def check():
     differs = []
     for index, ((kind, arg, digest), current) in enumerate(pairs(entries, now)):
         if current != digest:
-            differs.append("path " + arg if kind == "path" else f"sh #{index}")
+            differs.append(f"sh #{index}" if kind == "sh" else f"{kind} {arg}")
     print(
         json.dumps(
             {

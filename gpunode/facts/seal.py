@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,20 +84,10 @@ GPU_PRESENCE = (
 
 # SystemdStatus / SystemdEnabled of named units (pyinfra's systemd.service reads both for
 # each unit it manages): each read's output is that unit's Id and SubState (or
-# UnitFileState) from ``systemctl show --all``. One ``systemctl show`` of every such unit with
-# all three properties prints each of those values too, so it differs whenever one of the
-# reads would: one command instead of two per unit.
+# UnitFileState) from ``systemctl show --all``. The seal keeps a ``unit`` entry per unit, and
+# the checker reads all of them with one ``systemctl show`` of the three properties (each
+# unit's block holds every line either read prints): one command instead of two per unit.
 UNIT_FACTS = (systemd.SystemdStatus, systemd.SystemdEnabled)
-UNIT_STATES = (
-    "if command -v systemctl >/dev/null 2>&1; then systemctl show --all --property Id "
-    "--property SubState --property UnitFileState -- {units}; "
-    "else echo '##PYINFRA_NOCMD##'; fi"
-)
-
-
-def unit_states(units: Iterable[str]) -> str:
-    """The seal's one command for these named units (their Id, SubState, UnitFileState)."""
-    return UNIT_STATES.format(units=" ".join(shlex.quote(u) for u in units))
 
 
 def _named_units(read: FactRead) -> list[str] | None:
@@ -111,8 +100,10 @@ def _named_units(read: FactRead) -> list[str] | None:
     services = read.argument("services")
     if isinstance(services, str):
         services = (services,)
-    if not services or not all(isinstance(s, str) and s for s in services):
-        return None
+    if not services or not all(
+        isinstance(s, str) and s and all(" " < c < "\x7f" for c in s) for s in services
+    ):
+        return None  # an odd name: the read is sealed by its own command
     return list(services)
 
 
@@ -140,10 +131,9 @@ COMMANDS: dict[type, str] = {
 
 
 def entries(reads: Iterable[FactRead]) -> list[tuple[str, str]] | None:
-    """What the seal keeps for these fact reads (``("path", p)`` or ``("sh", command)``),
-    each once, in order; None when one of them cannot be sealed."""
+    """What the seal keeps for these fact reads (``("path", p)``, ``("unit", name)`` or
+    ``("sh", command)``), each once, in order; None when one of them cannot be sealed."""
     out: dict[tuple[str, str], None] = {}
-    units: dict[str, None] = {}  # named units, sealed by one command where the first was read
     for read in reads:
         if not read.batchable or read.elsewhere:
             return None
@@ -163,13 +153,12 @@ def entries(reads: Iterable[FactRead]) -> list[tuple[str, str]] | None:
         elif read.fact is systemd.SystemdStatus and not read.argument("services"):
             out[("sh", UNIT_FILES)] = None
         elif (named := _named_units(read)) is not None:
-            out.setdefault(("units", ""), None)
-            units.update(dict.fromkeys(named))
+            out.update(dict.fromkeys(("unit", unit) for unit in named))
         elif read.fact is GpuProbe:
             out[("sh", GPU_PRESENCE)] = None
         else:
             out[("sh", read.command)] = None
-    return [("sh", unit_states(units)) if entry == ("units", "") else entry for entry in out]
+    return list(out)
 
 
 # --- does the seal prove the node converged (on the controller) -------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunode.facts.seal import SEAL_SWITCH, unit_states
+from gpunode.facts.seal import SEAL_SWITCH
 from gpunode.paths import REPO_ROOT
+from gpunode.sealcheck import UNITS_ARGV
 
 from .conftest import Lab, changes, gpunode, pyinfra, root_vault
 from .test_controller import overlay_working_tree
@@ -122,21 +124,23 @@ SEALED_UNITS = [
 ]
 
 
-def test_the_one_units_command_prints_every_line_each_units_read_prints(sealed: Lab) -> None:
-    """The seal keeps the named units' SystemdStatus/SystemdEnabled reads as one
-    ``systemctl show`` (gpunode.facts.seal.unit_states): on a real systemd, each read's own
-    command prints nothing the one command does not, and the facts parse the same."""
+def test_each_units_block_of_the_one_systemctl_holds_what_its_reads_print(sealed: Lab) -> None:
+    """The seal keeps named units' SystemdStatus/SystemdEnabled reads as ``unit`` entries, read
+    by one ``systemctl show`` and split into one block per unit (gpunode/sealcheck.py
+    ``unit_states``): on a real systemd the blocks come one per unit, in order, and each
+    read's own command prints nothing that its unit's block does not hold."""
     from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
-    merged = sealed.ssh(NODE, unit_states(SEALED_UNITS), check=True).stdout.splitlines()
-    for fact in (SystemdStatus, SystemdEnabled):
-        for unit in SEALED_UNITS:
+    out = sealed.ssh(NODE, shlex.join(UNITS_ARGV + SEALED_UNITS), check=True)
+    assert out.stderr == ""
+    blocks = out.stdout.rstrip("\n").split("\n\n")
+    assert len(blocks) == len(SEALED_UNITS), out.stdout
+    for unit, block in zip(SEALED_UNITS, blocks, strict=True):
+        assert block.splitlines()[0] == f"Id={unit}"
+        for fact in (SystemdStatus, SystemdEnabled):
             own = sealed.ssh(NODE, str(fact().command(services=[unit])), check=True)
             lines = [line for line in own.stdout.splitlines() if line]
-            assert lines and set(lines) <= set(merged), (unit, lines)
-            assert fact().process(lines) == {
-                k: v for k, v in fact().process(merged).items() if k == unit
-            }
+            assert lines and set(lines) <= set(block.splitlines()), (unit, lines, block)
 
 
 HOST_CASES: dict[str, str] = {

@@ -55,7 +55,6 @@ from gpunode.facts.seal import (
     entries,
     judge,
     proven,
-    unit_states,
     vault_reason,
 )
 from gpunode.operations.seal import current
@@ -476,6 +475,80 @@ def test_gpunode_seal_runs_as_a_script_on_the_system_python(tmp_path: Path, node
         assert wrong.stderr.startswith("usage: gpunode-seal"), args
 
 
+class Units:
+    """A ``systemctl`` on PATH that answers ``show`` as systemd 252 does (one block per unit,
+    in order, a blank line between; the properties in systemd's order), from a state file
+    per unit; it logs each call."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = root
+        bin_dir = root / "bin"
+        bin_dir.mkdir(parents=True)
+        self.log = root / "calls"
+        self.fail = root / "fail"
+        tool = bin_dir / "systemctl"
+        tool.write_text(
+            "#!/bin/sh\n"
+            f'echo "$*" >> {self.log}\n'
+            f'[ -e {self.fail} ] && {{ echo "Failed to connect to bus" >&2; exit 1; }}\n'
+            'while [ "$1" != -- ]; do shift; done; shift; first=1\n'
+            "for u; do [ $first = 1 ] || echo; first=0\n"
+            f'  echo "Id=$u"; cat "{root}/$u" 2>/dev/null ||'
+            ' printf "SubState=dead\\nUnitFileState=\\n"\n'
+            "done\n"
+        )
+        tool.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    def set(self, unit: str, sub: str, file_state: str) -> None:
+        (self.root / unit).write_text(f"SubState={sub}\nUnitFileState={file_state}\n")
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+def test_units_are_read_with_one_systemctl_and_sealed_one_by_one(
+    tmp_path: Path,
+    seal_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    units = Units(tmp_path / "units", monkeypatch)
+    units.set("a.service", "running", "enabled")
+    units.set("b.timer", "waiting", "enabled")
+    listed = [
+        ("unit", "a.service"),
+        ("path", str(tmp_path)),
+        ("unit", "b.timer"),
+        ("unit", "c.service"),
+    ]
+    assert record(tmp_path, listed) == 0
+    assert units.calls() == [
+        "show --all --property Id --property SubState --property UnitFileState -- "
+        "a.service b.timer c.service"
+    ]
+    doc, _ = check(capsys)
+    assert doc["differs"] == [] and len(units.calls()) == 2
+    units.set("b.timer", "dead", "enabled")  # stopped
+    assert check(capsys)[0]["differs"] == ["unit b.timer"]
+    units.set("b.timer", "waiting", "disabled")  # running, but disabled
+    assert check(capsys)[0]["differs"] == ["unit b.timer"]
+    units.set("b.timer", "waiting", "enabled")
+    units.set("c.service", "running", "enabled")  # one that was not there started
+    assert check(capsys)[0]["differs"] == ["unit c.service"]
+    (units.root / "c.service").unlink()
+    units.fail.touch()  # systemctl cannot answer: every unit differs, nothing is guessed
+    assert check(capsys)[0]["differs"] == ["unit a.service", "unit b.timer", "unit c.service"]
+
+
+@pytest.mark.parametrize("name", ["a b.service", "a\tb", "ü.service"])
+def test_a_unit_entry_with_an_odd_name_makes_a_malformed_spec(
+    tmp_path: Path, seal_path: Path, name: str
+) -> None:
+    assert record(tmp_path, [("unit", name)]) == 2
+    assert not seal_path.exists()
+
+
 def test_the_check_command_ignores_the_sessions_python_environment(tmp_path: Path) -> None:
     """The check runs as root with the SSH session's environment: a PYTHONPATH (or a module
     beside the script) must not put code into it (``python3 -I -S``)."""
@@ -624,13 +697,13 @@ def test_every_unit_is_sealed_by_the_unit_files_named_units_by_their_command() -
     assert entries([read(status, "systemctl show '*'", services=None)]) == [("sh", UNIT_FILES)]
     for fact in (systemd.SystemdStatus, systemd.SystemdEnabled):
         named = read(fact, "systemctl show -- nomad.service", services=("nomad.service",))
-        assert entries([named]) == [("sh", unit_states(["nomad.service"]))]
+        assert entries([named]) == [("unit", "nomad.service")]
     # every unit's enablement is stable: sealed by its own command
     enabled = read(systemd.SystemdEnabled, "systemctl list-unit-files")
     assert entries([enabled]) == [("sh", "systemctl list-unit-files")]
 
 
-def test_named_units_are_sealed_by_one_command_where_the_first_was_read() -> None:
+def test_named_units_are_sealed_one_entry_each() -> None:
     reads = [
         read(server.Hostname, "uname -n"),
         read(systemd.SystemdStatus, "s a", services=("a.service",)),
@@ -641,17 +714,25 @@ def test_named_units_are_sealed_by_one_command_where_the_first_was_read() -> Non
     ]
     assert entries(reads) == [
         ("sh", "uname -n"),
-        ("sh", unit_states(["a.service", "b.timer", "c.service", "d.socket"])),
+        ("unit", "a.service"),
         ("path", "/x"),
+        ("unit", "b.timer"),
+        ("unit", "c.service"),
+        ("unit", "d.socket"),
     ]
-    assert unit_states(["a.service", "x;y"]).count("'x;y'") == 1
 
 
 @pytest.mark.parametrize("other", [{"user_mode": True}, {"machine": "m"}, {"user_name": "u"}])
 def test_units_of_another_manager_are_sealed_by_their_own_command(other: dict[str, Any]) -> None:
     own = read(systemd.SystemdStatus, "own", services=("a.service",), **other)
     plain = read(systemd.SystemdStatus, "plain", services=("a.service",))
-    assert entries([own, plain]) == [("sh", "own"), ("sh", unit_states(["a.service"]))]
+    assert entries([own, plain]) == [("sh", "own"), ("unit", "a.service")]
+
+
+@pytest.mark.parametrize("name", ["a b.service", "a\nb.service", "", "ä.service"])
+def test_an_odd_unit_name_is_sealed_by_its_own_command(name: str) -> None:
+    odd = read(systemd.SystemdStatus, "odd", services=(name,))
+    assert entries([odd]) == [("sh", "odd")]
 
 
 def test_the_gpu_probe_is_sealed_by_gpu_presence() -> None:
