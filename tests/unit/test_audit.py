@@ -215,12 +215,19 @@ def test_a_write_to_the_secrets_and_a_command_as_root_are_recorded(
         check=True,
         timeout=30,
     )
-    time.sleep(1)  # auditd writes asynchronously
 
     def search(key: str) -> str:
         return tool("ausearch", "-if", str(log), "-k", key, check=False).stdout
 
-    secret_events = search("gpunode-secrets")
+    # auditd writes asynchronously: on a loaded machine a second was not always enough (CI on
+    # 111ede1 found the rules loaded but not yet the write), so wait up to 30 s for both
+    deadline = time.monotonic() + 30
+    while True:
+        secret_events, root_events = search("gpunode-secrets"), search("root-commands")
+        if ("demo.env" in secret_events and str(marker) in root_events) or (
+            time.monotonic() > deadline
+        ):
+            break
+        time.sleep(0.5)
     assert "demo.env" in secret_events, secret_events
-    root_events = search("root-commands")
     assert str(marker) in root_events and " auid=1000 " in root_events, root_events
