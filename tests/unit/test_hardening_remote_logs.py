@@ -340,6 +340,14 @@ def test_an_unreadable_ca_file_says_why_in_the_systems_words(tmp_path: Path) -> 
     assert f"{tmp_path / 'file' / 'ca.pem'}: not a directory (allowed: " in str(exc.value)
 
 
+def test_a_ca_file_that_opens_but_cannot_be_read_says_why_in_the_systems_words() -> None:
+    """A read error after the file opened is reported the same way: /proc/self/mem is a
+    regular file that opens, and reading it from offset 0 fails with EIO."""
+    with pytest.raises(hardening.RemoteLogsCaError) as exc:
+        hardening.remote_logs_ca(HOST, "/proc/self/mem")
+    assert "/proc/self/mem: input/output error (allowed: " in str(exc.value)
+
+
 def test_a_certificate_without_a_subject_is_named_by_its_place(tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
