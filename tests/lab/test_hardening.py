@@ -392,15 +392,25 @@ def _run_upgrades(lab: Lab) -> str:
     if "no package changed" in ran:
         return ran
     # AIDE's lines go through syslog (logger): journald files them under the unit only when it
-    # still finds the short-lived logger process, so under load `-u` can miss them (CI on
-    # 111ede1 did). They are read by their tag, as docs/hardening.md tells users to.
-    tagged = f"journalctl --after-cursor={after} -t gpunode-file-integrity -o cat --no-pager"
+    # still finds the short-lived logger process, so `-u` can miss them (CI on 111ede1 did).
+    # They are read by their identifier, as docs/hardening.md tells users to; filtered here,
+    # since journalctl (systemd 252) returns nothing for `--after-cursor` with `-t`.
+    everything = f"journalctl --after-cursor={after} -o json --no-pager"
     deadline = time.monotonic() + 30
-    while not (lines := lab.ssh("lab-01", tagged, check=True).stdout).strip():
+    while True:
+        tagged = [
+            entry.get("MESSAGE", "")
+            for entry in map(
+                json.loads, lab.ssh("lab-01", everything, check=True).stdout.splitlines()
+            )
+            if entry.get("SYSLOG_IDENTIFIER") == "gpunode-file-integrity"
+        ]
+        if any(isinstance(m, str) and m.startswith("taken in by") for m in tagged):
+            break
         if time.monotonic() > deadline:
             break
         time.sleep(1)
-    return ran + lines
+    return ran + "".join(f"{m}\n" for m in tagged if isinstance(m, str))
 
 
 def test_automatic_upgrades_are_taken_in_once_they_ran(lab: Lab, hardened: dict[str, str]) -> None:
