@@ -622,6 +622,21 @@ def _login_from_controller(ctl: Lab, vault: LabVault, secret_id: str) -> int:
     return int(out.stdout.strip())
 
 
+def _quiet(ctl: Lab) -> None:
+    """The drift timer stopped and a run in flight finished: nothing rotates until _resume."""
+    ctl.ssh("lab-01", "systemctl stop gpunode-drift.timer", check=True)
+    for _ in range(60):
+        state = ctl.ssh("lab-01", "systemctl is-active gpunode-drift.service").stdout.strip()
+        if state != "activating":
+            return
+        time.sleep(1)
+    raise AssertionError("a drift run was still in flight after 60 s")
+
+
+def _resume(ctl: Lab) -> None:
+    ctl.ssh("lab-01", "systemctl start gpunode-drift.timer", check=True)
+
+
 def test_vault_credential_rotates_every_run_past_several_ttls(
     vault_controller: tuple[Lab, LabVault],
 ) -> None:
@@ -649,11 +664,17 @@ def test_vault_credential_rotates_every_run_past_several_ttls(
         assert f"lives {VAULT_TTL} s" in line
         assert report["hosts"]["lab-02"]["status"] in ("ok", "corrected")
     assert len(seen) >= len(runs)  # a new one on disk each run
-    current, _ = _controller_state(ctl)
-    for old in [vault.seed, *seen]:
-        if old != current:
-            assert not vault.alive(old)  # destroyed, not merely replaced
-    assert vault.alive(current)
+    # no run in flight while the secret_ids are looked at (CI on 2703b60 read the current one
+    # as the next run replaced it)
+    _quiet(ctl)
+    try:
+        current, _ = _controller_state(ctl)
+        for old in [vault.seed, *seen]:
+            if old != current:
+                assert not vault.alive(old)  # destroyed, not merely replaced
+        assert vault.alive(current)
+    finally:
+        _resume(ctl)
     assert _login_from_controller(ctl, vault, vault.seed) == 400  # refused, from its own address
     assert _login_from_controller(ctl, vault, seen[0]) == 400
     # the current one, copied off the controller, is refused elsewhere (bound CIDRs)
@@ -680,9 +701,15 @@ def test_vault_credential_revoked_stops_runs_cleanly(
     vault_controller: tuple[Lab, LabVault],
 ) -> None:
     ctl, vault = vault_controller
-    secret_id, _ = _controller_state(ctl)
-    revoked_at = time.time()
-    vault.revoke_controller()
+    # revoked with no run in flight: a run that logged in just before the revocation took
+    # effect would count as a login without a failure (CI on 2703b60: 3 logins, 2 failures)
+    _quiet(ctl)
+    try:
+        secret_id, _ = _controller_state(ctl)
+        vault.revoke_controller()
+        revoked_at = time.time()
+    finally:
+        _resume(ctl)
     failed: dict[float, dict[str, Any]] = {}
     deadline = revoked_at + 120
     while len(failed) < 2:  # two timer runs after the revocation
