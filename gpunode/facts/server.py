@@ -146,8 +146,7 @@ _BYTECODE = (
     "    print('state=missing pyc=' + pyc + ' source=' + digest); sys.exit()\n"
     "ok = (head[:4] == u.MAGIC_NUMBER and head[4:8] == b'\\x03\\0\\0\\0'\n"
     "      and head[8:16] == u.source_hash(data)\n"
-    "      and st.st_uid == 0 and not st.st_mode & 0o022 and os.path.isfile(pyc)\n"
-    "      and not os.path.islink(pyc))\n"
+    "      and st.st_uid == 0 and not st.st_mode & 0o022 and not os.path.islink(pyc))\n"
     "print('state=' + ('current' if ok else 'stale') + ' pyc=' + pyc + ' source=' + digest)\n"
 )
 
