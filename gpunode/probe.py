@@ -50,11 +50,13 @@ JSON (``"schema": 1``; every key is always present, null where NVML does not sup
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing (and argparse, below) cost a quarter of a plain run's start
+if TYPE_CHECKING:
+    from typing import Any
 
 SCHEMA = 1
 LIB_DIR = "/usr/local/lib/gpunode"  # where roles/gpu_probe.py puts pynvml.py
@@ -81,8 +83,9 @@ STATUS = {
 FACT_COMMAND = (
     'if [ -x {probe} ]; then {probe}; echo "gpunode-probe-exit=$?"; '
     "else for d in /sys/bus/pci/devices/*; do "
-    '[ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && '
-    'case "$(cat "$d/class" 2>/dev/null)" in 0x03*) echo "pci-gpu=${{d##*/}}";; esac; '
+    'v=; c=; read -r v 2>/dev/null < "$d/vendor"; [ "$v" = 0x10de ] || continue; '
+    'read -r c 2>/dev/null < "$d/class"; '
+    'case "$c" in 0x03*) echo "pci-gpu=${{d##*/}}";; esac; '
     'done; echo "gpunode-probe-exit=not-installed"; fi'
 )
 
@@ -356,14 +359,25 @@ def check(report: dict[str, Any], min_gpus: int, min_free_mib: int) -> dict[str,
     return report
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse exits 2, which means "no GPU" here
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+class Options:
+    """The command line: ``--check`` and its two thresholds."""
+
+    def __init__(self, check: bool = False, min_gpus: int = 1, min_free_mib: int = 0) -> None:
+        self.check, self.min_gpus, self.min_free_mib = check, min_gpus, min_free_mib
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(
+def parse_args(argv: list[str] | None) -> Options:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # the fact's and the seal's plain run: argparse is not even imported
+        return Options()
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> Any:  # argparse exits 2, which means "no GPU" here
+            self.print_usage(sys.stderr)
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    parser = Parser(
         prog="gpunode-probe",
         description="Report the node's NVIDIA GPUs and their health as JSON "
         "(exit 0 healthy, 1 degraded, 2 no GPU, 3 NVML error, 4 --check failed, 64 usage).",
@@ -374,11 +388,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.check and (args.min_gpus is not None or args.min_free_mib is not None):
         parser.error("--min-gpus and --min-free-mib go with --check")
-    args.min_gpus = 1 if args.min_gpus is None else args.min_gpus
-    args.min_free_mib = 0 if args.min_free_mib is None else args.min_free_mib
-    if args.min_gpus < 0 or args.min_free_mib < 0:
+    options = Options(
+        args.check,
+        1 if args.min_gpus is None else args.min_gpus,
+        0 if args.min_free_mib is None else args.min_free_mib,
+    )
+    if options.min_gpus < 0 or options.min_free_mib < 0:
         parser.error("--min-gpus and --min-free-mib take numbers >= 0")
-    return args
+    return options
 
 
 def import_nvml() -> Any:
