@@ -108,7 +108,7 @@ def _url(url: str | None) -> tuple[str, int] | None:
         port = parts.port or _URL_PORTS[parts.scheme]
     except (ValueError, KeyError):
         return None  # the schema refuses such URLs; nothing to open
-    return ((parts.hostname or "").lower(), port) if parts.hostname else None
+    return (parts.hostname.lower(), port) if parts.hostname else None
 
 
 def egress_servers(config: NodeConfig) -> list[tuple[str, str, str, int]]:
@@ -144,8 +144,10 @@ def egress_servers(config: NodeConfig) -> list[tuple[str, str, str, int]]:
 
 
 def _literal(host: str) -> Network | None:
+    """The host as a network of one address; None for a DNS name. Hosts come without
+    brackets: NTP names by pattern, URL hosts from ``urlsplit().hostname``, the rest canonical."""
     try:
-        address = ipaddress.ip_address(host.strip("[]"))
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
     return ipaddress.ip_network(address)

@@ -91,7 +91,13 @@ MODULES: dict[str, Module] = {
     "firewall": Module(
         "gpunode/firewall.py",
         _tests(
-            "hardening", "gateway", "inference", "inventories", "bites_config", "firewall_bites"
+            "hardening",
+            "hardening_remote_logs",
+            "gateway",
+            "inference",
+            "inventories",
+            "bites_config",
+            "firewall_bites",
         ),
         "nftables ruleset rendering, allowed ports and sources, egress",
     ),

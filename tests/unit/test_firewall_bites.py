@@ -206,6 +206,25 @@ def test_egress_with_only_ntp_and_vault_asks_for_a_mirror(tmp_path: Path) -> Non
     )
 
 
+def test_an_egress_refusal_comes_with_the_hosts_other_refusals(tmp_path: Path) -> None:
+    """One load names every problem of the host: the egress checks add to what the checks
+    before them found, they do not replace it."""
+    network = {k: v for k, v in NETWORK.items() if k != "monitoring_cidrs"}
+    data = {"base": {"ntp_servers": ["192.0.2.123"]}, "firewall": {"egress": {"enabled": True}}}
+    path = write(tmp_path, one_host(data, network=network))
+    with pytest.raises(ConfigError) as err:
+        load_file(path)
+    assert str(err.value).splitlines() == [
+        f"{path}: host {HOST}: network.monitoring_cidrs: not set while the node serves metrics "
+        "exporters (monitoring.*) on tcp/9100, tcp/9400 and the firewall is on (allowed: the "
+        "CIDRs that may reach them, e.g. [192.0.2.16/28]; [] to close them to every address; "
+        f"{OFF}",
+        f"{path}: host {HOST}: firewall.egress.enabled: the node would fetch packages from its "
+        "distro's default mirrors, whose addresses no rule can hold (allowed: set "
+        "base.apt_proxy, or a mirror URL such as base.apt_mirror)",
+    ]
+
+
 # --- the input and forward chains --------------------------------------------------------------
 
 # Every kind of rule: SSH and the inference port from both families, the exporters from IPv4
