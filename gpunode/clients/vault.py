@@ -516,6 +516,12 @@ def _directory_lock(directory: Path) -> Iterator[None]:
         raise VaultError(f"vault.secret_id_file: {directory}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            yield
+        finally:
+            # said, not left to the close: gevent's os.close (the CLI runs monkey-patched)
+            # defers closing a directory's descriptor to its event loop, and the next
+            # rotation in this process would wait for the lock forever
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -532,6 +533,24 @@ def test_apply_with_drift_and_a_seal_reports_only_the_drift(
     assert log.read_text() == "@local 0\n" * 2  # planned, then checked again
 
 
+def test_a_check_without_apply_plans_once_and_changes_nothing(
+    local_host: tuple[str, str, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drift found without --apply: reported, nothing corrected, not planned a second time
+    (checking again is what --apply does after correcting); the report names its inputs."""
+    inventory, deploy, marker, log = local_host
+    marker.write_text("")
+    marker.chmod(0o600)
+    verdicts(monkeypatch, {"@local": SealVerdict(False, "differs: path marker")})
+    report = check(inventory, deploy)
+    host = report.hosts["@local"]
+    assert (host.drifted, host.corrected, host.remaining) == (["Marker file"], [], [])
+    assert (host.applied, host.seal_renewed, report.exit_code) == (False, False, EXIT_DRIFT)
+    assert (report.inventory, report.deploy, report.apply) == (inventory, deploy, False)
+    assert oct(marker.stat().st_mode & 0o777) == "0o600"
+    assert log.read_text() == "@local 0\n"
+
+
 # --- errors while correcting and while checking again ----------------------------------------
 
 FAILING = """
@@ -661,6 +680,20 @@ def test_write_atomically(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["drift.prom"]
 
 
+def test_the_temporary_file_is_made_beside_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renamed into place, so made in the target's folder: from the system's temporary
+    folder (another file system, often) the rename would fail."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    path = tmp_path / "out" / "drift.prom"
+    drift.write_atomically(path, "x\n")
+    assert path.read_text() == "x\n"
+    assert [p.name for p in path.parent.iterdir()] == ["drift.prom"]
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
     path = tmp_path / "drift.prom"
     path.write_text("old\n")
@@ -745,6 +778,39 @@ def test_the_credential_step_rotates_each_config_once_and_says_so(bao: Bao, tmp_
     ]
     for line in done:
         assert path.read_text().strip() not in line
+
+
+def test_each_distinct_vault_config_is_rotated(bao: Bao, tmp_path: Path) -> None:
+    """Two hosts, two secret_id files (two Vault configs): each rotated, each said."""
+    inventory = controller_inventory(bao, tmp_path)
+    first = tmp_path / "controller" / "secret_id"
+    second = tmp_path / "controller" / "secret_id.n2"
+    second.write_text(bao.secret_id(ROLE) + "\n")
+    second.chmod(0o600)
+    fleet = json.loads((tmp_path / "fleet.yml").read_text())
+    vault = {**fleet["defaults"]["vault"], "secret_id_file": str(second)}
+    fleet["hosts"]["n2"]["data"] = {"vault": vault}
+    (tmp_path / "fleet.yml").write_text(json.dumps(fleet))
+    before = first.read_text(), second.read_text()
+
+    def ring(signum: int, frame: Any) -> None:
+        raise TimeoutError("the second rotation still waits for the directory's lock")
+
+    # both files in one folder: the first rotation's lock must be gone when the second asks
+    # (gevent's os.close once kept it: the run hung forever)
+    old_handler = signal.signal(signal.SIGALRM, ring)
+    signal.alarm(60)
+    try:
+        done = drift.rotate_credentials(drift.load_inventory(inventory))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old_handler)
+    assert [line.split(" (AppRole")[0] for line in done] == [
+        f"vault: the secret_id in {first}",
+        f"vault: the secret_id in {second}",
+    ]
+    assert (first.read_text(), second.read_text()) != before
+    assert first.read_text() != before[0] and second.read_text() != before[1]
 
 
 def test_a_refused_secret_id_stops_the_run_before_any_host(bao: Bao, tmp_path: Path) -> None:
