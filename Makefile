@@ -6,10 +6,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++ haproxy qemu-system-x86 rsyslog rsyslog-gnutls
 
-.PHONY: deps venv lab lab-down check test unit reference mutate
+.PHONY: deps vm-deps venv lab lab-down vm-lab vm-lab-down check test unit reference mutate
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# What the VM lab needs beyond `deps` (not part of `make test`)
+VM_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients vagrant-libvirt dnsmasq-base iptables qemu-utils e2fsprogs
+
+vm-deps: deps
+	@missing=""; for p in $(VM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
@@ -32,6 +41,16 @@ lab: deps venv
 
 lab-down: venv
 	$(BIN)/gpunode lab down
+
+# The Vagrant lab on real VMs (docs/lab.md): a box built here, `vagrant up` under libvirt
+# (KVM, or software emulation where there is none), the deploy with sudo, then verify.
+vm-lab: vm-deps venv
+	$(BIN)/gpunode vm-lab up
+	$(BIN)/pyinfra -y --sudo inventories/vagrant.py deploys/gpu_node.py
+	$(BIN)/gpunode verify inventories/vagrant.py
+
+vm-lab-down: venv
+	$(BIN)/gpunode vm-lab down
 
 check: venv
 	$(BIN)/ruff check gpunode roles deploys inventories tests scripts bench

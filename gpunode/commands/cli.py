@@ -38,6 +38,24 @@ def _lab(args: argparse.Namespace) -> int:
         return 1
 
 
+def _vm_lab(args: argparse.Namespace) -> int:
+    from gpunode.commands import lab, vmlab
+
+    try:
+        settings = vmlab.VmLabSettings.from_env()
+        if args.vm_cmd == "up":
+            vmlab.up(settings)
+        elif args.vm_cmd == "down":
+            vmlab.down(settings)
+            return 0
+        ok, lines = vmlab.status(settings)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    except (vmlab.VmLabError, lab.LabError) as exc:
+        print(f"gpunode vm-lab {args.vm_cmd}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _check(args: argparse.Namespace) -> int:
     from gpunode.inventory import load_inventory_file
 
@@ -141,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub.add_parser("status", help="show the lab; exit 1 if anything is down")
     lab_sub.add_parser("down", help="stop and remove everything the lab made")
     lab_p.set_defaults(func=_lab)
+
+    vm_p = sub.add_parser(
+        "vm-lab", help="the Vagrant lab on real VMs, from a box built here (needs root)"
+    )
+    vm_sub = vm_p.add_subparsers(dest="vm_cmd", required=True)
+    vm_sub.add_parser("up", help="libvirtd, the box, `vagrant up`, the VMs' package proxy")
+    vm_sub.add_parser("status", help="show the VM lab; exit 1 if anything is down")
+    vm_sub.add_parser("down", help="destroy the VMs; remove their disks, networks and processes")
+    vm_p.set_defaults(func=_vm_lab)
 
     check_p = sub.add_parser("check", help="validate an inventory's configuration; touches no host")
     check_p.add_argument("inventory", help="inventory file (inventories/prod.py or its .yml)")

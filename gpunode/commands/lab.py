@@ -451,25 +451,22 @@ def ensure_bridge(settings: LabSettings) -> None:
     _run(["ip", "link", "set", br, "up"])
 
 
-def ensure_proxy(settings: LabSettings, state: LabState, mirror: str) -> None:
-    if pid_alive(state.proxy_pid, "tinyproxy"):
-        return
-    d = settings.state_dir
-    # the archive the hosts were built from, and the distro's security archive (the base role
-    # adds it where a host's sources lack it: deb.debian.org/debian-security for Debian 12)
-    security = DISTROS[LAB_DISTRO].apt_security_archive or ""
-    hosts = {urllib.parse.urlparse(u).hostname or "" for u in (mirror, security)}
-    allowed = sorted(hosts - {""})
-    filter_lines = [f"^{re.escape(h)}$" for h in allowed]
-    (d / "tinyproxy.filter").write_text("\n".join(filter_lines) + "\n")
-    (d / "tinyproxy.conf").write_text(
+def write_proxy_config(
+    folder: Path, listen: str, port: int, allow: str, archives: tuple[str, ...]
+) -> None:
+    """tinyproxy.conf and tinyproxy.filter in ``folder``: listen on ``listen``:``port``, serve
+    the clients in ``allow`` (a CIDR), and reach the hosts of the ``archives`` URLs only."""
+    hosts = {urllib.parse.urlparse(u).hostname or "" for u in archives}
+    filter_lines = [f"^{re.escape(h)}$" for h in sorted(hosts - {""})]
+    (folder / "tinyproxy.filter").write_text("\n".join(filter_lines) + "\n")
+    (folder / "tinyproxy.conf").write_text(
         "\n".join(
             [
-                f"Port {settings.proxy_port}",
-                f"Listen {settings.gateway}",
+                f"Port {port}",
+                f"Listen {listen}",
                 "Timeout 120",
-                f"Allow {settings.subnet}",
-                f'Filter "{d / "tinyproxy.filter"}"',
+                f"Allow {allow}",
+                f'Filter "{folder / "tinyproxy.filter"}"',
                 "FilterType ere",
                 "FilterURLs Off",
                 "FilterDefaultDeny Yes",
@@ -480,6 +477,18 @@ def ensure_proxy(settings: LabSettings, state: LabState, mirror: str) -> None:
                 "",
             ]
         )
+    )
+
+
+def ensure_proxy(settings: LabSettings, state: LabState, mirror: str) -> None:
+    if pid_alive(state.proxy_pid, "tinyproxy"):
+        return
+    d = settings.state_dir
+    # the archive the hosts were built from, and the distro's security archive (the base role
+    # adds it where a host's sources lack it: deb.debian.org/debian-security for Debian 12)
+    security = DISTROS[LAB_DISTRO].apt_security_archive or ""
+    write_proxy_config(
+        d, settings.gateway, settings.proxy_port, str(settings.subnet), (mirror, security)
     )
     state.proxy_pid = _spawn(
         ["tinyproxy", "-d", "-c", str(d / "tinyproxy.conf")], d / "tinyproxy.log"

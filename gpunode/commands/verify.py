@@ -109,26 +109,37 @@ def select(inventory: Inventory, limit: list[str] | None) -> list[Host]:
     return [inventory.hosts[n] for n in dict.fromkeys(names)]
 
 
+def host_checks_argv(host: Host, ssh_config: Path, workdir: Path, junit: Path) -> list[str]:
+    """The pytest run of the host checks for one host. A login other than root runs every
+    check's command through sudo (testinfra's ``--sudo``), as deploys run with ``--sudo``:
+    the checks read root-only files and call sysctl and modprobe, which are not even on an
+    ordinary user's PATH."""
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HOST_TESTS),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--hosts=ssh://{host.name}?controlpath={workdir}/cm-{host.name}&controlpersist=5",
+        f"--ssh-config={ssh_config}",
+        f"--junitxml={junit}",
+        "-o",
+        f"junit_suite_name={host.name}",
+        "--rootdir",
+        str(HOST_TESTS),
+    ]
+    if host.connection.user != "root":
+        argv.append("--sudo")
+    return argv
+
+
 def _run_host(inventory_path: str, host: Host, ssh_config: Path, workdir: Path) -> HostResult:
     junit = workdir / f"{host.name}.xml"
     env = {**os.environ, "GPUNODE_INVENTORY": str(inventory_path), "GPUNODE_HOST": host.name}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(HOST_TESTS),
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"--hosts=ssh://{host.name}?controlpath={workdir}/cm-{host.name}&controlpersist=5",
-            f"--ssh-config={ssh_config}",
-            f"--junitxml={junit}",
-            "-o",
-            f"junit_suite_name={host.name}",
-            "--rootdir",
-            str(HOST_TESTS),
-        ],
+        host_checks_argv(host, ssh_config, workdir, junit),
         capture_output=True,
         text=True,
         env=env,

@@ -36,6 +36,24 @@ def in_container(host) -> bool:
 
 
 @pytest.fixture(scope="module")
+def as_login(host):
+    """Run a command as the inventory's login user itself: ``gpunode verify`` runs every check
+    through sudo (testinfra's --sudo) when that user is not root, and a few checks are about
+    the login, not the system. Returns its stdout, stripped; fails on a non-zero exit."""
+
+    def run(command: str) -> str:
+        backend = host.backend
+        before = backend.sudo
+        backend.sudo = False
+        try:
+            return host.check_output(command)
+        finally:
+            backend.sudo = before
+
+    return run
+
+
+@pytest.fixture(scope="module")
 def as_root(host, node: Host):
     """Run a command as root (gpunode may connect as an admin user with sudo)."""
 

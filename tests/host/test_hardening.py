@@ -119,9 +119,9 @@ def test_sshd_files_strict(hardening_on, host) -> None:
         assert (f.user, f.group, f.mode) == ("root", "root", 0o600), path
 
 
-def test_sshd_keeps_admin_access(hardening_on, host, node: Host) -> None:
+def test_sshd_keeps_admin_access(hardening_on, as_login, node: Host) -> None:
     # this check runs over a NEW key-based SSH login of the inventory's user
-    assert host.check_output("id -un") == node.connection.user
+    assert as_login("id -un") == node.connection.user
 
 
 # --- sysctl ------------------------------------------------------------------------------
@@ -206,16 +206,16 @@ def test_accounts_with_a_password_age(hardening_on, host, node: Host, as_root) -
 
 
 def test_each_login_gets_a_private_tmpdir(
-    hardening_on, host, node: Host, spec: distros.DistroSpec
+    hardening_on, host, as_login, node: Host, spec: distros.DistroSpec
 ) -> None:
     if not node.config.hardening.login.private_tmp:
         pytest.skip("hardening.login.private_tmp is false for this host")
     if hardening_schema.PAM_TMPDIR_PACKAGE[spec.family] is None:
         pytest.skip(f"pam_tmpdir is not packaged on {spec.key} (the role says so on every run)")
     assert "pam_tmpdir.so" in host.file("/etc/pam.d/common-session").content_string
-    uid = host.check_output("id -u")
-    assert host.check_output('echo "$TMPDIR"') == f"/tmp/user/{uid}"
-    assert host.check_output('stat -c "%u %a" "$TMPDIR"') == f"{uid} 700"
+    uid = as_login("id -u")  # a login's session (sudo's has no pam_tmpdir)
+    assert as_login('echo "$TMPDIR"') == f"/tmp/user/{uid}"
+    assert as_login('stat -c "%u %a" "$TMPDIR"') == f"{uid} 700"
 
 
 # --- kernel modules ------------------------------------------------------------------------

@@ -134,9 +134,11 @@ VAGRANT_HOST = ipaddress.ip_address("192.168.56.1")
 
 
 @pytest.fixture
-def vagrant_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+def vagrant_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     monkeypatch.delenv("GPUNODE_VAGRANT_PROVIDER", raising=False)
     monkeypatch.delenv("VAGRANT_DOTFILE_PATH", raising=False)
+    # a VM lab up on this machine (sudo make vm-lab) would give its key and proxy: not here
+    monkeypatch.setenv("GPUNODE_VM_LAB_DIR", str(tmp_path / "no-vm-lab"))
     monkeypatch.setattr(firewall, "controller_source", lambda address, port: VAGRANT_HOST)
     return monkeypatch
 

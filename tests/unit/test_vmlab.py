@@ -1,0 +1,168 @@
+"""The VM lab's pieces that need no VM (gpunode/commands/vmlab.py): the box's name follows its
+inputs, its metadata is what vagrant-libvirt reads, the proxy's address comes from
+inventories/vagrant.yml, bad settings are refused with what is allowed, inventories/vagrant.py
+takes the key and the proxy from the lab's state file, and the Vagrantfile (run by the real
+vagrant) accepts the local box and refuses an unknown accelerator.
+
+The VMs themselves (`sudo make vm-lab`) are measured in docs/lab.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpunode import firewall
+from gpunode.commands import vmlab
+from gpunode.inventory import load_inventory_file
+from gpunode.paths import REPO_ROOT
+
+STAMP = {"version": 2, "suite": "bookworm", "include": ["systemd"]}
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBox gpunode-vm-lab"
+
+
+def test_the_boxs_name_is_a_digest_of_every_input() -> None:
+    inputs = vmlab.box_inputs(STAMP, KEY)
+    name = vmlab.box_name(inputs)
+    assert name.startswith("gpunode/debian12-") and len(name) == len("gpunode/debian12-") + 12
+    assert vmlab.box_name(vmlab.box_inputs(dict(STAMP), KEY)) == name  # stable
+    changed: list[dict[str, Any]] = [
+        vmlab.box_inputs({**STAMP, "version": 3}, KEY),  # a new base image
+        vmlab.box_inputs(STAMP, KEY.replace("Box", "Bax")),  # another machine's key
+    ]
+    for key in ("version", "packages", "disk_gib", "vagrantfile", "host_keys_unit"):
+        other = dict(inputs)
+        other[key] = "something else"
+        changed.append(other)
+    names = {vmlab.box_name(c) for c in changed}
+    assert name not in names and len(names) == len(changed)
+
+
+def test_the_box_boots_its_own_kernel_from_the_whole_disk() -> None:
+    assert vmlab.box_metadata() == {"provider": "libvirt", "format": "qcow2", "virtual_size": 20}
+    assert 'libvirt.cmd_line = "root=/dev/vda rw ' in vmlab.BOX_VAGRANTFILE
+    assert 'File.join(box_dir, "vmlinuz")' in vmlab.BOX_VAGRANTFILE
+    assert "ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key" in vmlab.HOST_KEYS_UNIT
+
+
+def test_the_proxy_listens_on_the_private_networks_host_address() -> None:
+    assert vmlab.private_gateway() == ("192.168.56.1", "192.168.56.0/24")
+
+
+def test_vms_on_two_networks_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    doc = yaml.safe_load((REPO_ROOT / "inventories/vagrant.yml").read_text())
+    doc["hosts"]["gpu-02"]["connection"]["address"] = "192.168.57.12"
+    path = tmp_path / "vagrant.yml"
+    path.write_text(yaml.safe_dump(doc))
+    monkeypatch.setattr(vmlab, "VAGRANT_INVENTORY", path)
+    with pytest.raises(vmlab.VmLabError) as exc:
+        vmlab.private_gateway()
+    assert str(exc.value) == (
+        f"{path}: the VMs' addresses span 2 /24 networks (allowed: one, the private network)"
+    )
+
+
+@pytest.mark.parametrize("port", ["80", "70000", "88;x", ""])
+def test_a_bad_proxy_port_is_refused(monkeypatch: pytest.MonkeyPatch, port: str) -> None:
+    monkeypatch.setenv("GPUNODE_VM_LAB_PROXY_PORT", port)
+    with pytest.raises(vmlab.VmLabError) as exc:
+        vmlab.VmLabSettings.from_env()
+    assert str(exc.value) == f"GPUNODE_VM_LAB_PROXY_PORT={port!r} (allowed: 1024-65535)"
+
+
+def test_the_vagrant_inventory_takes_the_labs_key_and_proxy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("GPUNODE_VAGRANT_PROVIDER", raising=False)
+    monkeypatch.setattr(firewall, "controller_source", lambda address, port: None)
+    monkeypatch.setenv("GPUNODE_VM_LAB_DIR", str(tmp_path))
+    state = {"key": "/var/cache/gpunode/vmbox/vagrant_ed25519", "proxy": "http://192.168.56.1:8898"}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    inventory = load_inventory_file(REPO_ROOT / "inventories/vagrant.py")
+    for name, host in inventory.hosts.items():
+        assert host.connection.key_file == state["key"]
+        assert host.config.base.apt_proxy == state["proxy"]
+        machines = REPO_ROOT / ".vagrant" / "machines" / name / "libvirt"
+        assert host.connection.known_hosts_file == str(machines / "known_hosts")
+    (tmp_path / "state.json").unlink()  # the lab is down: Vagrant's own key, no proxy
+    host = load_inventory_file(REPO_ROOT / "inventories/vagrant.py").hosts["gpu-01"]
+    assert host.connection.key_file.endswith("/.vagrant/machines/gpu-01/libvirt/private_key")
+    assert host.config.base.apt_proxy is None
+
+
+def test_a_broken_state_file_stops_the_inventory_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPUNODE_VM_LAB_DIR", str(tmp_path))
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        load_inventory_file(REPO_ROOT / "inventories/vagrant.py")
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'state.json'}: " in err and "sudo make vm-lab-down" in err
+
+
+def _vagrant(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    vagrant = shutil.which("vagrant")
+    if vagrant is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("vagrant is not installed (make deps installs it)")
+        pytest.skip("vagrant is not installed")
+    run_env = {
+        **os.environ,
+        "VAGRANT_CHECKPOINT_DISABLE": "1",
+        "VAGRANT_DOTFILE_PATH": str(tmp_path / ".vagrant"),
+        "VAGRANT_HOME": str(tmp_path / "home"),
+        **env,
+    }
+    return subprocess.run(
+        [vagrant, "validate", "--ignore-provider"],
+        cwd=REPO_ROOT,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_vagrantfile_takes_the_local_box(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("not read by validate\n")
+    done = _vagrant(
+        tmp_path,
+        GPUNODE_VAGRANT_BOX="gpunode/debian12-0123456789ab",
+        GPUNODE_VAGRANT_KEY=str(key),
+        GPUNODE_VAGRANT_ACCEL="qemu",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Vagrantfile validated successfully" in done.stdout
+
+
+def test_the_vagrantfile_refuses_an_unknown_accelerator(tmp_path: Path) -> None:
+    done = _vagrant(tmp_path, GPUNODE_VAGRANT_ACCEL="xen")
+    assert done.returncode != 0
+    assert 'GPUNODE_VAGRANT_ACCEL="xen" (allowed: kvm, qemu)' in done.stdout + done.stderr
+
+
+def test_verify_runs_the_checks_through_sudo_for_a_login_other_than_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The Vagrant VMs log in as `vagrant` (deploys run with --sudo): the host checks read
+    root-only files and call sysctl, so they run through sudo too; a root login needs none."""
+    from gpunode.commands.verify import host_checks_argv
+
+    monkeypatch.setattr(firewall, "controller_source", lambda address, port: None)
+    monkeypatch.setenv("GPUNODE_VM_LAB_DIR", str(tmp_path))
+    vagrant = load_inventory_file(REPO_ROOT / "inventories/vagrant.py").hosts["gpu-01"]
+    argv = host_checks_argv(vagrant, tmp_path / "ssh_config", tmp_path, tmp_path / "j.xml")
+    assert argv[-1] == "--sudo" and argv.count("--sudo") == 1
+    root = vagrant.model_copy(
+        update={"connection": vagrant.connection.model_copy(update={"user": "root"})}
+    )
+    assert "--sudo" not in host_checks_argv(root, tmp_path / "c", tmp_path, tmp_path / "j.xml")
