@@ -383,13 +383,12 @@ def ensure_base_image(settings: LabSettings, mirror: str) -> Path:
 APT_BOUNDED = ("-o", "Acquire::http::Timeout=20", "-o", "Acquire::Retries=2")
 
 
-def _upgrade_base(root: Path) -> None:
-    """The distro's security updates of today, installed in the image: a debootstrap takes the
-    main suite only, and the lab's hosts would otherwise install them by themselves
-    (unattended-upgrades, between 06:00 and 07:00) while a test runs. The security suite is
-    in the image's sources for this step only: the hosts' own sources stay as debootstrap
-    wrote them (the base role adds the suite). Best effort: without the security archive
-    the image is used as it is, and says so."""
+def chroot_apt(
+    root: Path, steps: list[list[str]], timeout: float = 1200
+) -> tuple[list[str], str] | None:
+    """``apt-get STEP`` for each of ``steps`` in the image at ``root``, with the distro's
+    security suite in its sources for these steps only (the source and its lists are removed
+    after, and apt's cache cleaned). The first step that failed and why; None when all ran."""
     spec = DISTROS[LAB_DISTRO]
     source = root / "etc/apt/sources.list.d/gpunode-image-security.list"
     source.write_text(f"deb {spec.apt_security_archive} {spec.codename}-security main\n")
@@ -397,25 +396,38 @@ def _upgrade_base(root: Path) -> None:
     proc_dir = root / "proc"
     _run(["mount", "-t", "proc", "proc", str(proc_dir)])
     try:
-        for step in (["update"], ["-y", "upgrade"]):
+        for step in steps:
             argv = ["chroot", str(root), "apt-get", "-q", *APT_BOUNDED, *step]
             try:
-                done = _run(argv, check=False, env=env, timeout=1200)
+                done = _run(argv, check=False, env=env, timeout=timeout)
                 why = done.stderr.strip()[-300:] if done.returncode else ""
             except subprocess.TimeoutExpired:
-                why = "no answer in 20 minutes"
+                why = f"no answer in {timeout / 60:.0f} minutes"
             if why:
-                _say(
-                    f"the base image is not upgraded (apt-get {' '.join(step)}: {why}); "
-                    "its hosts install the security updates themselves"
-                )
-                break
-        _run(["chroot", str(root), "apt-get", "clean"], check=False, env=env)
+                return step, why
+        return None
     finally:
+        _run(["chroot", str(root), "apt-get", "clean"], check=False, env=env)
         _run(["umount", str(proc_dir)], check=False)
         source.unlink()
         for lists in (root / "var/lib/apt/lists").glob("*-security_*"):
             lists.unlink()
+
+
+def _upgrade_base(root: Path) -> None:
+    """The distro's security updates of today, installed in the image: a debootstrap takes the
+    main suite only, and the lab's hosts would otherwise install them by themselves
+    (unattended-upgrades, between 06:00 and 07:00) while a test runs. The security suite is
+    in the image's sources for this step only: the hosts' own sources stay as debootstrap
+    wrote them (the base role adds the suite). Best effort: without the security archive
+    the image is used as it is, and says so."""
+    failed = chroot_apt(root, [["update"], ["-y", "upgrade"]])
+    if failed:
+        step, why = failed
+        _say(
+            f"the base image is not upgraded (apt-get {' '.join(step)}: {why}); "
+            "its hosts install the security updates themselves"
+        )
 
 
 def _prepare_base(root: Path) -> None:

@@ -35,6 +35,7 @@ SVM, and QEMU's software emulation (TCG) where not (this project's development m
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunode.commands import lab
+from gpunode.config import read_yaml
 from gpunode.paths import REPO_ROOT
 from gpunode.schema.distros import DISTROS
 
@@ -294,32 +296,15 @@ def _build_box(settings: VmLabSettings, base: Path, name: str) -> Path:
 def _install(root: Path) -> None:
     """BOX_PACKAGES from the machine's Debian archive and its security suite (the kernel of
     today, not the one of the release)."""
-    spec = DISTROS[lab.LAB_DISTRO]
-    source = root / "etc/apt/sources.list.d/gpunode-box-security.list"
-    source.write_text(f"deb {spec.apt_security_archive} {spec.codename}-security main\n")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
-    proc = root / "proc"
-    lab._run(["mount", "-t", "proc", "proc", str(proc)])
-    try:
-        for step in (
-            ["update"],
-            ["-y", "upgrade"],
-            ["-y", "install", "--no-install-recommends", *BOX_PACKAGES],
-            ["clean"],
-        ):
-            done = lab._run(
-                ["chroot", str(root), "apt-get", "-q", *lab.APT_BOUNDED, *step],
-                check=False,
-                env=env,
-                timeout=1800,
-            )
-            if done.returncode:
-                raise VmLabError(f"box: apt-get {' '.join(step)}: {done.stderr.strip()[-400:]}")
-    finally:
-        lab._run(["umount", str(proc)], check=False)
-        source.unlink()
-        for lists in (root / "var/lib/apt/lists").glob("*-security_*"):
-            lists.unlink()
+    steps = [
+        ["update"],
+        ["-y", "upgrade"],
+        ["-y", "install", "--no-install-recommends", *BOX_PACKAGES],
+    ]
+    failed = lab.chroot_apt(root, steps, timeout=1800)
+    if failed:
+        step, why = failed
+        raise VmLabError(f"box: apt-get {' '.join(step)}: {why}")
 
 
 def _prepare(root: Path, public_key: str) -> None:
@@ -362,9 +347,7 @@ VAGRANT_INVENTORY = REPO_ROOT / "inventories" / "vagrant.yml"
 def private_gateway() -> tuple[str, str]:
     """(the host's address on the private network, the network) from inventories/vagrant.yml:
     vagrant-libvirt gives the host the first address of the VMs' /24."""
-    import ipaddress
-
-    doc = lab.read_yaml(VAGRANT_INVENTORY) or {}
+    doc = read_yaml(VAGRANT_INVENTORY) or {}
     nets = set()
     for name, host in (doc.get("hosts") or {}).items():
         address = ((host or {}).get("connection") or {}).get("address")
@@ -409,6 +392,8 @@ def ensure_proxy(settings: VmLabSettings, state: dict[str, Any]) -> None:
     )
     state["proxy"] = f"http://{gateway}:{settings.proxy_port}"
     lab._wait_tcp(gateway, settings.proxy_port, 10, "the VM lab's proxy (tinyproxy)")
+    if not lab.pid_alive(state["proxy_pid"], "tinyproxy"):
+        raise VmLabError(f"tinyproxy exited at start; see {d / 'tinyproxy.log'}")
 
 
 def vagrant(settings: VmLabSettings, box: str, *args: str, check: bool = True) -> int:
