@@ -86,7 +86,13 @@ MODULES: dict[str, Module] = {
     "vault": Module(
         "gpunode/clients/vault.py",
         _tests(
-            "vault", "vault_rotation", "secretfile", "rotate_gateway", "bites_config", "redirects"
+            "vault",
+            "vault_rotation",
+            "vault_bites",
+            "secretfile",
+            "rotate_gateway",
+            "bites_config",
+            "redirects",
         ),
         "Vault session, reads and writes, secret-id rotation, root-only files",
     ),

@@ -106,7 +106,14 @@ class Session:
         if not cfg.addr:  # hvac would otherwise take $VAULT_ADDR or http://localhost:8200
             raise VaultError("vault login: vault.addr is not set (allowed: the Vault URL)")
         verify: bool | str = cfg.ca_cert if (cfg.ca_cert and cfg.tls_verify) else cfg.tls_verify
-        cert = (cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else None
+        # client_cert alone: one PEM holding the certificate and its key (client_key without
+        # client_cert is refused at load, gpunode/secrets.py); the key's file is root-only
+        cert: str | tuple[str, str] | None = None
+        if cfg.client_cert:
+            setting = "vault.client_key" if cfg.client_key else "vault.client_cert"
+            with _open_root_only(cfg.client_key or cfg.client_cert, setting):
+                pass
+            cert = (cfg.client_cert, cfg.client_key) if cfg.client_key else cfg.client_cert
         # The transport: redirects only within vault.addr's origin (gpunode/clients/redirects.py).
         # hvac takes a given session's own verify and cert over its arguments: set them here.
         session = requests.Session()
@@ -334,14 +341,43 @@ def _errors(exc: Exception) -> str:
     return str(exc).split(", on ")[0][:300]
 
 
+CREDENTIAL_FILE_MAX = 65536  # bytes: a secret_id is a line; more is not one
+SECRET_ID_RE = r"[\x21-\x7e]{1,512}"  # noqa: S105 - a pattern: a UUID, or a custom one
+
+
 def read_root_only(path: str) -> str:
-    """The content of a credentials file that only root (or this user) can read. The
-    checks are of the file opened (fstat), not of a path that could change in between; a
-    symbolic link as the file's last component is refused."""
+    """The secret_id in a credentials file that only root (or this user) can read: one line
+    of printable ASCII, no spaces. The checks are of the file opened (fstat), not of a path
+    that could change in between; a symbolic link as the file's last component is refused."""
+    what = "vault.secret_id_file"
+    with _open_root_only(path, what) as handle:
+        raw = handle.read(CREDENTIAL_FILE_MAX + 1)
+    if len(raw) > CREDENTIAL_FILE_MAX:
+        raise VaultError(
+            f"{what} {path}: larger than {CREDENTIAL_FILE_MAX} bytes (allowed: one secret_id)"
+        )
+    try:
+        value = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        value = "\0"  # refused below, like any other byte outside printable ASCII
+    if not value:
+        raise VaultError(f"{what} {path}: the file is empty")
+    if not re.fullmatch(SECRET_ID_RE, value):
+        raise VaultError(
+            f"{what} {path}: not one secret_id (allowed: one line of 1 to 512 printable ASCII "
+            "characters, no spaces or control characters)"
+        )
+    return value
+
+
+@contextlib.contextmanager
+def _open_root_only(path: str, what: str) -> Iterator[Any]:
+    """``path`` opened for reading once it is a regular file owned by root (or this user)
+    with no group or other bits; ``what`` (the setting) and the path name it in errors."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
-        raise VaultError(f"vault.secret_id_file {path}: cannot read it ({exc.strerror})") from None
+        raise VaultError(f"{what} {path}: cannot read it ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as handle:
         st = os.fstat(handle.fileno())
         if (
@@ -350,15 +386,11 @@ def read_root_only(path: str) -> str:
             or stat.S_IMODE(st.st_mode) & 0o077
         ):
             raise VaultError(
-                f"vault.secret_id_file {path}: owned by uid {st.st_uid} with mode "
+                f"{what} {path}: owned by uid {st.st_uid} with mode "
                 f"{stat.S_IMODE(st.st_mode):04o} (allowed: a regular file owned by root, mode "
                 "0600 or 0400)"
             )
-        raw = handle.read(65536)
-    value = raw.decode("utf-8", "replace").strip()
-    if not value:
-        raise VaultError(f"vault.secret_id_file {path}: the file is empty")
-    return value
+        yield handle
 
 
 # One session per Vault config for the whole run, closed (token revoked) at exit.

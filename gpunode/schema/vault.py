@@ -120,9 +120,11 @@ class Vault(Model):
     """Verify the server's certificate: false only for a lab, never in production (every
     run warns while it is false)."""
     client_cert: AbsPath | None = None
-    """TLS client certificate (and key) if Vault asks for one."""
+    """The TLS client certificate (PEM) if Vault asks for one; without `client_key`, this
+    file holds the private key too and must be root-only (mode 0600 or 0400)."""
     client_key: AbsPath | None = None
-    """The TLS client certificate's private key; only with `client_cert`."""
+    """The TLS client certificate's private key (PEM), a root-only file (mode 0600 or
+    0400); only with `client_cert`."""
     timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     """Seconds per request."""
     retries: Annotated[int, Field(ge=0, le=10)] = 3

@@ -31,9 +31,11 @@ What it offers:
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -57,6 +59,10 @@ from urllib.parse import parse_qs, urlsplit
 import hvac
 import pyinfra
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
@@ -398,6 +404,130 @@ def _serve(replay: Replay, context: ssl.SSLContext | None) -> Iterator[Server]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+# --- a throwaway PKI (the cryptography package) ---------------------------------------
+
+
+@dataclass
+class Pki:
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def _ca(tmp: Path, stem: str) -> tuple[Path, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{stem} CA"))
+        .issuer_name(_name(f"{stem} CA"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp / f"{stem}-ca.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path, cert, key
+
+
+def _leaf(
+    tmp: Path,
+    stem: str,
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    usage: x509.ObjectIdentifier,
+    domain: str = "global.nomad",
+) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"{stem}.{domain}"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = tmp / f"{stem}.pem", tmp / f"{stem}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key_path, key)
+    return cert_path, key_path
+
+
+def make_pki(tmp: Path, stem: str) -> Pki:
+    """A throwaway CA (and another one that signed nothing here), a server certificate for
+    127.0.0.1 / localhost and a client certificate, each key in its own file, mode 0600."""
+    ca, ca_cert, ca_key = _ca(tmp, stem)
+    other, _, _ = _ca(tmp, f"{stem}-other")
+    cert, key = _leaf(tmp, "server", ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH)
+    client_cert, client_key = _leaf(tmp, "cli", ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
+    for path in (key, client_key):
+        path.chmod(0o600)
+    return Pki(ca, cert, key, client_cert, client_key, other)
+
+
+def serve_mtls(pki: Pki) -> Iterator[Server]:
+    """A replaying server (``Replay``) on TLS that asks every client for a certificate of
+    ``pki``'s CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.cert, pki.key)
+    context.load_verify_locations(pki.ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+    yield from _serve(Replay(), context)
 
 
 # --- inference and Nomad job settings ---------------------------------------------------

@@ -14,19 +14,12 @@ verification with the right CA and failure with a wrong one.
 
 from __future__ import annotations
 
-import datetime
-import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from harness import Replay, Server, _serve, fixture
+from harness import Pki, Server, fixture, make_pki, serve_mtls
 
 from gpunode.clients.nomad import DeploymentFailed, NomadClient, NomadError, submit
 
@@ -35,121 +28,14 @@ TOKEN = "d7c1e5e0-gpunode-test-token-3f2a"  # noqa: S105 - a test ACL token Secr
 JOB = {"ID": "my-job", "Name": "my-job", "Type": "service", "TaskGroups": []}
 
 
-@dataclass
-class Pki:
-    ca: Path
-    cert: Path
-    key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
-def _ca(tmp: Path, stem: str) -> tuple[Path, x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"{stem} CA"))
-        .issuer_name(_name(f"{stem} CA"))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp / f"{stem}-ca.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path, cert, key
-
-
-def _leaf(
-    tmp: Path,
-    stem: str,
-    ca: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    usage: x509.ObjectIdentifier,
-) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"{stem}.global.nomad"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    cert_path, key_path = tmp / f"{stem}.pem", tmp / f"{stem}-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(key_path, key)
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    tmp = tmp_path_factory.mktemp("pki")
-    ca, ca_cert, ca_key = _ca(tmp, "nomad")
-    other, _, _ = _ca(tmp, "other")
-    cert, key = _leaf(tmp, "server", ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH)
-    client_cert, client_key = _leaf(tmp, "cli", ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
-    return Pki(ca, cert, key, client_cert, client_key, other)
+    return make_pki(tmp_path_factory.mktemp("pki"), "nomad")
 
 
 @pytest.fixture
 def tls_server(pki: Pki) -> Iterator[Server]:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.cert, pki.key)
-    context.load_verify_locations(pki.ca)
-    context.verify_mode = ssl.CERT_REQUIRED  # Nomad's verify_https_client
-    yield from _serve(Replay(), context)
+    yield from serve_mtls(pki)  # Nomad's verify_https_client
 
 
 def client(address: str, **kwargs: Any) -> NomadClient:

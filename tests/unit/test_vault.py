@@ -236,7 +236,11 @@ def test_tls_with_the_ca_certificate_and_a_clear_error_without_it(tmp_path: Path
         good.close()
         with pytest.raises(VaultError) as err:
             session(server, env).read("demo", DEMO)  # the system CAs do not know it
-        assert f"TLS verification of {server.addr} failed (allowed: vault.ca_cert" in str(err.value)
+        assert str(err.value) == (
+            f"secret demo (secret/gpunode/demo#api_key): vault login (AppRole approle): TLS "
+            f"verification of {server.addr} failed (allowed: vault.ca_cert naming the CA that "
+            "signed Vault's certificate)"
+        )
         # tls_verify: false checks nothing, even with a ca_cert set (here one that does not
         # know Vault's CA: with it checked, the read would fail as above)
         other_ca = tmp_path / "other-ca.pem"
