@@ -70,6 +70,7 @@ from gpunode.facts.hardening import (
     WritableSysctls,
 )
 from gpunode.facts.server import HostInfo
+from gpunode.operations import firewall as confirm_ops
 from gpunode.paths import REPO_ROOT
 from gpunode.schema import hardening as hardening_schema
 from gpunode.schema.hardening import Hardening
@@ -706,10 +707,23 @@ def test_fresh_host_gets_the_ruleset_checked_armed_applied_confirmed_then_kept(
 
 
 @pytest.mark.parametrize("distro", ["debian12", "rhel9"])
-def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed(distro: str) -> None:
+def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed(
+    distro: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the confirmation's own clock (gpunode/operations/firewall.py), so that its retries for
+    # min(15 s, rollback_seconds / 2) pass at once: one attempt a second, then the failure
+    clock = [0.0]
+    monkeypatch.setattr(
+        confirm_ops,
+        "time",
+        types.SimpleNamespace(
+            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)
+        ),
+    )
     responses = {**fresh_responses(distro), re.compile(r"^true$"): {"success": False}}
     run = run_roles(config(distro), distro, responses)
     assert run.failed
+    assert len(run.grep(r"^true$")) == 15 and clock[0] == 15.0
     assert run.grep(rf"^nft -f {firewall_rules.FIREWALL_CANDIDATE}$")  # it was loaded
     # never disarmed, never kept for boot: the timer restores the previous table
     assert not run.grep(r"systemctl stop gpunode-firewall-rollback\.timer && ")
