@@ -433,13 +433,18 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     )
 
 
-def _ca(tmp: Path, stem: str) -> tuple[Path, x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _ca(
+    tmp: Path,
+    stem: str,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+) -> tuple[Path, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A CA: self-signed, or an intermediate signed by ``issuer`` (its certificate, key)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(f"{stem} CA"))
-        .issuer_name(_name(f"{stem} CA"))
+        .issuer_name(issuer[0].subject if issuer else _name(f"{stem} CA"))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -460,7 +465,7 @@ def _ca(tmp: Path, stem: str) -> tuple[Path, x509.Certificate, ec.EllipticCurveP
             critical=True,
         )  # fmt: skip
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(issuer[1] if issuer else key, hashes.SHA256())
     )
     path = tmp / f"{stem}-ca.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -474,7 +479,10 @@ def _leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     usage: x509.ObjectIdentifier,
     domain: str = "global.nomad",
+    sans: list[x509.GeneralName] | None = None,
 ) -> tuple[Path, Path]:
+    """A leaf certificate and its key; a server's names are ``sans`` (default: localhost and
+    127.0.0.1)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -492,15 +500,9 @@ def _leaf(
         )
     )
     if usage == ExtendedKeyUsageOID.SERVER_AUTH:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
+        if sans is None:
+            sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     cert_path, key_path = tmp / f"{stem}.pem", tmp / f"{stem}-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

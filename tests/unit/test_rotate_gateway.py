@@ -18,27 +18,37 @@ node path of the keys map replaced by the disk's.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from harness import (
     Bao,
     Handler,
     RecordingFakeConnector,
+    Replay,
     Response,
+    Server,
+    _ca,
     _free_port,
+    _leaf,
+    _serve,
     fail_op,
     run_sh,
     start_bao,
@@ -887,3 +897,103 @@ def test_a_gateway_without_the_models_route_is_checked_on_the_node_alone(
         "; /v1/models is not in gateway.routes: relying on the checks on the node (after "
         in (said[1])
     )
+
+
+# --- the controller's request, against a TLS server made here -----------------------------
+
+
+@dataclass
+class Gateway:
+    """A TLS server answering GET /v1/models with 200; its certificate is signed by an
+    intermediate CA (``ca``: that CA alone, as Vault's PKI mount gives an issuing CA)."""
+
+    server: Server
+    ca: str
+
+
+@pytest.fixture
+def tls_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
+    sans = request.param
+    _, root, root_key = _ca(tmp_path, "root")
+    ca_path, issuing, issuing_key = _ca(tmp_path, "issuing", issuer=(root, root_key))
+    cert, key = _leaf(
+        tmp_path, "gw", issuing, issuing_key, ExtendedKeyUsageOID.SERVER_AUTH, sans=sans
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    for served in _serve(Replay(), context):
+        served.replay.add("GET", "/v1/models", (200, {"data": []}))
+        yield Gateway(served, ca_path.read_text())
+
+
+def gateway_host(port: int, address: str = "127.0.0.1", **gateway: Any) -> Host:
+    (node,) = inventory(
+        UNREACHABLE_VAULT,
+        gateway_port=port,
+        hosts={"gpu-01": {"address": address, "data": {"gateway": gateway}}},
+    )
+    return node
+
+
+NAMES = [x509.DNSName("gw.example")]
+IP = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+
+
+@pytest.mark.parametrize("tls_gateway", [NAMES], indirect=True)
+def test_the_controller_checks_the_first_name_when_the_address_is_not_in_the_certificate(
+    tls_gateway: Gateway,
+) -> None:
+    """Reached by 127.0.0.1 with names and IP SANs that do not hold it: the certificate is
+    checked for its first name (its CN), the only one a certificate issued for it has."""
+    port = int(tls_gateway.server.address.rsplit(":", 1)[1])
+    tls = {"names": ["gw.example", "other.example"], "ip_sans": ["10.9.9.9"]}
+    node = gateway_host(port, tls=tls)
+    assert rot._ask_models(node, "k-1", tls_gateway.ca) == 200
+    (asked,) = tls_gateway.server.replay.calls("GET", "/v1/models")
+    assert asked.headers["authorization"] == "Bearer k-1"
+
+
+@pytest.mark.parametrize("tls_gateway", [IP], indirect=True)
+def test_the_controller_checks_the_address_a_wildcard_gateway_is_reached_by(
+    tls_gateway: Gateway,
+) -> None:
+    """A gateway listening on 0.0.0.0, reached by 127.0.0.1: the certificate's IP SAN is the
+    address (gpunode/gateway.py's certificate_ips), and that is what is checked."""
+    port = int(tls_gateway.server.address.rsplit(":", 1)[1])
+    node = gateway_host(port, listen="0.0.0.0")  # noqa: S104 - a wildcard listener
+    assert rot._ask_models(node, "k-2", tls_gateway.ca) == 200
+
+
+@pytest.mark.parametrize("tls_gateway", [IP], indirect=True)
+def test_the_controller_trusts_an_issuing_ca_that_is_not_a_root(tls_gateway: Gateway) -> None:
+    port = int(tls_gateway.server.address.rsplit(":", 1)[1])
+    assert rot._ask_models(gateway_host(port), "k-3", tls_gateway.ca) == 200
+
+
+def test_a_gateway_that_accepts_and_never_answers_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TCP accepted (the kernel's queue), no TLS handshake ever: the request gives up after
+    REQUEST_TIMEOUT and says so; without a timeout it would wait forever (an alarm at 20 s
+    fails the test instead)."""
+    monkeypatch.setattr(rot, "REQUEST_TIMEOUT", 0.5)
+
+    def hung(signum: int, frame: Any) -> None:
+        raise AssertionError("the controller's request had no timeout")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            node = gateway_host(listener.getsockname()[1])
+            assert rot._ask_models(node, "k-4", pki_ca_stranger()) == "no answer (TimeoutError)"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def pki_ca_stranger() -> str:
+    """A CA certificate (any: the handshake never starts)."""
+    return Path(certifi.where()).read_text()

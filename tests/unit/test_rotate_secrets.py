@@ -12,6 +12,7 @@ as each node's state says.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -114,7 +115,14 @@ def put_secret(bao: Bao, tag: str) -> tuple[str, str]:
 
 
 def inventory(bao: Bao, path: str, names: tuple[str, ...] = ("gpu-01", "gpu-02"), **secret):  # noqa: ANN003,ANN201
-    doc = {
+    hosts: list[Host] = list(
+        load(inventory_doc(bao, path, names, **secret), "inv.yml").hosts.values()
+    )
+    return hosts
+
+
+def inventory_doc(bao: Bao, path: str, names: tuple[str, ...], **secret: Any) -> dict[str, Any]:
+    return {
         "defaults": {
             "distro": "debian12",
             "firewall": {"enabled": False},
@@ -127,8 +135,6 @@ def inventory(bao: Bao, path: str, names: tuple[str, ...] = ("gpu-01", "gpu-02")
             for i, name in enumerate(names)
         },
     }
-    hosts: list[Host] = list(load(doc, "inv.yml").hosts.values())
-    return hosts
 
 
 def tag_of(tmp_path: Path) -> str:
@@ -229,6 +235,7 @@ def test_a_secret_without_services_is_written_and_batches_share_a_deploy(
     ]
     assert not versions(bao, path)["versions"]["1"]["destroyed"]
     assert groups == [["gpu-01", "gpu-02"], ["gpu-03"]]  # a deploy per batch
+    assert [(r.version, r.ok) for r in rotation.results] == [(2, True)] * 3
     assert sorted(c.host.name for c in nodes.connectors) == ["gpu-01", "gpu-02", "gpu-03"]
     assert "systemctl is-active" not in seen_by_nodes(nodes)
 
@@ -455,4 +462,45 @@ def test_the_cli_says_why_in_one_line_and_exits_1(
     assert rot.main(str(inv), "nope", "v") == 1
     assert capsys.readouterr().out == (
         "gpunode rotate: secret nope: no host declares it (allowed: llm)\n"
+    )
+
+
+def test_the_cli_entry_passes_its_options_and_exits_0_only_when_all_are_healthy(
+    bao: Bao,
+    login: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, _ = put_secret(bao, tag_of(tmp_path))
+    names = ("gpu-01", "gpu-02", "gpu-03")
+    doc = inventory_doc(
+        bao, path, names, restart=[{"name": "llm.service", "health_url": HEALTH}], health_timeout=1
+    )
+    fleet = tmp_path / "fleet.yml"
+    fleet.write_text(json.dumps(doc))  # YAML is a superset of JSON
+    nodes = fake_nodes(monkeypatch)
+    groups: list[list[str]] = []
+    real_roll_out = rot._roll_out
+
+    def roll_out(group, deploy_file, data, version, check):  # noqa: ANN001,ANN202
+        groups.append([h.name for h in group])
+        return real_roll_out(group, deploy_file, data, version, check)
+
+    monkeypatch.setattr(rot, "_roll_out", roll_out)
+    assert rot.main(str(fleet), "llm", "new-value-9", batch=2) == 0
+    assert groups == [["gpu-01", "gpu-02"], ["gpu-03"]]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "secret llm: version 2 is on 3 host(s), all healthy"
+    )
+    nodes.unhealthy = {"gpu-01"}
+    assert rot.main(str(fleet), "llm", "new-value-10", rollback=False) == 1
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .startswith("secret llm: rotation stopped at gpu-01; not touched: gpu-02, gpu-03;")
+    )
+    assert rot.main(str(fleet), "other", "new-value-11") == 1
+    assert capsys.readouterr().out == (
+        "gpunode rotate: secret other: no host declares it (allowed: llm)\n"
     )
