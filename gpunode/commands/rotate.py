@@ -393,7 +393,6 @@ def _wait_healthy(host, secret: Secret, version: int) -> HostResult:  # noqa: AN
             )
     started = time.monotonic()
     deadline = started + secret.health_timeout
-    failing = ""
     while True:
         failing = ""
         for what, command in checks:

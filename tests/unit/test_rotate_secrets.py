@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -504,3 +505,76 @@ def test_the_cli_entry_passes_its_options_and_exits_0_only_when_all_are_healthy(
     assert capsys.readouterr().out == (
         "gpunode rotate: secret other: no host declares it (allowed: llm)\n"
     )
+
+
+def test_an_unknown_secret_names_every_declared_one() -> None:
+    doc = {
+        "defaults": {
+            "distro": "debian12",
+            "firewall": {"enabled": False},
+            "vault": {"addr": "http://127.0.0.1:1", "role_id": "r"},
+            "secrets": {n: {"path": f"gpunode/{n}", "key": "k"} for n in ("llm", "db")},
+        },
+        "hosts": {"gpu-01": {"connection": {"address": "127.0.0.1"}}},
+    }
+    hosts = list(load(doc, "inv.yml").hosts.values())
+    with pytest.raises(rot.RotateError) as err:
+        rot.secret_hosts(hosts, "other")
+    assert str(err.value) == "secret other: no host declares it (allowed: db, llm)"
+
+
+class _Checked:
+    """A host for _wait_healthy: each check command fails until ``passes_at`` (a time on the
+    fake clock); every command run is kept with the time it ran at."""
+
+    name = "gpu-01"
+
+    def __init__(self, clock: list[float], passes_at: float) -> None:
+        self.clock, self.passes_at = clock, passes_at
+        self.ran: list[tuple[float, str]] = []
+
+    def run_shell_command(self, command: Any) -> tuple[bool, None]:
+        self.ran.append((self.clock[0], str(command)))
+        return self.clock[0] >= self.passes_at, None
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """_wait_healthy's own clock, starting at 1000 s: its waits pass at once."""
+    now = [1000.0]
+    fake = types.SimpleNamespace(
+        monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
+    monkeypatch.setattr(rot, "time", fake)
+    return now
+
+
+def _secret(**settings: Any) -> Any:
+    from gpunode.schema.vault import Secret
+
+    restart = ["llm.service", {"name": "proxy.service", "health_url": HEALTH}]
+    return Secret(path="gpunode/x", key="k", restart=restart, **settings)
+
+
+def test_a_host_healthy_after_some_checks_reports_how_long_it_took(clock: list[float]) -> None:
+    host = _Checked(clock, passes_at=1001.5)
+    result = rot._wait_healthy(host, _secret(health_timeout=5), 7)
+    assert result == rot.HostResult(
+        "gpu-01", 7, True, "llm.service, proxy.service healthy after 1.5 s"
+    )
+    # a check every 0.5 s; each round stops at its first failing check
+    assert [t for t, _ in host.ran] == [1000.0, 1000.5, 1001.0, 1001.5, 1001.5, 1001.5]
+    assert [c for _, c in host.ran[-3:]] == [
+        "systemctl is-active --quiet llm.service",
+        "systemctl is-active --quiet proxy.service",
+        f"curl -fsS -o /dev/null --max-time 5 {HEALTH}",
+    ]
+
+
+def test_a_host_never_healthy_is_checked_until_its_timeout_has_passed(clock: list[float]) -> None:
+    host = _Checked(clock, passes_at=float("inf"))
+    result = rot._wait_healthy(host, _secret(health_timeout=2), 7)
+    assert result == rot.HostResult(
+        "gpu-01", 7, False, "health check llm.service failing after 2 s"
+    )
+    assert [t for t, _ in host.ran] == [1000.0, 1000.5, 1001.0, 1001.5, 1002.0, 1002.5]
