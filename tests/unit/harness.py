@@ -49,6 +49,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -404,6 +405,21 @@ def _serve(replay: Replay, context: ssl.SSLContext | None) -> Iterator[Server]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def fake_clock(monkeypatch: pytest.MonkeyPatch, module: Any, start: float = 0.0) -> list[float]:
+    """``module.time`` (a module that does ``import time``) replaced by a clock whose
+    ``sleep`` moves it forward: the module's waits pass at once, and what it measures is
+    exact. The list holds the clock's time."""
+    now = [start]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(
+        module, "time", types.SimpleNamespace(monotonic=lambda: now[0], sleep=sleep)
+    )
+    return now
 
 
 # --- a throwaway PKI (the cryptography package) ---------------------------------------

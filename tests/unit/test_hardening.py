@@ -48,6 +48,7 @@ from harness import (
     Run,
     content_lines,
     converged,
+    fake_clock,
     host_info_output,
     need_root,
     nft_check,
@@ -712,14 +713,7 @@ def test_failed_confirmation_fails_the_host_and_leaves_the_rollback_armed(
 ) -> None:
     # the confirmation's own clock (gpunode/operations/firewall.py), so that its retries for
     # min(15 s, rollback_seconds / 2) pass at once: one attempt a second, then the failure
-    clock = [0.0]
-    monkeypatch.setattr(
-        confirm_ops,
-        "time",
-        types.SimpleNamespace(
-            monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)
-        ),
-    )
+    clock = fake_clock(monkeypatch, confirm_ops)
     responses = {**fresh_responses(distro), re.compile(r"^true$"): {"success": False}}
     run = run_roles(config(distro), distro, responses)
     assert run.failed

@@ -50,6 +50,7 @@ from harness import (
     _leaf,
     _serve,
     fail_op,
+    fake_clock,
     run_sh,
     start_bao,
     stop_bao,
@@ -997,3 +998,46 @@ def test_a_gateway_that_accepts_and_never_answers_times_out(
 def pki_ca_stranger() -> str:
     """A CA certificate (any: the handshake never starts)."""
     return Path(certifi.where()).read_text()
+
+
+class _NodeChecks:
+    """A host for _gateway_healthy: its checks on the node fail until ``passes_at`` on the
+    fake clock."""
+
+    def __init__(self, clock: list[float], passes_at: float) -> None:
+        self.clock, self.passes_at = clock, passes_at
+        self.ran: list[float] = []
+
+    def run_shell_command(self, command: Any, **arguments: Any) -> tuple[bool, None]:
+        self.ran.append(self.clock[0])
+        return self.clock[0] >= self.passes_at, None
+
+
+@pytest.mark.parametrize(("passes_at", "ok"), [(1001.5, True), (float("inf"), False)])
+def test_the_gateway_checks_repeat_until_they_pass_or_time_runs_out(
+    monkeypatch: pytest.MonkeyPatch, passes_at: float, ok: bool
+) -> None:
+    clock = fake_clock(monkeypatch, rot, start=1000.0)  # and GATEWAY_HEALTH_TIMEOUT is 10 s
+    (node,) = inventory(
+        UNREACHABLE_VAULT,
+        hosts={"gpu-01": {"data": {"gateway": {"routes": ["/v1/chat/completions"]}}}},
+    )
+    host = _NodeChecks(clock, passes_at)
+    result = rot._gateway_healthy(host, node, "alice", "k", 3, "")
+    checks = (
+        f"haproxy.service active, /health 200 over TLS on the node, the key's SHA-256 in {KEYS_MAP}"
+    )
+    if ok:
+        assert result == rot.HostResult(
+            "gpu-01",
+            3,
+            True,
+            f"{checks}; /v1/models is not in gateway.routes: relying on the checks on the node "
+            "(after 1.5 s)",
+        )
+        assert host.ran == [1000.0, 1000.5, 1001.0, 1001.5, 1001.5, 1001.5]
+    else:
+        assert result == rot.HostResult(
+            "gpu-01", 3, False, "health check haproxy.service active failing after 10 s"
+        )
+        assert host.ran == [1000.0 + i / 2 for i in range(22)]  # until 10.5 s > 10 s

@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import json
 import os
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Bao, RecordingFakeConnector, Response, fail_op, start_bao, stop_bao
+from harness import (
+    Bao,
+    RecordingFakeConnector,
+    Response,
+    fail_op,
+    fake_clock,
+    start_bao,
+    stop_bao,
+)
 from pyinfra.api.exceptions import ConnectError
 
 from gpunode.clients.vault import VaultError, close_all
@@ -105,6 +112,19 @@ def fake_nodes(monkeypatch: pytest.MonkeyPatch) -> Nodes:
 
     monkeypatch.setattr(run, "inventory_from", inventory_from)
     return nodes
+
+
+def deploy_groups(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The hosts of each deploy the rotation makes (one per batch), in order."""
+    groups: list[list[str]] = []
+    real_roll_out = rot._roll_out
+
+    def roll_out(group, deploy_file, data, version, check):  # noqa: ANN001,ANN202
+        groups.append([h.name for h in group])
+        return real_roll_out(group, deploy_file, data, version, check)
+
+    monkeypatch.setattr(rot, "_roll_out", roll_out)
+    return groups
 
 
 def put_secret(bao: Bao, tag: str) -> tuple[str, str]:
@@ -216,14 +236,7 @@ def test_a_secret_without_services_is_written_and_batches_share_a_deploy(
     path, _ = put_secret(bao, tag_of(tmp_path))
     hosts = inventory(bao, path, names=("gpu-01", "gpu-02", "gpu-03"))
     nodes = fake_nodes(monkeypatch)
-    groups: list[list[str]] = []
-    real_roll_out = rot._roll_out
-
-    def roll_out(group, deploy_file, data, version, check):  # noqa: ANN001,ANN202
-        groups.append([h.name for h in group])
-        return real_roll_out(group, deploy_file, data, version, check)
-
-    monkeypatch.setattr(rot, "_roll_out", roll_out)
+    groups = deploy_groups(monkeypatch)
     said: list[str] = []
     rotation = rot.rotate(hosts, "llm", "new-value-2", batch=2, say=said.append)
 
@@ -481,14 +494,7 @@ def test_the_cli_entry_passes_its_options_and_exits_0_only_when_all_are_healthy(
     fleet = tmp_path / "fleet.yml"
     fleet.write_text(json.dumps(doc))  # YAML is a superset of JSON
     nodes = fake_nodes(monkeypatch)
-    groups: list[list[str]] = []
-    real_roll_out = rot._roll_out
-
-    def roll_out(group, deploy_file, data, version, check):  # noqa: ANN001,ANN202
-        groups.append([h.name for h in group])
-        return real_roll_out(group, deploy_file, data, version, check)
-
-    monkeypatch.setattr(rot, "_roll_out", roll_out)
+    groups = deploy_groups(monkeypatch)
     assert rot.main(str(fleet), "llm", "new-value-9", batch=2) == 0
     assert groups == [["gpu-01", "gpu-02"], ["gpu-03"]]
     assert capsys.readouterr().out.splitlines()[-1] == (
@@ -541,12 +547,7 @@ class _Checked:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """_wait_healthy's own clock, starting at 1000 s: its waits pass at once."""
-    now = [1000.0]
-    fake = types.SimpleNamespace(
-        monotonic=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
-    )
-    monkeypatch.setattr(rot, "time", fake)
-    return now
+    return fake_clock(monkeypatch, rot, start=1000.0)
 
 
 def _secret(**settings: Any) -> Any:
