@@ -319,7 +319,10 @@ def test_a_key_that_is_not_one_printable_word_is_refused_unseen(value: str) -> N
     with pytest.raises(rot.RotateError) as err:
         rot.rotate(inventory(UNREACHABLE_VAULT), "gateway.clients.alice", value, say=print)
     message = str(err.value)
-    assert message.startswith("gateway.clients.alice: the new key must be one word of printable")
+    assert message == (
+        "gateway.clients.alice: the new key must be one word of printable ASCII, without "
+        "spaces or control characters (allowed: e.g. what --generate makes)"
+    )
     assert not value or (value not in message and repr(value)[1:-1] not in message)
 
 
@@ -1041,3 +1044,94 @@ def test_the_gateway_checks_repeat_until_they_pass_or_time_runs_out(
             "gpu-01", 3, False, "health check haproxy.service active failing after 10 s"
         )
         assert host.ran == [1000.0 + i / 2 for i in range(22)]  # until 10.5 s > 10 s
+
+
+# --- client keys on a KV mount of their own ---------------------------------------------------
+
+KVC = "kv-clients"
+
+
+def on_kvc(
+    bao: Bao, tag: str, names: tuple[str, ...] = ("gpu-01",)
+) -> tuple[list[Host], dict[str, str]]:
+    """Hosts whose clients' keys are on the KV v2 mount ``kv-clients`` (the rotation's role may
+    use it), and the keys written there."""
+    c = bao.client()
+    if f"{KVC}/" not in c.sys.list_mounted_secrets_engines()["data"]:
+        c.sys.enable_secrets_engine("kv", path=KVC, options={"version": "2"})
+    c.sys.create_or_update_policy(ROLE, POLICY + POLICY.replace("secret/", f"{KVC}/"))
+    keys = {name: f"{name}-{tag}-" + os.urandom(12).hex() for name in ("alice", "bob")}
+    for name, value in keys.items():
+        c.secrets.kv.v2.create_or_update_secret(
+            f"gpunode/clients/{tag}-{name}", {"api_key": value}, mount_point=KVC
+        )
+    clients = {
+        name: {"key": {"mount": KVC, "path": f"gpunode/clients/{tag}-{name}"}}
+        for name in ("alice", "bob")
+    }
+    hosts = inventory(
+        vault_of(bao),
+        tag,
+        hosts={name: {"data": {"gateway": {"clients": clients}}} for name in names},
+    )
+    return hosts, keys
+
+
+def test_a_key_on_another_mount_is_written_there(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole rotation against the key's own mount: written there with check-and-set,
+    then read back from there for the node (a fake one whose checks all pass)."""
+    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    hosts, _ = on_kvc(bao, tag)
+    fake_connectors(monkeypatch, None)
+    said: list[str] = []
+    rotation = rot.rotate(
+        hosts, "gateway.clients.alice", "new-key-0001", rollback=False, say=said.append
+    )
+    assert said[0] == (
+        f"gateway.clients.alice: wrote version 2 of {KVC}/gpunode/clients/{tag}-alice#api_key "
+        "(check-and-set on 1)"
+    )
+    assert rotation.ok and rotation.new_version == 2, said
+    latest = bao.client().secrets.kv.v2.read_secret_version(
+        f"gpunode/clients/{tag}-alice", mount_point=KVC, raise_on_deleted_version=True
+    )
+    assert latest["data"]["data"] == {"api_key": "new-key-0001"}
+
+
+def test_the_other_clients_keys_are_read_once_each_from_their_mount(
+    bao: Bao, login: None, tmp_path: Path
+) -> None:
+    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    hosts, keys = on_kvc(bao, tag, names=("gpu-01", "gpu-02"))
+    session = Session(hosts[0].config.vault)
+    reads: list[str] = []
+    real_read = session.read
+
+    def read(name: str, secret: Any, version: int | None = None) -> Any:
+        reads.append(f"{name} {secret.where()}")
+        return real_read(name, secret, version)
+
+    session.read = read  # type: ignore[method-assign]
+    try:
+        with pytest.raises(rot.RotateError) as err:
+            rot._refuse_a_shared_key(hosts, "alice", keys["bob"], session)
+        assert str(err.value) == (
+            "gateway.clients.alice: the new key is the key of client bob on host gpu-01 "
+            "(allowed: a key no other client has; --generate makes one)"
+        )
+        rot._refuse_a_shared_key(hosts, "alice", "a-key-no-one-has", session)
+        # bob's key, once per rotation check although both hosts have bob
+        assert reads == [f"gateway.clients.bob.key {KVC}/gpunode/clients/{tag}-bob#api_key"] * 2
+        bao.client().secrets.kv.v2.delete_metadata_and_all_versions(
+            f"gpunode/clients/{tag}-bob", mount_point=KVC
+        )
+        with pytest.raises(VaultError) as gone:
+            rot._refuse_a_shared_key(hosts, "alice", "a-key-no-one-has", session)
+        assert str(gone.value) == (
+            f"secret gateway.clients.bob.key ({KVC}/gpunode/clients/{tag}-bob#api_key): not "
+            "found in Vault"
+        )
+    finally:
+        session.close()
