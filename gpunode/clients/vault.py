@@ -306,7 +306,8 @@ class Session:
                 ),
             )
         except VaultError as exc:
-            if "check-and-set" in str(exc):
+            # Vault's own words for a stale cas (not this call's name, which says check-and-set)
+            if "check-and-set parameter did not match" in str(exc):
                 raise VaultError(
                     f"{what}: someone wrote a newer version than {cas} meanwhile "
                     "(check-and-set failed); run the rotation again"
@@ -356,10 +357,7 @@ def read_root_only(path: str) -> str:
         raise VaultError(
             f"{what} {path}: larger than {CREDENTIAL_FILE_MAX} bytes (allowed: one secret_id)"
         )
-    try:
-        value = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        value = "\0"  # refused below, like any other byte outside printable ASCII
+    value = raw.decode("latin-1").strip()  # any byte decodes; only printable ASCII passes below
     if not value:
         raise VaultError(f"{what} {path}: the file is empty")
     if not re.fullmatch(SECRET_ID_RE, value):

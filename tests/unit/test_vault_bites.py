@@ -38,6 +38,7 @@ DENIED = (
     "on the path, see docs/secrets.md)"
 )
 KV2_POLICY = """
+path "kv2/data/ro/*" { capabilities = ["read"] }
 path "kv2/data/app/*" { capabilities = ["create", "read", "update"] }
 path "kv2/metadata/app/*" { capabilities = ["read"] }
 path "kv2/destroy/app/*" { capabilities = ["update"] }
@@ -333,7 +334,14 @@ def test_a_deleted_latest_version_is_not_found_not_empty(bao: Bao) -> None:
 
 
 def test_refused_writes_and_destroys_name_what_was_asked(bao: Bao) -> None:
+    bao.client().secrets.kv.v2.create_or_update_secret(
+        "ro/db", {"password": "x"}, mount_point="kv2"
+    )
     s = approle(bao)
+    read_only = Secret(mount="kv2", path="ro/db", key="password")
+    assert refused(lambda: s.write("db", read_only, "y", cas=1)) == (
+        f"secret db (kv2/ro/db#password) write (check-and-set on version 1): {DENIED}"
+    )  # a refusal, not taken for a stale version because the step's name says check-and-set
     other = Secret(mount="kv2", path="other/db", key="password")
     assert refused(lambda: s.write("db", other, "x", cas=1)) == (
         f"secret db (kv2/other/db#password): {DENIED}"
