@@ -55,6 +55,7 @@ from harness import (
     start_bao,
     stop_bao,
 )
+from pyinfra.api.exceptions import ConnectError
 from test_haproxy import HAPROXY, Backend, make_cert, need  # the real HAProxy tests' helpers
 
 from gpunode.clients.pki import Issuer, controller_policy, setup_pki
@@ -1135,3 +1136,53 @@ def test_the_other_clients_keys_are_read_once_each_from_their_mount(
         )
     finally:
         session.close()
+
+
+def test_a_gateway_host_that_cannot_be_reached_fails_on_the_new_version(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    hosts, _ = on_kvc(bao, tag)
+    fake_connectors(monkeypatch, None)
+
+    def refused(self: Any) -> None:
+        raise ConnectError("Connection refused")
+
+    monkeypatch.setattr(RecordingFakeConnector, "connect", refused)
+    said: list[str] = []
+    rotation = rot.rotate(hosts, "gateway.clients.alice", "new-key-0002", say=said.append)
+    assert said[1:3] == [
+        "gpu-01: version 2: FAILED: cannot connect: Connection refused",
+        "gpu-01: rolled back to version 1: STILL FAILING: cannot connect: Connection refused",
+    ]
+    assert [(r.host, r.version, r.ok) for r in rotation.results] == [("gpu-01", 2, False)]
+
+
+def test_a_key_version_gone_before_the_deploy_is_named_by_its_client(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    hosts, _ = on_kvc(bao, tag)
+    fake_connectors(monkeypatch, None)
+    path = f"gpunode/clients/{tag}-alice"
+
+    def roll_out(group, deploy_file, data, version, check):  # noqa: ANN001,ANN202
+        raise AssertionError("no deploy of a version Vault no longer has")
+
+    kv = bao.client().secrets.kv.v2
+    real_write = Session.write
+
+    def write(self: Session, *args: Any, **kwargs: Any) -> int:
+        version = real_write(self, *args, **kwargs)
+        kv.destroy_secret_versions(path, versions=[version], mount_point=KVC)
+        return version
+
+    monkeypatch.setattr(Session, "write", write)
+    monkeypatch.setattr(rot, "_roll_out", roll_out)
+    said: list[str] = []
+    rotation = rot.rotate(hosts, "gateway.clients.alice", "new-key-0003", say=said.append)
+    assert not rotation.ok
+    assert said[-1].startswith(
+        f"gateway.clients.alice: rotation stopped: secret gateway.clients.alice.key ({KVC}/"
+        f"{path}#api_key version 2): not found in Vault"
+    ), said
