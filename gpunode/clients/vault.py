@@ -295,8 +295,10 @@ class Session:
         """Write ``value`` under ``secret.key`` as a new version (check-and-set); its number."""
         client = self.login()
         what = f"secret {name} ({secret.where()})"
-        current = self._read_version(client, what, secret, cas)
-        data = dict((current.get("data") or {}).get("data") or {})
+        data: dict[Any, Any] = {}  # cas 0: the first version, nothing to keep
+        if cas:
+            current = self._read_version(client, what, secret, cas)
+            data = dict((current.get("data") or {}).get("data") or {})
         data[secret.key] = value  # the other keys of the secret stay as they are
         try:
             resp = self._call(

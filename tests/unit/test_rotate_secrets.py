@@ -361,6 +361,7 @@ def test_a_failed_deploy_is_reported_and_the_rest_is_not_touched(
 
     assert not rotation.ok
     assert said[1] == "gpu-01: version 2: FAILED: the deploy failed (file or service restart)"
+    assert [(r.host, r.version, r.ok) for r in rotation.results] == [("gpu-01", 2, False)]
     assert said[-1].startswith("secret llm: rotation stopped at gpu-01; not touched: gpu-02;")
 
 
@@ -579,3 +580,19 @@ def test_a_host_never_healthy_is_checked_until_its_timeout_has_passed(clock: lis
         "gpu-01", 7, False, "health check llm.service failing after 2 s"
     )
     assert [t for t, _ in host.ran] == [1000.0, 1000.5, 1001.0, 1001.5, 1002.0, 1002.5]
+
+
+def test_a_secret_with_metadata_and_no_version_yet_gets_version_1(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metadata written ahead (``kv metadata put``, e.g. to set max_versions) and no version:
+    the first one is written with check-and-set 0, and there is nothing to put back."""
+    path = f"gpunode/rot-{tag_of(tmp_path)}"
+    bao.client().secrets.kv.v2.update_metadata(path, max_versions=5)
+    hosts = inventory(bao, path, names=("gpu-01",))
+    fake_nodes(monkeypatch)
+    said: list[str] = []
+    rotation = rot.rotate(hosts, "llm", "first-value", say=said.append)
+    assert said[0] == f"secret llm: wrote version 1 of secret/{path}#api_key (check-and-set on 0)"
+    assert (rotation.ok, rotation.old_version, rotation.new_version) == (True, 0, 1)
+    assert latest(bao, path) == {"api_key": "first-value"}
