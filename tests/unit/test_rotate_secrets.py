@@ -596,3 +596,34 @@ def test_a_secret_with_metadata_and_no_version_yet_gets_version_1(
     assert said[0] == f"secret llm: wrote version 1 of secret/{path}#api_key (check-and-set on 0)"
     assert (rotation.ok, rotation.old_version, rotation.new_version) == (True, 0, 1)
     assert latest(bao, path) == {"api_key": "first-value"}
+
+
+def test_a_batch_with_a_host_that_cannot_be_planned_deploys_none_of_it(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is all or nothing: gpu-02's deploy cannot be planned, so gpu-01, in the same
+    batch, is not deployed either (and nothing is written anywhere)."""
+    from pyinfra import host
+    from pyinfra.api.exceptions import OperationError
+
+    import roles.secrets
+
+    path, _ = put_secret(bao, tag_of(tmp_path))
+    hosts = inventory(bao, path, names=("gpu-01", "gpu-02"))
+    nodes = fake_nodes(monkeypatch)
+    real = roles.secrets.secrets
+
+    def secrets(*args: Any, **kwargs: Any) -> Any:
+        if host.name == "gpu-02":
+            raise OperationError("planted: gpu-02 cannot be planned")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(roles.secrets, "secrets", secrets)
+    said: list[str] = []
+    rotation = rot.rotate(hosts, "llm", "new-value-12", batch=2, rollback=False, say=said.append)
+    assert said[1:3] == [
+        "gpu-01: version 2: FAILED: not run: planning failed on gpu-02",
+        "gpu-02: version 2: FAILED: planning failed: planted: gpu-02 cannot be planned",
+    ]
+    assert not rotation.ok
+    assert all(not c.uploads for c in nodes.connectors)
