@@ -627,3 +627,68 @@ def test_a_batch_with_a_host_that_cannot_be_planned_deploys_none_of_it(
     ]
     assert not rotation.ok
     assert all(not c.uploads for c in nodes.connectors)
+
+
+def test_a_writer_between_the_version_read_and_the_write_stops_the_rotation(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone writes version 2 after the rotation read version 1 as the latest: the
+    rotation's check-and-set write on 1 is refused, naming the secret, and their value stays."""
+    from gpunode.clients.vault import Session
+
+    path, _ = put_secret(bao, tag_of(tmp_path))
+    hosts = inventory(bao, path, names=("gpu-01",))
+    fake_nodes(monkeypatch)
+    real_metadata = Session.metadata
+
+    def metadata(self: Session, *args: Any) -> Any:
+        meta = real_metadata(self, *args)
+        bao.client().secrets.kv.v2.create_or_update_secret(path, {"api_key": "theirs"})
+        return meta
+
+    monkeypatch.setattr(Session, "metadata", metadata)
+    with pytest.raises(VaultError) as err:
+        rot.rotate(hosts, "llm", "mine", say=print)
+    assert str(err.value) == (
+        f"secret llm (secret/{path}#api_key): someone wrote a newer version than 1 meanwhile "
+        "(check-and-set failed); run the rotation again"
+    )
+    assert latest(bao, path) == {"api_key": "theirs"}
+
+
+def test_vault_gone_before_the_second_batch_keeps_the_first_batchs_results(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = put_secret(bao, tag_of(tmp_path))
+    hosts = inventory(bao, path, names=("gpu-01", "gpu-02"))
+    fake_nodes(monkeypatch)
+    real_roll_out = rot._roll_out
+
+    def roll_out(group, deploy_file, data, version, check):  # noqa: ANN001,ANN202
+        if group[0].name == "gpu-02":
+            bao.client().secrets.kv.v2.destroy_secret_versions(path, versions=[version])
+        return real_roll_out(group, deploy_file, data, version, check)
+
+    monkeypatch.setattr(rot, "_roll_out", roll_out)
+    rotation = rot.rotate(hosts, "llm", "new-value-13", say=lambda line: None)
+    assert [(r.host, r.ok, r.detail) for r in rotation.results] == [
+        ("gpu-01", True, "file written (no service to check)"),
+        ("gpu-02", False, "not touched"),
+    ]
+
+
+def test_every_failing_host_of_a_batch_is_named(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = put_secret(bao, tag_of(tmp_path))
+    hosts = inventory(bao, path, names=("gpu-01", "gpu-02", "gpu-03"), restart=["llm.service"])
+    nodes = fake_nodes(monkeypatch)
+    nodes.down = {"gpu-01": {"llm.service"}, "gpu-02": {"llm.service"}}
+    fake_clock(monkeypatch, rot)  # the failing checks' minute passes at once
+    said: list[str] = []
+    rot.rotate(hosts, "llm", "new-value-14", batch=2, rollback=False, say=said.append)
+    assert said[-1] == (
+        "secret llm: rotation stopped at gpu-01, gpu-02; not touched: gpu-03; Vault's latest "
+        "version is 2 (the next deploy rolls it out: fix the service, or write the old value "
+        "back)"
+    )
