@@ -1053,7 +1053,7 @@ KVC = "kv-clients"
 
 
 def on_kvc(
-    bao: Bao, tag: str, names: tuple[str, ...] = ("gpu-01",)
+    bao: Bao, tag: str, names: tuple[str, ...] = ("gpu-01",), vault: dict[str, Any] | None = None
 ) -> tuple[list[Host], dict[str, str]]:
     """Hosts whose clients' keys are on the KV v2 mount ``kv-clients`` (the rotation's role may
     use it), and the keys written there."""
@@ -1071,7 +1071,7 @@ def on_kvc(
         for name in ("alice", "bob")
     }
     hosts = inventory(
-        vault_of(bao),
+        vault or vault_of(bao),
         tag,
         hosts={name: {"data": {"gateway": {"clients": clients}}} for name in names},
     )
@@ -1186,3 +1186,23 @@ def test_a_key_version_gone_before_the_deploy_is_named_by_its_client(
         f"gateway.clients.alice: rotation stopped: secret gateway.clients.alice.key ({KVC}/"
         f"{path}#api_key version 2): not found in Vault"
     ), said
+
+
+def test_a_client_rotation_uses_the_session_it_is_given(
+    bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rotate(..., session=...)``: the key is written through that session, not one made
+    from the hosts' vault settings (here: a Vault that cannot be reached)."""
+    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    hosts, _ = on_kvc(bao, tag, vault=UNREACHABLE_VAULT)
+    fake_connectors(monkeypatch, None)
+    given = Session(Vault(addr=bao.addr, role_id=bao.role_id, retries=0))
+    said: list[str] = []
+    try:
+        rot.rotate(hosts, "gateway.clients.alice", "new-key-0004", say=said.append, session=given)
+    finally:
+        given.close()
+    assert said[0] == (
+        f"gateway.clients.alice: wrote version 2 of {KVC}/gpunode/clients/{tag}-alice#api_key "
+        "(check-and-set on 1)"
+    )
