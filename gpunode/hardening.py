@@ -613,14 +613,15 @@ def render_remote_logs(config: NodeConfig, family: str) -> str:
     logs = config.hardening.remote_logs
     if logs is None:
         raise ValueError("hardening.remote_logs is null: nothing to render")
-    where = "hardening.remote_logs"
+    host = rainerscript_string(logs.host, "hardening.remote_logs.host")
+    # the rest are gpunode's own constants and validated integers: escaped all the same
     values = {
-        "target": rainerscript_string(logs.host, f"{where}.host"),
-        "port": rainerscript_string(logs.port, f"{where}.port"),
-        "peer": rainerscript_string(logs.host, f"{where}.host"),
-        "ca_file": rainerscript_string(REMOTE_LOGS_CA, f"{where}.ca_file"),
-        "queue_file": rainerscript_string(REMOTE_LOGS_QUEUE, where),
-        "spool": rainerscript_string(RSYSLOG_WORK_DIR[family], where),
-        "max_disk": rainerscript_string(logs.queue_max_mb * 1024 * 1024, f"{where}.queue_max_mb"),
+        "target": host,
+        "port": rainerscript_string(logs.port),
+        "peer": host,
+        "ca_file": rainerscript_string(REMOTE_LOGS_CA),
+        "queue_file": rainerscript_string(REMOTE_LOGS_QUEUE),
+        "spool": rainerscript_string(RSYSLOG_WORK_DIR[family]),
+        "max_disk": rainerscript_string(logs.queue_max_mb * 1024 * 1024),
     }
     return environment("hardening").get_template("rsyslog-remote.conf.j2").render(**values)

@@ -995,3 +995,98 @@ def test_a_new_ca_in_the_same_file_is_a_new_plan_for_the_seal(
     assert digest() not in (before, rotated)
     (off,) = list(inventory_from([(HOST, {"gpunode": load_one(None)})]))
     assert seal.controller_files(off) == {}
+
+
+# --- what the full mutation run of 2026-12-05 found untested ------------------------------------
+
+
+def test_the_renderer_refuses_a_host_the_schema_was_bypassed_for() -> None:
+    """The renderer escapes on its own: a host name with a newline (which the schema refuses
+    at load) reaching it some other way is refused naming the key, never written."""
+    cfg = load_one(GOOD)
+    logs = cfg.hardening.remote_logs
+    assert logs is not None
+    bad = logs.model_copy(update={"host": 'logs.example.com\naction(type="omprog")'})
+    cfg = cfg.model_copy(
+        update={"hardening": cfg.hardening.model_copy(update={"remote_logs": bad})}
+    )
+    with pytest.raises(ConfigError) as err:
+        hardening.render_remote_logs(cfg, "apt")
+    assert str(err.value).startswith("hardening.remote_logs.host: ")
+
+
+def test_rendering_without_remote_logs_is_a_programming_error_said_plainly() -> None:
+    cfg = load_one(None)
+    with pytest.raises(ValueError, match=r"^hardening\.remote_logs is null: nothing to render$"):
+        hardening.render_remote_logs(cfg, "apt")
+
+
+def test_a_fifo_as_the_ca_file_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """Opened without blocking: a FIFO (no writer ever comes) is refused at once; a blocking
+    open would wait forever (an alarm fails the test instead)."""
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo, 0o600)
+
+    def hung(signum: int, frame: Any) -> None:
+        raise AssertionError("the CA file was opened blocking")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        assert _ca_reason(tmp_path, None) == "not a regular file"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_every_kind_of_other_block_is_named(
+    tmp_path: Path, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+) -> None:
+    extra = "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"
+    said = _ca_reason(tmp_path, (pem(ca[0]) + key_pem(ca[1]) + extra).encode())
+    assert said == "it holds PRIVATE KEY, X509 CRL block(s), which are never uploaded"
+
+
+def test_a_long_subject_is_cut_at_120_characters(tmp_path: Path) -> None:
+    cert, _ = make_cert("c" * 64, ca=False)
+    subject = f"CN={'c' * 64}"
+    assert _ca_reason(tmp_path, pem(cert).encode()) == (
+        f"certificate 1 ({subject}) is not a CA certificate (its basicConstraints lack CA:TRUE)"
+    )
+    # one CN is at most 64 characters: a longer subject has more parts
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "o" * 64)]
+        + [x509.NameAttribute(NameOID.COMMON_NAME, "d" * 64)]
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    wide = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    shown = wide.subject.rfc4514_string()
+    assert len(shown) > 121
+    assert _ca_reason(tmp_path, pem(wide).encode()) == (
+        f"certificate 1 ({shown[:120]}) is not a CA certificate (its basicConstraints lack CA:TRUE)"
+    )
+
+
+def test_a_ca_is_valid_at_both_ends_of_its_validity(
+    tmp_path: Path, ca: tuple[x509.Certificate, Any]
+) -> None:
+    path = tmp_path / "ca.pem"
+    path.write_text(pem(ca[0]))
+    start, end = ca[0].not_valid_before_utc, ca[0].not_valid_after_utc
+    for moment in (start, end):
+        assert hardening.remote_logs_ca(HOST, str(path), now=moment) == pem(ca[0])
+    before = start - timedelta(seconds=1)
+    with pytest.raises(hardening.RemoteLogsCaError, match="is not valid before"):
+        hardening.remote_logs_ca(HOST, str(path), now=before)
+    with pytest.raises(hardening.RemoteLogsCaError, match="expired on"):
+        hardening.remote_logs_ca(HOST, str(path), now=end + timedelta(seconds=1))
