@@ -47,6 +47,26 @@ def node(**hardening_data: Any) -> NodeConfig:
     return load(raw, source="test_audit").hosts["gpu-01"].config
 
 
+def test_a_secret_at_its_default_place_is_watched_there() -> None:
+    cfg = node()
+    secrets = {**cfg.secrets, "llm": cfg.secrets["hf-token"].model_copy(update={"dest": None})}
+    watches = dict(hardening.audit_watches(cfg.model_copy(update={"secrets": secrets})))
+    assert watches["/etc/gpunode/secrets/llm.env"] == "gpunode-secrets"
+    assert watches["/srv/app/hf.env"] == "gpunode-secrets"
+
+
+@pytest.mark.parametrize("dest", ["/srv/app/../etc/shadow", "/srv/app/with space.env", "/srv/a\nb"])
+def test_a_path_the_schema_was_bypassed_for_is_never_watched(dest: str) -> None:
+    """The rules file is line-based: a path with a space, a newline or `..` (refused at load)
+    reaching the renderer some other way stops it, naming the path."""
+    cfg = node()
+    bad = cfg.secrets["hf-token"].model_copy(update={"dest": dest})
+    cfg = cfg.model_copy(update={"secrets": {"hf-token": bad}})
+    with pytest.raises(ValueError) as err:
+        hardening.render_audit_rules(cfg)
+    assert str(err.value) == f"{bad.dest!r} is not a plain absolute path"
+
+
 def rule_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line and not line.startswith("#")]
 
