@@ -55,6 +55,20 @@ def test_a_secret_at_its_default_place_is_watched_there() -> None:
     assert watches["/srv/app/hf.env"] == "gpunode-secrets"
 
 
+def test_a_deeper_path_comes_before_the_folder_it_is_in() -> None:
+    """The first matching watch gives an event its key: a secret file inside a folder gpunode
+    watches under another key (added last) is ordered before that folder."""
+    cfg = node()
+    inner = cfg.secrets["hf-token"].model_copy(update={"dest": "/etc/gpunode/app/hf.env"})
+    paths = [
+        p
+        for p, _ in hardening.audit_watches(cfg.model_copy(update={"secrets": {"hf-token": inner}}))
+    ]
+    assert paths.index("/etc/gpunode/app/hf.env") < paths.index("/etc/gpunode")
+    depths = [p.count("/") for p in paths]
+    assert depths == sorted(depths, reverse=True)
+
+
 @pytest.mark.parametrize("dest", ["/srv/app/../etc/shadow", "/srv/app/with space.env", "/srv/a\nb"])
 def test_a_path_the_schema_was_bypassed_for_is_never_watched(dest: str) -> None:
     """The rules file is line-based: a path with a space, a newline or `..` (refused at load)
