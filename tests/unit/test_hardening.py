@@ -951,6 +951,21 @@ def test_the_login_banner_says_no_os_and_is_sshds(distro: str) -> None:
     assert "Banner /etc/issue.net" in hardening.render_sshd(config(distro), "root", "root")
 
 
+def test_a_backslash_in_the_banner_is_doubled_for_the_console_only() -> None:
+    """agetty reads /etc/issue's backslash escapes (``\\l``: the tty); sshd and
+    /etc/issue.net print text as it is."""
+    banner = ["Authorized uses only (\\l is not the tty here)."]
+    cfg = load_one(
+        {"distro": "debian12", "firewall": {"enabled": False}, "hardening": {"banner": banner}}
+    )
+    run = run_roles(cfg, "debian12", fresh_responses("debian12"))
+    assert run.files[hardening.ISSUE_FILE] == "Authorized uses only (\\\\l is not the tty here).\n"
+    assert (
+        run.files[hardening.ISSUE_NET_FILE] == "Authorized uses only (\\l is not the tty here).\n"
+    )
+    assert hardening.render_issue(cfg) == run.files[hardening.ISSUE_FILE]  # the console's
+
+
 def test_without_a_banner_the_distros_files_stay() -> None:
     cfg = load_one(
         {"distro": "debian12", "firewall": {"enabled": False}, "hardening": {"banner": None}}
