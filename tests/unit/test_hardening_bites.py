@@ -401,3 +401,14 @@ def test_permit_root_login_no_as_root_is_refused_with_the_way_out() -> None:
         "as root (connection.user), so the run would lock itself out (allowed: "
         "prohibit-password, or connect as an admin user with sudo)"
     )
+
+
+def test_the_sudo_log_file_the_schema_was_bypassed_for_is_refused_naming_the_key() -> None:
+    """The sudoers renderer refuses a control character on its own (the schema refuses it at
+    load): a value reaching it some other way is named by its key, never written."""
+    cfg = node()
+    sudo = cfg.hardening.sudo.model_copy(update={"logfile": "/var/log/sudo.log\nDefaults !log"})
+    cfg = cfg.model_copy(update={"hardening": cfg.hardening.model_copy(update={"sudo": sudo})})
+    with pytest.raises(ConfigError) as err:
+        hardening.render_sudo_defaults(cfg)
+    assert str(err.value).startswith("hardening.sudo.logfile: ")
