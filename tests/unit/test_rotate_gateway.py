@@ -111,6 +111,11 @@ def backend() -> Iterator[Backend]:
     be.stop()
 
 
+def tag_of(tmp_path: Path) -> str:
+    """A Vault-path-safe tag unique to a test (its temporary directory's name)."""
+    return tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+
+
 def put_keys(bao: Bao, tag: str) -> dict[str, str]:
     """Fresh keys for alice and bob under gpunode/clients/<tag>-<client> (each test its own);
     alice's secret holds another key, which a rotation keeps."""
@@ -515,7 +520,7 @@ def gateway(
 ) -> Iterator[tuple[Node, list[Host], dict[str, str], list[RecordingFakeConnector]]]:
     """Two hosts (gpu-01, gpu-02) behind one real HAProxy that serves their current keys."""
     need("haproxy", HAPROXY)
-    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    tag = tag_of(tmp_path)
     keys = put_keys(bao, tag)
     hosts = inventory(
         vault_of(bao),
@@ -1083,7 +1088,7 @@ def test_a_key_on_another_mount_is_written_there(
 ) -> None:
     """The whole rotation against the key's own mount: written there with check-and-set,
     then read back from there for the node (a fake one whose checks all pass)."""
-    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    tag = tag_of(tmp_path)
     hosts, _ = on_kvc(bao, tag)
     fake_connectors(monkeypatch, None)
     said: list[str] = []
@@ -1104,7 +1109,7 @@ def test_a_key_on_another_mount_is_written_there(
 def test_the_other_clients_keys_are_read_once_each_from_their_mount(
     bao: Bao, login: None, tmp_path: Path
 ) -> None:
-    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    tag = tag_of(tmp_path)
     hosts, keys = on_kvc(bao, tag, names=("gpu-01", "gpu-02"))
     session = Session(hosts[0].config.vault)
     reads: list[str] = []
@@ -1141,7 +1146,7 @@ def test_the_other_clients_keys_are_read_once_each_from_their_mount(
 def test_a_gateway_host_that_cannot_be_reached_fails_on_the_new_version(
     bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    tag = tag_of(tmp_path)
     hosts, _ = on_kvc(bao, tag)
     fake_connectors(monkeypatch, None)
 
@@ -1161,7 +1166,7 @@ def test_a_gateway_host_that_cannot_be_reached_fails_on_the_new_version(
 def test_a_key_version_gone_before_the_deploy_is_named_by_its_client(
     bao: Bao, login: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    tag = tag_of(tmp_path)
     hosts, _ = on_kvc(bao, tag)
     fake_connectors(monkeypatch, None)
     path = f"gpunode/clients/{tag}-alice"
@@ -1193,7 +1198,7 @@ def test_a_client_rotation_uses_the_session_it_is_given(
 ) -> None:
     """``rotate(..., session=...)``: the key is written through that session, not one made
     from the hosts' vault settings (here: a Vault that cannot be reached)."""
-    tag = tmp_path.name[-20:].replace("_", "-").strip("-").lower()
+    tag = tag_of(tmp_path)
     hosts, _ = on_kvc(bao, tag, vault=UNREACHABLE_VAULT)
     fake_connectors(monkeypatch, None)
     given = Session(Vault(addr=bao.addr, role_id=bao.role_id, retries=0))
