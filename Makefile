@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++ haproxy qemu-system-x86 rsyslog rsyslog-gnutls
+APT_PACKAGES := systemd-container debootstrap tinyproxy vagrant iproute2 openssh-client make gpg nftables cmake g++ haproxy qemu-system-x86 rsyslog rsyslog-gnutls fdisk dosfstools mtools
 
-.PHONY: deps vm-deps venv lab lab-down vm-lab vm-lab-down check test unit reference mutate
+.PHONY: deps vm-deps venv lab lab-down vm-lab vm-lab-down check test unit test-vm reference mutate
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -15,7 +15,7 @@ deps:
 	fi
 
 # What the VM lab needs beyond `deps` (not part of `make test`)
-VM_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients vagrant-libvirt dnsmasq-base iptables qemu-utils e2fsprogs
+VM_PACKAGES := libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients vagrant-libvirt dnsmasq-base iptables qemu-utils e2fsprogs ovmf fdisk dosfstools mtools
 
 vm-deps: deps
 	@missing=""; for p in $(VM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -58,6 +58,11 @@ check: venv
 
 unit: venv
 	$(BIN)/pytest tests/unit
+
+# The VM tests (root; docs/testing.md): kernel, boot and firewall paths on the VM lab's real
+# VMs, which containers cannot reach. Not part of `make test` (tens of minutes under TCG).
+test-vm: vm-deps venv
+	$(BIN)/pytest tests/vm
 
 # docs/reference.md from gpunode/schema/ (tests/unit/test_reference.py fails when it is stale)
 reference: venv

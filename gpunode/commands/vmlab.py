@@ -16,10 +16,15 @@ base image: Debian 12 with ``linux-image-amd64`` (the security suite's kernel),
 the private network with it), the ``vagrant`` user with passwordless sudo and **one key made
 for this machine** (``/var/cache/gpunode/vmbox/vagrant_ed25519``, 0600; never Vagrant's
 well-known insecure key), no SSH host keys (each VM makes its own at first boot), an empty
-machine-id, one ext4 file system on the whole disk (``mkfs.ext4 -d``), turned into qcow2.
-The box boots its kernel directly (libvirt's ``kernel``/``initrd``/``cmdline``, declared in
-the box's own Vagrantfile): no boot loader, no partition table. The box is named after a
-digest of its inputs (``gpunode/debian12-<digest>``) and rebuilt only when they change.
+machine-id. The disk (qcow2) has a GPT with an EFI system partition and one ext4 root file
+system (``mkfs.ext4 -d``); the VM boots through UEFI (Debian's OVMF as its firmware,
+declared in the box's own Vagrantfile) and a GRUB made at build time
+(``grub-mkstandalone``, on the EFI partition's removable-media path) that loads the
+kernel and initramfs the VM keeps in its own ``/boot`` (Debian's ``/vmlinuz`` and
+``/initrd.img`` links). So the VM boots what it updates itself: an initramfs rebuilt for the
+nouveau blacklist, a module built by DKMS, a new kernel. Nothing of GRUB stays installed in
+the VM and no EFI variable is written. The box is named after a digest of its inputs
+(``gpunode/debian12-<digest>``) and rebuilt only when they change.
 
 **The network.** The VMs sit on two libvirt networks without forwarding (``mode none``):
 Vagrant's management network (``vagrant ssh``) and the private network of
@@ -51,21 +56,38 @@ from gpunode.config import read_yaml
 from gpunode.paths import REPO_ROOT
 from gpunode.schema.distros import DISTROS
 
-BOX_VERSION = 1  # bump when the box's preparation changes
+BOX_VERSION = 2  # bump when the box's preparation changes
 BOX_PREFIX = "gpunode/debian12-"
 BOX_PACKAGES = ("linux-image-amd64", "openssh-server", "sudo", "ifupdown", "isc-dhcp-client")
+# in the image only while its boot loader is made, then purged
+BOOT_LOADER_PACKAGES = ("grub-efi-amd64-bin",)
 BOX_DISK_GIB = 20
-# the box's own Vagrantfile: direct kernel boot, root on the whole virtio disk; eth0, eth1 (the
-# names Vagrant's Debian guest support writes into /etc/network/interfaces)
-KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0 biosdevname=0"
+# The disk: GPT, the EFI system partition (FAT) from 1 MiB, the root file system after it
+ESP_START_MIB, ESP_MIB = 1, 64
+ROOT_START_MIB = ESP_START_MIB + ESP_MIB
+# UEFI firmware of Debian's ovmf package, as the VMs' ROM (no NVRAM: the firmware boots the
+# EFI partition's removable-media path, EFI/BOOT/BOOTX64.EFI)
+FIRMWARE = "/usr/share/ovmf/OVMF.fd"
+# the kernel's command line; eth0, eth1: the names Vagrant's Debian guest support writes into
+# /etc/network/interfaces
+KERNEL_CMDLINE = "root=LABEL=root rw console=ttyS0 net.ifnames=0 biosdevname=0"
+# GRUB's configuration, inside its EFI binary: the VM's own kernel and initramfs, through the
+# links Debian keeps in / to the newest ones in /boot
+GRUB_CFG = f"""\
+insmod part_gpt
+insmod ext2
+search --no-floppy --label root --set=root
+linux /vmlinuz {KERNEL_CMDLINE}
+initrd /initrd.img
+boot
+"""
+GRUB_MODULES = ("part_gpt", "ext2", "search", "search_label", "linux", "normal", "configfile")
 BOX_VAGRANTFILE = f"""\
-# The gpunode VM lab's box (gpunode/commands/vmlab.py): direct kernel boot.
-box_dir = File.dirname(__FILE__)
+# The gpunode VM lab's box (gpunode/commands/vmlab.py): UEFI firmware, then the GRUB on the
+# disk's EFI system partition boots the VM's own /vmlinuz and /initrd.img.
 Vagrant.configure("2") do |config|
   config.vm.provider :libvirt do |libvirt|
-    libvirt.kernel = File.join(box_dir, "vmlinuz")
-    libvirt.initrd = File.join(box_dir, "initrd.img")
-    libvirt.cmd_line = "{KERNEL_CMDLINE}"
+    libvirt.loader = "{FIRMWARE}"
   end
 end
 """
@@ -94,6 +116,9 @@ REQUIRED_TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "tinyproxy": "tinyproxy",
     "debootstrap": "debootstrap",
+    "sfdisk": "fdisk",
+    "mkfs.fat": "dosfstools",
+    "mcopy": "mtools",
 }
 
 
@@ -140,6 +165,12 @@ def box_inputs(base_stamp: dict[str, Any], public_key: str) -> dict[str, Any]:
         "packages": list(BOX_PACKAGES),
         "disk_gib": BOX_DISK_GIB,
         "vagrantfile": BOX_VAGRANTFILE,
+        "boot": {
+            "packages": list(BOOT_LOADER_PACKAGES),
+            "grub_cfg": GRUB_CFG,
+            "modules": list(GRUB_MODULES),
+            "esp": [ESP_START_MIB, ESP_MIB],
+        },
         "host_keys_unit": HOST_KEYS_UNIT,
         "public_key": public_key,
     }
@@ -171,6 +202,8 @@ def preflight() -> None:
     if os.geteuid() != 0:
         raise VmLabError("the VM lab needs root (libvirt's system instance, the box build)")
     missing = sorted({pkg for tool, pkg in REQUIRED_TOOLS.items() if not _which(tool)})
+    if not Path(FIRMWARE).is_file():
+        missing.append("ovmf")
     if missing:
         raise VmLabError(f"missing tools; install: apt-get install {' '.join(missing)}")
     plugins = lab._run(["vagrant", "plugin", "list"], check=False).stdout
@@ -269,17 +302,15 @@ def _build_box(settings: VmLabSettings, base: Path, name: str) -> Path:
     lab._run(["cp", "-a", str(base), str(root)])
     _install(root)
     _prepare(root, Path(f"{settings.key}.pub").read_text())
-    boot = root / "boot"
-    kernels = sorted(boot.glob("vmlinuz-*"))
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
         raise VmLabError(f"the box has {len(kernels)} kernels in /boot (expected 1)")
-    version = kernels[0].name.removeprefix("vmlinuz-")
-    shutil.copy(kernels[0], work / "vmlinuz")
-    shutil.copy(boot / f"initrd.img-{version}", work / "initrd.img")
+    for link in ("vmlinuz", "initrd.img"):
+        if not (root / link).is_symlink():
+            raise VmLabError(f"the box has no /{link} link (linux-base makes it): GRUB boots it")
+    boot_loader = _boot_loader(root, work)
     disk = work / "disk.raw"
-    lab._run(
-        ["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(disk), f"{BOX_DISK_GIB}G"]
-    )
+    make_disk(disk, root, boot_loader)
     lab._run(["qemu-img", "convert", "-O", "qcow2", str(disk), str(work / "box.img")])
     disk.unlink()
     shutil.rmtree(root)
@@ -287,10 +318,69 @@ def _build_box(settings: VmLabSettings, base: Path, name: str) -> Path:
     (work / "Vagrantfile").write_text(BOX_VAGRANTFILE)
     box_file = settings.cache_dir / f"{name.replace('/', '_')}.box"
     with tarfile.open(box_file, "w") as tar:
-        for member in ("metadata.json", "Vagrantfile", "box.img", "vmlinuz", "initrd.img"):
+        for member in ("metadata.json", "Vagrantfile", "box.img"):
             tar.add(work / member, arcname=member)
     shutil.rmtree(work)
     return box_file
+
+
+def _boot_loader(root: Path, work: Path) -> Path:
+    """GRUB as one EFI binary with GRUB_CFG inside, made with the image's own GRUB, which is
+    purged again (the VM keeps no boot loader package: nothing runs grub-install there)."""
+    failed = lab.chroot_apt(
+        root, [["-y", "install", "--no-install-recommends", *BOOT_LOADER_PACKAGES]], timeout=1800
+    )
+    if failed:
+        raise VmLabError(f"box: apt-get {' '.join(failed[0])}: {failed[1]}")
+    (root / "tmp/gpunode-grub.cfg").write_text(GRUB_CFG)
+    lab._run(
+        ["chroot", str(root), "grub-mkstandalone", "--format=x86_64-efi"]
+        + ["--output=/tmp/BOOTX64.EFI", f"--install-modules={' '.join(GRUB_MODULES)}"]
+        + [f"--modules={' '.join(GRUB_MODULES)}", "--locales=", "--fonts=", "--themes="]
+        + ["boot/grub/grub.cfg=/tmp/gpunode-grub.cfg"]
+    )
+    binary = work / "BOOTX64.EFI"
+    shutil.move(root / "tmp/BOOTX64.EFI", binary)
+    (root / "tmp/gpunode-grub.cfg").unlink()
+    failed = lab.chroot_apt(root, [["-y", "purge", "--autoremove", *BOOT_LOADER_PACKAGES]])
+    if failed:
+        raise VmLabError(f"box: apt-get {' '.join(failed[0])}: {failed[1]}")
+    return binary
+
+
+def make_disk(disk: Path, root: Path, boot_loader: Path, gib: int = BOX_DISK_GIB) -> None:
+    """A whole-disk image at ``disk`` without a loop device: a GPT (sfdisk), the EFI system
+    partition (FAT, ``boot_loader`` as EFI/BOOT/BOOTX64.EFI) and the ext4 root file system
+    labelled ``root`` with the tree at ``root`` in it, each written at its offset."""
+    with disk.open("wb") as f:
+        f.truncate(gib << 30)
+    table = (
+        "label: gpt\n"
+        f"start={ESP_START_MIB}MiB, size={ESP_MIB}MiB, type=U, name=esp\n"
+        f"start={ROOT_START_MIB}MiB, type=L, name=root\n"
+    )
+    written = subprocess.run(
+        ["sfdisk", "--quiet", str(disk)], input=table, text=True, capture_output=True, check=False
+    )
+    if written.returncode:
+        raise VmLabError(f"sfdisk {disk}: {written.stderr.strip()[-500:]}")
+    listed = json.loads(lab._run(["sfdisk", "--json", str(disk)]).stdout)
+    parts = listed["partitiontable"]["partitions"]
+    sector = int(listed["partitiontable"].get("sectorsize", 512))
+    if [p["start"] * sector for p in parts] != [ESP_START_MIB << 20, ROOT_START_MIB << 20]:
+        raise VmLabError(f"{disk}: unexpected partitions {parts}")
+    esp_sectors, root_bytes = parts[0]["size"], parts[1]["size"] * sector
+    lab._run(
+        ["mkfs.fat", "-F", "16", "-n", "ESP", f"--offset={(ESP_START_MIB << 20) // sector}"]
+        + [str(disk), str(esp_sectors * sector // 1024)]
+    )
+    esp = f"{disk}@@{ESP_START_MIB << 20}"
+    lab._run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT"])
+    lab._run(["mcopy", "-i", esp, str(boot_loader), "::/EFI/BOOT/BOOTX64.EFI"])
+    lab._run(
+        ["mkfs.ext4", "-q", "-F", "-L", "root", "-E", f"offset={ROOT_START_MIB << 20}"]
+        + ["-d", str(root), str(disk), f"{root_bytes // 1024}k"]
+    )
 
 
 def _install(root: Path) -> None:

@@ -36,7 +36,7 @@ def test_the_boxs_name_is_a_digest_of_every_input() -> None:
         vmlab.box_inputs({**STAMP, "version": 3}, KEY),  # a new base image
         vmlab.box_inputs(STAMP, KEY.replace("Box", "Bax")),  # another machine's key
     ]
-    for key in ("version", "packages", "disk_gib", "vagrantfile", "host_keys_unit"):
+    for key in ("version", "packages", "disk_gib", "vagrantfile", "boot", "host_keys_unit"):
         other = dict(inputs)
         other[key] = "something else"
         changed.append(other)
@@ -44,11 +44,51 @@ def test_the_boxs_name_is_a_digest_of_every_input() -> None:
     assert name not in names and len(names) == len(changed)
 
 
-def test_the_box_boots_its_own_kernel_from_the_whole_disk() -> None:
+def test_the_box_boots_the_vms_own_kernel_through_uefi_and_grub() -> None:
     assert vmlab.box_metadata() == {"provider": "libvirt", "format": "qcow2", "virtual_size": 20}
-    assert 'libvirt.cmd_line = "root=/dev/vda rw ' in vmlab.BOX_VAGRANTFILE
-    assert 'File.join(box_dir, "vmlinuz")' in vmlab.BOX_VAGRANTFILE
+    assert 'libvirt.loader = "/usr/share/ovmf/OVMF.fd"' in vmlab.BOX_VAGRANTFILE
+    assert "kernel" not in vmlab.BOX_VAGRANTFILE  # no direct kernel boot from the host's files
+    # GRUB loads what the VM keeps up to date itself, from the file system labelled root
+    assert vmlab.GRUB_CFG.splitlines()[2:] == [
+        "search --no-floppy --label root --set=root",
+        "linux /vmlinuz root=LABEL=root rw console=ttyS0 net.ifnames=0 biosdevname=0",
+        "initrd /initrd.img",
+        "boot",
+    ]
     assert "ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key" in vmlab.HOST_KEYS_UNIT
+
+
+def test_the_box_disk_has_an_efi_partition_and_the_root_file_system(tmp_path: Path) -> None:
+    """make_disk with the real sfdisk, mkfs.fat, mtools and mkfs.ext4 (no loop device): the
+    partition table, the boot loader where UEFI looks for it, the tree in the root file system."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hostname").write_text("debian12\n")
+    loader = tmp_path / "BOOTX64.EFI"
+    loader.write_bytes(b"MZ-a boot loader")
+    disk = tmp_path / "disk.raw"
+    vmlab.make_disk(disk, root, loader, gib=1)
+    assert disk.stat().st_size == 1 << 30
+
+    def run(*argv: str) -> str:
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+    table = json.loads(run("sfdisk", "--json", str(disk)))["partitiontable"]
+    assert table["label"] == "gpt"
+    esp, rootfs = table["partitions"]
+    assert esp["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"  # EFI system partition
+    assert (esp["start"], esp["size"]) == (2048, 64 * 2048)
+    assert rootfs["type"] == "0FC63DAF-8483-4772-8E79-3D69D8477DE4"  # Linux file system
+    assert rootfs["start"] == 65 * 2048 and rootfs["start"] + rootfs["size"] <= 2097152 - 33
+    assert "No errors detected" in run("sfdisk", "--verify", str(disk))
+    copied = tmp_path / "copied.efi"
+    run("mcopy", "-i", f"{disk}@@1M", "::/EFI/BOOT/BOOTX64.EFI", str(copied))
+    assert copied.read_bytes() == b"MZ-a boot loader"
+    part = f"{disk}?offset={rootfs['start'] * 512}"  # e2fsprogs reads a file at an offset
+    assert "Filesystem volume name:   root" in run("dumpe2fs", "-h", part)
+    blocks = int(run("dumpe2fs", "-h", part).split("Block count:")[1].split()[0])
+    assert blocks * 4096 == rootfs["size"] * 512  # the file system fills its partition
+    assert run("debugfs", "-R", "cat /etc/hostname", part) == "debian12\n"
 
 
 def test_the_proxy_listens_on_the_private_networks_host_address() -> None:
