@@ -140,7 +140,7 @@ def test_apply_whose_correction_does_not_take_through_the_api(tmp_path: Path) ->
 
 # --- the secrets role: no part of a value anywhere but in the file ----------------------
 
-CANARY = "Vq3xK9tLmZ7pR2wY8nB4hJ6c"  # no 8 characters of it occur in pyinfra's output
+CANARY = "Vq3xK9tLmZ7pR2wY8nB4hJ6c"  # no 6 characters of it occur in pyinfra's output
 ENV = "API_KEY"
 READ_POLICY = """
 path "secret/data/gpunode/*" { capabilities = ["read"] }
@@ -149,10 +149,10 @@ path "secret/metadata/gpunode/*" { capabilities = ["read"] }
 
 
 def derived_forms(value: str, env: str) -> list[str]:
-    """What a leak of ``value`` could look like: every 8 characters of it (a prefix, a
+    """What a leak of ``value`` could look like: every 6 characters of it (a prefix, a
     middle, a tail), and the hex, base64 and md5/sha1/sha256/sha512 of the value, of its
     first 8 and 9 characters, and of its env-file line."""
-    forms = {value[i : i + 8] for i in range(len(value) - 7)}
+    forms = {value[i : i + 6] for i in range(len(value) - 5)}
     for text in (value, value + "\n", value[:8], value[:9], f"{env}={value}\n", f"{env}={value}"):
         data = text.encode()
         forms |= {data.hex(), data.hex().upper()}
@@ -171,6 +171,8 @@ def test_derived_forms_find_a_prefix_a_digest_and_base64() -> None:
     for text in (
         f"Secret file {CANARY[:8]}",
         f"tail {CANARY[-8:]}.",
+        f"Secret file group {CANARY[:6]}",
+        f"middle {CANARY[9:16]}",
         hashlib.sha256(f"{ENV}={CANARY}\n".encode()).hexdigest(),
         hashlib.md5(CANARY.encode()).hexdigest(),  # noqa: S324
         b64encode(CANARY.encode()).decode(),
@@ -273,9 +275,14 @@ def test_the_secrets_role_puts_no_part_of_a_value_in_names_args_commands_or_outp
     for where, text in surfaces.items():
         assert text, f"{where}: nothing recorded (the check would be vacuous)"
         assert leaked(text, forms) == [], f"the value (or part of it) in the {where}"
-    # the operations checked are the role's own
-    assert "gpunode secrets | Secret file" in names
-    assert "gpunode secrets | Restart a service whose secret changed" in names
+    # the operations checked are the role's own, each name exactly (a shorter fragment of the
+    # value than the windows above would still change a name)
+    assert sorted(set(names)) == [
+        "gpunode secrets | Restart a service whose secret changed",
+        "gpunode secrets | Secret file",
+        "gpunode secrets | Secret file group",
+        "gpunode secrets | Secrets directory",
+    ]
 
 
 # --- private_file and secret_file under --diff -----------------------------------------
@@ -300,9 +307,11 @@ def diff_run(op: Any, **kwargs: Any) -> State:
 PRIVATE_OPS = ["secret_file", "private_file"]
 
 
+@pytest.mark.parametrize("exists", [True, False], ids=["replaced", "created"])
 @pytest.mark.parametrize("which", PRIVATE_OPS)
 def test_a_private_file_is_never_diffed_under_diff(
     which: str,
+    exists: bool,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
@@ -313,8 +322,9 @@ def test_a_private_file_is_never_diffed_under_diff(
     caplog.set_level(logging.DEBUG)
     monkeypatch.setattr(output, "_echo", click.echo)
     target = tmp_path / "demo.env"
-    target.write_text(OLD)
-    target.chmod(0o600)
+    if exists:  # else the op creates it: pyinfra's own ops print "Will create" and the lines
+        target.write_text(OLD)
+        target.chmod(0o600)
     user, group = pwd.getpwuid(os.geteuid()).pw_name, grp.getgrgid(os.getegid()).gr_name
     common = dict(name="Secret file", path=str(target), user=user, group=group, mode="0600")
     if which == "secret_file":
@@ -325,7 +335,8 @@ def test_a_private_file_is_never_diffed_under_diff(
     assert target.read_text() == f"{ENV}={CANARY}\n"  # the change happened, under --diff
     out, err = capfd.readouterr()
     printed = "\n".join([out, err, caplog.text])
-    assert f"private file {target}: content differs" in printed  # -vvv was on
+    if exists:
+        assert f"private file {target}: content differs" in printed  # -vvv was on
     for marker in ("Will modify", "Will create", "@@ ", "+ API_KEY", "- API_KEY"):
         assert marker not in printed, f"a diff was printed ({marker!r})"
     assert "old-Hs4nW8qXe2Lr" not in printed  # the old content
@@ -350,6 +361,12 @@ def test_diff_is_really_on_for_a_plain_file(
     out, err = capfd.readouterr()
     printed = "\n".join([out, err, caplog.text])
     assert "Will modify" in printed and "old-Hs4nW8qXe2Lr" in printed
+    caplog.clear()
+    created = tmp_path / "created.env"
+    diff_run(files.put, name="Plain file", src=io.StringIO("API_KEY=new\n"), dest=str(created))
+    out, err = capfd.readouterr()
+    printed = "\n".join([out, err, caplog.text])
+    assert "Will create" in printed and "API_KEY=new" in printed
 
 
 # --- the NVIDIA driver role alone holds the driver's packages ---------------------------
