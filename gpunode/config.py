@@ -31,7 +31,7 @@ import re
 import reprlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -451,6 +451,8 @@ def _format(source: str, where: str, exc: ValidationError, model: type[BaseModel
         else:
             msg = err["msg"].removeprefix("Value error, ")
             hint = _allowed_hint(err)
+            if err["type"] in ("int_parsing", "int_type"):
+                hint = f"an integer{_int_bounds(model, loc)}"
             if hint and "allowed:" not in msg:
                 msg = f"{msg} (allowed: {hint})"
             if err["type"] not in ("value_error", "assertion_error") and "input" in err:
@@ -506,6 +508,44 @@ def _allowed_hint(err: Any) -> str | None:
         "model_attributes_type": "a mapping of key: value",
         "string_type": "a string",
     }.get(kind)
+
+
+def _int_bounds(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """The bounds of the integer field at ``loc``, from its ``Field(ge=..., le=...)``: e.g.
+    ``" from 1 to 65535"``, ``" of at least 0"``; ``""`` where it has none."""
+    annotation: Any = model
+    field = None
+    for part in loc:
+        if isinstance(part, str) and (
+            part.startswith(("function-", "union[", "literal[")) or part in _PYDANTIC_BRANCHES
+        ):
+            continue  # pydantic's own branch names, as in _loc
+        annotation = _unwrap(annotation)
+        origin = getattr(annotation, "__origin__", None)
+        if origin in (dict, list):
+            annotation, field = annotation.__args__[-1], None
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return ""
+            annotation = field.annotation
+        else:
+            return ""
+    if field is None:
+        return ""
+    constraints = list(field.metadata)
+    for arg in get_args(field.annotation):  # X | None: X's own Annotated constraints
+        for meta in getattr(arg, "__metadata__", ()):
+            constraints += getattr(meta, "metadata", [meta])
+    low = next((c.ge for c in constraints if getattr(c, "ge", None) is not None), None)
+    high = next((c.le for c in constraints if getattr(c, "le", None) is not None), None)
+    if low is not None and high is not None:
+        return f" from {low} to {high}"
+    if low is not None:
+        return f" of at least {low}"
+    if high is not None:
+        return f" of at most {high}"
+    return ""
 
 
 def _loc(loc: Iterable[int | str]) -> str:
