@@ -5,10 +5,12 @@
 """
 
 from gpunode import pipeline
+from gpunode.operations.server import stage_uploads_as_login
 from roles.base import base
 from roles.controller import controller
 
 pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
+stage_uploads_as_login()  # with sudo: in the login's own temporary directory
 
 base()  # the OS layer (package proxy, admin users, journald, updates) as on every node
 controller()

@@ -10,7 +10,7 @@ from pyinfra import host
 
 from gpunode import pipeline
 from gpunode.facts.seal import proven
-from gpunode.operations.server import notice
+from gpunode.operations.server import notice, stage_uploads_as_login
 from roles.base import base
 from roles.cuda import cuda
 from roles.firewall import firewall
@@ -25,6 +25,7 @@ from roles.seal import seal
 from roles.secrets import secrets
 
 pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
+stage_uploads_as_login()  # with sudo: in the login's own temporary directory
 
 verdict = proven(host)  # one command: the node's seal (docs/performance.md; GPUNODE_SEAL=0: off)
 if verdict.proven:

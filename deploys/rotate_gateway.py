@@ -18,9 +18,12 @@ from pyinfra import host
 
 from gpunode.gateway import active_clients
 from gpunode.inventory import node_and_distro
+from gpunode.operations.server import stage_uploads_as_login
 from gpunode.schema.types import ConfigError
 from roles.gateway import gateway
 from roles.hardening import file_integrity
+
+stage_uploads_as_login()  # with sudo: in the login's own temporary directory
 
 client = host.data.get("gpunode_gateway_client") or None
 version = host.data.get("gpunode_gateway_client_version")

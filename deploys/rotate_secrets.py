@@ -18,9 +18,12 @@ import os
 
 from pyinfra import host
 
+from gpunode.operations.server import stage_uploads_as_login
 from gpunode.schema.types import ConfigError
 from roles.hardening import file_integrity
 from roles.secrets import secrets
+
+stage_uploads_as_login()  # with sudo: in the login's own temporary directory
 
 only = host.data.get("gpunode_secret") or os.environ.get("GPUNODE_SECRET") or None
 version = host.data.get("gpunode_secret_version")

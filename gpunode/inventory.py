@@ -116,6 +116,9 @@ def node_config(host: Any) -> NodeConfig:
 def node_and_distro(host: Any) -> tuple[NodeConfig, DistroSpec]:
     """The opening lines of every role: the host's NodeConfig and its distro's row
     (gpunode/schema/distros.py). Config loading guarantees that the distro is set."""
+    from gpunode.operations.server import check_upload_staging
+
+    check_upload_staging()
     config = node_config(host)
     if config.distro is None:
         raise ConfigError(f"host {host.name}: distro: not set (allowed: {', '.join(DISTROS)})")

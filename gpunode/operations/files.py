@@ -176,8 +176,19 @@ def checked_install(
     directory, base = posixpath.split(path)
     staged = posixpath.join(directory, f".{base}.gpunode-new")
     yield StringCommand("install", "-m", mode, "-o", "root", "-g", "root", "/dev/null", staged)
-    yield FileUploadCommand(io.BytesIO(content.encode()), staged)
+    yield upload(io.BytesIO(content.encode()), staged)
     yield install(staged, path)
+
+
+def upload(src: Any, dest: str) -> FileUploadCommand:
+    """An upload staged where pyinfra's own ``files.put`` stages it: in the operation's
+    ``_temp_dir`` (gpunode sets it to the login's own, see
+    :func:`gpunode.operations.server.stage_uploads_as_login`), not in the directory pyinfra
+    would look up under sudo."""
+    given: dict[str, Any] = dict(host.current_op_global_arguments or {})
+    temp_dir = given.get("_temp_dir")
+    temp = host.get_temp_filename(dest, temp_directory=temp_dir) if temp_dir else None
+    return FileUploadCommand(src, dest, remote_temp_filename=temp)
 
 
 def _mode(mode: str) -> str:

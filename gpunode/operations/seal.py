@@ -6,11 +6,12 @@ import json
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
+from pyinfra.api import QuoteString, StringCommand, operation
 
 from gpunode import pipeline
 from gpunode import seal as sealing
 from gpunode.facts.seal import SealCheck, entries
+from gpunode.operations.files import upload
 
 
 def current(now: dict, inputs: str, extra: dict, ids: set[str]) -> bool:
@@ -47,7 +48,7 @@ def seal():
     if current(now, inputs, extra, {sealing.entry_id(k, a) for k, a in sealed}):
         return
     doc = json.loads(sealing.spec(host, sealed))
-    yield FileUploadCommand(StringIO(json.dumps(doc)), sealing.SPEC_PATH)
+    yield upload(StringIO(json.dumps(doc)), sealing.SPEC_PATH)
     yield StringCommand(
         "python3",
         "-I",

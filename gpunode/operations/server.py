@@ -7,6 +7,8 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import operation
+from pyinfra.api.exceptions import DeployError
+from pyinfra.facts.server import TmpDir
 
 from gpunode.facts.server import PythonBytecode
 
@@ -84,3 +86,46 @@ def python_bytecode(path: str, source_sha256: str):
     if now["state"] == "stale" and bytecode_path_of(path, now["pyc"]):
         yield f"rm -f -- {shlex.quote(now['pyc'])}"
     yield (f"umask 022 && python3 -I -S -c {shlex.quote(_COMPILE)} {shlex.quote(path)}")
+
+
+def stage_uploads_as_login() -> None:
+    """Stage this host's uploads in the login user's own temporary directory.
+
+    With sudo, pyinfra uploads a file as the login user into a temporary directory, then
+    copies it into place with sudo. It asks the host for that directory under sudo
+    (``server.TmpDir``): where pam_tmpdir runs (the hardening role installs it), sudo's
+    session has root's private ``/tmp/user/0``, which the login cannot write, so every upload
+    after the run that installed it fails with "Permission denied" (the download side is
+    pyinfra issue #1440). So the directory is read once per host as the login and set as the
+    host's ``_temp_dir`` (pyinfra's per-operation temporary directory, whose default comes
+    from host data): the login's ``/tmp/user/<uid>`` (0700) under pam_tmpdir, else ``/tmp``.
+    A ``TEMP_DIR`` in pyinfra's config or a ``_temp_dir`` in the host's data is kept.
+
+    .. code:: python
+
+        from gpunode.operations.server import stage_uploads_as_login
+        stage_uploads_as_login()  # in the deploy file, before any role (outside any @deploy)
+
+    pyinfra takes an operation's global arguments from the enclosing ``@deploy`` first, which
+    fixes them when it starts: the host data must be set before the first role runs, at the
+    top of the deploy file (every deploy in deploys/ does it).
+    """
+    if host.state.config.TEMP_DIR or host.data.get("_temp_dir"):
+        return
+    if not host.data.get("_sudo", host.state.config.SUDO):
+        return  # no sudo: pyinfra's own lookup is the login's
+    login_tmp = host.get_fact(TmpDir, _sudo=False)
+    host.data._temp_dir = login_tmp or host.state.config.DEFAULT_TEMP_DIR
+
+
+def check_upload_staging() -> None:
+    """Stop a role early, with what to do, where uploads would be staged under sudo in a
+    directory pyinfra looked up as root (:func:`stage_uploads_as_login` was not called)."""
+    if host.state.config.TEMP_DIR or host.data.get("_temp_dir"):
+        return
+    if host.data.get("_sudo", host.state.config.SUDO):
+        raise DeployError(
+            f"host {host.name}: uploads with sudo need a staging directory the login can write "
+            "(allowed: call gpunode.operations.server.stage_uploads_as_login() at the top of "
+            "the deploy file, before any role, as deploys/gpu_node.py does; or set TEMP_DIR)"
+        )

@@ -101,6 +101,7 @@ class RecordingFakeConnector(FakeConnector):
     def __init__(self, state, host) -> None:
         super().__init__(state, host)
         self.uploads: list[tuple[str, str]] = []
+        self.upload_temps: list[tuple[str, str | None]] = []  # (dest, staged at, or None)
         self.results: list[tuple[str, bool, CommandOutput]] = []
         self.handlers: list[Handler] = []
 
@@ -128,6 +129,7 @@ class RecordingFakeConnector(FakeConnector):
         # read it the way pyinfra's real connectors do (from the start, as bytes)
         with get_file_io(filename_or_io, "rb") as file_io:
             self.uploads.append((remote_filename, file_io.read().decode()))
+        self.upload_temps.append((remote_filename, remote_temp_filename))
         return super().put_file(
             filename_or_io,
             remote_filename,

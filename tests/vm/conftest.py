@@ -114,16 +114,21 @@ class VmLab:
             if time.monotonic() - started > timeout:
                 pytest.fail(f"{host} did not come back within {timeout:.0f} s of a reboot")
 
-    def inventory_with(self, tmp: Path, name: str, defaults: dict[str, Any]) -> tuple[str, dict]:
+    def inventory_with(self, name: str, defaults: dict[str, Any]) -> tuple[str, dict]:
         """inventories/vagrant.py over a copy of vagrant.yml with ``defaults`` merged into its
-        defaults (one level deep): (the inventory's path, the environment pyinfra needs)."""
+        defaults (one level deep): (the inventory's path, the environment pyinfra needs).
+
+        The copy lives in the VM lab's own folder, not under pytest's temporary folder: a
+        test here runs for up to hours, and every other pytest run on the machine removes
+        all but the newest three of those folders when it starts."""
         doc = read_yaml(VAGRANT_INVENTORY)
         for key, value in defaults.items():
             if isinstance(value, dict):
                 doc["defaults"].setdefault(key, {}).update(value)
             else:
                 doc["defaults"][key] = value
-        folder = tmp / name / "inventories"
+        folder = self.settings.state_dir / "tests" / name / "inventories"
+        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         shutil.copy(REPO_ROOT / INVENTORY, folder / "vagrant.py")
         (folder / "vagrant.yml").write_text(yaml.safe_dump(doc))

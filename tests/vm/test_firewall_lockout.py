@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 from gpunode import firewall as rules
 
@@ -35,15 +34,12 @@ def boot_files(lab: VmLab) -> str:
     ).stdout
 
 
-def test_a_lockout_is_rolled_back_and_the_boot_ruleset_kept(
-    converged: VmLab, tmp_path: Path
-) -> None:
+def test_a_lockout_is_rolled_back_and_the_boot_ruleset_kept(converged: VmLab) -> None:
     lab, address = converged, converged.hosts[HOST]
     live = f"nft -s list table inet {rules.NFT_TABLE}"
     before, boot_before = lab.ssh(HOST, live, check=True).stdout, boot_files(lab)
 
     inventory, env = lab.inventory_with(
-        tmp_path,
         "lockout",
         {
             "network": {"admin_cidrs": ["192.0.2.0/24"]},  # not the controller

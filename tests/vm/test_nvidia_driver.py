@@ -36,14 +36,12 @@ def pages(size: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def driver(converged: VmLab, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def driver(converged: VmLab) -> dict[str, Any]:
     """gpu-01 deployed with the driver (a first run: packages, DKMS build, initramfs), then
     rebooted; what was seen at each step."""
     lab = converged
     seen: dict[str, Any] = {"initrd_before": initrd(lab)}
-    inventory, env = lab.inventory_with(
-        tmp_path_factory.mktemp("nvidia"), "nvidia", {"nvidia": NVIDIA}
-    )
+    inventory, env = lab.inventory_with("nvidia", {"nvidia": NVIDIA})
     seen["inventory"], seen["env"] = inventory, env
     started = time.monotonic()
     first = pyinfra_sudo(inventory, DEPLOY, "--limit", HOST, env=env, timeout=4 * 3600)
