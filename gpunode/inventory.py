@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pyinfra.api.exceptions import DeployError
+
 from gpunode import firewall, gateway, inference
 from gpunode.config import load, load_file
 from gpunode.schema.distros import DISTROS, DistroSpec
@@ -113,12 +115,23 @@ def node_config(host: Any) -> NodeConfig:
     return config
 
 
+def _check_upload_staging(host: Any) -> None:
+    """Stop a role early, saying what to do, where uploads would be staged under sudo in a
+    directory pyinfra looked up as root (``stage_uploads_as_login`` was not called)."""
+    if host.state.config.TEMP_DIR or host.data.get("_temp_dir"):
+        return
+    if host.data.get("_sudo", host.state.config.SUDO):
+        raise DeployError(
+            f"host {host.name}: uploads with sudo need a staging directory the login can write "
+            "(allowed: call gpunode.operations.server.stage_uploads_as_login() at the top of "
+            "the deploy file, before any role, as deploys/gpu_node.py does; or set TEMP_DIR)"
+        )
+
+
 def node_and_distro(host: Any) -> tuple[NodeConfig, DistroSpec]:
     """The opening lines of every role: the host's NodeConfig and its distro's row
     (gpunode/schema/distros.py). Config loading guarantees that the distro is set."""
-    from gpunode.operations.server import check_upload_staging
-
-    check_upload_staging()
+    _check_upload_staging(host)
     config = node_config(host)
     if config.distro is None:
         raise ConfigError(f"host {host.name}: distro: not set (allowed: {', '.join(DISTROS)})")

@@ -7,7 +7,6 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import operation
-from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.server import TmpDir
 
 from gpunode.facts.server import PythonBytecode
@@ -116,16 +115,3 @@ def stage_uploads_as_login() -> None:
         return  # no sudo: pyinfra's own lookup is the login's
     login_tmp = host.get_fact(TmpDir, _sudo=False)
     host.data._temp_dir = login_tmp or host.state.config.DEFAULT_TEMP_DIR
-
-
-def check_upload_staging() -> None:
-    """Stop a role early, with what to do, where uploads would be staged under sudo in a
-    directory pyinfra looked up as root (:func:`stage_uploads_as_login` was not called)."""
-    if host.state.config.TEMP_DIR or host.data.get("_temp_dir"):
-        return
-    if host.data.get("_sudo", host.state.config.SUDO):
-        raise DeployError(
-            f"host {host.name}: uploads with sudo need a staging directory the login can write "
-            "(allowed: call gpunode.operations.server.stage_uploads_as_login() at the top of "
-            "the deploy file, before any role, as deploys/gpu_node.py does; or set TEMP_DIR)"
-        )
