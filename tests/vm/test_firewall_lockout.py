@@ -63,6 +63,11 @@ def test_a_lockout_is_rolled_back_and_the_boot_ruleset_kept(converged: VmLab) ->
     rollback = lab.ssh(HOST, f"systemctl is-active {rules.ROLLBACK_UNIT}.timer; true").stdout
     assert rollback.strip() == "inactive"
 
+    # the good settings again: the candidate the failed run left is replaced and confirmed
+    # (changes), then a second run changes nothing
+    good = pyinfra_sudo(INVENTORY, DEPLOY, "--limit", HOST)
+    assert good.returncode == 0, (good.stdout + good.stderr)[-6000:]
+    assert lab.ssh(HOST, live, check=True).stdout == before
     again = pyinfra_sudo(INVENTORY, DEPLOY, "--limit", HOST)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-6000:]
