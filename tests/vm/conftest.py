@@ -29,6 +29,7 @@ import yaml
 # the lab tests' helpers: a subprocess with the seal off and stdin closed, pyinfra's totals
 from lab.conftest import IN_CI, changes, run  # noqa: F401  (changes: re-exported to the tests)
 
+from gpunode.commands.drift import bookkeeping
 from gpunode.commands.vmlab import VAGRANT_INVENTORY, VmLabSettings, _load_state, status
 from gpunode.config import read_yaml
 from gpunode.inventory import load_inventory_file
@@ -144,6 +145,24 @@ class VmLab:
             "GPUNODE_VM_LAB_DIR": str(self.settings.state_dir),
         }
         return str(folder / "vagrant.py"), env
+
+
+def changed_ops(output: str) -> tuple[list[str], list[str]]:
+    """(operations that changed something, the bookkeeping ones among them: the seal and
+    AIDE's database, which follow any change and are never drift) from pyinfra's results
+    table; an operation's "Success" column counts the hosts where it ran commands."""
+    lines = output.splitlines()
+    header = next(
+        i for i, line in enumerate(lines) if line.split()[:3] == ["Operation", "Hosts", "Success"]
+    )
+    changed = []
+    for line in lines[header + 1 :]:
+        cells = [c for c in line.strip().split("  ") if c.strip()]
+        if cells and cells[0].strip() == "Grand total":
+            break
+        if len(cells) == 5 and cells[2].strip() != "-":
+            changed.append(cells[0].strip())
+    return changed, [op for op in changed if bookkeeping(op)]
 
 
 def pyinfra_sudo(

@@ -12,7 +12,7 @@ import pytest
 from gpunode import firewall as rules
 from gpunode import hardening
 
-from .conftest import DEPLOY, INVENTORY, VmLab, changes, figure, pyinfra_sudo
+from .conftest import DEPLOY, INVENTORY, VmLab, changed_ops, changes, figure, pyinfra_sudo
 
 HOST = "gpu-02"
 
@@ -62,9 +62,10 @@ def test_the_boot_unit_loads_the_firewall_before_the_network(
     before, after = rebooted["before"], rebooted["after"]
     assert f"table inet {rules.NFT_TABLE}" in before["ruleset"]
     assert after["ruleset"] == before["ruleset"]  # the confirmed ruleset, as it was
-    # enabled, ran (oneshot, remains active), and no rollback is armed
-    assert before["unit"][:2] == after["unit"][:2] == ["enabled", "active"]
-    assert after["unit"][2] == "inactive"
+    # enabled (the role loads the table itself, so before the first boot the unit has not
+    # run); after the boot it ran (oneshot, remains active), and no rollback is armed
+    assert before["unit"][0] == "enabled"
+    assert after["unit"] == ["enabled", "active", "inactive"]
     shown = converged.ssh(
         HOST,
         f"systemctl show -P ActiveEnterTimestampMonotonic {rules.FIREWALL_UNIT}; "
@@ -80,5 +81,10 @@ def test_a_deploy_after_the_reboot_changes_nothing(rebooted: dict[str, Any]) -> 
     done = pyinfra_sudo(INVENTORY, DEPLOY, "--limit", HOST)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-6000:]
-    assert changes(out) == (0, 0), out[-6000:]
-    figure(f"deploy of {HOST} after its reboot", time.monotonic() - started)
+    changed, bookkeeping = changed_ops(out)
+    # nothing the roles manage changed; the seal may be written again (a sealed fact's
+    # output can change with a boot: the run then plans in full, and seals what it saw)
+    assert changed == bookkeeping, out[-6000:]
+    assert changes(out)[1] == 0
+    figure(f"deploy of {HOST} after its reboot ({len(bookkeeping)} bookkeeping changes)",
+           time.monotonic() - started)  # fmt: skip
