@@ -10,10 +10,14 @@ from .conftest import VmLab, figure
 
 HOST = "gpu-01"
 REPORT = "/var/log/lynis-report.dat"
-# Measured 2026-12-05 (docs/hardening.md, "Lynis"): the index may not drop below this
-MIN_INDEX = 0
+# Measured 2026-12-05 (docs/hardening.md, "Lynis"): 81 on a converged VM (Lynis 3.0.8, Debian
+# 12); the index may not drop below this
+MIN_INDEX = 80
 # Warnings a converged gpunode VM still gets, each explained in docs/hardening.md
-KNOWN_WARNINGS: dict[str, str] = {}
+KNOWN_WARNINGS: dict[str, str] = {
+    "FINT-4315": "Lynis looks for AIDE's configuration only at AIDE's own paths; gpunode runs "
+    "AIDE with /etc/gpunode/aide.conf (hardening.file_integrity), which gpunode verify checks",
+}
 
 
 def test_lynis_audits_the_converged_vm(converged: VmLab) -> None:

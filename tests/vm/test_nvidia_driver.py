@@ -20,7 +20,7 @@ from gpunode import nvidia as nv
 from .conftest import DEPLOY, VmLab, changes, figure, pyinfra_sudo
 
 HOST = "gpu-01"
-NVIDIA = {"install": "always", "source": "distro", "kernel_modules": "proprietary"}
+NVIDIA = {"install": "always", "source": "distro", "branch": "535", "kernel_modules": "proprietary"}
 NO_GPU = "no NVIDIA GPU found: installing anyway (nvidia.install: always)"
 INITRD = "/boot/initrd.img-$(uname -r)"
 
