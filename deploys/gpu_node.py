@@ -25,7 +25,6 @@ from roles.seal import seal
 from roles.secrets import secrets
 
 pipeline.install()  # fact reads pipelined: gpunode/pipeline.py
-stage_uploads_as_login()  # with sudo: in the login's own temporary directory
 
 verdict = proven(host)  # one command: the node's seal (docs/performance.md; GPUNODE_SEAL=0: off)
 if verdict.proven:
@@ -34,6 +33,7 @@ if verdict.proven:
         message=f"converged: its seal holds ({verdict.entries} checks): nothing to plan",
     )
 else:
+    stage_uploads_as_login()  # with sudo: in the login's own temporary directory
     base()
     firewall()
     hardening()
