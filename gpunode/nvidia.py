@@ -243,6 +243,16 @@ DKMS_SIGNING_CONF = "/etc/dkms/framework.conf.d/gpunode-signing.conf"
 APT_PIN_FILE = "/etc/apt/preferences.d/gpunode-nvidia"
 DEBIAN_NONFREE_SOURCES = "/etc/apt/sources.list.d/gpunode-nvidia-distro.sources"
 CUDA_PROFILE = "/etc/profile.d/gpunode-cuda.sh"
+
+# after a reboot into a new driver: fails unless the kernel runs the NVIDIA module that is
+# installed for it (the rolling reboot's check; gpunode/operations/server.py)
+DRIVER_LOADED_CHECK = (
+    "loaded=$(cat /sys/module/nvidia/version 2>/dev/null); "
+    "on_disk=$(modinfo -F version nvidia 2>/dev/null); "
+    'if [ -z "$loaded" ] || [ "$loaded" != "$on_disk" ]; then '
+    'echo "gpunode: NVIDIA driver loaded: ${loaded:-none}, installed: ${on_disk:-none}" >&2; '
+    "exit 1; fi"
+)
 PERSISTENCED_SERVICE = "nvidia-persistenced"
 FABRICMANAGER_SERVICE = "nvidia-fabricmanager"
 DCGM_SERVICE = "nvidia-dcgm"

@@ -18,7 +18,8 @@ and the distro/source tables live); what it learns from the host comes from one 
   rebuilt only when that file changed; nvidia-persistenced enabled; fabric manager where
   NVSwitches are (or config says so).
 * Reboot only when the installed module differs from the loaded one, only with
-  ``nvidia.reboot: true``, one host at a time, then check the loaded driver again.
+  ``nvidia.reboot: true``, one host at a time, each host's loaded driver checked before
+  the next reboots; a host that does not come back or load the driver stops the rollout.
 * In a container (the lab): no module build, no initramfs, no reboot - each a notice.
 
 .. code:: python
@@ -43,9 +44,9 @@ from gpunode.facts.nvidia import NvidiaHost
 from gpunode.inventory import node_and_distro
 from gpunode.nvidia import driver_packages, fabricmanager_packages, mirror_base
 from gpunode.operations.keys import pinned_keyring
-from gpunode.operations.nvidia import check_driver_loaded, dnf_module_stream, hold_packages
+from gpunode.operations.nvidia import dnf_module_stream, hold_packages
 from gpunode.operations.packages import apt_update
-from gpunode.operations.server import fail, notice
+from gpunode.operations.server import fail, notice, rolling_reboot
 from gpunode.paths import template
 from gpunode.provenance import record
 from gpunode.render import shell_value
@@ -401,10 +402,12 @@ def _reboot(
             _if=needed,
         )
         return
-    server.reboot(
+    # one host at a time, each checked before the next: a driver that does not load
+    # stops the rollout at the first host
+    rolling_reboot(
         name="Reboot into the new NVIDIA driver",
+        check=nv.DRIVER_LOADED_CHECK,
         reboot_timeout=config.nvidia.reboot_timeout,
-        _serial=True,  # one host at a time
+        _serial=True,
         _if=needed,
     )
-    check_driver_loaded(name="Check the loaded NVIDIA driver", _if=needed)

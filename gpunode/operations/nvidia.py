@@ -1,6 +1,7 @@
 """pyinfra operations of the GPU stack, for what pyinfra's own do not cover: package
-holds (apt-mark hold / dnf versionlock), dnf module streams, and the driver check after
-a reboot."""
+holds (apt-mark hold / dnf versionlock) and dnf module streams (the reboot into a new
+driver is :func:`gpunode.operations.server.rolling_reboot`, checked with
+:data:`gpunode.nvidia.DRIVER_LOADED_CHECK`)."""
 
 from __future__ import annotations
 
@@ -54,22 +55,3 @@ def dnf_module_stream(module: str, stream: str):
         yield f"dnf -y module switch-to {module}:{stream}"
         return
     yield f"dnf -y module install {module}:{stream}"
-
-
-@operation(is_idempotent=False)
-def check_driver_loaded():
-    """
-    Fail unless the NVIDIA module the kernel runs is the one installed for it (after a
-    reboot: the reboot picked up the new driver).
-
-    .. code:: python
-
-        check_driver_loaded(name="Check the loaded NVIDIA driver")
-    """
-    yield (
-        "loaded=$(cat /sys/module/nvidia/version 2>/dev/null); "
-        "on_disk=$(modinfo -F version nvidia 2>/dev/null); "
-        'if [ -z "$loaded" ] || [ "$loaded" != "$on_disk" ]; then '
-        'echo "gpunode: NVIDIA driver loaded: ${loaded:-none}, installed: ${on_disk:-none}" >&2; '
-        "exit 1; fi"
-    )

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
+from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
 
-from pyinfra import host
-from pyinfra.api import operation
+from paramiko import SSHException
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, OperationValueError, StringCommand, operation
+from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass_file
 from pyinfra.facts.server import TmpDir
 
 from gpunode.facts.server import PythonBytecode
@@ -115,3 +121,115 @@ def stage_uploads_as_login() -> None:
         return  # no sudo: pyinfra's own lookup is the login's
     login_tmp = host.get_fact(TmpDir, _sudo=False)
     host.data._temp_dir = login_tmp or host.state.config.DEFAULT_TEMP_DIR
+
+
+BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
+
+
+@dataclass
+class _Rollout:
+    """One rolling reboot's progress in a run: the host it is on (None between hosts)."""
+
+    current: str | None = None
+
+
+# per run (pyinfra's State) and per operation: which host a rolling reboot is on
+_ROLLOUTS: WeakKeyDictionary[Any, dict[str, _Rollout]] = WeakKeyDictionary()
+
+
+def _boot_id(host: Any) -> str | None:
+    """The host's boot id (a new one each boot), or None when it does not answer."""
+    try:
+        ok, output = host.run_shell_command(StringCommand(BOOT_ID), _sudo=False)
+    except (OSError, EOFError, SSHException):  # the connection went down under the command
+        return None
+    lines = output.stdout_lines if ok else []
+    return lines[0].strip() if len(lines) == 1 and lines[0].strip() else None
+
+
+def _start(state: Any, host: Any, rollout: _Rollout, boot: list[str]) -> bool:
+    if rollout.current not in (None, host.name):
+        host.log_styled(
+            f"not rebooted: the rolling reboot stopped at {rollout.current}, which did not "
+            "come back or failed its check",
+            fg="red",
+            log_func=logger.error,
+        )
+        return False
+    rollout.current = host.name
+    before = _boot_id(host)
+    if before is None:
+        host.log_styled(
+            "its boot id could not be read: not rebooted", fg="red", log_func=logger.error
+        )
+        return False
+    boot[:] = [before]
+    remove_any_sudo_askpass_file(host)  # sudo's helper file goes before the connection does
+    return True
+
+
+def _wait_for_new_boot(
+    state: Any, host: Any, boot: list[str], delay: float, timeout: float, interval: float
+) -> bool:
+    started = time.monotonic()
+    time.sleep(delay)
+    clear_askpass_cache(host)  # the files it names went with the old boot
+    host.disconnect()
+    while True:
+        host.connect(show_errors=False)
+        if host.connected:
+            now = _boot_id(host)
+            if now is not None and now != boot[0]:
+                return True
+            host.disconnect()  # still the old boot (on its way down): a new connection later
+        if time.monotonic() - started >= timeout:
+            host.log_styled(
+                f"did not come back within {timeout:.0f} s of its reboot "
+                "(no SSH login with a new boot id): the rolling reboot stops here",
+                fg="red",
+                log_func=logger.error,
+            )
+            return False
+        time.sleep(interval)
+
+
+def _finish(state: Any, host: Any, rollout: _Rollout) -> bool:
+    rollout.current = None
+    return True
+
+
+@operation(is_idempotent=False)
+def rolling_reboot(check: str, reboot_timeout: int = 900, delay: int = 10, interval: int = 5):
+    """
+    Reboot the hosts one at a time: reboot a host, wait until it answers over SSH with a
+    new boot id, run ``check`` on it (a shell command that exits 0 when the host came back
+    right), and only then go on to the next host. A host that does not come back within
+    ``reboot_timeout`` seconds, or fails its check, fails, and the rollout stops there:
+    every host after it fails without a reboot, naming the host that stopped it (a new
+    driver that breaks a node stops at one node, not the fleet).
+
+    pyinfra runs a ``_serial`` operation on one host after another, but goes on to the next
+    host when one fails; this operation is what stops it. It needs ``_serial=True``.
+
+    + check: shell command run on the host after its reboot (as the operation's user)
+    + reboot_timeout: seconds from the reboot until the host must answer with a new boot
+    + delay: seconds before the first attempt to reconnect
+    + interval: seconds between attempts
+
+    .. code:: python
+
+        rolling_reboot(name="Reboot into the new driver", check="test -e /sys/module/nvidia",
+                       reboot_timeout=900, _serial=True)
+    """
+    # _serial is an execution argument: pyinfra keeps it in the operation's shared meta
+    op_hash = str(host.current_op_hash)
+    if not host.state.get_op_meta(op_hash).global_arguments.get("_serial"):
+        raise OperationValueError("rolling_reboot reboots one host at a time: pass _serial=True")
+    rollout = _ROLLOUTS.setdefault(host.state, {}).setdefault(op_hash, _Rollout())
+    boot: list[str] = []
+    yield FunctionCommand(_start, (rollout, boot), {})
+    # detached, so the SSH channel closes before the machine goes down
+    yield "( sleep 1 && systemctl reboot ) </dev/null >/dev/null 2>&1 &"
+    yield FunctionCommand(_wait_for_new_boot, (boot, delay, reboot_timeout, interval), {})
+    yield check
+    yield FunctionCommand(_finish, (rollout,), {})

@@ -75,6 +75,7 @@ from pyinfra.connectors.util import CommandOutput, OutputLine
 
 from gpunode.commands.lab import bao_binary
 from gpunode.facts.server import HostInfo
+from gpunode.operations.server import BOOT_ID
 from gpunode.schema.node import NodeConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -407,6 +408,13 @@ def _serve(replay: Replay, context: ssl.SSLContext | None) -> Iterator[Server]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def booting() -> Handler:
+    """A handler for a host that reboots: its boot id (gpunode's ``rolling_reboot`` reads it
+    before the reboot and until it changes) is one value before the reboot, another after."""
+    boots = iter(["boot-1", "boot-2"])
+    return lambda command: next(boots) if command == BOOT_ID else None
 
 
 def fake_clock(monkeypatch: pytest.MonkeyPatch, module: Any, start: float = 0.0) -> list[float]:

@@ -39,7 +39,7 @@ from typing import Any
 import click
 import harness
 import pytest
-from harness import Bao, Run, run_deploys, start_bao, stop_bao
+from harness import Bao, Run, booting, fake_clock, run_deploys, start_bao, stop_bao
 from pyinfra.api import Config, Inventory, State, output
 from pyinfra.api.connect import connect_all
 from pyinfra.api.exceptions import PyinfraError
@@ -47,6 +47,7 @@ from pyinfra.api.operation import add_op
 from pyinfra.api.operations import run_ops
 from pyinfra.facts.server import Os
 
+import gpunode.operations.server as server_ops
 from gpunode.clients import vault as vault_module
 from gpunode.clients.vault import SecretValue
 from gpunode.commands.drift import EXIT_DRIFT, check
@@ -441,8 +442,7 @@ def driver_only(distro: str, handlers: list[Any] | None = None, **nvidia: Any) -
     responses: dict[Any, Any] = {NvidiaHost().command(): gpu_state(distro)}
     run = run_deploys(driver_config(distro, **nvidia), responses, [nvidia_driver],
                       handlers or [])  # fmt: skip
-    # the fake host never comes back from a reboot: the reboot fails the host (after it)
-    assert not run.failed or nvidia.get("reboot"), run.commands
+    assert not run.failed or nvidia.get("reboot"), run.commands  # a reboot: asserted by callers
     return run
 
 
@@ -475,9 +475,10 @@ HOLD_TOOL = {"apt": r"\| xargs -r apt-mark hold$", "dnf": r"\| xargs -r dnf vers
 def test_the_driver_role_alone_holds_the_driver_after_installing_it(
     distro: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("pyinfra.operations.server.sleep", lambda _s: None)  # no waiting
+    fake_clock(monkeypatch, server_ops)  # the reboot's waits pass at once
     family = "apt" if distro == "ubuntu2404" else "dnf"
-    run = driver_only(distro, reboot=True)
+    run = driver_only(distro, [booting()], reboot=True)
+    assert not run.failed, run.commands
     holds = run.grep(HOLD_TOOL[family])
     assert holds, "the driver role holds nothing of its own"
     installs = run.grep(r"(apt-get|^dnf)( -y)? .*install .*nvidia")

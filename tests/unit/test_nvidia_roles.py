@@ -29,9 +29,19 @@ from typing import Any
 
 import pytest
 from gpgkeys import Keyrings, make_keyrings, run_real
-from harness import Handler, Response, Run, content_lines, converged, run_deploys
+from harness import (
+    Handler,
+    Response,
+    Run,
+    booting,
+    content_lines,
+    converged,
+    fake_clock,
+    run_deploys,
+)
 from pyinfra.api import State
 
+import gpunode.operations.server as server_ops
 from gpunode import nvidia as nv
 from gpunode.config import load
 from gpunode.facts.nvidia import DnfModule, NvidiaHost, UnheldPackages
@@ -608,33 +618,38 @@ def test_converged_host_changes_nothing_and_is_not_rebooted(
 def test_reboot_policy_reboots_one_host_at_a_time_and_checks_the_driver(
     distro: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The fake host never comes back from a reboot: don't wait for it.
-    monkeypatch.setattr("pyinfra.operations.server.sleep", lambda _s: None)
+    fake_clock(monkeypatch, server_ops)
     config = node_config(distro, {"reboot": True, "reboot_timeout": 600})
-    run = run_roles(config, gpu_host(distro, False))
+    run = run_roles(config, gpu_host(distro, False), handlers=[booting()])
+    assert not run.failed
     (reboot,) = run.grep(r"\breboot\b")
-    assert reboot == "( sleep 1 && reboot ) </dev/null >/dev/null 2>&1 &"
+    assert reboot == "( sleep 1 && systemctl reboot ) </dev/null >/dev/null 2>&1 &"
     assert run.commands.index(reboot) > run.commands.index(install_commands(run)[-2])
+    # the driver is checked in the new boot, inside the same one-host-at-a-time operation
+    after = run.commands.index(reboot) + 1
+    assert run.commands[after : after + 2] == [
+        server_ops.BOOT_ID,
+        nv.DRIVER_LOADED_CHECK,
+    ]
     (meta,) = [
         m
         for m in LAST_STATE[0].op_meta.values()
         if m.names == {"gpunode nvidia driver | Reboot into the new NVIDIA driver"}
     ]
     assert meta.global_arguments["_serial"] is True  # one host at a time
-    names = [n for m in LAST_STATE[0].op_meta.values() for n in m.names]
-    check = names.index("gpunode nvidia driver | Check the loaded NVIDIA driver")
-    assert check == names.index("gpunode nvidia driver | Reboot into the new NVIDIA driver") + 1
 
 
 def test_stale_loaded_driver_is_rebooted_even_when_packages_are_converged(
-    pinned: Keyrings,
+    pinned: Keyrings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    fake_clock(monkeypatch, server_ops)
     first = fresh("ubuntu2204", "open", True)
     config = node_config("ubuntu2204", {"reboot": True})
     # an earlier run installed 580.95.05; the kernel still runs 580.82.07
     state = gpu_host("ubuntu2204", True, loaded="580.82.07", on_disk="580.95.05")
     handlers = converged_host("ubuntu2204", "open", first, pinned.files["exact"])
-    run = run_roles(config, state, handlers=handlers)
+    run = run_roles(config, state, handlers=[booting(), *handlers])
+    assert not run.failed
     assert run.grep(r"\breboot\b")
     assert not run.grep(r"apt-get .*install")
 
