@@ -6,7 +6,8 @@ the timeout the test gives in the environment:
     GPUNODE_VMTEST_TIMEOUT    seconds a host has to come back
     GPUNODE_VMTEST_SHUT_OUT   addresses (comma-separated) the controller then refuses new SSH
                               connections to, from just before the rolling reboot: a host
-                              that reboots never answers again (the test lifts it after)
+                              that reboots never answers again (the test lifts it after), with
+                              the nftables table named in GPUNODE_VMTEST_SHUT_OUT_TABLE
 """
 
 import os
@@ -16,15 +17,13 @@ from pyinfra.operations import python
 
 from gpunode.operations.server import rolling_reboot
 
-SHUT_OUT_TABLE = "gpunode_vmtest"  # an nftables table of the controller
-
 shut_out = [a for a in os.environ.get("GPUNODE_VMTEST_SHUT_OUT", "").split(",") if a]
 
 
 def refuse_new_logins() -> None:
     # connections already open (pyinfra's own) go on; a host that reboots cannot come back
     ruleset = (
-        f"table inet {SHUT_OUT_TABLE} {{ chain output {{ "
+        f"table inet {os.environ['GPUNODE_VMTEST_SHUT_OUT_TABLE']} {{ chain output {{ "
         "type filter hook output priority 0; policy accept; "
         f"ip daddr {{ {', '.join(shut_out)} }} tcp dport 22 ct state new drop; }} }}"
     )

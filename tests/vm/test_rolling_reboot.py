@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import pytest
 
 from .conftest import INVENTORY, VmLab, figure, pyinfra_sudo
-from .rolling_reboot_deploy import SHUT_OUT_TABLE
 
 DEPLOY = "tests/vm/rolling_reboot_deploy.py"
+SHUT_OUT_TABLE = "gpunode_vmtest"  # an nftables table of the controller, while a test runs
 CHECKED = "/run/gpunode-vmtest-checked"  # where the passing check leaves its time (tmpfs)
 
 
@@ -35,6 +35,7 @@ def rolling(check: str, timeout: int, shut_out: str = "") -> tuple[int, str, flo
         "GPUNODE_VMTEST_CHECK": check,
         "GPUNODE_VMTEST_TIMEOUT": str(timeout),
         "GPUNODE_VMTEST_SHUT_OUT": shut_out,
+        "GPUNODE_VMTEST_SHUT_OUT_TABLE": SHUT_OUT_TABLE,
     }
     started = time.monotonic()
     done = pyinfra_sudo(INVENTORY, DEPLOY, env=env, timeout=3600)
