@@ -120,6 +120,16 @@ def rebooted(events: list[tuple[str, str]]) -> list[str]:
     return [name for name, event in events if event == "reboot"]
 
 
+def assert_the_others_stopped_at(first: str, messages: list[str]) -> None:
+    """Every host but ``first`` failed unrebooted, with a line naming ``first``."""
+    for name in set(HOSTS) - {first}:
+        assert any(
+            f"[@fake/{name}]" in m
+            and f"not rebooted: the rolling reboot stopped at @fake/{first}" in m
+            for m in messages
+        ), messages
+
+
 def test_each_host_is_rebooted_and_checked_in_its_new_boot_before_the_next(
     clock: list[float],
 ) -> None:
@@ -141,12 +151,7 @@ def test_a_host_whose_check_fails_stops_the_rollout_there(caplog: Any) -> None:
     (first,) = rebooted(BootingHost.EVENTS)
     assert BootingHost.EVENTS == [(first, "reboot"), (first, "check in boot 2")]
     messages = [r.getMessage() for r in caplog.records]
-    for name in set(HOSTS) - {first}:
-        assert any(
-            f"[@fake/{name}]" in m
-            and f"not rebooted: the rolling reboot stopped at @fake/{first}" in m
-            for m in messages
-        ), messages
+    assert_the_others_stopped_at(first, messages)
 
 
 def test_a_check_that_fails_after_others_passed_stops_only_the_hosts_after_it() -> None:
@@ -170,12 +175,7 @@ def test_a_host_that_does_not_come_back_stops_the_rollout_naming_it(
         f"[@fake/{first}]" in m and "did not come back within 120 s of its reboot" in m
         for m in messages
     ), messages
-    for name in set(HOSTS) - {first}:
-        assert any(
-            f"[@fake/{name}]" in m
-            and f"not rebooted: the rolling reboot stopped at @fake/{first}" in m
-            for m in messages
-        ), messages
+    assert_the_others_stopped_at(first, messages)
     assert 120 <= clock[0] < 120 + 5 + 1  # gave up at the timeout, no later
 
 
