@@ -23,9 +23,12 @@ shut_out = [a for a in os.environ.get("GPUNODE_VMTEST_SHUT_OUT", "").split(",") 
 def refuse_new_logins() -> None:
     # connections already open (pyinfra's own) go on; a host that reboots cannot come back
     ruleset = (
-        f"table inet {os.environ['GPUNODE_VMTEST_SHUT_OUT_TABLE']} {{ chain output {{ "
-        "type filter hook output priority 0; policy accept; "
-        f"ip daddr {{ {', '.join(shut_out)} }} tcp dport 22 ct state new drop; }} }}"
+        f"table inet {os.environ['GPUNODE_VMTEST_SHUT_OUT_TABLE']} {{\n"
+        "  chain output {\n"
+        "    type filter hook output priority 0; policy accept;\n"
+        f"    ip daddr {{ {', '.join(shut_out)} }} tcp dport 22 ct state new drop\n"
+        "  }\n"
+        "}\n"
     )
     subprocess.run(["nft", "-f", "-"], input=ruleset, text=True, check=True)
 
