@@ -22,13 +22,18 @@ from gpunode.facts.server import PythonBytecode
 def notice(message: str):
     """
     Show a visible, non-failing note for this host in the run's output (a skip
-    that a user should see, e.g. "no GPU on this host").
+    that a user should see, e.g. "no GPU on this host"), once a run, at pyinfra's
+    default verbosity (``host.noop`` shows only with ``-v``).
 
     .. code:: python
 
         notice(name="GPU stack", message="no NVIDIA GPU found: skipped")
     """
-    host.noop(message)
+    state = host.state
+    # pyinfra runs an operation's body when it plans (change detection: not with -y) and again
+    # when it executes: say it at the first of the two only
+    if not (state.is_executing and state.should_check_for_changes()):
+        logger.info(f"{host.print_prefix}{message}")
     yield from ()
 
 
