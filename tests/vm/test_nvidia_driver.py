@@ -17,7 +17,7 @@ import pytest
 
 from gpunode import nvidia as nv
 
-from .conftest import DEPLOY, VmLab, changes, figure, pyinfra_sudo
+from .conftest import DEPLOY, VmLab, changed_ops, changes, figure, pyinfra_sudo
 
 HOST = "gpu-01"
 NVIDIA = {"install": "always", "source": "distro", "branch": "535", "kernel_modules": "proprietary"}
@@ -92,6 +92,10 @@ def test_a_second_run_changes_nothing_and_says_there_is_no_gpu(driver: dict[str,
     again = pyinfra_sudo(driver["inventory"], DEPLOY, "--limit", HOST, env=driver["env"])
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-6000:]
-    assert changes(out) == (0, 0), out[-6000:]
+    changed, bookkeeping = changed_ops(out)
+    # the first run after the reboot: nothing the roles manage changed; the seal may be written
+    # again (a sealed fact's output changes with a boot), as in test_reboot.py
+    assert changed == bookkeeping, out[-6000:]
+    assert changes(out)[1] == 0
     assert NO_GPU in out
     figure(f"second deploy of {HOST} with the NVIDIA driver", time.monotonic() - started)
