@@ -131,6 +131,12 @@ def controller_files(host: Host) -> dict[str, str]:
     return {logs.ca_file: hashlib.sha256(content).hexdigest()}
 
 
+# Host data a run sets, not the inventory: where uploads are staged (the login's TMPDIR,
+# gpunode.operations.server.stage_uploads_as_login), which the first deploy changes by
+# installing pam_tmpdir and which decides no operation's change.
+RUN_DATA = frozenset({"_temp_dir"})
+
+
 def input_digest(host: Host) -> str:
     """The digest of what decides this host's plan on the controller: code, dependencies,
     the host's name, inventory data and the controller files it names for upload."""
@@ -138,7 +144,7 @@ def input_digest(host: Host) -> str:
         "code": code_digest(),
         "dependencies": _dependencies(),
         "host": host.name,
-        "data": _plain(host.data.dict()),
+        "data": _plain({k: v for k, v in host.data.dict().items() if k not in RUN_DATA}),
         "files": controller_files(host),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -1144,6 +1144,16 @@ def test_input_digest_changes_with_a_data_value_of_another_type() -> None:
         assert sealing.input_digest(one[0]) != sealing.input_digest(two[0]), before
 
 
+@pytest.mark.parametrize("temp_dir", ["/tmp", "/tmp/user/1000", "/var/tmp/ops"])
+def test_input_digest_leaves_the_upload_staging_directory_out(temp_dir: str) -> None:
+    """stage_uploads_as_login sets ``_temp_dir`` from the login's TMPDIR, which the first
+    deploy changes (pam_tmpdir): where uploads are staged decides no operation's change,
+    so the run after the first must not find the seal's inputs changed (found on the VMs:
+    every second deploy wrote each host's seal again)."""
+    bare, staged = hosts(("h1", {"x": 1})), hosts(("h1", {"x": 1, "_temp_dir": temp_dir}))
+    assert sealing.input_digest(bare[0]) == sealing.input_digest(staged[0])
+
+
 @pytest.mark.parametrize(
     ("before", "after"),
     [

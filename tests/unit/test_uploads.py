@@ -22,6 +22,7 @@ from pyinfra.connectors.util import CommandOutput, OutputLine
 from pyinfra.facts.server import TmpDir
 from pyinfra.operations import files
 
+from gpunode import seal as sealing
 from gpunode.inventory import node_and_distro
 from gpunode.operations.files import upload
 from gpunode.operations.server import stage_uploads_as_login
@@ -118,3 +119,41 @@ def test_a_role_run_with_sudo_without_the_staging_directory_stops_saying_what_to
         "(allowed: call gpunode.operations.server.stage_uploads_as_login() at the top of the "
         "deploy file, before any role, as deploys/gpu_node.py does; or set TEMP_DIR)"
     )
+
+
+def _seal_inputs(login_tmp: str) -> str:
+    """The seal's input digest of a sudo host whose login's TMPDIR is ``login_tmp``, as the
+    seal records it (after the staging directory is set); the same as deploys/gpu_node.py
+    judges it (before)."""
+    digests: list[str] = []
+
+    class Login(PamTmpdirHost):
+        def run_shell_command(self, command, print_output=False, print_input=False, **kw):
+            text = command if isinstance(command, str) else command.get_raw_value()
+            if text == TmpDir().command() and not kw.get("_sudo"):
+                return True, _output(login_tmp)
+            return super().run_shell_command(command, print_output, print_input, **kw)
+
+    def _digest() -> None:
+        digests.append(sealing.input_digest(host))  # judged, as deploys/gpu_node.py does
+        stage_uploads_as_login()
+        assert host.data.get("_temp_dir") == login_tmp
+        digests.append(sealing.input_digest(host))  # recorded, as the seal operation does
+
+    result = run_deploys(
+        NodeConfig(distro="debian12"), {}, [_digest], connector_cls=Login,
+        host_data={"_sudo": True},
+    )  # fmt: skip
+    assert not result.failed
+    judged, recorded = digests
+    assert recorded == judged
+    return recorded
+
+
+def test_the_seals_inputs_are_the_same_whichever_directory_the_login_stages_in() -> None:
+    """The first deploy installs pam_tmpdir: the login's TMPDIR is /tmp in its run and
+    /tmp/user/<uid> in every run after. The staging directory decides no operation's change,
+    so it is no input of the seal. Found on the VMs: the second deploy wrote each VM's seal
+    again (1 change a host on a converged host), and the seal, judged before the directory is
+    set and recorded after, never held for a login with sudo (every run the full plan)."""
+    assert _seal_inputs("/tmp") == _seal_inputs(LOGIN_TMP)
