@@ -518,12 +518,43 @@ def _virsh(*args: str) -> subprocess.CompletedProcess[str]:
     return lab._run(["virsh", "-c", LIBVIRT_URI, *args], check=False, timeout=120)
 
 
+def lab_domains() -> list[str]:
+    """The libvirt domains of the lab's VMs: vagrant-libvirt names each after the project
+    folder and the machine (``main_gpu-01``), the machines being inventories/vagrant.yml's."""
+    doc = read_yaml(VAGRANT_INVENTORY) or {}
+    return [f"{REPO_ROOT.name}_{name}" for name in doc.get("hosts") or {}]
+
+
+def remove_domains(domains: list[str]) -> list[str]:
+    """Each of ``domains`` libvirt still has stopped and undefined, with its disks and UEFI
+    variables (what ``vagrant destroy`` left: it failed, or an interrupted ``vagrant up``
+    holds its lock); the disks of VMs never defined deleted. Returns those still there."""
+    for domain in domains:
+        if _virsh("dominfo", domain).returncode != 0:
+            continue
+        _virsh("destroy", domain)
+        if _virsh("undefine", "--nvram", "--remove-all-storage", domain).returncode != 0:
+            _virsh("undefine", "--remove-all-storage", domain)
+    disks = {f"{domain}.img" for domain in domains}
+    for volume in _virsh("vol-list", "default").stdout.split():
+        if volume in disks:
+            _virsh("vol-delete", "--pool", "default", volume)
+    return [domain for domain in domains if _virsh("dominfo", domain).returncode == 0]
+
+
 def down(settings: VmLabSettings) -> None:
     """Every VM, disk, network and process of the lab gone (the box cache stays)."""
     state = _load_state(settings)
     if state.get("box") and libvirt_answers():
         vagrant(settings, state["box"], "destroy", "-f", check=False)
     if libvirt_answers():
+        left = remove_domains(lab_domains())
+        if left:  # the lab's state kept, libvirtd left running: a second `down` can finish
+            raise VmLabError(
+                f"libvirt still has {', '.join(left)} after vagrant destroy and virsh "
+                "undefine: stop what holds it (a vagrant process), then run "
+                "`gpunode vm-lab down` again"
+            )
         for network in (MGMT_NETWORK, PRIVATE_NETWORK):
             _virsh("net-destroy", network)
             _virsh("net-undefine", network)

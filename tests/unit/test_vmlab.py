@@ -206,3 +206,69 @@ def test_verify_runs_the_checks_through_sudo_for_a_login_other_than_root(
         update={"connection": vagrant.connection.model_copy(update={"user": "root"})}
     )
     assert "--sudo" not in host_checks_argv(root, tmp_path / "c", tmp_path, tmp_path / "j.xml")
+
+
+class FakeLibvirt:
+    """virsh against a libvirt holding ``domains`` (name -> undefine works) and ``volumes``
+    in the default pool; every call recorded."""
+
+    def __init__(self, domains: dict[str, bool], volumes: set[str]) -> None:
+        self.domains, self.volumes, self.calls = dict(domains), set(volumes), []
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        self.calls.append(args)
+        verb, rest = args[0], args[1:]
+        rc, out = 0, ""
+        if verb == "dominfo":
+            rc = 0 if rest[0] in self.domains else 1
+        elif verb == "undefine":
+            name = rest[-1]
+            if name in self.domains and self.domains[name]:
+                del self.domains[name]
+                self.volumes.discard(f"{name}.img")
+            else:
+                rc = 1
+        elif verb == "vol-list":
+            out = " Name   Path\n----\n" + "".join(f" {v}  /x/{v}\n" for v in sorted(self.volumes))
+        elif verb == "vol-delete":
+            self.volumes.discard(rest[-1])
+        return subprocess.CompletedProcess(["virsh", *args], rc, out, "")
+
+
+def test_down_removes_what_an_interrupted_up_left_in_libvirt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A `vagrant up` killed midway: gpu-01 defined, gpu-02's disk made, no vagrant state
+    (seen 2026-12-05: `vagrant destroy` refused, the machines locked by the killed up)."""
+    domains = vmlab.lab_domains()
+    assert domains == [f"{REPO_ROOT.name}_gpu-01", f"{REPO_ROOT.name}_gpu-02"]
+    other = "someone_elses_vm"
+    virsh = FakeLibvirt(
+        {domains[0]: True, other: True}, {f"{domains[0]}.img", f"{domains[1]}.img", "keep.img"}
+    )
+    monkeypatch.setattr(vmlab, "_virsh", virsh)
+    assert vmlab.remove_domains(domains) == []
+    assert set(virsh.domains) == {other}
+    assert virsh.volumes == {"keep.img"}
+    assert ("destroy", domains[0]) in virsh.calls
+    assert not [c for c in virsh.calls if other in c]
+
+
+def test_down_stops_naming_a_vm_libvirt_keeps_and_keeps_the_labs_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    domains = vmlab.lab_domains()
+    virsh = FakeLibvirt({domains[1]: False}, set())
+    monkeypatch.setattr(vmlab, "_virsh", virsh)
+    monkeypatch.setattr(vmlab, "libvirt_answers", lambda: True)
+    monkeypatch.setattr(vmlab, "vagrant", lambda *a, **k: 1)  # destroy failed
+    settings = vmlab.VmLabSettings(state_dir=tmp_path / "vm", cache_dir=tmp_path / "cache")
+    settings.state_dir.mkdir()
+    settings.state_file.write_text('{"box": "b", "libvirtd_pid": 1}')
+    with pytest.raises(vmlab.VmLabError) as err:
+        vmlab.down(settings)
+    assert str(err.value) == (
+        f"libvirt still has {domains[1]} after vagrant destroy and virsh undefine: stop what "
+        "holds it (a vagrant process), then run `gpunode vm-lab down` again"
+    )
+    assert settings.state_file.exists()
