@@ -94,7 +94,7 @@ def test_a_second_run_changes_nothing_and_says_there_is_no_gpu(driver: dict[str,
     assert again.returncode == 0, out[-6000:]
     changed, bookkeeping = changed_ops(out)
     # the first run after the reboot: nothing the roles manage changed; the seal may be written
-    # again (a sealed fact's output changes with a boot), as in test_reboot.py
+    # again (the first boot starts the firewall's boot unit), as in test_reboot.py
     assert changed == bookkeeping, out[-6000:]
     assert changes(out)[1] == 0
     assert NO_GPU in out
