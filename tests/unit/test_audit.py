@@ -197,11 +197,23 @@ def kernel_audit(tmp_path: Path) -> Iterator[tuple[Any, Path]]:
         text=True,
     )
     try:
-        for _ in range(50):
-            if log.exists():
+        # auditd opens its log before it switches auditing on and registers with the kernel:
+        # ready is `enabled 1` and its own pid in the kernel's status, not the log's existence
+        deadline = time.monotonic() + 30
+        while True:
+            status = tool("auditctl", "-s", check=False).stdout
+            if re.search(r"^enabled 1$", status, re.M) and re.search(
+                rf"^pid {daemon.pid}$", status, re.M
+            ):
                 break
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                daemon.terminate()
+                pytest.fail(
+                    f"auditd did not register with the kernel within 30 s: {status}"
+                    f"{daemon.communicate(timeout=30)[0]}"
+                )
             time.sleep(0.1)
-        assert log.exists(), "auditd did not start"
+        assert log.exists(), "auditd registered without opening its log"
         yield tool, log
     finally:
         tool("auditctl", "-D", check=False)
@@ -242,7 +254,15 @@ def test_a_write_to_the_secrets_and_a_command_as_root_are_recorded(
     tool("auditctl", "-R", str(moved_rules(tmp_path)))
     secrets = tmp_path / "etc" / "gpunode" / "secrets"
     secrets.mkdir(parents=True, exist_ok=True)
-    (secrets / "demo.env").write_text("TOKEN=x\n")
+    # Written by a process started now, as on a node (where every writer starts after auditd):
+    # the kernel audits only tasks forked once auditing had ever been on, so a write from this
+    # pytest process, started before the first test switched auditing on after a fresh boot, is
+    # never recorded (what CI on a freshly booted machine found)
+    subprocess.run(
+        ["sh", "-c", 'printf "TOKEN=x\\n" > "$1"', "sh", str(secrets / "demo.env")],
+        check=True,
+        timeout=30,
+    )
     marker = tmp_path / "ran-as-root"
     subprocess.run(
         ["sh", "-c", f"echo 1000 > /proc/self/loginuid && exec /usr/bin/touch {marker}"],
@@ -253,8 +273,7 @@ def test_a_write_to_the_secrets_and_a_command_as_root_are_recorded(
     def search(key: str) -> str:
         return tool("ausearch", "-if", str(log), "-k", key, check=False).stdout
 
-    # auditd writes asynchronously: on a loaded machine a second was not always enough (CI on
-    # 111ede1 found the rules loaded but not yet the write), so wait up to 30 s for both
+    # auditd writes its log asynchronously: wait up to 30 s for both events
     deadline = time.monotonic() + 30
     while True:
         secret_events, root_events = search("gpunode-secrets"), search("root-commands")
