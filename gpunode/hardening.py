@@ -23,6 +23,7 @@ from gpunode.schema.hardening import (
     AIDE_IGNORE,
     AIDE_RULES,
     AIDE_WATCH,
+    AUDIT_BOOT_ARGS,
     AUDIT_LOG_GROUP,
     AUDIT_ROOT_COMMANDS_KEY,
     AUDIT_SYSCALLS,
@@ -56,6 +57,10 @@ NEEDRESTART_FILE = "/etc/needrestart/conf.d/60-gpunode.conf"  # read after needr
 AUDITD_CONF = "/etc/audit/auditd.conf"
 AUDIT_RULES = "/etc/audit/rules.d/60-gpunode.rules"
 AUDIT_IMMUTABLE_RULES = "/etc/audit/rules.d/99-gpunode-immutable.rules"  # -e 2 comes last
+# read by Debian's and Ubuntu's grub-mkconfig after /etc/default/grub (and the cloud images'
+# 50-*.cfg): it adds to GRUB_CMDLINE_LINUX, the arguments of every entry, recovery included
+AUDIT_GRUB_DROPIN = "/etc/default/grub.d/60-gpunode-audit.cfg"
+GRUB_CFG = "/boot/grub/grub.cfg"  # what update-grub writes and GRUB reads at boot
 AIDE_CONF = "/etc/gpunode/aide.conf"
 AIDE_DIR = "/var/lib/gpunode/aide"
 LOGIN_DEFS = "/etc/login.defs"
@@ -365,6 +370,32 @@ def render_auditd_conf(config: NodeConfig, family: str) -> str:
             num_logs=audit.num_logs,
         )
     )
+
+
+def render_audit_grub_dropin() -> str:
+    """The GRUB drop-in that puts AUDIT_BOOT_ARGS on every entry's kernel command line. It is
+    sourced by grub-mkconfig's sh: the arguments are plain words (checked here), appended to
+    what /etc/default/grub and the drop-ins before it set."""
+    for arg in AUDIT_BOOT_ARGS:
+        if not re.fullmatch(r"[a-z0-9_]+=[A-Za-z0-9_.]+", arg):
+            raise ValueError(f"{arg!r} is not a plain kernel argument")
+    args = " ".join(AUDIT_BOOT_ARGS)
+    return (
+        "## Managed by gpunode (hardening.audit.boot_args): audit from the first process on\n"
+        f'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX {args}"\n'
+    )
+
+
+def boot_args_off(cmdline: list[str]) -> list[str]:
+    """The AUDIT_BOOT_ARGS not in effect on a kernel command line (its words): absent, or set
+    again later to another value (the kernel takes the last one)."""
+    off = []
+    for arg in AUDIT_BOOT_ARGS:
+        key = arg.partition("=")[0] + "="
+        values = [word for word in cmdline if word.startswith(key)]
+        if not values or values[-1] != arg:
+            off.append(arg)
+    return off
 
 
 def audit_load_command(config: NodeConfig) -> str:

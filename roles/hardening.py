@@ -26,8 +26,10 @@ files with strict modes).
 - audit trail: auditd with gpunode's rules (``/etc/audit/rules.d/60-gpunode.rules``: identity
   files, sudoers, sshd, gpunode's files and secrets, units, module loading, time changes, every
   program run as root by a logged-in user), logs bounded by size and count, ``-e 2`` when
-  ``hardening.audit.immutable``. In a container the kernel's audit is the machine's
-  underneath: nothing is installed, a notice says so.
+  ``hardening.audit.immutable``; ``audit=1 audit_backlog_limit=8192`` on every GRUB entry
+  (a drop-in in /etc/default/grub.d, then ``update-grub``) so that what starts before auditd
+  is audited too, with a notice until the node has booted with them. In a container the
+  kernel's audit is the machine's underneath: nothing is installed, a notice says so.
 - file integrity: AIDE with gpunode's settings (/etc/gpunode/aide.conf, AIDE_WATCH) and a
   database made here; gpunode-file-integrity.timer compares. :func:`file_integrity` (run
   last in a deploy, before the seal) takes that deploy's own changes into the database.
@@ -57,7 +59,13 @@ from pyinfra.operations import apt, dnf, files, server, systemd
 
 from gpunode import hardening as rules
 from gpunode.base import host_matches
-from gpunode.facts.hardening import PasswordAccounts, PrimaryGroup, SshdState, WritableSysctls
+from gpunode.facts.hardening import (
+    AuditBoot,
+    PasswordAccounts,
+    PrimaryGroup,
+    SshdState,
+    WritableSysctls,
+)
 from gpunode.facts.server import HostInfo
 from gpunode.firewall import sha1
 from gpunode.inventory import node_and_distro
@@ -71,6 +79,9 @@ from gpunode.paths import template
 from gpunode.schema import distros
 from gpunode.schema.hardening import (
     ABSENT_PACKAGES,
+    AUDIT_BOOT_ARGS,
+    AUDIT_BOOT_BY_HAND,
+    AUDIT_BOOT_LOADER,
     AUDIT_PACKAGE,
     JOURNAL_TO_RSYSLOG,
     PAM_TMPDIR_PACKAGE,
@@ -443,6 +454,7 @@ def _audit(config: NodeConfig, spec: distros.DistroSpec, container: str) -> None
     if not audit.enabled:
         for path in (rules.AUDIT_RULES, rules.AUDIT_IMMUTABLE_RULES):
             files.file(name=f"Audit rules (none): {path}", path=path, present=False)
+        _audit_boot(spec, wanted=False)
         return
     if container:
         notice(
@@ -494,6 +506,83 @@ def _audit(config: NodeConfig, spec: distros.DistroSpec, container: str) -> None
         commands=[rules.audit_load_command(config)],
         _if=lambda: rules_file.did_change() or lock.did_change(),
     )
+    _audit_boot(spec, wanted=audit.boot_args)
+
+
+def _audit_boot(spec: distros.DistroSpec, wanted: bool) -> None:
+    """AUDIT_BOOT_ARGS on the kernel command line of the next boots, through update-grub
+    where the host has it (AUDIT_BOOT_LOADER); a notice while the running kernel lacks them.
+    Not ``wanted``: gpunode's drop-in goes, and GRUB's configuration is made again."""
+    boot = host.get_fact(AuditBoot)
+    loader = AUDIT_BOOT_LOADER[spec.family]
+    managed = loader == "update-grub" and boot["update_grub"] and boot["generated"]
+    if not wanted:
+        removed = files.file(
+            name="Audit from boot (off): GRUB drop-in", path=rules.AUDIT_GRUB_DROPIN, present=False
+        )
+        if managed:
+            server.shell(
+                name="GRUB's configuration made again (update-grub)",
+                commands=["update-grub"],
+                _if=removed.did_change,
+            )
+        return
+    args = " ".join(AUDIT_BOOT_ARGS)
+    if not managed:
+        if rules.boot_args_off(boot["running"]):
+            how = AUDIT_BOOT_BY_HAND[spec.family].format(args=args)
+            why = (
+                f"not on {spec.key}"
+                if not loader
+                else "no update-grub on this host"
+                if not boot["update_grub"]
+                else f"{rules.GRUB_CFG} is missing or not grub-mkconfig's, which update-grub "
+                "would replace"
+            )
+            notice(
+                name="Audit from boot",
+                message=(
+                    f"the running kernel lacks {args}, and gpunode does not set the kernel's "
+                    f"command line here ({why}): until it has them, what starts before auditd "
+                    f"(systemd itself among them) is not audited; {how} "
+                    "(hardening.audit.boot_args: false silences this)"
+                ),
+            )
+        return
+    dropin = files.put(
+        name="Audit from boot: GRUB drop-in",
+        src=StringIO(rules.render_audit_grub_dropin()),
+        dest=rules.AUDIT_GRUB_DROPIN,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    # every entry has the words unless update-grub has not run since the drop-in came (or
+    # failed): run it then too, so an interrupted run converges on the next one
+    stale = any(arg not in entry for entry in boot["entries"] for arg in AUDIT_BOOT_ARGS)
+    server.shell(
+        name="GRUB's configuration made again (update-grub)",
+        commands=["update-grub"],
+        _if=lambda: dropin.did_change() or stale,
+    )
+    overridden = [entry for entry in boot["entries"] if rules.boot_args_off(entry)]
+    if overridden and not stale:
+        notice(
+            name="Audit from boot",
+            message=(
+                f"{rules.GRUB_CFG} has {args}, but a later setting on the same command line "
+                f"undoes {', '.join(rules.boot_args_off(overridden[0]))} (the kernel takes "
+                "the last value: look at GRUB_CMDLINE_LINUX_DEFAULT and /etc/default/grub.d)"
+            ),
+        )
+    elif rules.boot_args_off(boot["running"]):
+        notice(
+            name="Audit from boot",
+            message=(
+                f"{args} take effect at the next boot: until then, what started before "
+                "auditd (systemd itself among them) is not audited"
+            ),
+        )
 
 
 def _timer(what: str, units: dict[str, str]) -> None:

@@ -245,6 +245,20 @@ AUDIT_SYSCALLS: dict[str, tuple[str, ...]] = {
 }
 # Every program run as root by someone who logged in (sudo, su, ...): euid 0 and a login uid.
 AUDIT_ROOT_COMMANDS_KEY = "root-commands"
+# The kernel's command line for auditing from boot on. The kernel gives a process an audit
+# context when it is forked, and only once auditing has ever been on: without `audit=1`,
+# systemd (PID 1: `systemctl enable` links units in its name) and everything it starts before
+# auditd are never audited until they restart (CIS Debian 12 6.2.1.3); and room for the events
+# of boot until auditd reads them (6.2.1.4: at least 8192).
+AUDIT_BOOT_ARGS: tuple[str, ...] = ("audit=1", "audit_backlog_limit=8192")
+# family -> how they reach the next boots: "update-grub" (a drop-in in /etc/default/grub.d,
+# which Debian's and Ubuntu's grub-mkconfig read after /etc/default/grub); None: gpunode does
+# not set them there, and a notice says how (EL9's BLS entries: grubby).
+AUDIT_BOOT_LOADER: dict[str, str | None] = {"apt": "update-grub", "dnf": None}
+AUDIT_BOOT_BY_HAND: dict[str, str] = {
+    "apt": "add them to GRUB_CMDLINE_LINUX in /etc/default/grub and run update-grub",
+    "dnf": "grubby --update-kernel=ALL --args='{args}'",
+}
 # family -> package, group that may read the log
 AUDIT_PACKAGE: dict[str, str] = {"apt": "auditd", "dnf": "audit"}
 AUDIT_LOG_GROUP: dict[str, str] = {"apt": "adm", "dnf": "root"}
@@ -432,6 +446,13 @@ class Audit(Model):
     """`max_log_file`: size of one audit log, in MiB."""
     num_logs: Annotated[int, Field(ge=2, le=99)] = 8
     """`num_logs`: logs kept (the oldest goes): at most num_logs x max_log_file_mb on disk."""
+    boot_args: bool = True
+    """AUDIT_BOOT_ARGS (`audit=1 audit_backlog_limit=8192`) on the kernel's command line,
+    through the boot loader (AUDIT_BOOT_LOADER): processes started before auditd, systemd
+    itself among them, are audited too (CIS Debian 12 6.2.1.3, 6.2.1.4). They take effect at
+    the next boot; until then every run says so. Where gpunode does not manage the boot loader
+    (EL9, a host without update-grub) a notice says how to add them. false: gpunode's GRUB
+    drop-in is removed."""
 
 
 class Login(Model):

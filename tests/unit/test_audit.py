@@ -284,3 +284,81 @@ def test_a_write_to_the_secrets_and_a_command_as_root_are_recorded(
         time.sleep(0.5)
     assert "demo.env" in secret_events, secret_events
     assert str(marker) in root_events and " auid=1000 " in root_events, root_events
+
+
+# --- auditing from boot: the kernel's command line, in a VM --------------------------------------
+
+BOOT_CHECK = r"""#!/bin/sh
+PATH=/sbin:/bin
+export PATH
+mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmp /tmp
+exec 3>/dev/ttyS1
+echo 1000 > /proc/sys/kernel/printk_ratelimit_burst  # no auditd: records go to the kernel log
+echo "cmdline $(cat /proc/cmdline)" >&3
+auditctl -s | grep -E '^(enabled|backlog_limit) ' >&3
+mkdir /tmp/s
+auditctl -e 1 >/dev/null
+auditctl -w /tmp/s -p wa -k probe >/dev/null
+echo x > /tmp/s/by-pid1
+sh -c 'echo x > /tmp/s/by-child'
+sleep 1
+dmesg | grep -o 'name="/tmp/s/by-[a-z0-9]*"' | sed 's/^/event /' >&3
+echo done >&3
+poweroff -f
+"""
+
+
+def boot_with(args: tuple[str, ...], work: Path) -> str:
+    """Debian 12's kernel under QEMU with ``args`` on its command line and a busybox PID 1
+    that switches auditing on, watches a folder and writes there itself and from a child:
+    what PID 1 reported (its command line, the audit status it found, the events)."""
+    import vmkernel
+
+    sbin, env = audit_tools()
+    try:
+        vmkernel.qemu()
+        tools = vmkernel.tools()
+        kernel = vmkernel.kernel([], tools)
+        found = subprocess.run(
+            ["ldd", str(sbin / "auditctl")], env={**os.environ, **env}, capture_output=True,
+            text=True, check=True,
+        ).stdout  # fmt: skip
+    except (vmkernel.Unavailable, subprocess.SubprocessError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the VM cannot run, and CI=true: {exc}")
+        pytest.skip(f"the VM cannot run ({exc})")
+    copies = {"/sbin/auditctl": sbin / "auditctl"}
+    for library in re.findall(r"(?m)(/\S+) \(0x", found):
+        name = Path(library).name
+        copies[library if "ld-linux" in name else f"/lib/x86_64-linux-gnu/{name}"] = Path(library)
+    work.mkdir(parents=True, exist_ok=True)
+    initramfs = vmkernel.build_initramfs(
+        kernel, tools, [], {"/check": (BOOT_CHECK, 0o755)}, work, copies
+    )
+    boot = vmkernel.boot(kernel, initramfs, "/check", 300, work, args)
+    if boot.returncode is None or not re.search(r"(?m)^done$", boot.results):
+        pytest.fail(f"the VM did not finish (QEMU exit {boot.returncode}):\n{boot.tail()}")
+    return boot.results
+
+
+def test_the_boot_args_audit_what_starts_before_auditd(tmp_path: Path) -> None:
+    """Without AUDIT_BOOT_ARGS, a process that was running before auditing was first switched
+    on (PID 1 here, as systemd on a node) is never audited: its write to a watched folder
+    leaves no record, a child forked afterwards does. With them, PID 1's write is recorded,
+    auditing is on from boot and the backlog has room for 8192 records. So the words gpunode
+    puts on the kernel's command line are the ones this kernel reads."""
+    need_root("booting a VM from /var/cache/gpunode/vmkernel")
+    assert schema.AUDIT_BOOT_ARGS == ("audit=1", "audit_backlog_limit=8192")
+    plain = boot_with((), tmp_path / "plain")
+    assert "enabled 0" in plain.splitlines(), plain
+    assert re.findall(r"(?m)^event (.*)$", plain) == ['name="/tmp/s/by-child"'], plain
+    booted = boot_with(schema.AUDIT_BOOT_ARGS, tmp_path / "audit")
+    cmdline = re.search(r"(?m)^cmdline (.*)$", booted)
+    assert cmdline and cmdline[1].split()[-2:] == list(schema.AUDIT_BOOT_ARGS)
+    assert {"enabled 1", "backlog_limit 8192"} <= set(booted.splitlines()), booted
+    assert re.findall(r"(?m)^event (.*)$", booted) == [
+        'name="/tmp/s/by-pid1"',
+        'name="/tmp/s/by-child"',
+    ], booted

@@ -19,6 +19,15 @@ harness), fed with outputs recorded on real hosts in ``fixtures/hardening/``:
 * ``login-defs.fresh``, ``password-accounts.fresh``: the KeyValues command on /etc/login.defs
   and the PasswordAccounts command on the lab's freshly debootstrapped Debian 12 root (no
   account has a password there: the output is empty).
+* ``grub-linux.stock``, ``grub-linux.gpunode``: AuditBoot's grep (grub-mkconfig's header, the
+  ``linux`` lines) over the /boot/grub/grub.cfg that Debian 12's real ``update-grub`` (grub
+  2.06-13+deb12u2, installed with apt in a chroot of the lab's debootstrapped root on a
+  loop-mounted partition, Debian's 6.1.0-57 kernel in /boot) made without, then with,
+  ``grub-dropin.recorded`` in /etc/default/grub.d (2026-12-06).
+* ``grub-linux.override``: the same, made with gpunode's drop-in and a site's
+  ``70-site.cfg`` after it (``GRUB_CMDLINE_LINUX_DEFAULT="quiet audit=0"``) (2026-12-06).
+* ``proc-cmdline.plain``, ``proc-cmdline.audit``: /proc/cmdline of Debian 12's kernel booted
+  under QEMU without and with AUDIT_BOOT_ARGS (test_audit.py's VM, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import types
 import typing
 from collections.abc import Iterable
@@ -64,6 +74,7 @@ from gpunode import hardening
 from gpunode.config import load
 from gpunode.facts.firewall import FirewallState
 from gpunode.facts.hardening import (
+    AuditBoot,
     KeyValues,
     PasswordAccounts,
     PrimaryGroup,
@@ -655,6 +666,19 @@ def run_roles(
     )
 
 
+def audit_boot(
+    running: str, grub: str | None, update_grub: bool = True, by_hand: bool = False
+) -> list[str]:
+    """The AuditBoot fact's output: whether ``update-grub`` is there, the running kernel's
+    command line (``proc-cmdline.*``) and the header and ``linux`` lines of a grub.cfg made by
+    Debian 12's update-grub (``grub-linux.*``; None: no /boot/grub/grub.cfg, as on EL9;
+    ``by_hand``: without grub-mkconfig's header, as in a grub.cfg someone wrote)."""
+    found = "yes" if update_grub and grub else "no"
+    output = [f"update-grub={found}", f"running={fixture(f'proc-cmdline.{running}').strip()}"]
+    grub_cfg = fixture(f"grub-linux.{grub}").splitlines() if grub else []
+    return output + [line for line in grub_cfg if not (by_hand and line.startswith("#"))]
+
+
 def fresh_responses(distro: str) -> dict[Any, Response]:
     return {
         FirewallState().command(): lines("firewall-state.fresh"),
@@ -665,6 +689,7 @@ def fresh_responses(distro: str) -> dict[Any, Response]:
         WritableSysctls().command(sorted(hardening_schema.SYSCTL_KERNEL)): lines(
             "writable-sysctls.controller"
         ),
+        AuditBoot().command(): audit_boot("plain", "stock" if distro in APT else None),
         re.compile(r"systemctl show --all --property Id --property SubState ('\*'|firewalld)"): (
             ["Id=firewalld.service", "SubState=running"] if distro in DNF else []
         ),
@@ -1972,6 +1997,203 @@ def test_audit_turned_off_takes_gpunodes_rules_away() -> None:
     run = run_roles(cfg, "debian12", fresh_responses("debian12"), handlers=[on_host])
     assert run.grep(rf"^rm -f {re.escape(hardening.AUDIT_RULES)}$")
     assert not any(re.search(r"install.* auditd\b", c) for c in _installs(run))
+
+
+# --- auditing from boot: the kernel's command line ------------------------------------------
+
+
+def notices(caplog: pytest.LogCaptureFixture, about: str) -> list[str]:
+    """What gpunode's ``notice`` operations said, about something."""
+    said = [r.getMessage() for r in caplog.records if r.funcName == "notice"]
+    return [message for message in said if about in message]
+
+
+def audit_boot_run(
+    caplog: pytest.LogCaptureFixture,
+    distro: str,
+    fact: list[str],
+    on_host: dict[str, str] | None = None,
+    **audit: Any,
+) -> Run:
+    cfg = load_one({"distro": distro, "hardening": {"audit": audit}})
+    handlers = [converged(on_host, dict.fromkeys(on_host, "644"))] if on_host else []
+    with caplog.at_level(logging.DEBUG, logger="pyinfra"):
+        return run_roles(
+            cfg, distro, {**fresh_responses(distro), AuditBoot().command(): fact}, handlers
+        )
+
+
+DROPIN = {hardening.AUDIT_GRUB_DROPIN: hardening.render_audit_grub_dropin()}
+
+
+@pytest.mark.parametrize("distro", APT)
+def test_audit_from_boot_goes_on_every_grub_entry(
+    distro: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host with update-grub and a stock grub.cfg: gpunode's drop-in (root 0644), then
+    update-grub; the running kernel lacks the words, so the run says they come at the next
+    boot."""
+    run = audit_boot_run(caplog, distro, audit_boot("plain", "stock"))
+    assert not run.failed
+    assert run.files[hardening.AUDIT_GRUB_DROPIN] == hardening.render_audit_grub_dropin()
+    dropin = re.escape(hardening.AUDIT_GRUB_DROPIN)
+    assert run.grep(rf"^chmod 644 {dropin}$") and run.grep(rf"^chown root:root {dropin}$")
+    assert first(run, rf"^chmod 644 {dropin}$") < first(run, r"^update-grub$")
+    said = notices(caplog, "take effect at the next boot")
+    assert said and said[0].endswith(
+        "audit=1 audit_backlog_limit=8192 take effect at the next boot: until then, what "
+        "started before auditd (systemd itself among them) is not audited"
+    )
+
+
+def test_a_host_booted_with_the_words_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """The drop-in in place, every grub.cfg entry with the words, the kernel booted with
+    them: nothing to do and nothing to say."""
+    run = audit_boot_run(caplog, "debian12", audit_boot("audit", "gpunode"), DROPIN)
+    assert not run.failed
+    assert hardening.AUDIT_GRUB_DROPIN not in run.files
+    assert not run.grep(r"^update-grub$")
+    assert not notices(caplog, "audit=1")
+
+
+def test_update_grub_runs_again_while_an_entry_lacks_the_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The drop-in is there but grub.cfg was not made again (update-grub failed, or was
+    interrupted, on the run that wrote it): this run does it."""
+    run = audit_boot_run(caplog, "debian12", audit_boot("plain", "stock"), DROPIN)
+    assert hardening.AUDIT_GRUB_DROPIN not in run.files
+    assert run.grep(r"^update-grub$")
+
+
+def test_a_later_setting_that_undoes_a_word_is_named_not_fought(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A site's GRUB_CMDLINE_LINUX_DEFAULT with audit=0 comes after gpunode's words on the
+    normal entries (Debian 12's update-grub, recorded): running update-grub again would not
+    change that, so it is not run; the run says which word is undone and where to look."""
+    run = audit_boot_run(caplog, "debian12", audit_boot("plain", "override"), DROPIN)
+    assert not run.failed and not run.grep(r"^update-grub$")
+    said = notices(caplog, "undoes")
+    assert said and said[0].endswith(
+        f"{hardening.GRUB_CFG} has audit=1 audit_backlog_limit=8192, but a later setting on "
+        "the same command line undoes audit=1 (the kernel takes the last value: look at "
+        "GRUB_CMDLINE_LINUX_DEFAULT and /etc/default/grub.d)"
+    )
+    assert not notices(caplog, "next boot")
+
+
+@pytest.mark.parametrize(
+    ("distro", "fact", "how"),
+    [
+        (
+            "debian12",
+            audit_boot("plain", None, update_grub=False),
+            "no update-grub on this host): until it has them, what starts before auditd "
+            "(systemd itself among them) is not audited; add them to GRUB_CMDLINE_LINUX in "
+            "/etc/default/grub and run update-grub",
+        ),
+        (
+            "debian12",
+            audit_boot("plain", "stock", by_hand=True),
+            "/boot/grub/grub.cfg is missing or not grub-mkconfig's, which update-grub would "
+            "replace): until it has them, what starts before auditd (systemd itself among "
+            "them) is not audited; add them to GRUB_CMDLINE_LINUX in /etc/default/grub and run "
+            "update-grub",
+        ),
+        (
+            "rocky9",
+            audit_boot("plain", None),
+            "not on rocky9): until it has them, what starts before auditd (systemd itself "
+            "among them) is not audited; grubby --update-kernel=ALL "
+            "--args='audit=1 audit_backlog_limit=8192'",
+        ),
+    ],
+)
+def test_where_gpunode_does_not_set_the_boot_loader_a_notice_says_how(
+    distro: str, fact: list[str], how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = audit_boot_run(caplog, distro, fact)
+    assert not run.failed
+    assert hardening.AUDIT_GRUB_DROPIN not in run.files and not run.grep(r"^update-grub$")
+    said = notices(caplog, "gpunode does not set the kernel's command line")
+    assert said and said[0].endswith(
+        f"the running kernel lacks audit=1 audit_backlog_limit=8192, and gpunode does not set "
+        f"the kernel's command line here ({how} "
+        "(hardening.audit.boot_args: false silences this)"
+    )
+    caplog.clear()
+    booted = audit_boot("audit", None, update_grub=False)
+    audit_boot_run(caplog, distro, booted)
+    assert not notices(caplog, "audit=1")  # booted with them (set by hand): nothing to say
+
+
+def test_boot_args_off_takes_the_dropin_away_and_makes_grub_cfg_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run = audit_boot_run(
+        caplog, "debian12", audit_boot("audit", "gpunode"), DROPIN, boot_args=False
+    )
+    assert first(run, rf"^rm -f {re.escape(hardening.AUDIT_GRUB_DROPIN)}$") < first(
+        run, r"^update-grub$"
+    )
+    assert not notices(caplog, "audit=1")
+    caplog.clear()
+    run = audit_boot_run(caplog, "debian12", audit_boot("plain", "stock"), boot_args=False)
+    assert not run.grep(r"^update-grub$")  # no drop-in was there: nothing to make again
+    caplog.clear()
+    run = audit_boot_run(caplog, "debian12", audit_boot("audit", "gpunode"), DROPIN, enabled=False)
+    assert first(run, rf"^rm -f {re.escape(hardening.AUDIT_GRUB_DROPIN)}$") < first(
+        run, r"^update-grub$"
+    )  # no audit at all: no audit from boot either
+
+
+def test_audit_boot_reads_every_grub_entry_and_the_running_kernel() -> None:
+    """The fact on the outputs recorded on Debian 12 (grub 2.06-13+deb12u2's update-grub, with
+    and without gpunode's drop-in; the kernel's own /proc/cmdline under QEMU)."""
+    stock = AuditBoot().process(audit_boot("plain", "stock"))
+    assert stock["update_grub"] is True and stock["generated"] is True
+    assert AuditBoot().process(audit_boot("plain", "stock", by_hand=True))["generated"] is False
+    assert stock["running"] == ["console=ttyS0", "rdinit=/check", "panic=-1"]
+    assert len(stock["entries"]) == 3  # the default, the advanced menu's, its recovery
+    assert [hardening.boot_args_off(e) for e in stock["entries"]] == [
+        ["audit=1", "audit_backlog_limit=8192"]
+    ] * 3
+    made = AuditBoot().process(audit_boot("audit", "gpunode"))
+    assert made["entries"][2][-3:] == ["single", "audit=1", "audit_backlog_limit=8192"]
+    assert all(hardening.boot_args_off(e) == [] for e in [made["running"], *made["entries"]])
+    assert AuditBoot().process(["update-grub=no", "running=ro -- audit=1"])["running"] == ["ro"]
+
+
+@pytest.mark.parametrize(
+    ("words", "off"),
+    [
+        ("ro audit=1 audit_backlog_limit=8192 quiet", []),
+        ("ro audit=1 audit_backlog_limit=8192 audit=0", ["audit=1"]),  # the last one counts
+        ("ro audit=0 audit=1 audit_backlog_limit=64 audit_backlog_limit=8192", []),
+        ("ro audit=1 audit_backlog_limit=81920", ["audit_backlog_limit=8192"]),
+        ("ro xaudit=1", ["audit=1", "audit_backlog_limit=8192"]),
+        ("", ["audit=1", "audit_backlog_limit=8192"]),
+    ],
+)
+def test_the_words_in_effect_are_the_last_of_their_name(words: str, off: list[str]) -> None:
+    assert hardening.boot_args_off(words.split()) == off
+
+
+def test_the_grub_dropin_is_the_one_update_grub_read_and_sh_appends_it() -> None:
+    """What gpunode writes is what Debian 12's update-grub was run with (the recorded
+    drop-in), and grub-mkconfig's sh, sourcing it, appends the words to what came before."""
+    text = hardening.render_audit_grub_dropin()
+    assert content_lines(text) == content_lines(fixture("grub-dropin.recorded"))
+    with tempfile.TemporaryDirectory() as work:
+        dropin = Path(work) / "60-gpunode-audit.cfg"
+        dropin.write_text(text)
+        script = 'GRUB_CMDLINE_LINUX="$1"; . "$2"; printf %s "$GRUB_CMDLINE_LINUX"'
+        for before in ("", "console=ttyS0 net.ifnames=0"):
+            done = subprocess.run(
+                ["sh", "-c", script, "sh", before, str(dropin)], capture_output=True, text=True
+            )
+            assert done.stdout.split() == [*before.split(), "audit=1", "audit_backlog_limit=8192"]
 
 
 @pytest.mark.parametrize(("rollback", "timeout"), [(60, 15.0), (20, 10.0), (24, 12.0)])

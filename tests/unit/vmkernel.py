@@ -296,10 +296,12 @@ def build_initramfs(
     modules: Iterable[str],
     files: dict[str, tuple[str, int]],
     into: Path,
+    copies: dict[str, Path] | None = None,
 ) -> Path:
     """``into``/initramfs.cpio (newc, uncompressed): busybox, kmod and its libraries, the
-    modules ``modules`` need under /lib/modules/<version> indexed by the real depmod, and
-    ``files`` (path in the VM -> text, mode)."""
+    modules ``modules`` need under /lib/modules/<version> indexed by the real depmod,
+    ``files`` (path in the VM -> text, mode) and ``copies`` (path in the VM -> a file of this
+    machine, copied with its mode)."""
     root = into / "root"
     for directory in ("bin", "sbin", "etc/modprobe.d", "proc", "sys", "dev", "mnt", "tmp"):
         (root / directory).mkdir(parents=True, exist_ok=True)
@@ -314,6 +316,7 @@ def build_initramfs(
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(library, target)  # follows the symlink: the file, under ldd's name
     tree = root / "lib/modules" / kernel.version
+    tree.mkdir(parents=True, exist_ok=True)
     for path in kernel.closure(modules):
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(kernel.root / "pool" / path, tree / path)
@@ -325,6 +328,10 @@ def build_initramfs(
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
         target.chmod(mode)
+    for path, source in (copies or {}).items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)  # follows a symlink: the file, under the name asked for
     out = into / "initramfs.cpio"
     with open(out, "wb") as cpio:
         _write_cpio(root, cpio)
@@ -386,8 +393,16 @@ class Boot:
         )
 
 
-def boot(kernel: Kernel, initramfs: Path, init: str, timeout: float, logs: Path) -> Boot:
-    """Boot ``kernel`` with ``initramfs`` under TCG, ``init`` as PID 1, no network; the
+def boot(
+    kernel: Kernel,
+    initramfs: Path,
+    init: str,
+    timeout: float,
+    logs: Path,
+    args: Iterable[str] = (),
+) -> Boot:
+    """Boot ``kernel`` with ``initramfs`` under TCG, ``init`` as PID 1, no network, ``args``
+    added to the kernel's command line; the
     console (ttyS0) and a second serial port (ttyS1, for results: no kernel message falls
     amid them) into files under ``logs``. QEMU exits when the VM powers off (or when it
     panics, PID 1 gone: -no-reboot)."""
@@ -405,7 +420,7 @@ def boot(kernel: Kernel, initramfs: Path, init: str, timeout: float, logs: Path)
         "-serial", f"file:{results}",
         "-kernel", str(kernel.vmlinuz),
         "-initrd", str(initramfs),
-        "-append", f"console=ttyS0 rdinit={init} panic=-1",
+        "-append", " ".join([f"console=ttyS0 rdinit={init} panic=-1", *args]),
     ]  # fmt: skip
     start = time.monotonic()
     returncode: int | None = None
