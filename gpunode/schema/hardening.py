@@ -256,7 +256,7 @@ AUDIT_BOOT_ARGS: tuple[str, ...] = ("audit=1", "audit_backlog_limit=8192")
 # not set them there, and a notice says how (EL9's BLS entries: grubby).
 AUDIT_BOOT_LOADER: dict[str, str | None] = {"apt": "update-grub", "dnf": None}
 AUDIT_BOOT_BY_HAND: dict[str, str] = {
-    "apt": "add them to GRUB_CMDLINE_LINUX in /etc/default/grub and run update-grub",
+    "apt": "add them where this host's boot loader sets the kernel's command line",
     "dnf": "grubby --update-kernel=ALL --args='{args}'",
 }
 # family -> package, group that may read the log

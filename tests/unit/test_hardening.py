@@ -2090,16 +2090,16 @@ def test_a_later_setting_that_undoes_a_word_is_named_not_fought(
             "debian12",
             audit_boot("plain", None, update_grub=False),
             "no update-grub on this host): until it has them, what starts before auditd "
-            "(systemd itself among them) is not audited; add them to GRUB_CMDLINE_LINUX in "
-            "/etc/default/grub and run update-grub",
+            "(systemd itself among them) is not audited; add them where this host's boot loader "
+            "sets the kernel's command line",
         ),
         (
             "debian12",
             audit_boot("plain", "stock", by_hand=True),
             "/boot/grub/grub.cfg is missing or not grub-mkconfig's, which update-grub would "
             "replace): until it has them, what starts before auditd (systemd itself among "
-            "them) is not audited; add them to GRUB_CMDLINE_LINUX in /etc/default/grub and run "
-            "update-grub",
+            "them) is not audited; add them where this host's boot loader sets the kernel's "
+            "command line",
         ),
         (
             "rocky9",
